@@ -1,0 +1,1 @@
+"""exitwise interfaces: the REST API (FastAPI) and the command line."""

@@ -1,0 +1,61 @@
+"""The ``exitwise`` command line (typer + rich).
+
+Each command group lives in its own module with a ``register(app)`` function. Errors
+derived from :class:`~calibration.exceptions.ExitwiseError` print one line on stderr and
+exit with the error's ``exit_code``; nothing prints a traceback unless ``EXITWISE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from calibration.exceptions import ExitwiseError
+
+COMMAND_MODULES = (
+    "calibrate", "solve", "db", "principal", "policy", "audit", "serve", "mlflow_cmd", "report",
+)
+
+err_console = Console(stderr=True)
+
+
+def build_app() -> typer.Typer:
+    """The root typer app with every command group registered."""
+    app = typer.Typer(
+        name="exitwise",
+        help="Calibrate, certify, govern and serve early-exit thresholds.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"api.cli.{name}") is not None:
+            importlib.import_module(f"api.cli.{name}").register(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, map errors to one line and an exit code."""
+    app = build_app()
+    try:
+        app(args=argv, prog_name="exitwise")
+    except ExitwiseError as exc:
+        if os.environ.get("EXITWISE_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: never a traceback for users
+        if os.environ.get("EXITWISE_DEBUG") == "1":
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            "(set EXITWISE_DEBUG=1 for a traceback)", highlight=False,
+        )
+        sys.exit(1)

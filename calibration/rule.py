@@ -1,0 +1,321 @@
+"""The one decision rule (DESIGN.md, "Scores and the decision rule").
+
+At exit k < K-1, for a sample with segment value s:
+
+1. p = calibrated probabilities of exit k; c = argmax of the exit's logits
+   (calibration never changes the answer, only the confidence in it).
+2. score = p[c] (``max_prob``), p[c] - max_{j != c} p[j] (``margin``), or
+   1 - H(p) / log C (``entropy``, normalised entropy).
+3. tau = thresholds[s][k][c], falling back to ``default`` for an unknown segment;
+   NaN (``null`` in JSON) means "never exit here".
+4. Exit iff score >= tau, the policy is not killed, k <= max_exit, c is not a
+   forced-full-depth class and s is not a forced-full-depth segment.
+
+The last exit always answers. This module is imported by the solver, the evaluator, the
+MLflow model and the runtime client, so it depends on numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCORES = ("max_prob", "margin", "entropy")
+CALIBRATORS = ("identity", "temperature", "platt")
+SEGMENT_SEPARATOR = "|"
+_CHUNK_ELEMENTS = 1 << 22  # rows x classes processed at once, bounds temporary memory
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64, stable for large logits."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def platt_features(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Confidence features of one exit for Platt scaling, shape (n, 3).
+
+    phi = [logit(p_c), p_c - p_(2), 1 - H(p)/log C] with p the uncalibrated softmax,
+    c the predicted class and p_(2) the runner-up probability.
+    """
+    n, c = probs.shape
+    top = probs[np.arange(n), pred]
+    eps = 1e-12
+    top_c = np.clip(top, eps, 1.0 - eps)
+    logit = np.log(top_c) - np.log1p(-top_c)
+    runner = _runner_up(probs, pred)
+    ent = _normalised_confidence(probs)
+    return np.stack([logit, top - runner, ent], axis=1)
+
+
+def _runner_up(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    if probs.shape[1] < 2:
+        return np.zeros(probs.shape[0])
+    masked = probs.copy()
+    masked[np.arange(probs.shape[0]), pred] = -np.inf
+    return masked.max(axis=1)
+
+
+def _normalised_confidence(probs: np.ndarray) -> np.ndarray:
+    """1 - H(p)/log C, in [0, 1]; 1 for a one-hot p, 0 for the uniform p."""
+    c = probs.shape[1]
+    if c < 2:
+        return np.ones(probs.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(probs > 0, probs * np.log(probs), 0.0)
+    return 1.0 + plogp.sum(axis=1) / np.log(c)
+
+
+def calibrated_probs(logits: np.ndarray, calibrator: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities (n, C) float64 and the predicted class (n,) of one exit.
+
+    ``calibrator`` is the policy document's calibrator object: ``{"type": "identity"}``,
+    ``{"type": "temperature", "temperature": T}`` or
+    ``{"type": "platt", "coef": [w1, w2, w3], "intercept": b}``. For Platt the answer's
+    probability is sigmoid(w . phi + b) and the rest is shared in proportion to the
+    uncalibrated probabilities of the other classes.
+    """
+    kind = calibrator.get("type")
+    pred = np.argmax(logits, axis=1)
+    if kind == "identity":
+        return softmax(logits), pred
+    if kind == "temperature":
+        return softmax(logits, float(calibrator["temperature"])), pred
+    if kind == "platt":
+        q = softmax(logits)
+        phi = platt_features(q, pred)
+        w = np.asarray(calibrator["coef"], dtype=np.float64)
+        conf = 1.0 / (1.0 + np.exp(-(phi @ w + float(calibrator["intercept"]))))
+        rows = np.arange(q.shape[0])
+        qc = q[rows, pred]
+        rest = np.where(qc < 1.0, (1.0 - conf) / np.maximum(1.0 - qc, 1e-300), 0.0)
+        p = q * rest[:, None]
+        p[rows, pred] = conf
+        return p, pred
+    raise ValueError(f"unknown calibrator type {kind!r}; expected one of {CALIBRATORS}")
+
+
+def score_from_probs(probs: np.ndarray, pred: np.ndarray, score: str) -> np.ndarray:
+    """The exit score of each row from calibrated probabilities (see module docstring)."""
+    rows = np.arange(probs.shape[0])
+    if score == "max_prob":
+        return probs[rows, pred]
+    if score == "margin":
+        return probs[rows, pred] - _runner_up(probs, pred)
+    if score == "entropy":
+        return _normalised_confidence(probs)
+    raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+
+
+def exit_scores(
+    logits: np.ndarray, calibrator: Mapping[str, Any], score: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score (n,) float64 and predicted class (n,) int64 of one exit, in bounded-memory chunks."""
+    logits = np.asarray(logits)
+    n, c = logits.shape
+    scores = np.empty(n, dtype=np.float64)
+    preds = np.empty(n, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMENTS // max(c, 1))
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        p, pr = calibrated_probs(logits[sl], calibrator)
+        scores[sl] = score_from_probs(p, pr, score)
+        preds[sl] = pr
+    return scores, preds
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledPolicy:
+    """A policy document turned into arrays for the decision rule.
+
+    ``thresholds`` has shape (S + 1, K - 1, C); row 0 is ``default`` and row i > 0 the
+    segment whose value maps to i in ``segment_index``; NaN means never exit.
+    """
+
+    thresholds: np.ndarray
+    segment_index: Mapping[str, int]
+    forced_classes: np.ndarray
+    forced_segments: np.ndarray
+    max_exit: int
+    killed: bool
+    calibrators: tuple[Mapping[str, Any], ...]
+    score: str
+    segment_keys: tuple[str, ...]
+
+    @property
+    def n_exits(self) -> int:
+        return int(self.thresholds.shape[1]) + 1
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.thresholds.shape[2])
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> CompiledPolicy:
+        """Compile a policy document (a parsed JSON object); raises ValueError if malformed."""
+        exits = doc["exits"]
+        k = len(exits)
+        classes = list(doc["classes"])
+        c = len(classes)
+        score = doc.get("score", "max_prob")
+        if score not in SCORES:
+            raise ValueError(f"policy: unknown score {score!r}")
+        table = doc["thresholds"]
+        forced = doc.get("forced_full_depth") or {}
+        forced_segs = list(forced.get("segments") or [])
+        names = [key for key in table if key != "default"]
+        names += [s for s in forced_segs if s not in table]
+        index = {name: i + 1 for i, name in enumerate(names)}
+        default = _threshold_rows(table["default"], k, c, "default")
+        thr = np.empty((len(names) + 1, k - 1, c), dtype=np.float64)
+        thr[0] = default
+        for name, i in index.items():
+            thr[i] = _threshold_rows(table[name], k, c, name) if name in table else default
+        fc = np.zeros(c, dtype=bool)
+        pos = {name: i for i, name in enumerate(classes)}
+        for name in forced.get("classes") or []:
+            if name not in pos:
+                raise ValueError(f"policy: forced_full_depth class {name!r} is not one of the classes")
+            fc[pos[name]] = True
+        fs = np.zeros(len(names) + 1, dtype=bool)
+        for name in forced_segs:
+            fs[index[name]] = True
+        max_exit = doc.get("max_exit")
+        return cls(
+            thresholds=thr,
+            segment_index=index,
+            forced_classes=fc,
+            forced_segments=fs,
+            max_exit=k - 1 if max_exit is None else int(max_exit),
+            killed=bool(doc.get("killed", False)),
+            calibrators=tuple(e.get("calibrator") or {"type": "identity"} for e in exits),
+            score=score,
+            segment_keys=tuple(doc.get("segment_keys") or ()),
+        )
+
+    def segment_codes(self, segments: Sequence[str] | np.ndarray | None, n: int) -> np.ndarray:
+        """Row index into ``thresholds`` for each sample's segment value (0 = default)."""
+        if segments is None:
+            return np.zeros(n, dtype=np.intp)
+        values = np.asarray(segments, dtype=object)
+        if values.shape != (n,):
+            raise ValueError(f"segments must have one value per sample ({n}), got shape {values.shape}")
+        if not self.segment_index:
+            return np.zeros(n, dtype=np.intp)
+        uniq, inv = np.unique(values.astype(str), return_inverse=True)
+        lut = np.array([self.segment_index.get(str(u), 0) for u in uniq], dtype=np.intp)
+        return lut[inv.ravel()]
+
+
+def _threshold_rows(rows: Any, k: int, c: int, where: str) -> np.ndarray:
+    if rows is None:
+        return np.full((k - 1, c), np.nan)
+    if len(rows) != k - 1:
+        raise ValueError(f"policy: thresholds[{where!r}] must have {k - 1} rows (one per early exit), got {len(rows)}")
+    out = np.full((k - 1, c), np.nan)
+    for j, row in enumerate(rows):
+        if row is None:
+            continue
+        if len(row) != c:
+            raise ValueError(f"policy: thresholds[{where!r}][{j}] must have {c} entries, got {len(row)}")
+        out[j] = [np.nan if v is None else float(v) for v in row]
+    return out
+
+
+def exit_mask(
+    policy: CompiledPolicy, k: int, scores: np.ndarray, preds: np.ndarray, seg_codes: np.ndarray
+) -> np.ndarray:
+    """Steps 3-4 of the rule: which samples exit at exit ``k`` given their scores."""
+    n = scores.shape[0]
+    if k >= policy.n_exits - 1:
+        return np.ones(n, dtype=bool)
+    if policy.killed or k > policy.max_exit:
+        return np.zeros(n, dtype=bool)
+    tau = policy.thresholds[seg_codes, k, preds]
+    with np.errstate(invalid="ignore"):
+        mask = scores >= tau  # NaN threshold compares False: never exit
+    mask &= ~policy.forced_classes[preds]
+    mask &= ~policy.forced_segments[seg_codes]
+    return mask
+
+
+def decide(
+    policy: CompiledPolicy,
+    k: int,
+    logits: np.ndarray,
+    segments: Sequence[str] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Boolean exit mask for a batch of exit-``k`` logits (n, C): the whole rule."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] != policy.n_classes:
+        raise ValueError(f"logits must have shape (n, {policy.n_classes}), got {logits.shape}")
+    if not 0 <= k < policy.n_exits:
+        raise ValueError(f"exit index {k} out of range 0..{policy.n_exits - 1}")
+    n = logits.shape[0]
+    if k >= policy.n_exits - 1:
+        return np.ones(n, dtype=bool)
+    if policy.killed or k > policy.max_exit:
+        return np.zeros(n, dtype=bool)
+    scores, preds = exit_scores(logits, policy.calibrators[k], policy.score)
+    return exit_mask(policy, k, scores, preds, policy.segment_codes(segments, n))
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """Where each sample exits, what it answers and with which score there."""
+
+    exit: np.ndarray  # (n,) int64
+    answer: np.ndarray  # (n,) int64
+    confidence: np.ndarray  # (n,) float64, the score at the exit taken
+
+
+def first_exit(
+    policy: CompiledPolicy, scores: np.ndarray, preds: np.ndarray, seg_codes: np.ndarray
+) -> Routing:
+    """Apply the rule to precomputed per-exit scores and predictions, both (n, K)."""
+    n, k_total = scores.shape
+    exit_at = np.full(n, k_total - 1, dtype=np.int64)
+    pending = np.ones(n, dtype=bool)
+    for k in range(k_total - 1):
+        if not pending.any():
+            break
+        idx = np.flatnonzero(pending)
+        m = exit_mask(policy, k, scores[idx, k], preds[idx, k], seg_codes[idx])
+        taken = idx[m]
+        exit_at[taken] = k
+        pending[taken] = False
+    rows = np.arange(n)
+    return Routing(exit=exit_at, answer=preds[rows, exit_at], confidence=scores[rows, exit_at])
+
+
+def score_all_exits(
+    logits: np.ndarray, calibrators: Sequence[Mapping[str, Any]], score: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and predictions of every exit: two (n, K) arrays (float64, int64)."""
+    n, k_total, _ = logits.shape
+    scores = np.empty((n, k_total), dtype=np.float64)
+    preds = np.empty((n, k_total), dtype=np.int64)
+    for k in range(k_total):
+        scores[:, k], preds[:, k] = exit_scores(logits[:, k, :], calibrators[k], score)
+    return scores, preds
+
+
+def route(
+    policy: CompiledPolicy,
+    logits: np.ndarray,
+    segments: Sequence[str] | np.ndarray | None = None,
+) -> Routing:
+    """The rule over full-depth logs (n, K, C): exit taken, answer and confidence per sample."""
+    logits = np.asarray(logits)
+    if logits.ndim != 3 or logits.shape[1:] != (policy.n_exits, policy.n_classes):
+        raise ValueError(
+            f"logits must have shape (n, {policy.n_exits}, {policy.n_classes}), got {logits.shape}"
+        )
+    scores, preds = score_all_exits(logits, policy.calibrators, policy.score)
+    return first_exit(policy, scores, preds, policy.segment_codes(segments, logits.shape[0]))

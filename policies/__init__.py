@@ -1,0 +1,4 @@
+"""exitwise policy domain: documents, store, governance, MLflow, reports, runtime client.
+
+Kept import-light: ``policies.runtime`` must be importable with numpy and httpx only.
+"""
