@@ -44,7 +44,7 @@ def platt_features(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
     phi = [logit(p_c), p_c - p_(2), 1 - H(p)/log C] with p the uncalibrated softmax,
     c the predicted class and p_(2) the runner-up probability.
     """
-    n, c = probs.shape
+    n = probs.shape[0]
     top = probs[np.arange(n), pred]
     eps = 1e-12
     top_c = np.clip(top, eps, 1.0 - eps)

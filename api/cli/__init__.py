@@ -8,11 +8,13 @@ exit with the error's ``exit_code``; nothing prints a traceback unless ``EXITWIS
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from calibration.exceptions import ExitwiseError
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     except ExitwiseError as exc:
         if os.environ.get("EXITWISE_DEBUG") == "1":
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err_console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("EXITWISE_DEBUG") == "1":
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
-            "(set EXITWISE_DEBUG=1 for a traceback)", highlight=False,
+            Text("internal error: ", style="bold red")
+            + Text(f"{type(exc).__name__}: {exc} (set EXITWISE_DEBUG=1 for a traceback)"),
+            highlight=False,
         )
         sys.exit(1)
