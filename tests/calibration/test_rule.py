@@ -119,7 +119,8 @@ def test_unknown_segment_falls_back_to_default() -> None:
 @given(seed=st.integers(0, 2**31 - 1), shift=st.floats(-50, 50), t=st.floats(0.05, 20))
 def test_calibrated_probs_shift_invariant_and_normalised(seed: int, shift: float, t: float) -> None:
     z = np.random.default_rng(seed).normal(size=(20, 5)) * 4
-    for cal in ({"type": "temperature", "temperature": t}, {"type": "platt", "coef": [0.7, 0.3, 0.2], "intercept": -0.1}):
+    platt = {"type": "platt", "coef": [0.7, 0.3, 0.2], "intercept": -0.1}
+    for cal in ({"type": "temperature", "temperature": t}, platt):
         p, pred = calibrated_probs(z, cal)
         p2, pred2 = calibrated_probs(z + shift, cal)
         np.testing.assert_allclose(p, p2, atol=1e-9)

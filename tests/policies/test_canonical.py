@@ -42,7 +42,8 @@ def test_canonical_form_is_sorted_compact_utf8() -> None:
 def test_hash_is_sha256_of_canonical_form_without_governance_fields() -> None:
     doc = _minimal()
     body = {k: v for k, v in doc.items() if k != "content_hash"}
-    want = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    want = hashlib.sha256(text.encode()).hexdigest()
     assert doc["content_hash"] == want
     governed = dict(doc, version=3, state="approved", approvals=[{"by": "bob"}], killed=True)
     assert content_hash(governed) == want and verify_content_hash(governed)
