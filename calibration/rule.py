@@ -116,18 +116,44 @@ def score_from_probs(probs: np.ndarray, pred: np.ndarray, score: str) -> np.ndar
 def exit_scores(
     logits: np.ndarray, calibrator: Mapping[str, Any], score: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Score (n,) float64 and predicted class (n,) int64 of one exit, in bounded-memory chunks."""
+    """Score (n,) float64 and predicted class (n,) int64 of one exit, in bounded-memory chunks.
+
+    This is the only function that computes scores for decisions (solver, evaluator, MLflow
+    model and runtime client all come through here), so every caller gets the same bits.
+    """
     logits = np.asarray(logits)
     n, c = logits.shape
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
     scores = np.empty(n, dtype=np.float64)
     preds = np.empty(n, dtype=np.int64)
     step = max(1, _CHUNK_ELEMENTS // max(c, 1))
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        p, pr = calibrated_probs(logits[sl], calibrator)
-        scores[sl] = score_from_probs(p, pr, score)
-        preds[sl] = pr
+        scores[sl], preds[sl] = _chunk_scores(logits[sl], calibrator, score)
     return scores, preds
+
+
+def _chunk_scores(logits: np.ndarray, calibrator: Mapping[str, Any], score: str) -> tuple[np.ndarray, np.ndarray]:
+    kind = calibrator.get("type")
+    if kind not in ("identity", "temperature"):
+        p, pred = calibrated_probs(logits, calibrator)
+        return score_from_probs(p, pred, score), pred
+    # Softmax without normalising: e = exp(z/T - max z/T), so e[c] == 1 exactly and
+    # p[c] = 1/sum(e); the margin is (1 - e_(2))/sum(e). Cheaper than full probabilities.
+    t = float(calibrator["temperature"]) if kind == "temperature" else 1.0
+    pred = np.argmax(logits, axis=1)
+    e = np.asarray(logits, dtype=np.float64) / t
+    e -= e.max(axis=1, keepdims=True)
+    np.exp(e, out=e)
+    total = e.sum(axis=1)
+    if score == "max_prob":
+        return 1.0 / total, pred
+    if score == "margin":
+        second = np.partition(e, -2, axis=1)[:, -2] if e.shape[1] > 1 else np.zeros(e.shape[0])
+        return (1.0 - second) / total, pred
+    e /= total[:, None]
+    return _normalised_confidence(e), pred
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,9 +234,8 @@ class CompiledPolicy:
             raise ValueError(f"segments must have one value per sample ({n}), got shape {values.shape}")
         if not self.segment_index:
             return np.zeros(n, dtype=np.intp)
-        uniq, inv = np.unique(values.astype(str), return_inverse=True)
-        lut = np.array([self.segment_index.get(str(u), 0) for u in uniq], dtype=np.intp)
-        return lut[inv.ravel()]
+        get = self.segment_index.get
+        return np.fromiter((get(v, 0) for v in values), dtype=np.intp, count=n)
 
 
 def _threshold_rows(rows: Any, k: int, c: int, where: str) -> np.ndarray:

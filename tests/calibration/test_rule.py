@@ -187,3 +187,17 @@ def test_rule_imports_numpy_only() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), t=st.floats(0.05, 20), c=st.integers(2, 12))
+def test_fast_scores_agree_with_full_probabilities(seed: int, t: float, c: int) -> None:
+    from calibration.rule import score_from_probs
+
+    z = (np.random.default_rng(seed).normal(size=(50, c)) * 5).astype(np.float32)
+    cal = {"type": "temperature", "temperature": t}
+    p, pred = calibrated_probs(z, cal)
+    for score in ("max_prob", "margin", "entropy"):
+        fast, fast_pred = exit_scores(z, cal, score)
+        np.testing.assert_array_equal(fast_pred, pred)
+        np.testing.assert_allclose(fast, score_from_probs(p, pred, score), rtol=1e-9, atol=1e-12)
