@@ -9,18 +9,23 @@ except under CI (``CI=true``), where they fail.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+import html as htmllib
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
-import tempfile
+import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from calibration.exceptions import InputError
 from policies import report as rp
 from policies.canonical import with_content_hash
 from policies.schema import validate_document
@@ -28,6 +33,8 @@ from policies.schema import validate_document
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 COSTS = [1.9e6, 5.2e6, 9.8e6, 14.6e6]
 EXIT_RATE = [0.46, 0.22, 0.12, 0.20]
+CAL_METRICS = [("stage1", 0.781, 0.642, 0.0712), ("stage2", 0.853, 0.431, 0.0515),
+               ("stage3", 0.897, 0.318, 0.0364), ("final", 0.921, 0.247, 0.0211)]
 
 
 def _reliability(shift: float, seed: int) -> dict[str, list[float]]:
@@ -118,8 +125,7 @@ def realistic_document(*, eps: float = 0.01, parent: int | None = 3, base: float
              "after": {"accuracy": acc, "nll": nll * 0.93, "brier": 0.095, "ece": ece / 4, "ece_mass": ece / 4.4,
                        "mce": ece},
              "reliability": {"before": _reliability(0.12, i), "after": _reliability(0.02, i + 5)}}
-            for i, (name, acc, nll, ece) in enumerate([("stage1", 0.781, 0.642, 0.0712), ("stage2", 0.853, 0.431, 0.0515),
-                                                       ("stage3", 0.897, 0.318, 0.0364), ("final", 0.921, 0.247, 0.0211)])
+            for i, (name, acc, nll, ece) in enumerate(CAL_METRICS)
         ]},
         "data": {
             "fingerprint": "sha256:9f2c4e1b7a6d0c3e5f8a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f607",
@@ -166,3 +172,350 @@ def realistic_context(doc: dict[str, Any] | None = None, **over: Any) -> rp.Repo
 
 def test_fixture_is_a_valid_policy_document() -> None:
     validate_document(realistic_document())
+
+
+class _Text(HTMLParser):
+    """Visible text of an HTML document (no <style>/<script>/<title>), whitespace collapsed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in ("style", "script", "title", "head"):
+            self._skip += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script", "title", "head"):
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def visible_text(html: str) -> str:
+    p = _Text()
+    p.feed(html)
+    return _squash(" ".join(p.parts))
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("\u00ad", "")).strip()
+
+
+def key_numbers(doc: dict[str, Any], version: int = 4) -> dict[str, str]:
+    """The numbers a reviewer must find in the rendered report, formatted as the report shows them."""
+    g = doc["guarantee"]
+    return {
+        "compute fraction": rp.fmt_pct(doc["expected"]["compute_fraction"]),
+        "eps": rp.fmt_risk(g["eps"]),
+        "certified bound": rp.fmt_risk(g["segments"]["__all__"]["upper_bound"]),
+        "version": f"version {version}",
+        "content hash prefix": doc["content_hash"][:12],
+    }
+
+
+@pytest.fixture(scope="module")
+def context() -> rp.ReportContext:
+    return realistic_context()
+
+
+@pytest.fixture(scope="module")
+def html(context: rp.ReportContext) -> str:
+    return rp.render_html(context)
+
+
+def test_html_is_self_contained(html: str) -> None:
+    assert html.startswith("<!DOCTYPE html>")
+    assert "<link" not in html and "<script" not in html and "@import" not in html
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) >= 6  # 4 reliability diagrams, the exit-rate chart and the curve
+    assert all(s.startswith(("data:image/png;base64,", "data:image/svg+xml;base64,")) for s in srcs)
+    assert not re.search(r"(?:src|href)=\"(?:https?:|//|file:)", html)
+    assert "@page" in html and "size: A4" in html
+
+
+def test_every_section_and_key_number_is_in_the_visible_text(html: str, context: rp.ReportContext) -> None:
+    text = visible_text(html)
+    for title in ("Summary", "Evidence", "Calibration", "Decision", "Guarantee", "Cost", "Change and audit trail"):
+        assert title in text
+    for what, value in key_numbers(dict(context.document)).items():
+        assert value in text, what
+    doc = context.document
+    assert context.document["content_hash"] in text
+    assert "verified" in text and "41 events" in text  # chain check at render time
+    assert doc["data"]["fingerprint"] in text
+    assert "20,000" in text and "2,200" in text  # certification rows, rows of segment scan
+    assert "T = 1.310" in text and "w = [0.910, 1.420, 0.370], b = -0.218" in text
+    for name, acc, _nll, ece in CAL_METRICS:
+        assert name in text and rp.fmt_pct(acc) in text and f"{ece:.4f}" in text and f"{ece / 4:.4f}" in text
+    assert "bob" in text and "Bounds checked against the Q2 risk budget." in text
+    assert "83.1%" in text and "97.3%" in text  # batch 8 and 32
+    assert "Canary clean for 24 h" in text  # the audit timeline
+
+
+def test_plain_summary_states_what_the_policy_does_and_risks(context: rp.ReportContext) -> None:
+    text = _squash(re.sub(r"<[^>]+>", "", str(rp.plain_summary(context))))
+    doc = context.document
+    early = 1 - doc["expected"]["exit_rate"][-1]
+    assert f"for {rp.fmt_pct(early)} of requests" in text
+    assert f"uses {rp.fmt_pct(doc['expected']['compute_fraction'])} of the full model's compute" in text
+    assert "With 95% confidence" in text and "at most 0.87%" in text and "budget of 1.00%" in text
+    assert "1 segment (scan) had too little data to certify and always run at full depth" in text
+    assert "Shirt always go to full depth" in text and "1.0% of traffic is also run at full depth" in text
+    assert "active in staging, production" in text and "audit trail verified intact" in text
+
+
+def test_never_exit_cells_and_forced_rows_are_marked(html: str, context: rp.ReportContext) -> None:
+    doc = context.document
+    # Tables shown: default, mobile and studio (scan is forced: a note instead of a table).
+    shown = [doc["thresholds"][s] for s in ("default", "mobile", "studio")]
+    nulls = sum(v is None for rows in shown for row in rows for v in row)
+    assert html.count('class="n never"') == nulls
+    assert html.count('class="forced-row"') == 3  # Shirt in each of the three tables
+    assert "Segment “scan”" in html and "Forced to full depth: every request of this segment" in html
+
+
+def test_wide_threshold_tables_are_split_by_exit() -> None:
+    k, c = 15, 3
+    doc = realistic_document()
+    doc.update(exits=[{"name": f"block{i:02d}", "cost": float(i + 1)} for i in range(k)], classes=["a", "b", "c"],
+               thresholds={"default": [[0.9] * c if i % 4 else None for i in range(k - 1)]},
+               forced_full_depth={"classes": [], "segments": []}, segment_keys=[], max_exit=10,
+               calibration={"exits": []})
+    doc["expected"] = {**doc["expected"], "exit_rate": [1 / k] * k, "segments": {}}
+    doc = with_content_hash(doc)
+    validate_document(doc)
+    html = rp.render_html(rp.make_context(doc, version=1, state="draft"))
+    parts = re.findall(r"exits (\d+)–(\d+) of 14", html)
+    assert parts == [("1", "6"), ("7", "12"), ("13", "14")]
+    for table in re.findall(r'<table class="grid thr">.*?</table>', html, flags=re.S):
+        assert table.count("<th class=\"n\">") <= rp.EXITS_PER_TABLE
+    assert html.count("(disabled by max_exit)") == 3  # exits 11, 12, 13 (0-based) are beyond max_exit=10
+    assert html.count('class="n never"') == 4 * c  # rows 0, 4, 8, 12 are null
+
+
+def test_diff_matches_the_compiled_decision_rule(context: rp.ReportContext) -> None:
+    """Changed cells counted by the report agree with the rule's own threshold arrays."""
+    from calibration.rule import CompiledPolicy
+
+    parent = realistic_document(eps=0.015, parent=2, base=0.95)
+    doc = context.document
+    diff = rp.diff_policies(parent, doc, parent_version=3)
+    assert diff is not None and diff.comparable
+    a, b = CompiledPolicy.from_document(parent), CompiledPolicy.from_document(doc)
+    expected = 0
+    for seg in ["default", *sorted((set(parent["thresholds"]) | set(doc["thresholds"])) - {"default"})]:
+        ta = a.thresholds[a.segment_index.get(seg, 0)]
+        tb = b.thresholds[b.segment_index.get(seg, 0)]
+        same = (np.isnan(ta) & np.isnan(tb)) | (np.abs(np.nan_to_num(ta) - np.nan_to_num(tb)) <= 1e-12)
+        expected += int((~same).sum())
+    assert len(diff.threshold_changes) == expected > 0
+    assert diff.cells_compared == 4 * 3 * 10
+    changed = {f.label: (f.before, f.after) for f in diff.fields if f.changed}
+    assert changed["budget ε"] == ("1.50%", "1.00%")
+    assert "compute fraction" not in changed
+    assert rp.diff_policies(None, doc) is None
+    assert rp.diff_policies(doc, doc).threshold_changes == ()
+
+
+def test_incomparable_parent_is_said_so() -> None:
+    doc = realistic_document()
+    parent = dict(doc, classes=[*CLASSES[:-1], "Boot"])
+    diff = rp.diff_policies(parent, doc)
+    assert diff is not None and not diff.comparable and "not compared" in diff.note
+
+
+def test_failures_are_visible(context: rp.ReportContext) -> None:
+    doc = realistic_document()
+    doc["guarantee"]["certified"] = False
+    doc["guarantee"]["segments"]["mobile"]["certified"] = False
+    doc = with_content_hash(doc)
+    ctx = realistic_context(
+        doc, chain=rp.ChainVerification(False, 17, "event 18: previous-hash mismatch", T0),
+        environments=(rp.EnvironmentStatus("production", "active", True, T0, 4),), state="active")
+    text = visible_text(rp.render_html(ctx))
+    assert "The policy is not certified" in text and "not certified" in text
+    assert "FAILED event 18: previous-hash mismatch" in text
+    assert "kill switch ON in production" in text and "ON — never exit" in text
+    assert text.count("fail") >= 2  # mobile and scan rows
+
+
+def test_untrusted_strings_are_escaped() -> None:
+    doc = realistic_document()
+    doc["classes"] = [*CLASSES[:-1], "<script>alert(1)</script>"]
+    doc = with_content_hash(doc)
+    html = rp.render_html(realistic_context(doc, author="<img src=x onerror=alert(1)>"))
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_render_is_a_pure_function_of_the_context(context: rp.ReportContext, html: str) -> None:
+    assert rp.render_html(context) == html
+
+
+def test_first_version_without_governance_facts_renders() -> None:
+    doc = realistic_document(parent=None)
+    text = visible_text(rp.render_html(rp.make_context(doc)))
+    assert "This is the first version" in text and "No approvals yet" in text and "not checked" in text
+
+
+def test_format_and_atomic_write(tmp_path: Path, context: rp.ReportContext) -> None:
+    with pytest.raises(InputError, match="report format must be one of html, pdf"):
+        rp.render(context, "docx")
+    out = tmp_path / "sub" / "r.html"
+    rp.atomic_write(out, b"first")
+    assert out.read_bytes() == b"first"
+
+    with pytest.raises(TypeError):
+        rp.atomic_write(out, 42)  # type: ignore[arg-type]
+    assert out.read_bytes() == b"first"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.html"]  # no temp file left behind
+    assert rp.report_path(tmp_path, "fashion-cnn", 4) == tmp_path / "reports" / "fashion-cnn" / "v4.html"
+
+
+# ----------------------------------------------------------------------------- rendered by real tools
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                  "--disable-extensions", "--mute-audio"]
+A4_PT = (595.28, 841.89)
+
+
+def _need(tool: str, *alternatives: str) -> str:
+    """Path of ``tool``; skip with the reason when missing, fail under CI."""
+    for name in (tool, *alternatives):
+        path = shutil.which(name)
+        if path:
+            return path
+    reason = f"{tool} is not installed (make system-deps installs it: apt-get install chromium poppler-utils)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _run(cmd: list[str], timeout: float = 90) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool in its own process group; kill the whole group on timeout (Chromium forks)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess[bytes]:
+    exe = _need("chromium", "chromium-browser")
+    profile = tmp / f"chromium-profile-{uuid.uuid4().hex[:8]}"
+    res = _run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args])
+    shutil.rmtree(profile, ignore_errors=True)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    return res
+
+
+def pdf_text(pdf: Path) -> str:
+    res = _run([_need("pdftotext"), "-layout", str(pdf), "-"])
+    assert res.returncode == 0, res.stderr
+    return _squash(res.stdout.decode())
+
+
+def pdf_pages(pdf: Path, prefix: Path, dpi: int = 40) -> list[Path]:
+    res = _run([_need("pdftoppm"), "-r", str(dpi), "-png", str(pdf), str(prefix)])
+    assert res.returncode == 0, res.stderr
+    return sorted(prefix.parent.glob(prefix.name + "-*.png"))
+
+
+def _margin_ink(png: Path, margin_mm: float) -> float:
+    """Fraction of non-white pixels in the outer left/right ``margin_mm`` strips of a page image."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        img = np.asarray(im.convert("L"), dtype=np.int16)
+    w = img.shape[1]
+    px = max(1, round(w * margin_mm / 210.0))
+    strips = np.concatenate([img[:, :px], img[:, w - px:]], axis=1)
+    return float((strips < 235).mean())
+
+
+def _assert_pages_fit(pages: list[Path]) -> None:
+    from PIL import Image
+
+    assert pages
+    for page in pages:
+        with Image.open(page) as im:
+            w, h = im.size
+        assert abs(h / w - A4_PT[1] / A4_PT[0]) < 0.01, f"{page.name} is not A4 portrait ({w}x{h})"
+        # The print margins are 15 mm; nothing may reach into the outer 11 mm of either side.
+        assert _margin_ink(page, 11.0) == 0.0, f"{page.name}: content overflows into the page margin"
+
+
+OVERFLOW_PROBE = """<script>
+addEventListener('load', () => {
+  const box = document.querySelector('main.report').getBoundingClientRect();
+  const bad = [];
+  for (const el of document.querySelectorAll('main.report *')) {
+    const r = el.getBoundingClientRect();
+    if (r.width && (r.right > box.right + 0.5 || r.left < box.left - 0.5)) bad.push(el.tagName + '.' + el.className);
+  }
+  const doc = document.documentElement;
+  if (doc.scrollWidth > doc.clientWidth) bad.push('page scrolls sideways: ' + doc.scrollWidth);
+  document.body.setAttribute('data-overflow', JSON.stringify(bad));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, html: str) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    (out / "report.html").write_text(html, encoding="utf-8")
+    return out
+
+
+def test_chromium_renders_the_report_with_the_key_numbers(rendered: Path, context: rp.ReportContext) -> None:
+    url = (rendered / "report.html").as_uri()
+    shot = rendered / "chromium.png"
+    chromium([f"--screenshot={shot}", "--window-size=1000,2600", url], rendered)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1000, 2600)
+        grey = np.asarray(im.convert("L"))
+    assert grey.std() > 20  # something was drawn, not a blank page
+
+    # The text a reader sees: Chromium lays the page out and prints it; pdftotext reads it back.
+    printed = rendered / "chromium-print.pdf"
+    chromium([f"--print-to-pdf={printed}", "--no-pdf-header-footer", url], rendered)
+    text = pdf_text(printed)
+    for what, value in key_numbers(dict(context.document)).items():
+        assert value in text, f"{what} {value!r} not in Chromium's rendered text"
+    _assert_pages_fit(pdf_pages(printed, rendered / "chromium-page"))
+
+
+def test_nothing_overflows_at_a4_width_in_chromium(rendered: Path, html: str) -> None:
+    probe = rendered / "probe.html"
+    probe.write_text(html.replace("</body>", OVERFLOW_PROBE + "</body>"), encoding="utf-8")
+    # 794 CSS px = 210 mm: the report's own width on screen and in print.
+    res = chromium(["--window-size=794,1123", "--virtual-time-budget=2000", "--dump-dom", probe.as_uri()], rendered)
+    dom = res.stdout.decode()
+    found = re.search(r'data-overflow="([^"]*)"', dom)
+    assert found, "the overflow probe did not run"
+    assert htmllib.unescape(found.group(1)) == "[]"
+
+
+def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.ReportContext) -> None:
+    pdf = rendered / "report.pdf"
+    pdf.write_bytes(rp.render_pdf(html))
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    text = pdf_text(pdf)
+    for what, value in key_numbers(dict(context.document)).items():
+        assert value in text, f"{what} {value!r} not in the PDF text"
+    for heading in ("1 Summary", "2 Evidence", "3 Calibration", "4 Decision", "5 Guarantee", "6 Cost"):
+        assert heading in text
+    assert "page 1 of" in text  # the running footer
+    pages = pdf_pages(pdf, rendered / "page")
+    assert 7 <= len(pages) <= 16  # one run of pages per section
+    _assert_pages_fit(pages)
