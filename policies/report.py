@@ -288,7 +288,8 @@ def diff_policies(parent: Mapping[str, Any] | None, doc: Mapping[str, Any], *,
         FieldChange("expected", "held-out risk", fmt_risk(pe.get("risk")), fmt_risk(e.get("risk"))),
         FieldChange("decision", "score", str(parent.get("score", "—")), str(doc.get("score", "—"))),
         FieldChange("decision", "max_exit", _fmt_value(parent.get("max_exit")), _fmt_value(doc.get("max_exit"))),
-        FieldChange("decision", "shadow rate", fmt_pct(parent.get("shadow_rate"), 2), fmt_pct(doc.get("shadow_rate"), 2)),
+        FieldChange("decision", "shadow rate", fmt_pct(parent.get("shadow_rate"), 2),
+                    fmt_pct(doc.get("shadow_rate"), 2)),
         FieldChange("decision", "forced full-depth classes", _fmt_value(sorted(pf.get("classes") or [])),
                     _fmt_value(sorted(f.get("classes") or []))),
         FieldChange("decision", "forced full-depth segments", _fmt_value(sorted(pf.get("segments") or [])),
@@ -302,8 +303,8 @@ def diff_policies(parent: Mapping[str, Any] | None, doc: Mapping[str, Any], *,
         return PolicyDiff(parent_version, parent.get("content_hash"), tuple(fields), (), 0, comparable=False,
                           note="The exits or classes differ from the parent version, so thresholds are not compared "
                                "cell by cell.")
-    segments = ["default"] + sorted((set(parent.get("thresholds") or {}) | set(doc.get("thresholds") or {}))
-                                    - {"default"})
+    named = (set(parent.get("thresholds") or {}) | set(doc.get("thresholds") or {})) - {"default"}
+    segments = ["default", *sorted(named)]
     changes: list[ThresholdChange] = []
     compared = 0
     for seg in segments:
@@ -525,7 +526,7 @@ def _threshold_tables(doc: Mapping[str, Any]) -> list[ThresholdTable]:
     table = doc.get("thresholds") or {}
     default_cells = _cells(doc, "default")
     tables: list[ThresholdTable] = []
-    segment_order = ["default"] + sorted(set(table) - {"default"})
+    segment_order = ["default", *sorted(set(table) - {"default"})]
     segment_order += sorted(s for s in forced_segments if s not in table)
     for seg in segment_order:
         heading = "Default (every segment without its own table)" if seg == "default" else f"Segment “{seg}”"
@@ -543,7 +544,7 @@ def _threshold_tables(doc: Mapping[str, Any]) -> list[ThresholdTable]:
             continue
         n_early = len(exits) - 1
         chunks = [list(range(s, min(n_early, s + EXITS_PER_TABLE))) for s in range(0, n_early, EXITS_PER_TABLE)]
-        for part_i, idx in enumerate(chunks):
+        for idx in chunks:
             headers = tuple(exits[j] + (" (disabled by max_exit)" if max_exit is not None and j > max_exit else "")
                             for j in idx)
             rows = []
@@ -693,7 +694,7 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         })
     segs = g.get("segments") or {}
     seg_rows = []
-    for name in [ALL_SEGMENTS] + sorted(k for k in segs if k != ALL_SEGMENTS):
+    for name in [ALL_SEGMENTS, *sorted(k for k in segs if k != ALL_SEGMENTS)]:
         s = segs.get(name)
         if s is None:
             continue
@@ -743,12 +744,13 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
             "comparable": diff.comparable, "note": diff.note,
         }
     parent = doc.get("parent")
+    vtext = str(ctx.version) if ctx.version is not None else "?"
     return {
         "ctx": ctx, "doc": doc, "model": ctx.model,
         "version": ctx.version if ctx.version is not None else (doc.get("model") or {}).get("version", "—"),
-        "title": f"Policy report — {ctx.model} v{ctx.version if ctx.version is not None else '?'}",
-        "page_header": _css_string(f"exitwise policy report · {ctx.model} v{ctx.version if ctx.version is not None else '?'}"
-                                   f" · {short_hash(doc.get('content_hash'))}"),
+        "title": f"Policy report — {ctx.model} v{vtext}",
+        "page_header": _css_string(f"exitwise policy report · {ctx.model} v{vtext} · "
+                                   f"{short_hash(doc.get('content_hash'))}"),
         "summary": plain_summary(ctx),
         "content_hash": str(doc.get("content_hash", "—")),
         "hash_ok": _hash_ok(doc),
