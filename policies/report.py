@@ -918,6 +918,19 @@ def make_context(
                          generated_at=generated_at or dt.datetime.now(dt.UTC).replace(microsecond=0), **facts)
 
 
+def context_from_document(document: Mapping[str, Any], *, parent_document: Mapping[str, Any] | None = None,
+                          **facts: Any) -> ReportContext:
+    """A context for a policy document that is not (yet) in the store: no governance facts.
+
+    Validates the document first, so a report is never drawn from a malformed or tampered file.
+    """
+    from policies.schema import validate_document
+
+    validate_document(dict(document))
+    facts.setdefault("state", "unregistered")
+    return make_context(document, parent_document=parent_document, **facts)
+
+
 def build_context(session: Any, model: str, version: int) -> ReportContext:
     """Collect the facts of (``model``, ``version``) from the store's services into a context."""
     from policies import _report_store
@@ -952,7 +965,9 @@ def on_version_approved(session: Any, model: str, version: int, *,
                         formats: Iterable[str] = ("html",)) -> list[Path]:
     """Approval hook: render the version's report into the data dir; returns the files written."""
     if data_dir is None:
-        data_dir = os.environ.get("EXITWISE_DATA_DIR") or ".exitwise"
+        from policies.settings import get_settings
+
+        data_dir = get_settings().data_dir
     ctx = build_context(session, model, version)
     html = render_html(ctx)
     written = []
