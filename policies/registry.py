@@ -1,0 +1,719 @@
+"""MLflow mirror of the policy store (issue 6): runs, registered model versions, aliases, tags.
+
+Every stored policy version becomes one MLflow run (params, metrics, the policy JSON, plots,
+the audit report) and one version of the registered model ``exit-policy-<model>`` with the
+pyfunc flavour of :mod:`policies.mlflow_model`. Aliases mirror the lifecycle: the version
+active in environment ``production`` carries alias ``production``; the kill switch shows as
+the tag ``exitwise.killed.<env>`` on the registered model (and ``exitwise.killed_in`` on the
+version).
+
+The policy database is the source of truth; MLflow is a mirror brought up to date by
+:func:`reconcile` (desired state from the database -> MLflow), which is idempotent: versions
+are found by their ``exitwise.store_version`` / ``exitwise.content_hash`` tags before anything
+is created, a half-logged run is reused, duplicates from a race are removed. The database
+side (pending syncs, ``sync_model``/``sync_all``) is further down.
+
+Tracking store: ``MLFLOW_TRACKING_URI`` when set (any MLflow server), else the embedded
+``sqlite:///<EXITWISE_DATA_DIR>/mlflow.db`` with artifacts under ``<data dir>/mlartifacts``
+(never ``./mlruns``). mlflow is imported lazily (it is slow), through
+:mod:`policies.mlflow_model`, which turns its telemetry off before the import.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policies.canonical import GOVERNANCE_FIELDS, canonical_json
+from policies.errors import PolicyError
+
+log = logging.getLogger(__name__)
+
+REGISTERED_MODEL_PREFIX = "exit-policy-"
+MODEL_NAME = "policy"  # ``name=`` of the logged pyfunc model inside each run
+TAG_MODEL = "exitwise.model"
+TAG_STORE_VERSION = "exitwise.store_version"
+TAG_CONTENT_HASH = "exitwise.content_hash"
+TAG_AUTHOR = "exitwise.author"
+TAG_FINGERPRINT = "exitwise.data_fingerprint"
+TAG_STATE = "exitwise.state"
+TAG_ACTIVE_IN = "exitwise.active_in"
+TAG_KILLED_IN = "exitwise.killed_in"
+TAG_KILLED_PREFIX = "exitwise.killed."
+TAG_STALE = "exitwise.stale"
+TAG_LOGGED = "exitwise.logged"
+TAG_MODEL_ID = "exitwise.model_id"
+TAG_REPORT = "exitwise.report"
+_ALIAS_RE = re.compile(r"^[\w\-]+$")
+_RESERVED_ALIAS_RE = re.compile(r"^([vV]\d+|latest)$", re.IGNORECASE)
+_MAX_PARAM = 6000
+# Fail fast when a server is down (MLflow's defaults retry for minutes); explicit settings win.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+_FLUENT_LOCK = threading.RLock()  # mlflow's fluent API (log_model) reads process-global URIs
+
+
+class RegistryError(PolicyError):
+    """MLflow refused or failed an operation (the message quotes MLflow's)."""
+
+    http_status = 502
+    title = "MLflow registry error"
+
+
+class RegistryUnavailable(RegistryError):
+    """The MLflow tracking server or store cannot be reached; the sync stays pending."""
+
+    http_status = 503
+    title = "MLflow unavailable"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where exitwise mirrors policies: tracking and registry URIs, local artifact root."""
+
+    tracking_uri: str
+    registry_uri: str
+    artifact_root: str | None  # file URI for local stores; None lets the server decide
+
+    @property
+    def is_remote(self) -> bool:
+        return self.artifact_root is None
+
+
+def mlflow_config(data_dir: str | os.PathLike[str] | None = None) -> MlflowConfig:
+    """``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) or the embedded SQLite store.
+
+    Local stores (sqlite/file/other databases) get their artifacts under
+    ``<data dir>/mlartifacts``; an http(s)/databricks server decides its own artifact store.
+    """
+    if data_dir is None:
+        from policies.settings import get_settings
+
+        data_dir = get_settings().data_dir
+    data = Path(data_dir).absolute()
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data / 'mlflow.db'}"
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    scheme = tracking.split(":", 1)[0].lower()
+    remote = scheme in ("http", "https") or scheme.startswith("databricks")
+    return MlflowConfig(tracking, registry, None if remote else (data / "mlartifacts").as_uri())
+
+
+def registered_model_name(model: str) -> str:
+    """``exit-policy-<model>``: the registered model that mirrors ``model``'s policies."""
+    return f"{REGISTERED_MODEL_PREFIX}{model}"
+
+
+def model_uri(model: str, environment: str | None = None, *, version: int | str | None = None) -> str:
+    """``models:/exit-policy-<model>@<environment>`` (or ``/<mlflow version>``) for ``load_model``."""
+    name = registered_model_name(model)
+    if environment is not None:
+        return f"models:/{name}@{environment}"
+    if version is not None:
+        return f"models:/{name}/{version}"
+    raise ValueError("model_uri needs an environment or a version")
+
+
+def _mlflow() -> Any:
+    """Import mlflow with telemetry off (via policies.mlflow_model) and fail-fast HTTP defaults."""
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    import policies.mlflow_model  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK first)
+
+    return mlflow
+
+
+def client_for(config: MlflowConfig) -> Any:
+    """An ``MlflowClient`` on ``config``'s URIs; creates the local data directory if needed."""
+    if config.artifact_root is not None and config.tracking_uri.startswith("sqlite:///"):
+        Path(config.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow = _mlflow()
+    return mlflow.MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """True for connection failures (server down, refused, timed out), not for MLflow's refusals."""
+    import requests
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        text = str(e)
+        if "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def translate(exc: BaseException, what: str) -> RegistryError:
+    """An MLflow/transport failure as :class:`RegistryUnavailable` or :class:`RegistryError`."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _is_unreachable(exc):
+        return RegistryUnavailable(f"MLflow unreachable while {what}: {message[:300]}")
+    return RegistryError(f"MLflow failed while {what}: {message[:300]}")
+
+
+def _error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+# --------------------------------------------------------------------------- desired state
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What MLflow must know about one stored policy version (built from the store)."""
+
+    model: str
+    number: int
+    document: Mapping[str, Any]
+    content_hash: str
+    author: str
+    state: str
+    data_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """The store's view of one model: its versions, the active version per env, kill switches."""
+
+    model: str
+    versions: tuple[VersionRecord, ...]
+    active: Mapping[str, int] = field(default_factory=dict)  # environment -> store version number
+    killed: Mapping[str, bool] = field(default_factory=dict)  # environment -> kill switch on
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one reconciliation did; ``versions`` maps store version -> MLflow version."""
+
+    model: str
+    registered_model: str
+    versions: Mapping[int, str]
+    registered: tuple[int, ...]
+    aliases: Mapping[str, str]  # alias -> MLflow version after the sync
+    aliases_set: tuple[str, ...]
+    aliases_removed: tuple[str, ...]
+    duplicates_removed: tuple[str, ...]
+    stale: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "registered_model": self.registered_model,
+            "versions": {str(k): v for k, v in sorted(self.versions.items())},
+            "registered": list(self.registered), "aliases": dict(sorted(self.aliases.items())),
+            "aliases_set": list(self.aliases_set), "aliases_removed": list(self.aliases_removed),
+            "duplicates_removed": list(self.duplicates_removed), "stale": list(self.stale),
+        }
+
+
+# --------------------------------------------------------------------------- run contents
+
+
+def policy_json(doc: Mapping[str, Any]) -> bytes:
+    """The hash-verifiable policy document: canonical JSON without governance fields but the hash."""
+    body = {k: v for k, v in doc.items() if k not in GOVERNANCE_FIELDS or k == "content_hash"}
+    return canonical_json(body)
+
+
+def _key(text: str) -> str:
+    """A valid MLflow param/metric name part (alphanumerics, ``_ - . :`` and spaces)."""
+    out = re.sub(r"[^\w.\- :]", "_", str(text)).strip() or "_"
+    return re.sub(r"\.{2,}", "_", out)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return s if len(s) <= _MAX_PARAM else s[: _MAX_PARAM - 1] + "…"
+
+
+def run_params(doc: Mapping[str, Any]) -> dict[str, str]:
+    """Params: the guarantee asked for, the rule's settings, the solver's settings (flattened)."""
+    g = doc.get("guarantee") or {}
+    forced = doc.get("forced_full_depth") or {}
+    p: dict[str, Any] = {
+        "risk": g.get("risk"), "eps": g.get("eps"), "delta": g.get("delta"), "method": g.get("method"),
+        "score": doc.get("score", "max_prob"), "segment_keys": ",".join(doc.get("segment_keys") or []),
+        "n_exits": len(doc.get("exits") or []), "n_classes": len(doc.get("classes") or []),
+        "exits": ",".join(str(e.get("name")) for e in doc.get("exits") or []),
+        "max_exit": doc.get("max_exit"), "shadow_rate": doc.get("shadow_rate"),
+        "forced_full_depth.classes": ",".join(forced.get("classes") or []),
+        "forced_full_depth.segments": ",".join(forced.get("segments") or []),
+        "model_version": (doc.get("model") or {}).get("version"), "parent": doc.get("parent"),
+    }
+    for e in doc.get("exits") or []:
+        cal = e.get("calibrator") or {"type": "identity"}
+        p[f"calibrator.{_key(e.get('name'))}"] = cal.get("type")
+    for k, v in _flatten(doc.get("solver") or {}, "solver").items():
+        p[k] = v
+    return {_key(k): _param_value(v) for k, v in p.items() if v is not None and v != ""}
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str, depth: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}.{_key(k)}"
+        if isinstance(v, Mapping) and depth < 2:
+            out.update(_flatten(v, key, depth + 1))
+        else:
+            out[key] = v
+    return out
+
+
+def run_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics: compute fraction overall/per segment, held-out risks, certified bounds, calibration."""
+    m: dict[str, Any] = {}
+    exp = doc.get("expected") or {}
+    for name in ("compute_fraction", "risk", "disagreement", "induced_error"):
+        m[f"heldout.{name}" if name != "compute_fraction" else "compute_fraction"] = exp.get(name)
+    exits = [str(e.get("name")) for e in doc.get("exits") or []]
+    for name, rate in zip(exits, exp.get("exit_rate") or [], strict=False):
+        m[f"exit_rate.{name}"] = rate
+    for b, frac in (exp.get("batch_compute_fraction") or {}).items():
+        m[f"batch_compute_fraction.b{b}"] = frac
+    for seg, vals in (exp.get("segments") or {}).items():
+        if isinstance(vals, Mapping):
+            for name in ("compute_fraction", "risk", "n"):
+                m[f"segment.{seg}.{name}"] = vals.get(name)
+    for base, vals in (exp.get("baselines") or {}).items():
+        if isinstance(vals, Mapping):
+            for name in ("compute_fraction", "risk"):
+                m[f"baseline.{base}.{name}"] = vals.get(name)
+    g = doc.get("guarantee") or {}
+    m["certified"] = 1.0 if g.get("certified") else 0.0
+    m["certify.n"] = g.get("n")
+    for seg, vals in (g.get("segments") or {}).items():
+        if isinstance(vals, Mapping):
+            label = "overall" if seg == "__all__" else seg
+            m[f"bound.{label}.upper_bound"] = vals.get("upper_bound")
+            m[f"bound.{label}.certified"] = 1.0 if vals.get("certified") else 0.0
+    for entry in (doc.get("calibration") or {}).get("exits") or []:
+        name = entry.get("name")
+        for when in ("before", "after"):
+            for metric, value in (entry.get(when) or {}).items():
+                if _finite(value):
+                    m[f"calibration.{name}.{when}.{metric}"] = value
+    return {_key(k): float(v) for k, v in m.items() if _finite(v)}
+
+
+def curve_png(doc: Mapping[str, Any]) -> bytes | None:
+    """PNG of the solver's compute-vs-risk curve (``expected.curve``), the chosen point and eps."""
+    exp = doc.get("expected") or {}
+    pts = [p for p in exp.get("curve") or [] if _finite(p.get("risk")) and _finite(p.get("compute_fraction"))]
+    if not pts:
+        return None
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pts = sorted(pts, key=lambda p: p["risk"])
+    ax.plot([p["risk"] for p in pts], [p["compute_fraction"] for p in pts], "-o", ms=3, label="solver curve")
+    if _finite(exp.get("risk")) and _finite(exp.get("compute_fraction")):
+        ax.plot([exp["risk"]], [exp["compute_fraction"]], "*", ms=14, color="#dc2626", label="this policy")
+    eps = (doc.get("guarantee") or {}).get("eps")
+    if _finite(eps):
+        ax.axvline(eps, ls="--", color="#dc2626", lw=1, label=f"eps = {eps:g}")
+    ax.set_xlabel(f"held-out {(doc.get('guarantee') or {}).get('risk', 'risk')}")
+    ax.set_ylabel("compute fraction")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def reliability_pngs(doc: Mapping[str, Any]) -> dict[str, bytes]:
+    """Reliability diagram (before/after calibration) per exit that records bin data, as PNG bytes.
+
+    Drawn by the audit report's figure code (which uses ``calibration.plots`` when present).
+    """
+    entries = (doc.get("calibration") or {}).get("exits") or []
+    if not entries:
+        return {}
+    try:
+        from policies.report import reliability_figure
+    except ImportError:  # pragma: no cover - report module missing
+        return {}
+    out: dict[str, bytes] = {}
+    for entry in entries:
+        try:
+            uri = reliability_figure(entry)
+        except Exception as exc:  # a plot must never block a registration
+            log.warning("reliability diagram of exit %s not drawn: %s", entry.get("name"), exc)
+            continue
+        if uri and uri.startswith("data:image/png;base64,"):
+            out[_key(entry.get("name"))] = base64.b64decode(uri.split(",", 1)[1])
+    return out
+
+
+def _description(rec: VersionRecord) -> str:
+    doc = rec.document
+    g = doc.get("guarantee") or {}
+    exp = doc.get("expected") or {}
+    cf = exp.get("compute_fraction")
+    return (
+        f"exitwise policy v{rec.number} of {rec.model}: {g.get('risk')} <= {g.get('eps')} "
+        f"with confidence {1 - float(g.get('delta', 0) or 0):g}"
+        + (f", compute fraction {cf:.4f}" if _finite(cf) else "")
+        + f"; certified={g.get('certified')}; content {rec.content_hash[:12]}"
+    )
+
+
+def _identity_tags(rec: VersionRecord) -> dict[str, str]:
+    tags = {
+        TAG_MODEL: rec.model,
+        TAG_STORE_VERSION: str(rec.number),
+        TAG_CONTENT_HASH: rec.content_hash,
+        TAG_AUTHOR: rec.author,
+    }
+    fingerprint = rec.data_fingerprint or (rec.document.get("data") or {}).get("fingerprint")
+    if fingerprint:
+        tags[TAG_FINGERPRINT] = str(fingerprint)
+    return tags
+
+
+def _pip_requirements() -> list[str]:
+    import mlflow
+    import numpy
+    import pandas
+
+    return [f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}"]
+
+
+# --------------------------------------------------------------------------- MLflow operations
+
+
+def _ensure_registered_model(client: Any, name: str, model: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(
+            name, tags={TAG_MODEL: model},
+            description=f"Exit policies of {model}, mirrored from the exitwise policy store. "
+            "Aliases are the environments a version is active in; managed by exitwise.",
+        )
+    except MlflowException as exc:
+        if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.get_registered_model(name)
+
+
+def _experiment_id(client: Any, config: MlflowConfig, name: str, model: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = f"{config.artifact_root}/{name}" if config.artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags={TAG_MODEL: model})
+    except MlflowException as exc:
+        if _error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _model_versions(client: Any, name: str) -> list[Any]:
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _logged_run(client: Any, experiment_id: str, rec: VersionRecord) -> tuple[str, str] | None:
+    """A finished earlier run that logged this very version (a registration cut short), if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{TAG_STORE_VERSION}` = '{rec.number}' and tags.`{TAG_CONTENT_HASH}` = '{rec.content_hash}' "
+            f"and tags.`{TAG_LOGGED}` = 'true'"
+        ),
+        max_results=10,
+        order_by=["attributes.start_time ASC"],
+    )
+    for run in runs:
+        model_id = run.data.tags.get(TAG_MODEL_ID)
+        if model_id:
+            return run.info.run_id, model_id
+    return None
+
+
+def _log_run(
+    client: Any, config: MlflowConfig, experiment_id: str, rec: VersionRecord, report: bytes | None
+) -> tuple[str, str]:
+    """Log one version as a run with its pyfunc model; returns (run id, logged model id)."""
+    mlflow = _mlflow()
+    from policies import mlflow_model as mm
+
+    doc = rec.document
+    tags = _identity_tags(rec) | {"mlflow.note.content": _description(rec)}
+    run = client.create_run(experiment_id, run_name=f"{rec.model}-v{rec.number}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="exitwise-mlflow-") as tmp:
+            tmpdir = Path(tmp)
+            doc_path = tmpdir / "policy.json"
+            doc_path.write_bytes(policy_json(doc))
+            entry = tmpdir / "exit_policy_model.py"
+            entry.write_text(mm.ENTRY_POINT, encoding="utf-8")
+            plots = tmpdir / "plots"
+            plots.mkdir()
+            curve = curve_png(doc)
+            if curve is not None:
+                (plots / "compute_vs_risk.png").write_bytes(curve)
+            for name, png in reliability_pngs(doc).items():
+                (plots / f"reliability_{name}.png").write_bytes(png)
+            with _FLUENT_LOCK:
+                mlflow.set_tracking_uri(config.tracking_uri)
+                mlflow.set_registry_uri(config.registry_uri)
+                with mlflow.start_run(run_id=run_id):
+                    info = mlflow.pyfunc.log_model(
+                        name=MODEL_NAME,
+                        python_model=str(entry),
+                        artifacts={mm.POLICY_ARTIFACT: str(doc_path)},
+                        signature=mm.signature(doc),
+                        input_example=mm.input_example(doc),
+                        pip_requirements=_pip_requirements(),
+                        metadata={"exitwise": _identity_tags(rec)},
+                    )
+                    _log_contents(client, run_id, doc, doc_path, plots, report)
+                    client.set_tag(run_id, TAG_MODEL_ID, info.model_id)
+                    client.set_tag(run_id, TAG_LOGGED, "true")
+    except BaseException:
+        with contextlib.suppress(Exception):  # the server may be the reason we are here
+            client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id, info.model_id
+
+
+def _log_contents(
+    client: Any, run_id: str, doc: Mapping[str, Any], doc_path: Path, plots: Path, report: bytes | None
+) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in sorted(run_params(doc).items())]
+    metrics = [Metric(k, v, now, 0) for k, v in sorted(run_metrics(doc).items())]
+    for i in range(0, max(len(params), len(metrics)), 100):
+        client.log_batch(run_id, metrics=metrics[i: i + 100], params=params[i: i + 100])
+    client.log_artifact(run_id, str(doc_path))
+    if any(plots.iterdir()):
+        client.log_artifacts(run_id, str(plots), "plots")
+    if report is not None:
+        _log_report(client, run_id, report)
+
+
+def _log_report(client: Any, run_id: str, report: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="exitwise-report-") as tmp:
+        path = Path(tmp) / "audit_report.html"
+        path.write_bytes(report)
+        client.log_artifact(run_id, str(path), "report")
+    client.set_tag(run_id, TAG_REPORT, "report/audit_report.html")
+
+
+def _register(
+    client: Any, config: MlflowConfig, name: str, rec: VersionRecord, report: bytes | None
+) -> Any:
+    experiment_id = _experiment_id(client, config, name, rec.model)
+    found = _logged_run(client, experiment_id, rec)
+    run_id, model_id = found if found is not None else _log_run(client, config, experiment_id, rec, report)
+    tags = _identity_tags(rec) | {TAG_STATE: rec.state}
+    if found is None and report is not None:
+        tags[TAG_REPORT] = "report/audit_report.html"
+    return client.create_model_version(
+        name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+        description=_description(rec), model_id=model_id,
+    )
+
+
+def _alias_ok(env: str) -> bool:
+    return bool(_ALIAS_RE.match(env)) and not _RESERVED_ALIAS_RE.match(env) and len(env) <= 255
+
+
+def reconcile(
+    client: Any,
+    config: MlflowConfig,
+    desired: DesiredState,
+    *,
+    report_for: Callable[[int], bytes | None] | None = None,
+) -> SyncResult:
+    """Make MLflow mirror ``desired``; idempotent, safe to repeat after any partial failure.
+
+    - every stored version has exactly one MLflow version tagged with its number and hash
+      (registered in store order when missing; duplicates from concurrent syncs deleted);
+    - MLflow versions whose number/hash the store does not have are tagged ``exitwise.stale``;
+    - the alias of each environment points at the version active there; other aliases go;
+    - the kill switch, state and environments show as tags.
+    """
+    name = registered_model_name(desired.model)
+    try:
+        return _reconcile(client, config, name, desired, report_for)
+    except PolicyError:
+        raise
+    except Exception as exc:
+        raise translate(exc, f"syncing {name}") from exc
+
+
+def _reconcile(
+    client: Any, config: MlflowConfig, name: str, desired: DesiredState,
+    report_for: Callable[[int], bytes | None] | None,
+) -> SyncResult:
+    _ensure_registered_model(client, name, desired.model)
+    by_number: dict[int, list[Any]] = {}
+    listed = _model_versions(client, name)
+    for mv in listed:
+        tag = (mv.tags or {}).get(TAG_STORE_VERSION)
+        if tag is not None and tag.isdigit():
+            by_number.setdefault(int(tag), []).append(mv)
+    wanted = {rec.number: rec for rec in desired.versions}
+    kept: dict[int, Any] = {}
+    registered: list[int] = []
+    removed: list[str] = []
+    for number in sorted(wanted):
+        rec = wanted[number]
+        same = _same_versions(by_number.get(number, []), rec)
+        if not same:
+            report = _report(report_for, number)
+            created = _register(client, config, name, rec, report)
+            registered.append(number)
+            # a concurrent sync may have registered the same version: keep the oldest
+            same = _same_versions(_model_versions(client, name), rec) or [created]
+        for dup in same[1:]:
+            client.delete_model_version(name, dup.version)
+            removed.append(dup.version)
+        kept[number] = same[0]
+    stale: list[str] = []
+    keep_versions = {mv.version for mv in kept.values()}
+    for mv in listed:
+        if mv.version in keep_versions or mv.version in removed:
+            continue
+        if (mv.tags or {}).get(TAG_STALE) != "true":
+            client.set_model_version_tag(name, mv.version, TAG_STALE, "true")
+        stale.append(mv.version)
+    _update_version_tags(client, name, desired, kept, report_for)
+    aliases, set_, gone = _update_aliases(client, name, desired, kept)
+    _update_kill_tags(client, name, desired)
+    return SyncResult(
+        model=desired.model, registered_model=name,
+        versions={n: mv.version for n, mv in kept.items()}, registered=tuple(registered),
+        aliases=aliases, aliases_set=tuple(set_), aliases_removed=tuple(gone),
+        duplicates_removed=tuple(removed), stale=tuple(stale),
+    )
+
+
+def _same_versions(versions: list[Any], rec: VersionRecord) -> list[Any]:
+    """MLflow versions tagged with ``rec``'s store number and content hash, oldest first."""
+    want = (str(rec.number), rec.content_hash)
+    found = [mv for mv in versions
+             if ((mv.tags or {}).get(TAG_STORE_VERSION), (mv.tags or {}).get(TAG_CONTENT_HASH)) == want]
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def _report(report_for: Callable[[int], bytes | None] | None, number: int) -> bytes | None:
+    if report_for is None:
+        return None
+    try:
+        return report_for(number)
+    except Exception as exc:  # the report is an attachment: never block the mirror on it
+        log.warning("audit report of version %s not attached: %s", number, exc)
+        return None
+
+
+def _update_version_tags(
+    client: Any, name: str, desired: DesiredState, kept: Mapping[int, Any],
+    report_for: Callable[[int], bytes | None] | None,
+) -> None:
+    states = {rec.number: rec.state for rec in desired.versions}
+    for number, mv in kept.items():
+        tags = mv.tags or {}
+        envs = sorted(env for env, n in desired.active.items() if n == number)
+        killed = [env for env in envs if desired.killed.get(env)]
+        want = {TAG_STATE: states[number], TAG_ACTIVE_IN: ",".join(envs), TAG_KILLED_IN: ",".join(killed)}
+        for key, value in want.items():
+            if value == "" and key in (TAG_ACTIVE_IN, TAG_KILLED_IN):
+                if key in tags:
+                    client.delete_model_version_tag(name, mv.version, key)
+            elif tags.get(key) != value:
+                client.set_model_version_tag(name, mv.version, key, value)
+        if TAG_REPORT not in tags and report_for is not None and mv.run_id:
+            report = _report(report_for, number)
+            if report is not None:
+                _log_report(client, mv.run_id, report)
+                client.set_model_version_tag(name, mv.version, TAG_REPORT, "report/audit_report.html")
+
+
+def _update_aliases(
+    client: Any, name: str, desired: DesiredState, kept: Mapping[int, Any]
+) -> tuple[dict[str, str], list[str], list[str]]:
+    current = dict(client.get_registered_model(name).aliases or {})
+    want: dict[str, str] = {}
+    for env, number in desired.active.items():
+        if not _alias_ok(env):
+            log.warning("environment %r is not a valid MLflow alias; not mirrored", env)
+            continue
+        if number in kept:
+            want[env] = kept[number].version
+    set_, gone = [], []
+    for alias, version in sorted(want.items()):
+        if str(current.get(alias)) != str(version):
+            client.set_registered_model_alias(name, alias, version)
+            set_.append(alias)
+    for alias in sorted(set(current) - set(want)):
+        client.delete_registered_model_alias(name, alias)
+        gone.append(alias)
+    return want, set_, gone
+
+
+def _update_kill_tags(client: Any, name: str, desired: DesiredState) -> None:
+    tags = dict(client.get_registered_model(name).tags or {})
+    envs = set(desired.killed) | set(desired.active)
+    for env in sorted(envs):
+        value = "true" if desired.killed.get(env) else "false"
+        if tags.get(TAG_KILLED_PREFIX + env) != value:
+            client.set_registered_model_tag(name, TAG_KILLED_PREFIX + env, value)
+    for key in sorted(tags):
+        if key.startswith(TAG_KILLED_PREFIX) and key[len(TAG_KILLED_PREFIX):] not in envs:
+            client.delete_registered_model_tag(name, key)
