@@ -1,0 +1,271 @@
+"""Engines, migrations, the unit of work and the per-change lock.
+
+- :func:`make_engine` — SQLite gets ``foreign_keys=ON``, WAL, ``busy_timeout`` and
+  transactions that start with ``BEGIN IMMEDIATE`` (writers serialise at BEGIN, so a
+  transaction never has to upgrade a read lock); PostgreSQL gets ``pool_pre_ping``.
+- :func:`upgrade` / :func:`downgrade` — Alembic, configured in code (the console script
+  finds ``migrations/`` as package data); :func:`check_schema` refuses a database whose
+  revision is not head.
+- :func:`unit_of_work` — one transaction: commit on success, rollback on error, database
+  errors translated into ``policies.errors``.
+- :func:`change` — what every mutating service function runs in: a SAVEPOINT (so a refused
+  change leaves nothing behind even inside a larger transaction) whose first statement bumps
+  ``store_state.generation`` — the write lock that serialises changes and audit appends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, inspect, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
+from policies.events import PENDING_KEY
+from policies.models import StoreState
+from policies.settings import StoreSettings, get_settings, normalise_url
+
+log = logging.getLogger(__name__)
+
+READONLY = "exitwise_readonly"
+IN_CHANGE = "exitwise.in_change"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+# ---------------------------------------------------------------- engines
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the store's per-backend settings."""
+    url = normalise_url(str(url))
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+    connect_args.setdefault("check_same_thread", False)
+    engine = create_engine(url, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (pysqlite recipe)
+        cur = dbapi_conn.cursor()
+        for pragma in ("foreign_keys=ON", "journal_mode=WAL", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+                       "synchronous=NORMAL"):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READONLY) else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def open_store(settings: StoreSettings | None = None, *, check: bool = True) -> Engine:
+    """The engine for the configured store; checks (and for a new SQLite file creates) the schema.
+
+    An empty SQLite database is brought to head with the migrations; any other database
+    must be migrated explicitly (``exitwise db upgrade``) and is refused when not at head.
+    """
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url())
+    if check:
+        try:
+            if engine.dialect.name == "sqlite" and _is_empty(engine):
+                upgrade(engine)
+            check_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
+
+
+def _is_empty(engine: Engine) -> bool:
+    with translate_errors(), engine.connect().execution_options(**{READONLY: True}) as conn:
+        return not inspect(conn).get_table_names()
+
+
+# ---------------------------------------------------------------- migrations
+
+def migrations_dir() -> Path:
+    """The directory of the ``migrations`` package (regular or namespace/editable install)."""
+    import migrations
+
+    for entry in getattr(migrations, "__path__", []):
+        if (Path(entry) / "env.py").is_file():
+            return Path(entry).resolve()
+    raise RuntimeError("the exitwise migrations package (env.py) was not found")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic ``Config`` built in code: ``script_location`` is the installed ``migrations`` package."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("no migrations found")
+    return head
+
+
+def _engine(engine_or_url: Engine | str) -> tuple[Engine, bool]:
+    if isinstance(engine_or_url, Engine):
+        return engine_or_url, False
+    return make_engine(engine_or_url), True
+
+
+def _run(engine_or_url: Engine | str, fn: Any, revision: str) -> None:
+    engine, owned = _engine(engine_or_url)
+    try:
+        with translate_errors(), engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            fn(cfg, revision)
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
+    """Migrate the database to ``revision`` (the only way the schema is created)."""
+    _run(engine_or_url, command.upgrade, revision)
+
+
+def downgrade(engine_or_url: Engine | str, revision: str = "base") -> None:
+    """Migrate the database down to ``revision`` (``base`` = empty)."""
+    _run(engine_or_url, command.downgrade, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    with translate_errors(), engine.connect().execution_options(**{READONLY: True}) as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the migrations' head."""
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return
+    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaOutOfDate(
+            f"database schema version {current!r} is unknown to this exitwise (head is {head!r}); "
+            "it was migrated by a newer release — upgrade exitwise")
+    raise SchemaOutOfDate(
+        f"Detected out-of-date database schema (found version {current or 'none'}, but head is {head}). "
+        "Take a backup of your database, then run 'exitwise db upgrade' to migrate it to the latest schema.")
+
+
+# ---------------------------------------------------------------- errors and transactions
+
+def _first_line(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Translate SQLAlchemy errors into the domain's errors (``raise ... from exc``)."""
+    try:
+        yield
+    except PolicyError:
+        raise
+    except DBAPIError as exc:
+        msg = _first_line(exc)
+        low = msg.lower()
+        if "append-only" in low or "immutable" in low:
+            raise ImmutableContent(f"refused by the database: {msg}") from exc
+        if isinstance(exc, IntegrityError):
+            if "uq_activations_active" in msg or "activations.model_id, activations.environment" in msg:
+                raise Conflict("another version is already active for this model and environment "
+                               f"(refused by the database: {msg})") from exc
+            raise Conflict(f"refused by the database: {msg}") from exc
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            raise StoreUnavailable(f"policy database unavailable: {msg}") from exc
+        raise StoreUnavailable(f"policy database error: {msg}") from exc
+    except NoResultFound as exc:
+        raise StoreUnavailable("store_state row missing: the database was not created by "
+                               "'exitwise db upgrade'") from exc
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(f"policy database error: {exc}") from exc
+
+
+def new_session(engine: Engine) -> Session:
+    return sessionmaker(bind=engine, expire_on_commit=False)()
+
+
+@contextmanager
+def unit_of_work(engine: Engine, *, readonly: bool = False) -> Iterator[Session]:
+    """``with unit_of_work(engine) as session:`` — commit on success, rollback on any error.
+
+    ``readonly=True`` starts a plain (deferred) transaction on SQLite instead of
+    ``BEGIN IMMEDIATE``, for read paths that must not queue behind writers.
+    """
+    session = new_session(engine)
+    try:
+        with translate_errors():
+            if readonly:
+                session.connection(execution_options={READONLY: True})
+            yield session
+            session.commit()
+    except BaseException:
+        try:
+            session.rollback()
+        except Exception:  # the connection may be gone; nothing was committed anyway
+            log.debug("rollback after a failed unit of work failed", exc_info=True)
+        raise
+    finally:
+        session.close()
+
+
+@contextmanager
+def change(session: Session) -> Iterator[int]:
+    """Run one state change atomically; yields the new generation.
+
+    Opens a SAVEPOINT, bumps ``store_state.generation`` first (the lock), runs the body,
+    flushes. On any error the savepoint is rolled back (so a refused change leaves the
+    database exactly as it was) and its queued after-commit events are dropped.
+    """
+    pending = session.info.setdefault(PENDING_KEY, [])
+    mark = len(pending)
+    session.info[IN_CHANGE] = session.info.get(IN_CHANGE, 0) + 1
+    try:
+        with translate_errors(), session.begin_nested():
+            generation = session.execute(
+                update(StoreState).where(StoreState.id == 1)
+                .values(generation=StoreState.generation + 1).returning(StoreState.generation)
+            ).scalar_one()
+            yield generation
+            session.flush()
+    except BaseException:
+        del pending[mark:]
+        raise
+    finally:
+        session.info[IN_CHANGE] -= 1
+
+
+def in_change(session: Session) -> bool:
+    return session.info.get(IN_CHANGE, 0) > 0
+
+
+def current_generation(session: Session) -> int:
+    """The number of committed changes; replicas drop their caches when it moves."""
+    with translate_errors():
+        return session.execute(select(StoreState.generation).where(StoreState.id == 1)).scalar_one()

@@ -1,0 +1,96 @@
+"""Errors of the policy domain (store, lifecycle, audit, principals).
+
+Each knows how it is shown: ``http_status`` for the API (problem+json), ``exit_code`` for
+the CLI (1 for every failure here; usage/input errors are ``InputError`` with 2)::
+
+    ExitwiseError (calibration.exceptions)
+    └── PolicyError                                           500 / 1
+        ├── NotFound(LookupError)           no such model/version/principal        404
+        ├── InvalidTransition(ValueError)   lifecycle forbids it (draft -> active)  409
+        ├── Conflict                        clashes with stored state              409
+        │   ├── DuplicateContent            same content already stored            409
+        │   └── ImmutableContent            policy content/audit rows never change 409
+        ├── AuthError                       no or unknown/disabled bearer token    401
+        ├── Forbidden(PermissionError)      authenticated, but the role is too low 403
+        │   └── FourEyesViolation           approver is the author                 403
+        ├── StoreUnavailable                database unreachable/busy/dropped      503
+        │   └── SchemaOutOfDate             revision is not head                   503
+        └── AuditChainBroken                verify found a broken link             500
+
+``FourEyesViolation`` is a 403, not a 409: the version is in a state that *can* be
+approved, only not by this principal; another approver making the same request succeeds.
+"""
+
+from __future__ import annotations
+
+from calibration.exceptions import ExitwiseError
+
+
+class PolicyError(ExitwiseError):
+    """Root of the policy-domain errors."""
+
+    title = "Policy store error"
+
+
+class NotFound(PolicyError, LookupError):
+    http_status = 404
+    title = "Not found"
+
+
+class InvalidTransition(PolicyError, ValueError):
+    http_status = 409
+    title = "Invalid lifecycle transition"
+
+
+class Conflict(PolicyError):
+    http_status = 409
+    title = "Conflict"
+
+
+class DuplicateContent(Conflict):
+    """The same content is already stored for this model; ``existing`` is its version number."""
+
+    title = "Duplicate policy content"
+
+    def __init__(self, message: str, *, model: str, existing: int):
+        super().__init__(message)
+        self.model = model
+        self.existing = existing
+
+
+class ImmutableContent(Conflict):
+    title = "Immutable content"
+
+
+class AuthError(PolicyError):
+    http_status = 401
+    title = "Unauthenticated"
+
+
+class Forbidden(PolicyError, PermissionError):
+    http_status = 403
+    title = "Forbidden"
+
+
+class FourEyesViolation(Forbidden):
+    title = "Four-eyes rule"
+
+
+class StoreUnavailable(PolicyError):
+    http_status = 503
+    title = "Policy store unavailable"
+
+
+class SchemaOutOfDate(StoreUnavailable):
+    title = "Database schema out of date"
+
+
+class AuditChainBroken(PolicyError):
+    http_status = 500
+    title = "Audit chain broken"
+
+
+ALL_ERRORS: tuple[type[PolicyError], ...] = (
+    PolicyError, NotFound, InvalidTransition, Conflict, DuplicateContent, ImmutableContent, AuthError,
+    Forbidden, FourEyesViolation, StoreUnavailable, SchemaOutOfDate, AuditChainBroken,
+)

@@ -1,0 +1,64 @@
+"""Store settings from the environment (pydantic-settings), read when asked, never at import.
+
+``EXITWISE_DATA_DIR`` (default ``./.exitwise``) holds the embedded SQLite database;
+``EXITWISE_DATABASE_URL`` selects any other database (PostgreSQL in production, e.g.
+``postgresql+psycopg://user@host/db``). The data directory is created only when the
+default SQLite URL is actually resolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SQLITE_FILE = "exitwise.db"
+
+
+@dataclass(frozen=True)
+class GovernanceRules:
+    """Optional lifecycle rules on top of the fixed ones (four eyes, approved-only activation)."""
+
+    require_staging_before_production: bool = False
+    staging_env: str = "staging"
+    production_env: str = "production"
+
+
+class StoreSettings(BaseSettings):
+    """Where the policy store lives and which optional governance rules apply."""
+
+    model_config = SettingsConfigDict(env_prefix="EXITWISE_", extra="ignore")
+
+    data_dir: Path = Path(".exitwise")
+    database_url: str | None = None
+    require_staging_before_production: bool = False
+    staging_env: str = "staging"
+    production_env: str = "production"
+
+    def resolved_database_url(self) -> str:
+        """``database_url`` or the SQLite file under ``data_dir`` (directory created on demand)."""
+        if self.database_url:
+            return normalise_url(self.database_url)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.data_dir / SQLITE_FILE).resolve()}"
+
+    def rules(self) -> GovernanceRules:
+        return GovernanceRules(
+            require_staging_before_production=self.require_staging_before_production,
+            staging_env=self.staging_env,
+            production_env=self.production_env,
+        )
+
+
+def normalise_url(url: str) -> str:
+    """Pick the psycopg 3 driver for bare ``postgresql://`` / ``postgres://`` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def get_settings(**overrides: object) -> StoreSettings:
+    """Fresh settings from the environment (plus explicit overrides)."""
+    return StoreSettings(**overrides)  # type: ignore[arg-type]
