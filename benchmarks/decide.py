@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.rule import CompiledPolicy  # noqa: E402
-from policies.runtime import RuntimePolicy  # noqa: E402
+from calibration.rule import CompiledPolicy
+from policies.runtime import RuntimePolicy
 
 
 def _policy(k: int, c: int, score: str, calibrator: dict, segments: int) -> RuntimePolicy:
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {n} x {c} classes (float32), numpy {np.__version__}, {os.cpu_count()} cpus")
     print(f"reference: exit head {n}x{h} @ {h}x{c} matmul  {matmul_best * 1e6:8.1f} us/call "
           f"(median {matmul_med * 1e6:.1f})  {matmul_best * 1e9 / n:6.1f} ns/sample")
-    print(f"{'score':9} {'calibrator':11} {'segments':8} {'us/call':>9} {'median':>9} {'ns/sample':>10} {'x matmul':>9}")
+    print(f"{'score':9} {'calibrator':11} {'segments':8} {'us/call':>9} {'median':>9} "
+          f"{'ns/sample':>10} {'x matmul':>9}")
     for r in results:
         print(f"{r['score']:9} {r['calibrator']:11} {r['segments']!s:8} {r['us_per_call']:9.1f} "
               f"{r['us_per_call_median']:9.1f} {r['ns_per_sample']:10.1f} {r['ratio_to_matmul']:9.2f}")

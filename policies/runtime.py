@@ -50,6 +50,7 @@ __all__ = ["PolicyClient", "RefreshResult", "RuntimePolicy", "verify_policy_docu
 
 log = logging.getLogger("exitwise.runtime")
 
+NOT_FOUND_PROBLEM = "urn:exitwise:problem:not-found"
 Source = Literal["server", "disk", "fallback"]
 Outcome = Literal["updated", "not_modified", "unavailable", "rejected", "no_active_policy"]
 
@@ -268,8 +269,8 @@ class PolicyClient:
         if resp.status_code == 304:
             self.last_success = time.time()
             return RefreshResult("not_modified", 304)
-        if resp.status_code == 404 and _is_problem(resp):
-            # The server says no version is active here: stop using any older one.
+        if resp.status_code == 404 and _problem_type(resp) == NOT_FOUND_PROBLEM:
+            # The server says no version is active here (or no such model): stop using any older one.
             self._policy = RuntimePolicy.full_depth(self._rng)
             with contextlib.suppress(FileNotFoundError):
                 self._cache_file.unlink()
@@ -324,8 +325,15 @@ def _safe_name(value: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in value)
 
 
-def _is_problem(resp: httpx.Response) -> bool:
-    return resp.headers.get("content-type", "").startswith("application/problem+json")
+def _problem_type(resp: httpx.Response) -> str | None:
+    """The ``type`` of a problem+json answer (None otherwise, e.g. a proxy's plain 404 page)."""
+    if not resp.headers.get("content-type", "").startswith("application/problem+json"):
+        return None
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("type") if isinstance(body, dict) else None
 
 
 def _problem_detail(resp: httpx.Response) -> str:

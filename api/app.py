@@ -1,0 +1,122 @@
+"""The FastAPI application factory: ``create_app(settings)``.
+
+Nothing happens at import time: settings are read, the engine and the caches are built
+inside the factory (``uvicorn api.app:create_app --factory``, or ``exitwise serve``), so tests
+build as many independent apps as they like, each on its own database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from api.cache import StoreCache
+from api.middleware import BodySizeLimit
+from api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
+from api.routes import audit, health, policies, principals, reports, runtime
+from api.settings import ApiSettings
+from policies.db import make_engine, open_store
+from policies.errors import StoreUnavailable
+from policies.schema import PolicyDocument
+
+log = logging.getLogger("exitwise.api")
+
+DESCRIPTION = """\
+Policies for early-exit networks: the runtime read path inference servers poll
+(`GET /v1/models/{model}/policy?env=`, ETag/304, kill switch folded in), the governed
+lifecycle (create, approve with four eyes, activate, roll back, kill) and the audit trail.
+
+Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <token>`; roles
+are ordered reader < author < approver < admin. Errors are RFC 9457 problem details
+(`application/problem+json`).
+"""
+
+
+def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """Build the app. ``engine`` (tests) overrides the one built from ``settings``."""
+    settings = settings or ApiSettings()
+    owned = engine is None
+    if engine is None:
+        engine = make_engine(settings.resolved_database_url())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if owned:
+            await run_in_threadpool(_prepare, settings)
+        yield
+        if owned:
+            engine.dispose()
+
+    app = FastAPI(
+        title="exitwise",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "runtime", "description": "What inference servers poll"},
+            {"name": "policies", "description": "Versions and their lifecycle"},
+            {"name": "audit", "description": "The hash-chained audit trail"},
+            {"name": "reports", "description": "Audit reports for reviewers"},
+            {"name": "principals", "description": "Identities"},
+            {"name": "health", "description": "Liveness and readiness"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms)
+    install_problem_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (runtime, policies, audit, reports, principals, health):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _prepare(settings: ApiSettings) -> None:
+    """Create an empty embedded SQLite store; warn (``/readyz`` answers 503) if the schema is not at head."""
+    try:
+        open_store(settings).dispose()
+    except StoreUnavailable as exc:
+        log.warning("policy store not ready: %s", exc)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("exitwise")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with every error answer as problem+json and the policy document schema."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                      tags=app.openapi_tags)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    policy_schema = PolicyDocument.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+    for name, sub in policy_schema.pop("$defs", {}).items():
+        schemas.setdefault(name, sub)
+    schemas["PolicyDocument"] = policy_schema
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            for code, response in operation.get("responses", {}).items():
+                if code.isdigit() and int(code) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+                    if code == "401":
+                        response.setdefault("headers", {})["WWW-Authenticate"] = {
+                            "description": "Bearer", "schema": {"type": "string"}}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    app.openapi_schema = doc
+    return doc

@@ -1,0 +1,175 @@
+"""In-process caches of the runtime read path: served policies as bytes, and bearer tokens.
+
+Every replica keeps its own cache and learns about changes from the store's one-row
+generation counter (``store_state.generation``, bumped by every change in the same
+transaction, whichever replica or CLI made it):
+
+- at most every ``ttl`` seconds a request reads the counter (one primary-key read, run in
+  the thread pool, one reader at a time); if it moved, every cached entry is dropped;
+- each entry records the generation read *before* its data, in the same transaction, so an
+  entry loaded while a change landed is never kept past the next check;
+- a change made through this replica calls :meth:`StoreCache.invalidate`, so its own next
+  read re-checks at once.
+
+Staleness bound: a change committed at time t is served by every replica to any request
+that starts after t + ttl (+ one counter read). With ttl = 0 every request reads the counter.
+
+Policies are kept as pre-serialised JSON bytes with their ETag, so a hit costs a dict lookup
+and no JSON encoding. Tokens are kept as sha256(token) -> principal (never the token) and
+follow the same invalidation, so a disabled principal or rotated token stops working within
+the same bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from policies import store
+from policies.db import current_generation, unit_of_work
+from policies.errors import NotFound
+from policies.principals import Principal, authenticate, hash_token
+
+T = TypeVar("T")
+MAX_TOKENS = 10_000
+MAX_POLICIES = 10_000
+
+
+@dataclass(frozen=True)
+class ServedPolicy:
+    """One (model, environment) answer: the exact body bytes and its validators."""
+
+    body: bytes
+    etag: str
+    version: int
+    content_hash: str
+    killed: bool
+
+
+def policy_etag(content_hash: str, version: int, killed: bool) -> str:
+    """Strong ETag: the content hash, the version number and the kill-switch state.
+
+    The version is included because the body carries it (a rollback to equal content under
+    another number is a different body); the kill state because it changes what runtimes do.
+    """
+    return f'"{content_hash}.v{version}.{"killed" if killed else "live"}"'
+
+
+def serialise(doc: dict) -> bytes:
+    """Compact JSON in sorted-key (canonical) order, the same bytes on every replica."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class StoreCache:
+    """Generation-checked caches for one engine (one per app, i.e. per worker process)."""
+
+    def __init__(self, engine: Engine, *, ttl_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.ttl = ttl_ms / 1000.0
+        self._clock = clock
+        self.generation: int | None = None
+        self._checked_at = float("-inf")
+        self._check_lock: asyncio.Lock | None = None
+        self._policies: dict[tuple[str, str], tuple[int, ServedPolicy | NotFound]] = {}
+        self._tokens: dict[str, tuple[int, Principal]] = {}
+        self.checks = 0  # counter reads, for tests and metrics
+
+    # ---------------------------------------------------------------- generation
+
+    def invalidate(self) -> None:
+        """Make the next request re-read the generation (after a change through this replica)."""
+        self._checked_at = float("-inf")
+
+    async def refresh_generation(self) -> None:
+        """Read the counter if the last read is older than ``ttl``; drop everything if it moved."""
+        if self._clock() - self._checked_at < self.ttl:
+            return
+        if self._check_lock is None:
+            self._check_lock = asyncio.Lock()
+        async with self._check_lock:
+            started = self._clock()
+            if started - self._checked_at < self.ttl:
+                return  # another request checked while we waited
+            generation = await run_in_threadpool(self._read_generation)
+            self._observe(generation)
+            self._checked_at = started
+
+    def _read_generation(self) -> int:
+        with unit_of_work(self.engine, readonly=True) as session:
+            return current_generation(session)
+
+    def _observe(self, generation: int) -> None:
+        self.checks += 1
+        if self.generation is None or generation > self.generation:
+            self.generation = generation
+            self._policies.clear()
+            self._tokens.clear()
+
+    def _keep(self, generation: int) -> bool:
+        """Whether data read at ``generation`` may be cached (and note a newer generation)."""
+        if self.generation is None or generation > self.generation:
+            self._observe(generation)
+        return generation == self.generation
+
+    # ---------------------------------------------------------------- policies
+
+    async def active_policy(self, model: str, env: str) -> ServedPolicy:
+        """The served policy for (model, env); raises the store's ``NotFound``/``InputError``."""
+        await self.refresh_generation()
+        key = (model, env)
+        hit = self._policies.get(key)
+        if hit is None or hit[0] != self.generation:
+            generation, answer = await run_in_threadpool(self._load_active, model, env)
+            if self._keep(generation):
+                if len(self._policies) >= MAX_POLICIES:
+                    self._policies.clear()
+                self._policies[key] = (generation, answer)
+        else:
+            answer = hit[1]
+        if isinstance(answer, NotFound):
+            raise NotFound(str(answer))
+        return answer
+
+    def _load_active(self, model: str, env: str) -> tuple[int, ServedPolicy | NotFound]:
+        """Read (generation, answer); a missing model/activation is an answer too (cached 404)."""
+        with unit_of_work(self.engine, readonly=True) as session:
+            generation = current_generation(session)
+            try:
+                active = store.get_active(model, env, session=session)
+            except NotFound as exc:
+                return generation, exc
+        return generation, ServedPolicy(
+            body=serialise(active.served_document()),
+            etag=policy_etag(active.content_hash, active.version, active.killed),
+            version=active.version,
+            content_hash=active.content_hash,
+            killed=active.killed,
+        )
+
+    # ---------------------------------------------------------------- tokens
+
+    async def principal(self, token: str) -> Principal:
+        """The principal for a bearer token; raises ``AuthError`` (never cached) when invalid."""
+        await self.refresh_generation()
+        digest = hash_token(token)
+        hit = self._tokens.get(digest)
+        if hit is not None and hit[0] == self.generation:
+            return hit[1]
+        generation, principal = await run_in_threadpool(self._load_principal, token)
+        if self._keep(generation):
+            if len(self._tokens) >= MAX_TOKENS:
+                self._tokens.clear()
+            self._tokens[digest] = (generation, principal)
+        return principal
+
+    def _load_principal(self, token: str) -> tuple[int, Principal]:
+        with unit_of_work(self.engine, readonly=True) as session:
+            generation = current_generation(session)
+            return generation, authenticate(token, session=session)

@@ -1,0 +1,78 @@
+"""Pure ASGI middleware (no ``BaseHTTPMiddleware``: it would add a task and a copy per request)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import PROBLEM_MEDIA_TYPE
+
+
+class BodyTooLarge(Exception):
+    """Raised inside ``receive`` when a streamed body passes the limit."""
+
+
+class BodySizeLimit:
+    """Answer 413 (problem+json) to request bodies larger than ``max_bytes``.
+
+    Checks ``Content-Length`` before the app runs and counts the bytes of bodies sent
+    without one (chunked), so the limit cannot be bypassed by omitting the header.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_problem(send, scope, 400, "Bad Request", "invalid Content-Length header")
+                    return
+                if declared > self.max_bytes:
+                    await _send_problem(send, scope, 413, "Content Too Large", self._detail())
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _send_problem(send, scope, 413, "Content Too Large", self._detail())
+
+    def _detail(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+
+async def _send_problem(send: Send, scope: Scope, status: int, title: str, detail: str) -> None:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+                            "instance": scope.get("path")}
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,1 @@
+"""Route modules, each an ``APIRouter``: thin handlers that parse, call one service, shape the answer."""

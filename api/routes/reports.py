@@ -1,0 +1,38 @@
+"""The audit report of one version (HTML or PDF, ``policies.report``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from api.deps import ReaderDep, ReadSessionDep
+from api.problems import problem_responses
+from api.routes.runtime import ModelPath, VersionPath
+
+router = APIRouter(tags=["reports"])
+
+
+@router.get(
+    "/v1/models/{model}/versions/{version}/report",
+    operation_id="get_report",
+    summary="Audit report of a version for a compliance reviewer (HTML or PDF)",
+    response_class=Response,
+    responses={200: {"description": "The report", "content": {
+        "text/html": {"schema": {"type": "string"}},
+        "application/pdf": {"schema": {"type": "string", "format": "binary"}}}},
+        **problem_responses(401, 404, 422, 503)},
+)
+def get_report(
+    model: ModelPath,
+    version: VersionPath,
+    principal: ReaderDep,
+    session: ReadSessionDep,
+    format: Annotated[Literal["html", "pdf"], Query(description="html or pdf")] = "html",
+) -> Response:
+    from policies.report import report_response  # matplotlib/jinja2/weasyprint: loaded on first use
+
+    body, media_type = report_response(session, model, version, format)
+    disposition = "inline" if format == "html" else "attachment"
+    return Response(body, media_type=media_type,
+                    headers={"Content-Disposition": f'{disposition}; filename="{model}-v{version}.{format}"'})

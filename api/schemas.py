@@ -1,0 +1,249 @@
+"""Request and response bodies of the REST API (pydantic), built from the store's domain objects."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies import store
+from policies.audit import ChainReport, Event
+from policies.principals import Principal
+
+Environment = Annotated[str, Field(
+    min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+    description="Deployment environment, e.g. production, staging", examples=["production"])]
+Reason = Annotated[str, Field(min_length=1, max_length=2000, description="Why (recorded in the audit trail)")]
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- requests
+
+class ApproveRequest(_In):
+    reason: Reason
+
+
+class ActivateRequest(_In):
+    env: Environment
+    reason: Reason
+
+
+class RollbackRequest(_In):
+    env: Environment
+    to: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
+        None, description="Version to re-activate; default: the one active before the current one")
+    reason: Reason | None = None
+
+
+class KillRequest(_In):
+    env: Environment
+    reason: Reason
+
+
+# ---------------------------------------------------------------- responses
+
+class PrincipalOut(_Out):
+    name: str
+    role: Literal["reader", "author", "approver", "admin"]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, p: Principal) -> PrincipalOut:
+        return cls(name=p.name, role=p.role, created_at=p.created_at)  # type: ignore[arg-type]
+
+
+class ApprovalOut(_Out):
+    approver: str
+    reason: str | None
+    created_at: datetime
+
+
+class VersionOut(_Out):
+    """A policy version's governance facts and headline numbers (no document)."""
+
+    model: str
+    version: int
+    content_hash: str
+    state: Literal["draft", "approved", "active", "superseded", "retired"]
+    parent: int | None
+    author: str
+    created_at: datetime
+    data_fingerprint: str | None
+    compute_fraction: float | None
+    risk: float | None
+    risk_type: str | None
+    eps: float | None
+    delta: float | None
+    certified: bool | None
+    approvals: list[ApprovalOut]
+    active_in: list[str]
+
+    @classmethod
+    def of(cls, v: store.VersionInfo) -> VersionOut:
+        return cls(
+            model=v.model, version=v.number, content_hash=v.content_hash, state=v.state,  # type: ignore[arg-type]
+            parent=v.parent, author=v.author, created_at=v.created_at, data_fingerprint=v.data_fingerprint,
+            compute_fraction=v.compute_fraction, risk=v.risk, risk_type=v.risk_type, eps=v.eps, delta=v.delta,
+            certified=v.certified, active_in=list(v.active_in),
+            approvals=[ApprovalOut(approver=a.approver, reason=a.reason, created_at=a.created_at)
+                       for a in v.approvals],
+        )
+
+
+class VersionDetail(VersionOut):
+    """A version with its policy document as stored (``content_hash`` included)."""
+
+    document: dict[str, Any]
+
+    @classmethod
+    def of(cls, v: store.PolicyVersion) -> VersionDetail:  # type: ignore[override]
+        return cls(**VersionOut.of(v).model_dump(), document=v.document)
+
+
+class VersionList(_Out):
+    model: str
+    versions: list[VersionOut]
+
+
+class ModelOut(_Out):
+    name: str
+    created_at: datetime
+    versions: int
+    latest: int | None
+    active: dict[str, int] = Field(description="environment -> active version number")
+    killed: list[str] = Field(description="environments whose kill switch is on")
+
+    @classmethod
+    def of(cls, m: store.ModelInfo) -> ModelOut:
+        return cls(name=m.name, created_at=m.created_at, versions=m.versions, latest=m.latest,
+                   active=dict(m.active), killed=list(m.killed))
+
+
+class ModelList(_Out):
+    models: list[ModelOut]
+
+
+class ActiveOut(_Out):
+    """What runtimes of (model, environment) are served after the change."""
+
+    model: str
+    environment: str
+    version: int
+    content_hash: str
+    killed: bool
+    activated_at: datetime
+    activated_by: str
+
+    @classmethod
+    def of(cls, a: store.ActivePolicy) -> ActiveOut:
+        return cls(model=a.model, environment=a.environment, version=a.version, content_hash=a.content_hash,
+                   killed=a.killed, activated_at=a.activated_at, activated_by=a.activated_by)
+
+
+class KillStateOut(_Out):
+    model: str
+    environment: str
+    killed: bool
+    reason: str | None
+    changed_at: datetime | None
+    changed_by: str | None
+
+    @classmethod
+    def of(cls, k: store.KillState) -> KillStateOut:
+        return cls(model=k.model, environment=k.environment, killed=k.killed, reason=k.reason,
+                   changed_at=k.changed_at, changed_by=k.changed_by)
+
+
+class ThresholdChangeOut(_Out):
+    segment: str
+    exit: int
+    exit_name: str
+    class_: str | None = Field(alias="class", serialization_alias="class")
+    before: float | None = Field(description="null: never exit")
+    after: float | None = Field(description="null: never exit")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DiffOut(_Out):
+    model: str
+    a: int
+    b: int
+    a_hash: str
+    b_hash: str
+    identical: bool
+    thresholds: list[ThresholdChangeOut]
+    guarantee: dict[str, list[Any]] = Field(description="field -> [value in a, value in b]")
+    expected: dict[str, list[Any]] = Field(description="headline expectation -> [value in a, value in b]")
+    changed_fields: list[str]
+
+    @classmethod
+    def of(cls, d: store.VersionDiff) -> DiffOut:
+        return cls(
+            model=d.model, a=d.a, b=d.b, a_hash=d.a_hash, b_hash=d.b_hash, identical=d.identical,
+            thresholds=[ThresholdChangeOut(segment=t.segment, exit=t.exit, exit_name=t.exit_name, class_=t.class_,
+                                           before=t.before, after=t.after) for t in d.thresholds],
+            guarantee={k: list(v) for k, v in d.guarantee.items()},
+            expected={k: list(v) for k, v in d.expected.items()},
+            changed_fields=list(d.changed_fields),
+        )
+
+
+class AuditEventOut(_Out):
+    seq: int
+    ts: str = Field(description="UTC, YYYY-MM-DDTHH:MM:SS.ffffffZ")
+    actor: str
+    action: str
+    model: str | None
+    version: int | None
+    environment: str | None
+    reason: str | None
+    before_hash: str | None
+    after_hash: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    @classmethod
+    def of(cls, e: Event) -> AuditEventOut:
+        return cls(**e.to_dict())
+
+
+class AuditPage(_Out):
+    events: list[AuditEventOut] = Field(description="Oldest first")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
+
+
+class ChainReportOut(_Out):
+    ok: bool
+    events: int
+    head_seq: int
+    head_hash: str
+    broken_seq: int | None
+    problem: Literal["edited", "deleted", "reordered", "truncated", "unrecorded"] | None
+    message: str
+    details: dict[str, Any]
+
+    @classmethod
+    def of(cls, r: ChainReport) -> ChainReportOut:
+        return cls(ok=r.ok, events=r.events, head_seq=r.head_seq, head_hash=r.head_hash, broken_seq=r.broken_seq,
+                   problem=r.problem, message=r.message, details=dict(r.details))
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Ready(_Out):
+    status: Literal["ready"]
+    database: str = Field(description="backend name, e.g. sqlite, postgresql")
+    revision: str = Field(description="the migration revision (head)")

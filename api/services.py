@@ -1,0 +1,78 @@
+"""The few service functions the API needs beyond the store's, built on the store's functions only.
+
+- :func:`audit_page` — filtered, cursor-paginated audit events on top of ``policies.audit.log``
+  (which filters by model and pages by ``after_seq``); action/actor filters are applied while
+  scanning, with a scan budget per page so a rare filter never makes one request unbounded
+  (the page then comes back short with a cursor to continue).
+- :func:`readiness` — database reachable and migrations at head.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from sqlalchemy import Engine
+
+from calibration.exceptions import InputError
+from policies import audit
+from policies.db import check_schema, head_revision
+from policies.errors import StoreUnavailable
+
+CHUNK = 500
+SCAN_BUDGET = 5_000
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = raw.partition(":")
+        seq = int(value)
+        if kind != "seq" or seq < 0:
+            raise ValueError(raw)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InputError(f"invalid cursor {cursor!r}: pass back the next_cursor of a previous page") from None
+    return seq
+
+
+def audit_page(
+    *,
+    session: object,
+    model: str | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[audit.Event], str | None]:
+    """Events after ``cursor`` (oldest first) matching the filters; ``(events, next_cursor)``."""
+    after = decode_cursor(cursor)
+    out: list[audit.Event] = []
+    budget = SCAN_BUDGET
+    while budget > 0:
+        ask = min(CHUNK, budget)
+        chunk = audit.log(session=session, model=model, limit=ask, after_seq=after)  # type: ignore[arg-type]
+        budget -= len(chunk)
+        for event in chunk:
+            after = event.seq
+            if (action is None or event.action == action) and (actor is None or event.actor == actor):
+                out.append(event)
+                if len(out) == limit:
+                    return out, encode_cursor(after)
+        if len(chunk) < ask:
+            return out, None  # reached the end of the trail
+    return out, encode_cursor(after)
+
+
+def readiness(engine: Engine) -> tuple[str, str]:
+    """``(backend, revision)`` when the database answers and is at head; raises ``StoreUnavailable``."""
+    check_schema(engine)  # StoreUnavailable when unreachable, SchemaOutOfDate when not at head
+    head = head_revision()
+    if not head:
+        raise StoreUnavailable("no migrations found")
+    return engine.dialect.name, head
