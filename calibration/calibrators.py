@@ -35,7 +35,9 @@ __all__ = [
     "PlattScaler",
     "TemperatureScaler",
     "calibrator_from_dict",
+    "fit_exit",
     "fit_exit_calibrators",
+    "make_calibrator",
     "resolve_targets",
 ]
 
@@ -599,17 +601,25 @@ def fit_exit_calibrators(
     for k in range(k_total):
         y = y_all if y_all.ndim == 1 else y_all[:, k]
         z = logits[:, k, :] if index is None else logits[index, k, :]
-        if kind == "final" and k == k_total - 1:
-            cal: Calibrator = IdentityCalibrator().fit(z, y)
-        else:
-            cal = make_calibrator(method, **params)
-            try:
-                cal.fit(z, y)
-            except InputError as exc:
-                raise InputError(f"exit {k}: {exc}") from exc
-            except CalibrationError as exc:
-                raise CalibrationError(f"exit {k}: {exc}") from exc
-        out.append(cal)
+        out.append(fit_exit(z, y, method, k=k, pseudo_final=kind == "final" and k == k_total - 1, **params))
         if progress is not None:
             progress(k)
     return out
+
+
+def fit_exit(
+    logits_k: Any, targets: Any, method: str, *, k: int | None = None, pseudo_final: bool = False, **params: Any
+) -> Calibrator:
+    """Fit one exit's calibrator; errors name exit ``k``. ``pseudo_final``: this is the final
+    exit and its targets are its own answers, so it keeps the identity (see
+    :func:`fit_exit_calibrators`)."""
+    if pseudo_final:
+        return IdentityCalibrator().fit(logits_k, targets)
+    cal = make_calibrator(method, **params)
+    where = "" if k is None else f"exit {k}: "
+    try:
+        return cal.fit(logits_k, targets)
+    except InputError as exc:
+        raise InputError(f"{where}{exc}") from exc
+    except CalibrationError as exc:
+        raise CalibrationError(f"{where}{exc}") from exc

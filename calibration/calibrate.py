@@ -1,0 +1,181 @@
+"""The calibration job: fit one calibrator per exit on one split, report metrics on another.
+
+DESIGN.md: "Calibration is fitted on one split and reported on another." The split is a
+seeded random permutation (no stratification: with thousands of rows per exit the metrics do
+not need it); alternatively separate report logs can be given (e.g. a test file). Work goes
+exit by exit on (n, C) slices, so memory stays a small multiple of one exit's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
+from calibration.exceptions import InputError
+from calibration.logs import ExitLogs
+from calibration.metrics import ExitMetrics, exit_metrics
+
+__all__ = ["CalibrationResult", "calibrate_logs", "split_indices"]
+
+ProgressFn = Callable[[str, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationResult:
+    """Per-exit fitted calibrators and metrics before/after on the report split.
+
+    ``target`` says what "correct" meant: ``labels``, or ``final`` (agreement with the final
+    exit's answer, for unlabelled logs). ``n_fit`` / ``n_report`` are the split sizes;
+    ``fit_fraction`` is None when separate report logs were used.
+    """
+
+    method: str
+    target: str
+    exit_names: tuple[str, ...]
+    calibrators: tuple[Calibrator, ...]
+    before: tuple[ExitMetrics, ...]
+    after: tuple[ExitMetrics, ...]
+    n_fit: int
+    n_report: int
+    seed: int
+    fit_fraction: float | None
+    n_bins: int
+    source: str
+    report_source: str
+
+    def calibrator_dicts(self) -> list[dict[str, Any]]:
+        """The policy document's calibrator objects, one per exit."""
+        return [c.to_dict() for c in self.calibrators]
+
+    def policy_section(self) -> dict[str, Any]:
+        """The policy document's ``calibration`` field: per exit name, before and after."""
+        return {
+            "exits": [
+                {"name": name, "before": b.to_dict(), "after": a.to_dict()}
+                for name, b, a in zip(self.exit_names, self.before, self.after, strict=True)
+            ]
+        }
+
+    def to_dict(self, *, reliability: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; ``reliability=True`` adds the reliability-diagram data per exit."""
+        exits = []
+        for name, cal, b, a in zip(self.exit_names, self.calibrators, self.before, self.after, strict=True):
+            d = cal.to_dict()
+            entry: dict[str, Any] = {"name": name, "calibrator": d}
+            entry.update({k: v for k, v in d.items() if k != "type"})
+            entry.update({"n": b.n, "before": b.to_dict(), "after": a.to_dict()})
+            if reliability:
+                entry["reliability"] = {
+                    "before": {"width": b.reliability.to_dict(), "mass": b.reliability_mass.to_dict()},
+                    "after": {"width": a.reliability.to_dict(), "mass": a.reliability_mass.to_dict()},
+                }
+            exits.append(entry)
+        return {
+            "method": self.method,
+            "target": self.target,
+            "split": {
+                "fit": self.n_fit,
+                "report": self.n_report,
+                "seed": self.seed,
+                "fit_fraction": self.fit_fraction,
+                "fit_source": self.source,
+                "report_source": self.report_source,
+            },
+            "n_bins": self.n_bins,
+            "exits": exits,
+        }
+
+
+def split_indices(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices (fit, report) of a seeded random split; both parts non-empty."""
+    if not (isinstance(fit_fraction, (int, float)) and 0.0 < float(fit_fraction) < 1.0):
+        raise InputError(f"fit fraction must be strictly between 0 and 1, got {fit_fraction!r}")
+    n_fit = round(float(fit_fraction) * n)
+    if n_fit < 1 or n_fit > n - 1:
+        raise InputError(
+            f"cannot split {n} rows with fit fraction {fit_fraction}: both the fit and the report split need rows"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
+
+
+def calibrate_logs(
+    logs: ExitLogs,
+    method: str = "temperature",
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    *,
+    report_logs: ExitLogs | None = None,
+    target: TargetKind = "auto",
+    n_bins: int = 15,
+    progress: ProgressFn | None = None,
+) -> CalibrationResult:
+    """Fit per-exit calibrators on one split of ``logs`` and report metrics on the other.
+
+    With ``report_logs`` every row of ``logs`` is used for fitting and the metrics are
+    computed on ``report_logs`` (same card shape). ``progress(stage, k)`` is called after
+    each exit is fitted (``"fit"``) and measured (``"metrics"``).
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise InputError(f"bins must be a positive integer, got {n_bins!r}")
+    if report_logs is None and logs.n < 2:
+        raise InputError(f"{logs.source}: need at least 2 rows to fit on one split and report on another")
+    if report_logs is not None and report_logs.logits.shape[1:] != logs.logits.shape[1:]:
+        raise InputError(
+            f"{report_logs.source}: report logs have (exits, classes) = {report_logs.logits.shape[1:]}, "
+            f"but the fit logs {logs.source} have {logs.logits.shape[1:]}"
+        )
+    if target == "labels" and report_logs is not None and report_logs.labels is None:
+        raise InputError(f"{report_logs.source}: the report logs have no labels")
+    if report_logs is not None and logs.labels is not None and report_logs.labels is None and target == "auto":
+        target = "final"  # the report split can only measure agreement with the final exit
+    y_fit_all, kind = resolve_targets(logs, None, target)
+    if report_logs is None:
+        fit_idx, rep_idx = split_indices(logs.n, fit_fraction, seed)
+        rep_logits, y_rep = logs.logits, y_fit_all[rep_idx]
+        fit_fraction_used: float | None = float(fit_fraction)
+    else:
+        fit_idx, rep_idx = None, None
+        rep_logits = report_logs.logits
+        y_rep, _ = resolve_targets(report_logs, None, kind)  # type: ignore[arg-type]
+        fit_fraction_used = None
+    k_total = logs.n_exits
+    names = tuple(e.name for e in logs.card.exits)
+    y_fit = y_fit_all if fit_idx is None else y_fit_all[fit_idx]
+    calibrators: list[Calibrator] = []
+    before: list[ExitMetrics] = []
+    after: list[ExitMetrics] = []
+    for k in range(k_total):
+        z_fit = logs.logits[:, k, :] if fit_idx is None else logs.logits[fit_idx, k, :]
+        cal = fit_exit(z_fit, y_fit, method, k=k, pseudo_final=kind == "final" and k == k_total - 1)
+        del z_fit
+        calibrators.append(cal)
+        if progress is not None:
+            progress("fit", k)
+        z_rep = rep_logits[:, k, :] if rep_idx is None else rep_logits[rep_idx, k, :]
+        before.append(exit_metrics(z_rep, y_rep, None, n_bins))
+        after.append(exit_metrics(z_rep, y_rep, cal, n_bins))
+        del z_rep
+        if progress is not None:
+            progress("metrics", k)
+    return CalibrationResult(
+        method=method,
+        target=kind,
+        exit_names=names,
+        calibrators=tuple(calibrators),
+        before=tuple(before),
+        after=tuple(after),
+        n_fit=logs.n if fit_idx is None else int(fit_idx.size),
+        n_report=int(rep_logits.shape[0] if rep_idx is None else rep_idx.size),
+        seed=int(seed),
+        fit_fraction=fit_fraction_used,
+        n_bins=int(n_bins),
+        source=logs.source,
+        report_source=logs.source if report_logs is None else report_logs.source,
+    )
