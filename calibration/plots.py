@@ -1,0 +1,135 @@
+"""Reliability diagrams as PNG: one panel per exit, before vs after calibration.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend
+state), so it is safe in servers, tests and threads. :func:`reliability_png` returns bytes
+for the report and the MLflow mirror; :func:`save_reliability_png` writes a file atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from calibration.exceptions import InputError
+from calibration.metrics import ExitMetrics, ReliabilityDiagram
+
+__all__ = ["reliability_figure", "reliability_png", "save_reliability_png"]
+
+_BEFORE = "#d95f02"
+_AFTER = "#1b9e77"
+
+
+def _diagram(m: ExitMetrics | ReliabilityDiagram) -> ReliabilityDiagram:
+    return m.reliability if isinstance(m, ExitMetrics) else m
+
+
+def _ece(m: ExitMetrics | ReliabilityDiagram) -> float:
+    return m.ece if isinstance(m, ExitMetrics) else m.ece()
+
+
+def _panel(ax, name: str, before: ExitMetrics | ReliabilityDiagram, after: ExitMetrics | ReliabilityDiagram,
+           label_after: str) -> None:
+    rb, ra = _diagram(before), _diagram(after)
+    edges = ra.edges
+    width = np.diff(edges)
+    centers = edges[:-1] + width / 2
+    filled = ra.count > 0
+    ax.bar(centers[filled], ra.accuracy[filled], width=width[filled] * 0.9, color=_AFTER, alpha=0.55,
+           edgecolor=_AFTER, linewidth=0.8, label=f"{label_after} (accuracy per bin)")
+    fb = rb.count > 0
+    ax.plot(rb.confidence[fb], rb.accuracy[fb], "o-", color=_BEFORE, markersize=3.5, linewidth=1.4,
+            label="uncalibrated")
+    ax.plot(ra.confidence[filled], ra.accuracy[filled], "s-", color=_AFTER, markersize=3.5, linewidth=1.4,
+            label=label_after)
+    ax.plot([0, 1], [0, 1], "--", color="0.35", linewidth=1.0, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.grid(True, linewidth=0.4, alpha=0.5)
+    ax.set_title(f"{name}\nECE {_ece(before):.3f} \u2192 {_ece(after):.3f}", fontsize=10)
+    ax.tick_params(labelsize=8)
+
+
+def reliability_figure(
+    names: Sequence[str],
+    before: Sequence[ExitMetrics | ReliabilityDiagram],
+    after: Sequence[ExitMetrics | ReliabilityDiagram],
+    *,
+    title: str | None = None,
+    label_after: str = "calibrated",
+    max_cols: int = 4,
+) -> Figure:
+    """A figure with one reliability panel per exit (equal-width bins), before vs after."""
+    if not (len(names) == len(before) == len(after)) or not names:
+        raise InputError(
+            f"need one name, one 'before' and one 'after' per exit; got {len(names)}, {len(before)}, {len(after)}"
+        )
+    k = len(names)
+    cols = min(k, max_cols)
+    rows = math.ceil(k / cols)
+    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + 0.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= k:
+            ax.set_visible(False)
+            continue
+        _panel(ax, names[i], before[i], after[i], label_after)
+        if i % cols == 0:
+            ax.set_ylabel("accuracy", fontsize=9)
+        if i // cols == rows - 1 or i + cols >= k:
+            ax.set_xlabel("confidence", fontsize=9)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def reliability_png(
+    names: Sequence[str],
+    before: Sequence[ExitMetrics | ReliabilityDiagram],
+    after: Sequence[ExitMetrics | ReliabilityDiagram],
+    **kwargs: object,
+) -> bytes:
+    """The reliability figure rendered to PNG bytes (see :func:`reliability_figure`)."""
+    fig = reliability_figure(names, before, after, **kwargs)  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": "exitwise"})
+    return buf.getvalue()
+
+
+def save_reliability_png(
+    path: str | os.PathLike[str],
+    names: Sequence[str],
+    before: Sequence[ExitMetrics | ReliabilityDiagram],
+    after: Sequence[ExitMetrics | ReliabilityDiagram],
+    **kwargs: object,
+) -> Path:
+    """Write the reliability figure to ``path`` atomically (temp file + ``os.replace``)."""
+    data = reliability_png(names, before, after, **kwargs)
+    target = Path(path)
+    atomic_write_bytes(target, data)
+    return target
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temp file in the same directory and ``os.replace``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
