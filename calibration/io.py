@@ -308,11 +308,29 @@ def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None
     return _from_wide_table(table, card, src)
 
 
-def _read_parquet(p: Path) -> pa.Table:
+def _read_parquet(p: Path) -> _ParquetColumns:
     try:
-        return pq.read_table(p)
+        return _ParquetColumns(pq.ParquetFile(p), p)
     except (pa.ArrowException, OSError) as exc:
         raise LogFormatError(f"{p}: cannot read Parquet file (corrupt or not Parquet): {exc}") from None
+
+
+class _ParquetColumns:
+    """A Parquet file read one column at a time, so peak memory is the output plus one column."""
+
+    def __init__(self, pf: pq.ParquetFile, path: Path):
+        self._pf = pf
+        self._path = path
+        self.column_names = pf.schema_arrow.names
+        self.num_rows = pf.metadata.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        try:
+            return self._pf.read(columns=[name]).column(0)
+        except (pa.ArrowException, OSError) as exc:
+            raise LogFormatError(
+                f"{self._path}: cannot read column {name!r} (corrupt Parquet file): {exc}"
+            ) from None
 
 
 class _Where:
@@ -336,7 +354,8 @@ class _Where:
         return f"row {row}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _column(table: pa.Table, name: str) -> pa.Array:
+def _column(table: pa.Table | _ParquetColumns, name: str) -> pa.Array:
+    """One column as a single array (dictionary columns decoded)."""
     col = table.column(name)
     arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if pa.types.is_dictionary(arr.type):
@@ -348,36 +367,71 @@ def _first_null(arr: pa.Array) -> int:
     return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
 
 
-def _list_matrix(arr: pa.Array, name: str, n_classes: int | None, src: str, where: _Where) -> np.ndarray:
-    """A list<number> column as an (n, C) array; checks nulls and ragged lengths via offsets."""
-    typ = arr.type
-    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
+def _list_width(col: pa.ChunkedArray, n_classes: int | None) -> int:
+    """C: from the card, else the length of the first non-null list."""
+    if n_classes is not None:
+        return n_classes
+    for arr in col.chunks:
+        if len(arr) and _is_list(arr.type):
+            valid = pc.drop_null(pc.list_value_length(arr))
+            if len(valid):
+                return int(valid[0].as_py())
+    return 0
+
+
+def _is_list(typ: pa.DataType) -> bool:
+    return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+
+
+def _fill_lists(
+    col: pa.ChunkedArray,
+    name: str,
+    out: np.ndarray,
+    src: str,
+    where: _Where,
+    *,
+    card_classes: bool,
+    rows_to: np.ndarray | None = None,
+) -> None:
+    """Copy a list<number> column into ``out`` (rows, C), chunk by chunk.
+
+    Nulls and ragged lengths are found from the list offsets (``list_value_length``) without
+    touching the values. ``rows_to`` scatters row i to ``out[rows_to[i]]`` (long form).
+    """
+    typ = col.type
+    c = out.shape[1]
+    if not _is_list(typ):
         raise LogFormatError(f"{src}: column {name!r} must hold a list of C logits per row, got type {typ}")
     vtype = typ.value_type
     if not (pa.types.is_floating(vtype) or pa.types.is_integer(vtype)):
         raise LogFormatError(f"{src}: column {name!r} holds lists of {vtype}; logits must be numbers")
-    if arr.null_count:
-        row = _first_null(arr)
-        raise LogFormatError(
-            f"{src}: {where(row)}: {name} is missing (null); every exit must be logged for every sample"
-        )
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-    c = int(lengths[0]) if n_classes is None else n_classes
-    bad = np.flatnonzero(lengths != c)
-    if bad.size:
-        row = int(bad[0])
-        why = f"the model card lists {c} classes" if n_classes is not None else "row 0 has that many"
-        raise LogFormatError(
-            f"{src}: {where(row)}: ragged logits: column {name!r} has {int(lengths[row])} values, expected {c} ({why})"
-        )
-    if c < 2:
-        raise LogFormatError(f"{src}: column {name!r}: logits need at least 2 classes, found {c}")
-    values = pc.list_flatten(arr)
-    if values.null_count:
-        flat = _first_null(values)
-        row, cls = divmod(flat, c)
-        raise LogFormatError(f"{src}: {where(row)}: column {name!r} has a null logit at class {cls}")
-    return values.to_numpy(zero_copy_only=False).reshape(len(arr), c)
+    start = 0
+    for arr in col.chunks:
+        m = len(arr)
+        if arr.null_count:
+            row = start + _first_null(arr)
+            raise LogFormatError(
+                f"{src}: {where(row)}: {name} is missing (null); every exit must be logged for every sample"
+            )
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != c)
+        if bad.size:
+            row = start + int(bad[0])
+            why = "the model card lists that many classes" if card_classes else "the first row has that many"
+            raise LogFormatError(
+                f"{src}: {where(row)}: ragged logits: column {name!r} has {int(lengths[bad[0]])} values, "
+                f"expected {c} ({why})"
+            )
+        values = pc.list_flatten(arr)
+        if values.null_count:
+            r, cls = divmod(_first_null(values), c)
+            raise LogFormatError(f"{src}: {where(start + r)}: column {name!r} has a null logit at class {cls}")
+        block = values.to_numpy(zero_copy_only=False).reshape(m, c)
+        if rows_to is None:
+            out[start : start + m] = block
+        else:
+            out[rows_to[start : start + m]] = block
+        start += m
 
 
 def _check_finite(
@@ -535,7 +589,9 @@ def _n_classes(card: ModelCard) -> int | None:
     return None if card.classes is None else len(card.classes)
 
 
-def _from_wide_table(table: pa.Table, card: ModelCard, src: str, lines: np.ndarray | None = None) -> ExitLogs:
+def _from_wide_table(
+    table: pa.Table | _ParquetColumns, card: ModelCard, src: str, lines: np.ndarray | None = None
+) -> ExitLogs:
     n = table.num_rows
     if n == 0:
         raise LogFormatError(f"{src}: empty file (no rows)")
@@ -557,22 +613,28 @@ def _from_wide_table(table: pa.Table, card: ModelCard, src: str, lines: np.ndarr
     id_arr = _column(table, card.id_column) if card.id_column in names else None
     where = _Where(id_arr, card.id_column, lines)
     ids = None if id_arr is None else _ids(id_arr, card.id_column, src, where)
-    n_classes = _n_classes(card)
     logits: np.ndarray | None = None
     for k in range(k_card):
-        block = _list_matrix(_column(table, f"exit_{k}"), f"exit_{k}", n_classes, src, where)
+        col = table.column(f"exit_{k}")
         if logits is None:
-            n_classes = block.shape[1]
+            n_classes = _list_width(col, _n_classes(card))
+            if n_classes < 2:
+                raise LogFormatError(f"{src}: column 'exit_{k}': logits need at least 2 classes, found {n_classes}")
             logits = np.empty((n, k_card, n_classes), dtype=np.float32)
-        logits[:, k, :] = block
-        del block
-    assert logits is not None and n_classes is not None  # k_card >= 2 (ModelCard)
+        _fill_lists(col, f"exit_{k}", logits[:, k, :], src, where, card_classes=card.classes is not None)
+        del col
+    assert logits is not None  # k_card >= 2 (ModelCard)
     _check_finite(logits, src, lambda i, k: where(i), _exit_name(card))
     return _assemble(table, logits, ids, card, src, where)
 
 
 def _assemble(
-    table: pa.Table, logits: np.ndarray, ids: np.ndarray | None, card: ModelCard, src: str, where: _Where
+    table: pa.Table | _ParquetColumns,
+    logits: np.ndarray,
+    ids: np.ndarray | None,
+    card: ModelCard,
+    src: str,
+    where: _Where,
 ) -> ExitLogs:
     """Per-sample columns (label, segments, ts) of a one-row-per-sample table, then the ExitLogs."""
     names = table.column_names
@@ -608,7 +670,7 @@ def _build(
         raise LogFormatError(str(exc)) from None
 
 
-def _from_long_table(table: pa.Table, card: ModelCard, src: str) -> ExitLogs:
+def _from_long_table(table: pa.Table | _ParquetColumns, card: ModelCard, src: str) -> ExitLogs:
     rows = table.num_rows
     if rows == 0:
         raise LogFormatError(f"{src}: empty file (no rows)")
@@ -657,11 +719,13 @@ def _from_long_table(table: pa.Table, card: ModelCard, src: str) -> ExitLogs:
             f"{src}: request id {rid!r} is missing exit {hole % k_card} ({card.exits[hole % k_card].name}); "
             f"it has exits {have}; every exit must be logged for every sample"
         )
-    mat = _list_matrix(_column(table, LOGITS_COLUMN), LOGITS_COLUMN, _n_classes(card), src, where)
-    n_classes = mat.shape[1]
+    col = table.column(LOGITS_COLUMN)
+    n_classes = _list_width(col, _n_classes(card))
+    if n_classes < 2:
+        raise LogFormatError(f"{src}: column 'logits': logits need at least 2 classes, found {n_classes}")
     logits = np.empty((n * k_card, n_classes), dtype=np.float32)
-    logits[key] = mat
-    del mat
+    _fill_lists(col, LOGITS_COLUMN, logits, src, where, card_classes=card.classes is not None, rows_to=key)
+    del col
     logits = logits.reshape(n, k_card, n_classes)
     row_of = np.empty(n * k_card, dtype=np.int64)
     row_of[key] = np.arange(rows, dtype=np.int64)
@@ -995,9 +1059,10 @@ def _per_sample_arrays(logs: ExitLogs, rows: slice, label_names: bool) -> dict[s
     return cols
 
 
-def _list_array(mat: np.ndarray) -> pa.Array:
+def _list_array(mat: np.ndarray, dt: np.dtype) -> pa.Array:
+    """(m, C) -> list<float> with offsets 0, C, 2C, ... (one copy, into ``dt``)."""
     m, c = mat.shape
-    values = pa.array(np.ascontiguousarray(mat).ravel())
+    values = pa.array(np.ascontiguousarray(mat, dtype=dt).ravel())
     if m * c < 2**31:
         return pa.ListArray.from_arrays(pa.array(np.arange(0, m * c + 1, c, dtype=np.int32)), values)
     return pa.LargeListArray.from_arrays(pa.array(np.arange(0, m * c + 1, c, dtype=np.int64)), values)
@@ -1012,21 +1077,24 @@ def _write_parquet(logs: ExitLogs, tmp: Path, dt: np.dtype, label_names: bool, *
             rows = slice(start, min(n, start + step))
             m = rows.stop - rows.start
             per_sample = _per_sample_arrays(logs, rows, label_names)
-            block = logs.logits[rows].astype(dt)
+            block = logs.logits[rows]
             if long:
                 if logs.card.id_column not in per_sample:
                     per_sample[logs.card.id_column] = pa.array(np.arange(rows.start, rows.stop, dtype=np.int64))
                 rep = pa.array(np.repeat(np.arange(m), k_total))
                 cols = {name: arr.take(rep) for name, arr in per_sample.items()}
                 cols[EXIT_COLUMN] = pa.array(np.tile(np.arange(k_total, dtype=np.int32), m))
-                cols[LOGITS_COLUMN] = _list_array(block.reshape(m * k_total, -1))
+                cols[LOGITS_COLUMN] = _list_array(block.reshape(m * k_total, -1), dt)
             else:
                 cols = dict(per_sample)
                 for k in range(k_total):
-                    cols[f"exit_{k}"] = _list_array(block[:, k, :])
+                    cols[f"exit_{k}"] = _list_array(block[:, k, :], dt)
             table = pa.table(cols)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
+                # Dictionary pages only for the repetitive per-sample columns: on float logits
+                # they never pay off and cost ~2x on write and read.
+                small = [nm for nm in per_sample if nm != logs.card.id_column]
+                writer = pq.ParquetWriter(tmp, table.schema, compression=compression, use_dictionary=small)
             writer.write_table(table)
     finally:
         if writer is not None:
