@@ -43,7 +43,15 @@ def queue(session: Session, item: Event) -> None:
     session.info.setdefault(PENDING_KEY, []).append(item)
 
 
+def _outer_still_open(session: Session) -> bool:
+    """True when only a SAVEPOINT ended (SQLAlchemy fires after_commit/after_rollback for those too)."""
+    root = session.get_transaction()
+    return root is not None and root.is_active
+
+
 def _after_commit(session: Session) -> None:
+    if _outer_still_open(session):  # policies.db.change released its SAVEPOINT; the real commit comes later
+        return
     pending = session.info.pop(PENDING_KEY, None)
     if not pending:
         return
@@ -56,6 +64,8 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_rollback(session: Session) -> None:
+    if _outer_still_open(session):  # a SAVEPOINT rolled back; policies.db.change drops its own events
+        return
     session.info.pop(PENDING_KEY, None)
 
 
