@@ -470,7 +470,7 @@ def _labels(arr: pa.Array, column: str, card: ModelCard, n_classes: int, src: st
         if bad.size:
             row = int(bad[0])
             raise LogFormatError(
-                f"{src}: {where(row)}: label {raw[row]!r} in column {column!r} is not a class index or name"
+                f"{src}: {where(row)}: label {raw[row].item()!r} in column {column!r} is not a class index or name"
             )
         labels = raw.astype(np.int64)
     elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
@@ -542,10 +542,14 @@ def _ids(arr: pa.Array, column: str, src: str, where: _Where) -> np.ndarray:
         row = int(dup_rows[0])
         other = int(dup_rows[np.flatnonzero(inverse[dup_rows] == inverse[row])[1]])
         raise LogFormatError(
-            f"{src}: duplicate request id {ids[row]!r} in column {column!r} at rows {row} and {other}; "
+            f"{src}: duplicate request id {_py(ids[row])!r} in column {column!r} at rows {row} and {other}; "
             "each sample must appear once"
         )
     return ids
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _timestamps(arr: pa.Array, src: str, where: _Where) -> np.ndarray:
@@ -734,13 +738,16 @@ def _from_long_table(table: pa.Table | _ParquetColumns, card: ModelCard, src: st
     _check_finite(logits, src, lambda i, k: where(int(row_of[i, k])), _exit_name(card))
 
     def per_sample(values: np.ndarray, column: str) -> np.ndarray:
+        """The value of each sample from its first row; every other row must repeat it."""
         rep = values[first_row]
         diff = np.flatnonzero(values != rep[sample])
         if diff.size:
             row = int(diff[0])
+            first = int(first_row[sample[row]])
+            shown = _column(table, column)
             raise LogFormatError(
                 f"{src}: {where(row)}: column {column!r} differs between the rows of one sample "
-                f"(row {int(first_row[sample[row]])}: {values[first_row[sample[row]]]!r}, row {row}: {values[row]!r})"
+                f"(row {first}: {shown[first].as_py()!r}, row {row}: {shown[row].as_py()!r})"
             )
         return rep
 
@@ -840,7 +847,7 @@ def _json_list_column(values: list[Any], name: str, src: str, lines: np.ndarray)
 
 def _load_npz(p: Path, card: ModelCard, src: str) -> ExitLogs:
     try:
-        with np.load(p, allow_pickle=False) as npz:
+        with p.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:  # own handle: closed even if corrupt
             arrays = {name: npz[name] for name in npz.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
