@@ -1,0 +1,346 @@
+"""Baselines, in the solver's code path: each is a threshold set run by the same rule and evaluator.
+
+* ``full_depth`` — never exit early (risk 0, compute 1).
+* ``global_threshold`` — BranchyNet / DeeBERT style: one max-probability threshold tau for
+  every exit and class, the smallest tau whose selection-split risk stays <= eps (scanning
+  down from 1); chosen empirically, **not certified**.
+* ``calm`` — the CALM rule (Schuster et al., 2022): one shared threshold over all exits,
+  certified by Learn-then-Test along a grid of tau from high (safe) to low (aggressive).
+* ``per_exit`` — one threshold per exit, no class or segment structure, solved by the same
+  Lagrangian path and certified the same way as the solver.
+* ``oracle`` — the in-sample oracle of the solver's own policy family: thresholds chosen
+  directly on the evaluation data (the best any policy of that shape could do there, with
+  its empirical risk within every budget); not a deployable policy.
+* ``per_sample_oracle`` — each sample at its earliest exit whose answer incurs no loss
+  (for ``disagreement``: agrees with the final answer); not a threshold policy.
+
+Certified baselines use the solver's splits and constraints (segments too small to certify
+are left out, as the solver forces them to full depth), so they are compared under the same
+guarantee.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from calibration.certify import ALL, Constraint
+from calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
+from calibration.rule import CompiledPolicy, score_all_exits
+from calibration.solver import (
+    Prepared,
+    Problem,
+    Solution,
+    certify_candidates,
+    solve_path,
+)
+
+NAMES = ("full_depth", "global_threshold", "calm", "per_exit", "oracle", "per_sample_oracle")
+LABELS = {
+    "solver": "solver (certified)",
+    "full_depth": "full depth",
+    "global_threshold": "global max-prob threshold (uncertified)",
+    "calm": "CALM (shared threshold, LTT)",
+    "per_exit": "per-exit thresholds (LTT)",
+    "oracle": "in-sample oracle (same family)",
+    "per_sample_oracle": "per-sample oracle",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class BaselineResult:
+    """A baseline's policy (None for the per-sample oracle) and its evaluation."""
+
+    name: str
+    evaluation: Evaluation
+    policy: CompiledPolicy | None
+    certified: bool | None
+    note: str = ""
+
+    def worst_segment(self, column: str | None) -> tuple[str | None, float | None]:
+        segs = self.evaluation.segments.get(column or "", {})
+        if not segs:
+            return None, None
+        name = max(segs, key=lambda v: segs[v].risk)
+        return name, segs[name].risk
+
+    def to_json(self, column: str | None = None) -> dict[str, Any]:
+        ev = self.evaluation
+        worst, worst_risk = self.worst_segment(column)
+        out: dict[str, Any] = {
+            "compute_fraction": ev.compute_fraction, "risk": ev.risk, "disagreement": ev.disagreement,
+            "induced_error": ev.induced_error, "worst_segment": worst, "worst_segment_risk": worst_risk,
+        }
+        if self.certified is not None:
+            out["certified"] = self.certified
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _uniform_policy(prepared: Prepared, tau: np.ndarray, score: str, calibrators: Any = None) -> CompiledPolicy:
+    """A policy without segment structure: thresholds (K-1, C) for every sample."""
+    return CompiledPolicy(
+        thresholds=tau[None].copy(), segment_index={}, forced_classes=prepared.forced_classes,
+        forced_segments=np.zeros(1, dtype=bool),
+        max_exit=tau.shape[0] if prepared.spec.max_exit is None else prepared.spec.max_exit,
+        killed=False, calibrators=tuple(calibrators or prepared.calibrators), score=score, segment_keys=(),
+    )
+
+
+def _shared(prepared: Prepared, t: float, score: str = "max_prob") -> CompiledPolicy:
+    k1, c = prepared.scored.n_exits - 1, prepared.scored.n_classes
+    return _uniform_policy(prepared, np.full((k1, c), float(t)), score)
+
+
+def shared_threshold_curve(scores: np.ndarray, loss: np.ndarray, allowed: np.ndarray,
+                           forced: np.ndarray | None = None, preds: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact risk of a shared threshold tau at every candidate tau (the distinct scores).
+
+    With M_ik = max_{j <= k} s_ij over allowed exits, a sample exits at k exactly for
+    tau in (M_{i,k-1}, M_ik]; so risk(tau) = (1/n) sum_{i,k} l_ik [M_{i,k-1} < tau <= M_ik],
+    a difference of two weighted counts, evaluated at all candidates with one sort.
+    Returns (candidates descending, risk at each).
+    """
+    n = scores.shape[0]
+    s = np.where(allowed[None, :], scores[:, :-1], -np.inf)
+    if forced is not None and preds is not None:
+        s = np.where(forced[preds[:, :-1]], -np.inf, s)
+    run = np.maximum.accumulate(s, axis=1)
+    prev = np.concatenate([np.full((n, 1), -np.inf), run[:, :-1]], axis=1)
+    opens = run > prev
+    w = loss[:, :-1].astype(np.float64) * opens
+    hi, lo = run[opens], prev[opens]
+    w = w[opens]
+    cand = np.unique(hi[np.isfinite(hi)])[::-1]
+    if cand.size == 0:
+        return cand, np.zeros(0)
+
+    def mass_at_least(edges: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        order = np.argsort(edges)
+        e, cw = edges[order], np.concatenate([[0.0], np.cumsum(weights[order])])
+        idx = np.searchsorted(e, cand, side="left")
+        return cw[-1] - cw[idx]
+
+    risk = (mass_at_least(hi, w) - mass_at_least(lo, w)) / max(n, 1)
+    return cand, risk
+
+
+def global_threshold(prepared: Prepared, max_prob: tuple[np.ndarray, np.ndarray]) -> tuple[float | None, bool]:
+    """BranchyNet/DeeBERT: scan tau down from 1 on the select split; stop before risk > eps."""
+    scores, preds = max_prob
+    sel = prepared.splits.select
+    cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
+                                        prepared.forced_classes, preds[sel])
+    bad = np.flatnonzero(risk > prepared.spec.eps)
+    stop = bad[0] if bad.size else cand.size
+    return (float(cand[stop - 1]) if stop > 0 else None), False
+
+
+def _baseline_constraints(solution: Solution) -> list[Constraint]:
+    return list(solution.constraints)
+
+
+def calm(prepared: Prepared, solution: Solution, max_prob: tuple[np.ndarray, np.ndarray], *,
+         grid: int = 64) -> tuple[float | None, bool]:
+    """CALM: a shared threshold, LTT-certified over a grid fixed on the select split."""
+    scores, preds = max_prob
+    sel = prepared.splits.select
+    cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
+                                        prepared.forced_classes, preds[sel])
+    if cand.size == 0:
+        return None, False
+    limit = np.flatnonzero(risk > 3 * prepared.spec.eps)
+    stop = limit[0] + 1 if limit.size else cand.size
+    taus = np.unique(np.quantile(cand[:stop], np.linspace(0, 1, grid)))[::-1]
+    policies = [_shared(prepared, t) for t in taus]
+    pre = _with_scores(prepared, max_prob, "max_prob")
+    cert, _, _ = certify_candidates(pre, policies, _baseline_constraints(solution))
+    return (None, False) if cert.chosen is None else (float(taus[cert.chosen]), True)
+
+
+def _with_scores(prepared: Prepared, scored: tuple[np.ndarray, np.ndarray], score: str) -> Prepared:
+    scores, preds = scored
+    if score == prepared.spec.score:
+        return prepared
+    sc = replace(prepared.scored, scores=scores, preds=preds, score=score)
+    return replace(prepared, scored=sc, spec=replace(prepared.spec, score=score))
+
+
+def per_exit(prepared: Prepared, solution: Solution) -> tuple[np.ndarray | None, bool]:
+    """One threshold per exit (all classes and segments pooled), Lagrangian path + LTT."""
+    sel = prepared.splits.select
+    settings = replace(prepared.spec.settings, min_cell=np.iinfo(np.int64).max, min_pool=1)
+    sc = prepared.scored
+    problem = Problem(
+        scores=sc.scores[sel], preds=sc.preds[sel], loss=prepared.loss[sel], seg=np.zeros(sel.size, dtype=np.int64),
+        costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes, n_segments=1, allowed_exits=prepared.allowed_exits,
+        forced_classes=prepared.forced_classes, forced_segments=np.zeros(1, dtype=bool),
+    )
+    path = solve_path(problem, eps=prepared.spec.eps, settings=settings)
+    policies = [_uniform_policy(prepared, p.tau[0], prepared.spec.score) for p in path.points]
+    cert, _, _ = certify_candidates(prepared, policies, _baseline_constraints(solution))
+    if cert.chosen is None:
+        return None, False
+    return path.points[cert.chosen].tau[0], True
+
+
+def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs) -> CompiledPolicy:
+    """The solver's family fitted on the evaluation data itself, best point within every budget there."""
+    spec = prepared.spec
+    codes, levels = composite_segments(scored.segments, spec.segment_keys, scored.n)
+    budgets = {levels.index(prepared.seg_levels[s]): e for s, e in prepared.budgets.items()
+               if prepared.seg_levels[s] in levels}
+    forced = np.zeros(len(levels), dtype=bool)
+    for s in np.flatnonzero(solution.forced_segments):
+        if prepared.seg_levels[s] in levels:
+            forced[levels.index(prepared.seg_levels[s])] = True
+    loss = scored.loss_matrix(spec.risk)
+    problem = Problem(
+        scores=scored.scores, preds=scored.preds, loss=loss, seg=codes, costs=scored.costs / scored.costs[-1],
+        n_classes=scored.n_classes, n_segments=len(levels), allowed_exits=prepared.allowed_exits,
+        forced_classes=prepared.forced_classes, forced_segments=forced,
+    )
+    settings = replace(spec.settings, refine_gap=spec.settings.refine_gap / 3, max_points=96)
+    path = solve_path(problem, eps=spec.eps, segment_aims={s: e for s, e in budgets.items() if not forced[s]},
+                      settings=settings)
+    best = None
+    counts = np.bincount(codes, minlength=len(levels))
+    for p in path.points:
+        ok = p.select_risk <= spec.eps and all(
+            p.select_segment_risk[s] <= e or counts[s] == 0 for s, e in budgets.items())
+        if ok and (best is None or p.select_compute < best.select_compute):
+            best = p
+    tau = best.tau if best is not None else np.full((len(levels), scored.n_exits - 1, scored.n_classes), np.nan)
+    from calibration.solver import compile_thresholds
+
+    return compile_thresholds(tau, segment_levels=levels, segment_keys=spec.segment_keys,
+                              calibrators=prepared.calibrators, score=spec.score,
+                              forced_classes=prepared.forced_classes, forced_segments=forced,
+                              max_exit=spec.max_exit)
+
+
+def per_sample_oracle_exits(scored: ScoredLogs, risk: str, allowed: np.ndarray) -> np.ndarray:
+    """Earliest (allowed) exit whose loss is 0; the last exit otherwise."""
+    ok = ~scored.loss_matrix(risk)
+    ok[:, :-1] &= allowed[None, :]
+    ok[:, -1] = True
+    return np.argmax(ok, axis=1)
+
+
+def evaluation_data(solution: Solution, test_logs: Any = None, score: str | None = None) -> ScoredLogs:
+    """The held-out data scored with the solver's calibrators: ``test_logs``, else the certify split."""
+    prepared = solution.prepared
+    score = score or prepared.spec.score
+    if test_logs is None:
+        if score == prepared.spec.score:
+            return prepared.scored.take(prepared.splits.certify)
+        rows = prepared.splits.certify
+        s, p = score_all_exits(prepared.logs.logits[rows], prepared.calibrators, score)
+        return replace(prepared.scored.take(rows), scores=s, preds=p, score=score)
+    return ScoredLogs.from_logs(test_logs, prepared.calibrators, score)
+
+
+@dataclass(frozen=True, eq=False)
+class ChosenBaseline:
+    """A deployable baseline policy, chosen on the calibration splits."""
+
+    name: str
+    policy: CompiledPolicy
+    certified: bool | None
+    note: str = ""
+
+
+def choose_baselines(
+    solution: Solution, *, names: tuple[str, ...] = NAMES, progress: Callable[[str], None] | None = None
+) -> dict[str, ChosenBaseline]:
+    """Fit the threshold baselines (full depth, global threshold, CALM, per-exit) on the calibration splits."""
+    prepared = solution.prepared
+    spec = prepared.spec
+    k1, c = prepared.scored.n_exits - 1, prepared.scored.n_classes
+    out: dict[str, ChosenBaseline] = {}
+    mp_all: tuple[np.ndarray, np.ndarray] | None = None
+
+    def max_prob() -> tuple[np.ndarray, np.ndarray]:
+        nonlocal mp_all
+        if mp_all is None:
+            if spec.score == "max_prob":
+                mp_all = (prepared.scored.scores, prepared.scored.preds)
+            else:
+                mp_all = score_all_exits(prepared.logs.logits, prepared.calibrators, "max_prob")
+        return mp_all
+
+    def note(name: str) -> None:
+        if progress is not None:
+            progress(name)
+
+    if "full_depth" in names:
+        out["full_depth"] = ChosenBaseline("full_depth", _uniform_policy(prepared, np.full((k1, c), np.nan),
+                                                                         spec.score), None)
+    if "global_threshold" in names:
+        note("global_threshold")
+        t, _ = global_threshold(prepared, max_prob())
+        out["global_threshold"] = ChosenBaseline("global_threshold", _shared(prepared, np.nan if t is None else t),
+                                                 False, "tau chosen on the select split, uncertified")
+    if "calm" in names:
+        note("calm")
+        t, ok = calm(prepared, solution, max_prob())
+        out["calm"] = ChosenBaseline("calm", _shared(prepared, np.nan if t is None else t), ok)
+    if "per_exit" in names:
+        note("per_exit")
+        tau, ok = per_exit(prepared, solution)
+        out["per_exit"] = ChosenBaseline(
+            "per_exit", _uniform_policy(prepared, np.full((k1, c), np.nan) if tau is None else tau, spec.score), ok)
+    return out
+
+
+def run_baselines(
+    solution: Solution,
+    scored: ScoredLogs,
+    chosen: Mapping[str, ChosenBaseline],
+    *,
+    test_logs: Any = None,
+    names: tuple[str, ...] = NAMES,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, BaselineResult]:
+    """Evaluate the chosen baselines and the two oracles on held-out data ``scored``.
+
+    ``scored`` is :func:`evaluation_data` for ``test_logs`` (None: the certify split); the
+    shared-threshold baselines are rescored with max-prob when the solver used another score.
+    """
+    prepared = solution.prepared
+    spec = prepared.spec
+    risk = spec.risk
+    out: dict[str, BaselineResult] = {}
+    mp_eval: ScoredLogs | None = scored if spec.score == "max_prob" else None
+    for name, base in chosen.items():
+        if base.policy.score == "max_prob" and spec.score != "max_prob":
+            if mp_eval is None:
+                mp_eval = evaluation_data(solution, test_logs, "max_prob")
+            ev = evaluate_scored(base.policy, mp_eval, risk)
+        else:
+            ev = evaluate_scored(base.policy, scored, risk)
+        out[name] = BaselineResult(name, ev, base.policy, base.certified, base.note)
+    if "oracle" in names:
+        if progress is not None:
+            progress("oracle")
+        pol = in_sample_oracle(prepared, solution, scored)
+        out["oracle"] = BaselineResult("oracle", evaluate_scored(pol, scored, risk), pol, None,
+                                       "thresholds fitted on the evaluation data itself")
+    if "per_sample_oracle" in names:
+        ex = per_sample_oracle_exits(scored, risk, prepared.allowed_exits)
+        out["per_sample_oracle"] = BaselineResult("per_sample_oracle", summarise(ex, scored, risk), None, None,
+                                                  "each sample at its earliest loss-free exit")
+    return out
+
+
+def baselines_json(results: Mapping[str, BaselineResult], column: str | None = None) -> dict[str, dict[str, Any]]:
+    return {k: v.to_json(column) for k, v in results.items()}
+
+
+__all__ = ["ALL", "LABELS", "NAMES", "BaselineResult", "ChosenBaseline", "baselines_json", "choose_baselines",
+           "evaluation_data", "run_baselines"]

@@ -1,0 +1,331 @@
+"""The one evaluator: what a policy does to a set of exit logs.
+
+Given logs (or their per-exit scores, :class:`ScoredLogs`) and a compiled policy, the rule
+(:func:`calibration.rule.first_exit`) routes every sample; this module turns the routing
+into the numbers DESIGN.md defines, vectorised over all samples:
+
+* per-sample 0/1 losses, measured at the exit taken (e = exit, K-1 = last exit)::
+
+      disagreement_i  = [yhat_{i,e} != yhat_{i,K-1}]
+      induced_error_i = [yhat_{i,e} != y_i] * [yhat_{i,K-1} == y_i]        (labels needed)
+
+* the compute fraction  CF = (1/n) sum_i cost_{e_i} / cost_{K-1}  (costs are cumulative),
+  overall, per segment value, and for synchronised batches of B consecutive samples (in
+  log order; the last batch may be partial), where a batch runs until its deepest member
+  exits:  CF_B = sum_b |b| max_{i in b} cost_{e_i} / (n cost_{K-1});
+* the exit rate per exit.
+
+The solver, the certifier, the baselines and ``exitwise evaluate`` all come through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.exceptions import InputError
+from calibration.logs import ExitLogs, SegmentColumn
+from calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
+
+RISKS = ("disagreement", "induced_error")
+BATCH_SIZES = (1, 8, 32)
+
+
+def check_risk(risk: str, has_labels: bool, where: str = "logs") -> None:
+    """Raise :class:`InputError` for an unknown risk or ``induced_error`` without labels."""
+    if risk not in RISKS:
+        raise InputError(f"unknown risk {risk!r}; expected one of {', '.join(RISKS)}")
+    if risk == "induced_error" and not has_labels:
+        raise InputError(f"{where}: risk 'induced_error' needs labels, but the logs have no label column")
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredLogs:
+    """Per-exit scores and answers of every sample under fixed calibrators (computed once).
+
+    ``scores`` (n, K) float64 and ``preds`` (n, K) int64 come from
+    :func:`calibration.rule.score_all_exits`; ``costs`` are the card's cumulative costs.
+    """
+
+    scores: np.ndarray
+    preds: np.ndarray
+    costs: np.ndarray
+    labels: np.ndarray | None = None
+    segments: Mapping[str, SegmentColumn] = field(default_factory=dict)
+    n_classes: int = 0
+    score: str = "max_prob"
+    calibrators: tuple[Mapping[str, Any], ...] = ()
+
+    @classmethod
+    def from_logs(
+        cls, logs: ExitLogs, calibrators: Sequence[Mapping[str, Any]], score: str = "max_prob"
+    ) -> ScoredLogs:
+        scores, preds = score_all_exits(logs.logits, calibrators, score)
+        return cls(scores=scores, preds=preds, costs=logs.card.costs, labels=logs.labels,
+                   segments=dict(logs.segments), n_classes=logs.n_classes, score=score,
+                   calibrators=tuple(calibrators))
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def n_exits(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def final(self) -> np.ndarray:
+        """The last exit's answer per sample."""
+        return self.preds[:, -1]
+
+    def take(self, index: np.ndarray) -> ScoredLogs:
+        """A subset of rows (a split), keeping everything else."""
+        return ScoredLogs(
+            scores=self.scores[index], preds=self.preds[index], costs=self.costs,
+            labels=None if self.labels is None else self.labels[index],
+            segments={k: v.take(index) for k, v in self.segments.items()},
+            n_classes=self.n_classes, score=self.score, calibrators=self.calibrators,
+        )
+
+    def loss_matrix(self, risk: str) -> np.ndarray:
+        """(n, K) bool: the loss a sample would incur if it exited at exit k."""
+        check_risk(risk, self.labels is not None)
+        wrong_vs_final = self.preds != self.final[:, None]
+        if risk == "disagreement":
+            return wrong_vs_final
+        y = self.labels
+        return (self.preds != y[:, None]) & (self.final == y)[:, None]
+
+    def segment_codes(self, keys: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Composite segment code per sample and the composite levels (sorted) for ``keys``."""
+        return composite_segments(self.segments, keys, self.n)
+
+
+def composite_segments(
+    segments: Mapping[str, SegmentColumn], keys: Sequence[str], n: int
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Codes (n,) int64 into the sorted composite values ``"a|b"`` of ``keys`` that occur.
+
+    Works on the integer codes, so it stays fast for 10^7 rows. With no keys every sample
+    is in the one level ``""``.
+    """
+    for key in keys:
+        if key not in segments:
+            raise InputError(f"unknown segment column {key!r}; available: {sorted(segments) or 'none'}")
+    if not keys:
+        return np.zeros(n, dtype=np.int64), ("",)
+    combined = np.zeros(n, dtype=np.int64)
+    for key in keys:
+        col = segments[key]
+        combined = combined * len(col.levels) + col.codes
+    uniq, codes = np.unique(combined, return_inverse=True)
+    names = []
+    for value in uniq:
+        parts = []
+        rem = int(value)
+        for key in reversed(keys):
+            levels = segments[key].levels
+            parts.append(levels[rem % len(levels)])
+            rem //= len(levels)
+        names.append(SEGMENT_SEPARATOR.join(reversed(parts)))
+    order = np.argsort(np.asarray(names, dtype=object).astype(str), kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[codes.ravel()].astype(np.int64), tuple(names[i] for i in order)
+
+
+def policy_rows(policy: CompiledPolicy, segments: Mapping[str, SegmentColumn], n: int) -> np.ndarray:
+    """Row of ``policy.thresholds`` per sample: the rule's segment lookup (unknown -> default)."""
+    keys = policy.segment_keys
+    if not keys or not policy.segment_index:
+        return np.zeros(n, dtype=np.intp)
+    missing = [k for k in keys if k not in segments]
+    if missing:
+        raise InputError(f"the policy segments on {list(keys)}, but the logs have no column {missing[0]!r}")
+    codes, levels = composite_segments(segments, keys, n)
+    lookup = np.array([policy.segment_index.get(v, 0) for v in levels], dtype=np.intp)
+    return lookup[codes]
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """Compute and risk of one segment value."""
+
+    n: int
+    compute_fraction: float
+    risk: float
+    disagreement: float
+    induced_error: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "compute_fraction": self.compute_fraction, "risk": self.risk,
+                "disagreement": self.disagreement, "induced_error": self.induced_error}
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """What a policy does to a set of logs: per-sample arrays and their summaries."""
+
+    risk_type: str
+    n: int
+    compute_fraction: float
+    risk: float
+    disagreement: float
+    induced_error: float | None
+    exit_rate: tuple[float, ...]
+    batch_compute_fraction: Mapping[int, float]
+    segments: Mapping[str, Mapping[str, SegmentStats]]
+    accuracy: float | None
+    full_depth_accuracy: float | None
+    exit: np.ndarray
+    answer: np.ndarray
+    loss: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``evaluate --json`` object (DESIGN.md): plain JSON types only."""
+        return {
+            "n": self.n,
+            "risk_type": self.risk_type,
+            "compute_fraction": self.compute_fraction,
+            "risk": self.risk,
+            "disagreement": self.disagreement,
+            "induced_error": self.induced_error,
+            "accuracy": self.accuracy,
+            "full_depth_accuracy": self.full_depth_accuracy,
+            "exit_rate": list(self.exit_rate),
+            "batch_compute_fraction": {str(b): v for b, v in self.batch_compute_fraction.items()},
+            "segments": {col: {v: s.to_json() for v, s in vals.items()} for col, vals in self.segments.items()},
+        }
+
+    def segment_summary(self, column: str) -> dict[str, dict[str, Any]]:
+        """``{value: {compute_fraction, risk, n}}`` of one column, for the policy document."""
+        return {v: {"compute_fraction": s.compute_fraction, "risk": s.risk, "n": s.n}
+                for v, s in self.segments.get(column, {}).items()}
+
+
+def batch_compute_fraction(exit_cost: np.ndarray, batch: int) -> float:
+    """CF_B: consecutive batches of ``batch`` samples, each costing its deepest member."""
+    n = exit_cost.shape[0]
+    if n == 0:
+        return float("nan")
+    if batch <= 1:
+        return float(exit_cost.mean())
+    starts = np.arange(0, n, batch)
+    sizes = np.diff(np.append(starts, n))
+    return float((np.maximum.reduceat(exit_cost, starts) * sizes).sum() / n)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else float("nan")
+
+
+def summarise(
+    exit_at: np.ndarray,
+    scored: ScoredLogs,
+    risk: str,
+    *,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    extra_segments: Mapping[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
+) -> Evaluation:
+    """Evaluate given exit indices (n,): any routing, including non-threshold oracles."""
+    check_risk(risk, scored.labels is not None)
+    n, k_total = scored.scores.shape
+    exit_at = np.asarray(exit_at, dtype=np.int64)
+    rows = np.arange(n)
+    answer = scored.preds[rows, exit_at]
+    final = scored.final
+    disagree = answer != final
+    induced = None
+    acc = full_acc = None
+    if scored.labels is not None:
+        y = scored.labels
+        right_final = final == y
+        induced = (answer != y) & right_final
+        acc, full_acc = _mean(answer == y), _mean(right_final)
+    loss = disagree if risk == "disagreement" else induced
+    cost = (scored.costs / scored.costs[-1])[exit_at]
+    exit_rate = np.bincount(exit_at, minlength=k_total) / max(n, 1)
+    columns: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
+        name: (col.codes, col.levels) for name, col in scored.segments.items()
+    }
+    columns.update(extra_segments or {})
+    segments: dict[str, dict[str, SegmentStats]] = {}
+    for name, (codes, levels) in columns.items():
+        m = len(levels)
+        counts = np.bincount(codes, minlength=m)
+        sums = {key: np.bincount(codes, weights=arr, minlength=m) for key, arr in
+                (("c", cost), ("l", loss), ("d", disagree)) if arr is not None}
+        ind = None if induced is None else np.bincount(codes, weights=induced, minlength=m)
+        out: dict[str, SegmentStats] = {}
+        for j, level in enumerate(levels):
+            cnt = int(counts[j])
+            if cnt == 0:
+                continue
+            out[level] = SegmentStats(
+                n=cnt, compute_fraction=float(sums["c"][j] / cnt), risk=float(sums["l"][j] / cnt),
+                disagreement=float(sums["d"][j] / cnt), induced_error=None if ind is None else float(ind[j] / cnt),
+            )
+        segments[name] = out
+    return Evaluation(
+        risk_type=risk, n=n, compute_fraction=_mean(cost), risk=_mean(loss), disagreement=_mean(disagree),
+        induced_error=None if induced is None else _mean(induced),
+        exit_rate=tuple(float(r) for r in exit_rate),
+        batch_compute_fraction={int(b): batch_compute_fraction(cost, int(b)) for b in batch_sizes},
+        segments=segments, accuracy=acc, full_depth_accuracy=full_acc,
+        exit=exit_at, answer=answer, loss=loss,
+    )
+
+
+def route_scored(policy: CompiledPolicy, scored: ScoredLogs) -> np.ndarray:
+    """Exit index per sample under ``policy`` (the rule on precomputed scores)."""
+    if policy.n_exits != scored.n_exits or policy.n_classes != scored.n_classes:
+        raise InputError(
+            f"the policy has {policy.n_exits} exits and {policy.n_classes} classes, "
+            f"the logs {scored.n_exits} and {scored.n_classes}"
+        )
+    rows = policy_rows(policy, scored.segments, scored.n)
+    return first_exit(policy, scored.scores, scored.preds, rows).exit
+
+
+def evaluate_scored(
+    policy: CompiledPolicy, scored: ScoredLogs, risk: str, *, batch_sizes: Sequence[int] = BATCH_SIZES
+) -> Evaluation:
+    """Evaluate ``policy`` on logs already scored with the policy's calibrators and score."""
+    extra = None
+    if len(policy.segment_keys) > 1:
+        extra = {SEGMENT_SEPARATOR.join(policy.segment_keys): scored.segment_codes(policy.segment_keys)}
+    return summarise(route_scored(policy, scored), scored, risk, batch_sizes=batch_sizes, extra_segments=extra)
+
+
+def evaluate(
+    policy: CompiledPolicy | Mapping[str, Any],
+    logs: ExitLogs,
+    *,
+    risk: str | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> Evaluation:
+    """Apply a policy (document or compiled) to full-depth logs and measure compute and risk.
+
+    ``risk`` defaults to the document's ``guarantee.risk``; it must be given for a compiled
+    policy.
+    """
+    if isinstance(policy, Mapping):
+        if risk is None:
+            risk = (policy.get("guarantee") or {}).get("risk")
+        doc_classes = policy.get("classes")
+        if doc_classes is not None and len(doc_classes) != logs.n_classes:
+            raise InputError(f"{logs.source}: the policy has {len(doc_classes)} classes, the logs {logs.n_classes}")
+        try:
+            policy = CompiledPolicy.from_document(policy)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"policy cannot be compiled: {exc}") from None
+    if risk is None:
+        raise InputError("evaluate: the risk to measure must be given for a compiled policy")
+    check_risk(risk, logs.labels is not None, logs.source)
+    if policy.n_exits != logs.n_exits:
+        raise InputError(f"{logs.source}: the policy has {policy.n_exits} exits, the logs {logs.n_exits}")
+    scored = ScoredLogs.from_logs(logs, policy.calibrators, policy.score)
+    return evaluate_scored(policy, scored, risk, batch_sizes=batch_sizes)

@@ -1,0 +1,865 @@
+"""The threshold solver: least expected compute under a risk budget, as a path of policies.
+
+Problem (on the *select* split, m samples, K exits, C classes, S segment values). A policy is
+a threshold tau[s, k, c] per segment value s, early exit k and predicted class c; sample i
+exits at the first k with score_{ik} >= tau[s_i, k, yhat_{ik}] (the rule,
+:mod:`calibration.rule`). With normalised cumulative costs c_k = cost_k / cost_{K-1} and the
+0/1 loss l_{ik} of exiting i at k (see :mod:`calibration.evaluate`)::
+
+    minimise  sum_i c_{e_i}   subject to   (1/m_g) sum_{i in g} l_{i, e_i} <= eps_g   for every constraint g
+
+Method (Lagrangian relaxation, one multiplier lambda_s per segment)::
+
+    minimise  sum_i  c_{e_i} + lambda_{s_i} l_{i, e_i}
+
+* **Exact 1-D sweeps.** Fix every threshold but those of exit k and the set of samples that
+  reach k (not exited earlier). A sample that exits at k is worth a_ik = c_k + lambda l_ik;
+  one that goes on is worth V_i^{k+1}, its value under the deeper thresholds. Within a cell
+  (s, k, c) sorted by decreasing score, exiting the top j samples changes the objective by
+  the prefix sum of d_i = a_ik - V_i^{k+1}; the best cut is the prefix minimum (only between
+  distinct scores; a positive minimum means "never exit here", null).
+* **Coordinate passes, deep to shallow.** V^k = where(exit at k, a_k, V^{k+1}) is built
+  backwards, so a backward pass updates every exit exactly given the others; reach sets come
+  from the thresholds of the shallower exits. Passes repeat (warm started) and never
+  increase the objective.
+* **Shrinkage for sparse cells.** A (s, k, c) cell with fewer than ``min_cell`` samples
+  does not get its own threshold: such cells of segment s at exit k share one pooled
+  threshold (the segment-level, per-exit threshold), and a pool with fewer than
+  ``min_pool`` samples never exits. Cells unseen at selection inherit the pool's threshold.
+* **Path.** lambda runs from large (safe) to small (aggressive) on a geometric grid,
+  refined where the selection risk jumps; segments with their own budget stop at a floor
+  lambda where their selection risk reaches a level the certify split can still certify.
+  Certification (:mod:`calibration.certify`) walks this path in order.
+
+Segments never share a threshold, so the problem separates by segment: each is solved on
+its own samples, and the global policy for a multiplier lambda combines them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.exceptions import InputError, SolverError
+from calibration.rule import CompiledPolicy
+
+ProgressFn = Callable[[str, float], None]
+NEVER = math.inf  # lambda = inf: the segment never exits (full depth)
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Knobs of the Lagrangian path solver (defaults suit 10^3..10^6 selection rows)."""
+
+    min_cell: int = 100
+    min_pool: int = 30
+    passes: int = 2
+    lambda_max: float = 1e4
+    lambda_min: float = 1e-2
+    grid: int = 20
+    max_points: int = 56
+    refine_gap: float = 1 / 24  # refine while the selection risk jumps by more than this * eps
+    floor_power: float = 0.9  # constrained segments aim at this chance of passing their test
+    floor_bisections: int = 4
+    smooth_window: int = 10  # half-window of the per-cell loss estimate (0: raw 0/1 losses)
+    smooth_prior: float = 10.0  # pseudo-count of the parent-level estimate
+    parent_window: int = 100  # half-window of the parent (segment, exit) loss estimate
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """The selection data as the solver sees it (one row per sample).
+
+    ``seg`` holds codes into S segment values; ``loss[i, k]`` is the loss of exiting i at k.
+    ``allowed_exits`` (K-1,) marks early exits that may be used (``max_exit``);
+    ``forced_classes`` (C,) and ``forced_segments`` (S,) never exit.
+    """
+
+    scores: np.ndarray
+    preds: np.ndarray
+    loss: np.ndarray
+    seg: np.ndarray
+    costs: np.ndarray
+    n_classes: int
+    n_segments: int
+    allowed_exits: np.ndarray
+    forced_classes: np.ndarray
+    forced_segments: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def n_exits(self) -> int:
+        return int(self.scores.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class _ExitIndex:
+    """Eligible samples of one segment at one exit, sorted by (group, -score), and their groups."""
+
+    rows_sorted: np.ndarray
+    group_of: np.ndarray
+    starts: np.ndarray
+    penalty: np.ndarray
+    sorted_scores: np.ndarray
+    cell_group: np.ndarray  # (C,) group of each class's cell, -1 = never exit
+
+
+def _exit_index(score: np.ndarray, pred: np.ndarray, n_classes: int, forced: np.ndarray,
+                settings: SolverSettings) -> _ExitIndex:
+    elig = ~forced[pred]
+    counts = np.bincount(pred[elig], minlength=n_classes)
+    big = counts >= settings.min_cell
+    cell_group = np.full(n_classes, -1, dtype=np.int64)
+    n_big = int(big.sum())
+    cell_group[big] = np.arange(n_big)
+    small = ~big & ~forced
+    if counts[small].sum() >= max(settings.min_pool, 1):
+        cell_group[small] = n_big
+    rows = np.flatnonzero(cell_group[pred] >= 0)
+    g = cell_group[pred[rows]]
+    order = np.lexsort((-score[rows], g))
+    rows_sorted = rows[order]
+    g_sorted = g[order]
+    s_sorted = score[rows_sorted]
+    size = rows_sorted.size
+    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]]) if size else np.zeros(0, dtype=np.int64)
+    penalty = np.zeros(size)
+    if size > 1:
+        tie = (g_sorted[1:] == g_sorted[:-1]) & (s_sorted[1:] == s_sorted[:-1])
+        penalty[:-1][tie] = np.inf
+    return _ExitIndex(rows_sorted=rows_sorted, group_of=g_sorted, starts=starts, penalty=penalty,
+                      sorted_scores=s_sorted, cell_group=cell_group)
+
+
+def _window_sum(values: np.ndarray, starts: np.ndarray, group_of: np.ndarray | None, half: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and count of ``values`` over positions j-half..j+half within each group (sorted order)."""
+    size = values.size
+    cs = np.concatenate(([0.0], np.cumsum(values)))
+    pos = np.arange(size)
+    ends = np.append(starts[1:], size)
+    if group_of is None:
+        g_lo, g_hi = np.zeros(size, dtype=np.int64), np.full(size, size)
+    else:
+        g_lo, g_hi = starts[group_of], ends[group_of]
+    lo = np.maximum(pos - half, g_lo)
+    hi = np.minimum(pos + half + 1, g_hi)
+    return cs[hi] - cs[lo], (hi - lo).astype(np.float64)
+
+
+def _window_mean(values: np.ndarray, starts: np.ndarray, half: int) -> np.ndarray:
+    win, cnt = _window_sum(values, starts, None, half)
+    return win / np.maximum(cnt, 1.0)
+
+
+def _sweep(ix: _ExitIndex, d: np.ndarray) -> np.ndarray:
+    """Best threshold per group given per-sample gains ``d`` (exit value - continue value).
+
+    Within a group sorted by decreasing score, exiting the top j samples changes the
+    objective by D_j = sum_{i <= j} d_i; the best cut j* = argmin_j D_j (first one), taken
+    only if D_{j*} < 0 and only between distinct scores. tau = midpoint of the scores at j*
+    and j*+1 (or the score at j* for the group's last sample); NaN = never exit.
+    """
+    n_groups = ix.starts.size
+    tau = np.full(n_groups, np.nan)
+    size = ix.rows_sorted.size
+    if size == 0:
+        return tau
+    cs = np.cumsum(d[ix.rows_sorted])
+    base = np.concatenate(([0.0], cs))[ix.starts]
+    val = cs - base[ix.group_of]
+    val += ix.penalty
+    gmin = np.minimum.reduceat(val, ix.starts)
+    good = gmin < -1e-9
+    if not good.any():
+        return tau
+    pos = np.flatnonzero(val == gmin[ix.group_of])
+    grp = ix.group_of[pos]
+    first = np.r_[True, grp[1:] != grp[:-1]]
+    pos, grp = pos[first], grp[first]
+    keep = good[grp]
+    pos, grp = pos[keep], grp[keep]
+    s_j = ix.sorted_scores[pos]
+    nxt = np.minimum(pos + 1, size - 1)
+    has_next = (pos + 1 < size) & (ix.group_of[nxt] == grp)
+    s_n = ix.sorted_scores[nxt]
+    mid = 0.5 * (s_j + s_n)
+    mid = np.where(has_next & (mid > s_n), mid, s_j)
+    tau[grp] = mid
+    return tau
+
+
+@dataclass(frozen=True)
+class SegmentSolution:
+    """One segment's thresholds at one multiplier, with its selection loss and compute."""
+
+    lam: float
+    tau: np.ndarray  # (K-1, C), NaN = never exit
+    loss: int
+    cost: float  # sum of normalised costs
+    m: int
+
+    @property
+    def risk(self) -> float:
+        return self.loss / self.m if self.m else 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.cost / self.m if self.m else 1.0
+
+
+class SegmentSolver:
+    """Exact coordinate descent for one segment's cells (see the module docstring)."""
+
+    def __init__(self, scores: np.ndarray, preds: np.ndarray, loss: np.ndarray, costs: np.ndarray,
+                 n_classes: int, allowed: np.ndarray, forced_classes: np.ndarray, settings: SolverSettings):
+        self.scores = scores
+        self.preds = preds
+        self.raw_loss = loss
+        self.costs = costs
+        self.n_classes = n_classes
+        self.allowed = allowed
+        self.settings = settings
+        self.m, self.k_total = scores.shape
+        self.index = [
+            _exit_index(scores[:, k], preds[:, k], n_classes, forced_classes, settings) if allowed[k] else None
+            for k in range(self.k_total - 1)
+        ]
+        self.loss = self._smoothed_loss(loss)
+        self.cache: dict[float, SegmentSolution] = {}
+
+    def _smoothed_loss(self, loss: np.ndarray) -> np.ndarray:
+        """Loss estimates p_ik that do not reward cuts placed just above one unlucky error.
+
+        Parent level (segment, exit): q = mean loss of the 2 h_p + 1 nearest samples in
+        score order. Cell level: p = (sum of losses in a window of 2 h + 1 in the cell's
+        score order + alpha q) / (window size + alpha). The cut of a cell then follows the
+        local loss rate rather than the position of the first error (the winner's curse of
+        an exact 0/1 sweep: about one fresh error per cell at the "safe" end).
+        """
+        st = self.settings
+        out = np.zeros(loss.shape, dtype=np.float64)
+        if st.smooth_window <= 0:
+            return loss.astype(np.float64)
+        for k in range(self.k_total - 1):
+            lk = loss[:, k].astype(np.float64)
+            order = np.argsort(-self.scores[:, k], kind="stable")
+            q = np.empty(self.m)
+            q[order] = _window_mean(lk[order], np.zeros(1, dtype=np.int64), st.parent_window)
+            ix = self.index[k]
+            out[:, k] = q
+            if ix is None or ix.rows_sorted.size == 0:
+                continue
+            rs = ix.rows_sorted
+            win, cnt = _window_sum(lk[rs], ix.starts, ix.group_of, st.smooth_window)
+            out[rs, k] = (win + st.smooth_prior * q[rs]) / (cnt + st.smooth_prior)
+        return out
+
+    def never(self) -> np.ndarray:
+        return np.full((self.k_total - 1, self.n_classes), np.nan)
+
+    def _would_exit(self, k: int, tau_k: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return self.scores[:, k] >= tau_k[self.preds[:, k]]
+
+    def _first_exit(self, tau: np.ndarray) -> np.ndarray:
+        first = np.full(self.m, self.k_total - 1, dtype=np.int64)
+        for k in reversed(range(self.k_total - 1)):
+            if self.index[k] is not None:
+                first[self._would_exit(k, tau[k])] = k
+        return first
+
+    def descend(self, lam: float, tau: np.ndarray) -> np.ndarray:
+        """Coordinate passes (deep to shallow) from ``tau``; returns improved thresholds."""
+        tau = tau.copy()
+        if not np.isfinite(lam):
+            return self.never()
+        for _ in range(max(1, self.settings.passes)):
+            first = self._first_exit(tau)
+            value = np.full(self.m, self.costs[-1])
+            for k in reversed(range(self.k_total - 1)):
+                ix = self.index[k]
+                if ix is None:
+                    continue
+                a = self.costs[k] + lam * self.loss[:, k]
+                d = a - value
+                d[first < k] = 0.0
+                group_tau = _sweep(ix, d)
+                tau[k] = np.where(ix.cell_group >= 0, group_tau[np.maximum(ix.cell_group, 0)], np.nan) \
+                    if group_tau.size else np.nan
+                w = self._would_exit(k, tau[k])
+                value = np.where(w, a, value)
+        return tau
+
+    def solve(self, lam: float, warm: np.ndarray | None = None) -> SegmentSolution:
+        if lam in self.cache:
+            return self.cache[lam]
+        tau = self.descend(lam, self.never() if warm is None else warm)
+        first = self._first_exit(tau)
+        loss = int(self.raw_loss[np.arange(self.m), first].sum())
+        cost = float(self.costs[first].sum())
+        sol = SegmentSolution(lam=lam, tau=tau, loss=loss, cost=cost, m=self.m)
+        self.cache[lam] = sol
+        return sol
+
+    def nearest_above(self, lam: float) -> SegmentSolution | None:
+        """The cached solution with the smallest multiplier above ``lam`` (a warm start)."""
+        above = [x for x in self.cache if x > lam]
+        return self.cache[min(above)] if above else None
+
+
+@dataclass(frozen=True, eq=False)
+class PathPoint:
+    """One candidate policy on the path: thresholds (S, K-1, C) and its selection statistics."""
+
+    lam: float
+    segment_lams: np.ndarray  # (S,)
+    tau: np.ndarray  # (S, K-1, C)
+    select_risk: float
+    select_compute: float
+    select_segment_risk: np.ndarray  # (S,)
+
+
+@dataclass(frozen=True, eq=False)
+class SolverPath:
+    """Candidate policies ordered from safe (first) to aggressive (last), chosen on selection data."""
+
+    points: tuple[PathPoint, ...]
+    floors: np.ndarray  # (S,) lambda floor per segment (0 = none, inf = never exits)
+    aims: Mapping[int, float] = field(default_factory=dict)
+    solves: int = 0
+
+
+def _geometric(lo: float, hi: float, num: int) -> list[float]:
+    return [float(x) for x in np.geomspace(hi, lo, num)]
+
+
+def solve_path(
+    problem: Problem,
+    *,
+    eps: float,
+    segment_aims: Mapping[int, float] | None = None,
+    settings: SolverSettings | None = None,
+    progress: ProgressFn | None = None,
+) -> SolverPath:
+    """The path of Lagrangian policies from safe to aggressive on the selection data.
+
+    ``segment_aims`` maps a constrained segment code to the largest selection risk its
+    multiplier may reach (its floor); ``eps`` sets the refinement resolution of the path.
+    """
+    settings = settings or SolverSettings()
+    aims = dict(segment_aims or {})
+    s_total = problem.n_segments
+    k_total, c = problem.n_exits, problem.n_classes
+    order = np.argsort(problem.seg, kind="stable")
+    bounds = np.searchsorted(problem.seg[order], np.arange(s_total + 1))
+    solvers: dict[int, SegmentSolver] = {}
+    sizes = np.zeros(s_total, dtype=np.int64)
+    for s in range(s_total):
+        idx = order[bounds[s]:bounds[s + 1]]
+        sizes[s] = idx.size
+        if idx.size == 0 or problem.forced_segments[s]:
+            continue
+        solvers[s] = SegmentSolver(problem.scores[idx], problem.preds[idx], problem.loss[idx], problem.costs,
+                                   c, problem.allowed_exits, problem.forced_classes, settings)
+    m = max(problem.m, 1)
+    solves = 0
+
+    def segment_at(s: int, lam: float) -> SegmentSolution:
+        nonlocal solves
+        sv = solvers[s]
+        if lam not in sv.cache:
+            near = sv.nearest_above(lam)
+            sv.solve(lam, None if near is None else near.tau)
+            solves += 1
+        return sv.cache[lam]
+
+    grid = _geometric(settings.lambda_min, settings.lambda_max, settings.grid)
+    floors = np.zeros(s_total)
+    for s in range(s_total):
+        if problem.forced_segments[s] or s not in solvers:
+            floors[s] = NEVER
+    total_steps = len(grid) + settings.max_points
+    done = 0
+
+    def tick(msg: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(msg, min(done / total_steps, 0.99))
+
+    # 1. every segment along the coarse grid
+    for lam in grid:
+        for s in solvers:
+            segment_at(s, lam)
+        tick("solving thresholds")
+
+    # 2. floors for segments with their own budget: the smallest lambda whose selection risk,
+    #    and that of every larger lambda, stays within the aim; bisected towards the next one
+    for s, aim in aims.items():
+        if s not in solvers:
+            continue
+        sv = solvers[s]
+        floor = NEVER
+        for lam in sorted(sv.cache, reverse=True):
+            if sv.cache[lam].risk > aim:
+                break
+            floor = lam
+        lower = [lam for lam in sv.cache if lam < floor]
+        if np.isfinite(floor) and lower:
+            hi, lo = floor, max(lower)
+            for _ in range(settings.floor_bisections):
+                mid = math.sqrt(lo * hi)
+                if segment_at(s, mid).risk <= aim:
+                    hi = mid
+                else:
+                    lo = mid
+            floor = hi
+        floors[s] = floor
+
+    def point(lam: float) -> PathPoint:
+        seg_lams = np.maximum(lam, floors)
+        tau = np.full((s_total, k_total - 1, c), np.nan)
+        loss = cost = 0.0
+        seg_risk = np.zeros(s_total)
+        for s in range(s_total):
+            if s not in solvers or not np.isfinite(seg_lams[s]):
+                cost += sizes[s] * problem.costs[-1]
+                continue
+            sol = segment_at(s, float(seg_lams[s]))
+            tau[s] = sol.tau
+            loss += sol.loss
+            cost += sol.cost
+            seg_risk[s] = sol.risk
+        return PathPoint(lam=lam, segment_lams=seg_lams, tau=tau, select_risk=loss / m,
+                         select_compute=cost / m, select_segment_risk=seg_risk)
+
+    points = {lam: point(lam) for lam in grid}
+
+    # 3. refine the global path where the selection risk jumps (in the region that matters)
+    gap = settings.refine_gap * eps
+    while len(points) < settings.max_points:
+        lams = sorted(points, reverse=True)
+        best, best_gap = None, gap
+        for hi, lo in itertools.pairwise(lams):
+            r_hi, r_lo = points[hi].select_risk, points[lo].select_risk
+            if r_hi > 2.0 * eps or hi / lo < 1.0005:
+                continue
+            jump = r_lo - r_hi
+            if jump > best_gap:
+                best, best_gap = (hi, lo), jump
+        if best is None:
+            break
+        mid = math.sqrt(best[0] * best[1])
+        points[mid] = point(mid)
+        tick("refining path")
+
+    ordered = [points[lam] for lam in sorted(points, reverse=True)]
+    never = PathPoint(lam=NEVER, segment_lams=np.full(s_total, NEVER), tau=np.full((s_total, k_total - 1, c), np.nan),
+                      select_risk=0.0, select_compute=float(problem.costs[-1]),
+                      select_segment_risk=np.zeros(s_total))
+    # keep only points that do something new and are not obviously out of reach
+    path: list[PathPoint] = []
+    last = never
+    for p in ordered:
+        if np.array_equal(p.tau, last.tau, equal_nan=True):
+            continue
+        if p.select_compute >= problem.costs[-1] - 1e-12 and p.select_risk == 0.0:
+            continue
+        path.append(p)
+        last = p
+    return SolverPath(points=tuple(path), floors=floors, aims=aims, solves=solves)
+
+
+def compile_thresholds(
+    tau: np.ndarray,
+    *,
+    segment_levels: Sequence[str],
+    segment_keys: Sequence[str],
+    calibrators: Sequence[Mapping[str, Any]],
+    score: str,
+    forced_classes: np.ndarray,
+    forced_segments: np.ndarray,
+    max_exit: int | None,
+) -> CompiledPolicy:
+    """A :class:`CompiledPolicy` from solver thresholds (S, K-1, C).
+
+    Without segment keys the single segment is the ``default`` row. With segment keys row 0
+    (``default``, unseen segment values) never exits and segment s is row s + 1.
+    """
+    _s_total, k1, c = tau.shape
+    if segment_keys:
+        thr = np.concatenate([np.full((1, k1, c), np.nan), tau], axis=0)
+        index = {str(v): i + 1 for i, v in enumerate(segment_levels)}
+        fs = np.concatenate([[False], forced_segments])
+    else:
+        thr = tau[:1].copy()
+        index = {}
+        fs = np.zeros(1, dtype=bool)
+    return CompiledPolicy(
+        thresholds=thr, segment_index=index, forced_classes=np.asarray(forced_classes, dtype=bool),
+        forced_segments=np.asarray(fs, dtype=bool), max_exit=k1 if max_exit is None else int(max_exit),
+        killed=False, calibrators=tuple(calibrators), score=score, segment_keys=tuple(segment_keys),
+    )
+
+
+def check_budget(eps: float, name: str = "eps") -> float:
+    """A risk budget or confidence level must lie strictly between 0 and 1."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number in (0, 1), got {eps!r}") from None
+    if not (0.0 < value < 1.0) or not math.isfinite(value):
+        raise InputError(f"{name} must be in (0, 1), got {eps!r}")
+    return value
+
+
+def require_solvable(path: SolverPath) -> None:
+    if not path.points:
+        raise SolverError("the solver found no policy that exits early on the selection data")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How the calibration logs are split: fit calibrators / select the path / certify.
+
+    Fractions of the rows, with caps on the first two (more certify rows give tighter bounds;
+    the calibrators and the thresholds need only so many).
+    """
+
+    fit: float = 0.2
+    select: float = 0.4
+    max_fit: int = 50_000
+    max_select: int = 250_000
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """Everything ``exitwise solve`` asks for (validated by :func:`prepare`)."""
+
+    risk: str = "disagreement"
+    eps: float = 0.01
+    delta: float = 0.05
+    score: str = "max_prob"
+    calibrator: str = "temperature"
+    segment_keys: tuple[str, ...] = ()
+    segment_budgets: tuple[tuple[str, float], ...] = ()
+    forbid_classes: tuple[str, ...] = ()
+    forbid_segments: tuple[str, ...] = ()
+    max_exit: int | None = None
+    seed: int = 0
+    split: SplitSpec = SplitSpec()
+    settings: SolverSettings = SolverSettings()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": "lagrangian path: exact per-cell sweeps, backward coordinate passes",
+            "risk": self.risk, "eps": self.eps, "delta": self.delta, "score": self.score,
+            "calibrator": self.calibrator, "segment_keys": list(self.segment_keys),
+            "segment_budgets": {k: v for k, v in self.segment_budgets},
+            "forbid_classes": list(self.forbid_classes), "forbid_segments": list(self.forbid_segments),
+            "max_exit": self.max_exit, "seed": self.seed,
+            "split": {"fit": self.split.fit, "select": self.split.select, "max_fit": self.split.max_fit,
+                      "max_select": self.split.max_select},
+            "min_cell": self.settings.min_cell, "min_pool": self.settings.min_pool,
+            "passes": self.settings.passes, "order": "safe to aggressive",
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """Row indices (sorted, so log order is kept) of the three splits."""
+
+    fit: np.ndarray
+    select: np.ndarray
+    certify: np.ndarray
+    seed: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"fit": int(self.fit.size), "select": int(self.select.size), "certify": int(self.certify.size),
+                "seed": int(self.seed)}
+
+
+def make_splits(n: int, spec: SplitSpec, seed: int) -> Splits:
+    """A seeded random partition of n rows into fit / select / certify."""
+    if not (0 < spec.fit < 1 and 0 < spec.select < 1 and spec.fit + spec.select < 1):
+        raise InputError(f"split fractions must be in (0, 1) and sum below 1, got fit={spec.fit}, select={spec.select}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_fit = max(1, min(round(spec.fit * n), spec.max_fit))
+    n_sel = max(1, min(round(spec.select * n), spec.max_select))
+    if n_fit + n_sel >= n:
+        raise InputError(f"too few rows to split into fit / select / certify: {n}")
+    return Splits(fit=np.sort(perm[:n_fit]), select=np.sort(perm[n_fit:n_fit + n_sel]),
+                  certify=np.sort(perm[n_fit + n_sel:]), seed=seed)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Validated inputs, splits, fitted calibrators and the scores of every row under them."""
+
+    spec: SolveSpec
+    logs: Any  # ExitLogs
+    splits: Splits
+    calibrators: tuple[dict[str, Any], ...]
+    calibrator_objects: tuple[Any, ...]
+    scored: Any  # ScoredLogs, all rows
+    loss: np.ndarray  # (n, K) bool
+    seg_codes: np.ndarray  # (n,) codes into seg_levels
+    seg_levels: tuple[str, ...]
+    forced_classes: np.ndarray  # (C,)
+    forced_segments: np.ndarray  # (S,) user-forbidden segments
+    budgets: Mapping[int, float]  # constrained segment code -> eps
+
+    @property
+    def allowed_exits(self) -> np.ndarray:
+        k1 = self.scored.n_exits - 1
+        allowed = np.ones(k1, dtype=bool)
+        if self.spec.max_exit is not None:
+            allowed[self.spec.max_exit + 1:] = False
+        return allowed
+
+    def problem(self, rows: np.ndarray, forced_segments: np.ndarray | None = None) -> Problem:
+        """The solver's view of some rows (the select split, or any other for oracles)."""
+        sc = self.scored
+        return Problem(
+            scores=sc.scores[rows], preds=sc.preds[rows], loss=self.loss[rows], seg=self.seg_codes[rows],
+            costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes, n_segments=len(self.seg_levels),
+            allowed_exits=self.allowed_exits, forced_classes=self.forced_classes,
+            forced_segments=self.forced_segments if forced_segments is None else forced_segments,
+        )
+
+    def compile(self, tau: np.ndarray, forced_segments: np.ndarray) -> CompiledPolicy:
+        return compile_thresholds(
+            tau, segment_levels=self.seg_levels, segment_keys=self.spec.segment_keys,
+            calibrators=self.calibrators, score=self.spec.score, forced_classes=self.forced_classes,
+            forced_segments=forced_segments, max_exit=self.spec.max_exit,
+        )
+
+    def policy_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Row of the compiled policy's threshold table for each of ``rows``."""
+        if not self.spec.segment_keys:
+            return np.zeros(rows.size, dtype=np.intp)
+        return (self.seg_codes[rows] + 1).astype(np.intp)
+
+
+def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``SEG=EPS`` strings (``*=EPS`` for every segment value) to pairs; InputError if malformed."""
+    out = []
+    for item in items:
+        seg, sep, value = str(item).rpartition("=")
+        if not sep or not seg:
+            raise InputError(f"--segment-budget {item!r}: expected SEGMENT=EPS, e.g. 'mobile=0.02'")
+        out.append((seg, check_budget(value, f"--segment-budget {seg}")))
+    return tuple(out)
+
+
+def prepare(logs: Any, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
+    """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once."""
+    from calibration.calibrators import fit_exit_calibrators
+    from calibration.evaluate import ScoredLogs, check_risk, composite_segments
+    from calibration.rule import CALIBRATORS, SCORES
+
+    check_budget(spec.eps, "eps")
+    check_budget(spec.delta, "delta")
+    check_risk(spec.risk, logs.labels is not None, logs.source)
+    if spec.score not in SCORES:
+        raise InputError(f"unknown score {spec.score!r}; expected one of {', '.join(SCORES)}")
+    if spec.calibrator not in CALIBRATORS:
+        raise InputError(f"unknown calibrator {spec.calibrator!r}; expected one of {', '.join(CALIBRATORS)}")
+    k_total, classes = logs.n_exits, logs.class_names
+    if spec.max_exit is not None and not 0 <= spec.max_exit <= k_total - 1:
+        raise InputError(f"--max-exit {spec.max_exit} is out of range 0..{k_total - 1}")
+    seg_codes, seg_levels = composite_segments(logs.segments, spec.segment_keys, logs.n)
+    counts = np.bincount(seg_codes, minlength=len(seg_levels))
+    forced_classes = np.zeros(logs.n_classes, dtype=bool)
+    for name in spec.forbid_classes:
+        if name not in classes:
+            raise InputError(f"--forbid-class {name!r} is not a class of the model; classes: {', '.join(classes)}")
+        forced_classes[classes.index(name)] = True
+    forced_segments = np.zeros(len(seg_levels), dtype=bool)
+    for name in spec.forbid_segments:
+        if not spec.segment_keys:
+            raise InputError(f"--forbid-segment {name!r} needs --segment-key")
+        if name not in seg_levels:
+            raise InputError(f"--forbid-segment {name!r}: no rows have that segment value; "
+                             f"values: {', '.join(seg_levels)}")
+        forced_segments[seg_levels.index(name)] = True
+    budgets: dict[int, float] = {}
+    for name, eps in spec.segment_budgets:
+        if not spec.segment_keys:
+            raise InputError(f"--segment-budget {name}={eps} needs --segment-key (the column(s) it refers to)")
+        check_budget(eps, f"--segment-budget {name}")
+        if name == "*":
+            for s in range(len(seg_levels)):
+                budgets.setdefault(s, eps)
+            continue
+        if name not in seg_levels or counts[seg_levels.index(name)] == 0:
+            raise InputError(f"--segment-budget {name}={eps}: no rows have segment value {name!r} "
+                             f"in {'|'.join(spec.segment_keys)}; values: {', '.join(seg_levels)}")
+        budgets[seg_levels.index(name)] = eps
+    explicit = {seg_levels.index(n): e for n, e in spec.segment_budgets if n != "*"}
+    budgets.update(explicit)
+    splits = make_splits(logs.n, spec.split, spec.seed)
+    if progress is not None:
+        progress("fitting calibrators", 0.0)
+    target = "labels" if spec.risk == "induced_error" else "final"
+    cal_objects = fit_exit_calibrators(logs, spec.calibrator, target=target, index=splits.fit)
+    cal_dicts = tuple(c.to_dict() for c in cal_objects)
+    if progress is not None:
+        progress("scoring exits", 0.0)
+    scored = ScoredLogs.from_logs(logs, cal_dicts, spec.score)
+    return Prepared(
+        spec=spec, logs=logs, splits=splits, calibrators=cal_dicts, calibrator_objects=tuple(cal_objects),
+        scored=scored, loss=scored.loss_matrix(spec.risk), seg_codes=seg_codes, seg_levels=seg_levels,
+        forced_classes=forced_classes, forced_segments=forced_segments, budgets=budgets,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """A solved and certified policy, with everything the document and the baselines need."""
+
+    prepared: Prepared
+    path: SolverPath
+    certification: Any  # calibration.certify.Certification
+    constraints: tuple[Any, ...]  # calibration.certify.Constraint, indices into the certify split
+    uncertified: Mapping[str, tuple[float, int]]  # segment value -> (eps, certify rows)
+    forced_segments: np.ndarray  # (S,) forbidden or uncertifiable
+    tau: np.ndarray  # (S, K-1, C) chosen thresholds (all NaN: full depth)
+    policy: CompiledPolicy
+    curve: tuple[dict[str, float], ...]
+    timings: Mapping[str, float]
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.certification.certified)
+
+
+def _certify_constraints(prepared: Prepared) -> tuple[list[Any], dict[str, tuple[float, int]], np.ndarray,
+                                                      dict[int, float]]:
+    from calibration.certify import ALL, Constraint, aim, min_rows
+
+    spec = prepared.spec
+    cert_codes = prepared.seg_codes[prepared.splits.certify]
+    n_cert = int(cert_codes.size)
+    constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]
+    uncertified: dict[str, tuple[float, int]] = {}
+    forced = prepared.forced_segments.copy()
+    aims: dict[int, float] = {}
+    for s, eps in sorted(prepared.budgets.items()):
+        if forced[s]:
+            continue
+        idx = np.flatnonzero(cert_codes == s)
+        name = prepared.seg_levels[s]
+        if idx.size < min_rows(eps, spec.delta):
+            uncertified[name] = (eps, int(idx.size))
+            forced[s] = True
+            continue
+        constraints.append(Constraint(name=name, eps=eps, index=idx))
+        aims[s] = aim(int(idx.size), eps, spec.delta, prepared.spec.settings.floor_power)
+    return constraints, uncertified, forced, aims
+
+
+def certify_candidates(
+    prepared: Prepared,
+    policies: Sequence[CompiledPolicy],
+    constraints: Sequence[Any],
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[Any, dict[int, tuple[float, float]], Callable[[int], np.ndarray]]:
+    """Fixed-sequence test of ``policies`` (safe to aggressive) on the certify split.
+
+    Each tested candidate is routed by the rule (:func:`calibration.rule.first_exit`) on the
+    certify rows. Returns the certification, {candidate: (risk, compute fraction)} of the
+    candidates evaluated so far, and the loss function (to evaluate more candidates).
+    """
+    from calibration.certify import fixed_sequence
+    from calibration.rule import first_exit
+
+    cert_rows = prepared.splits.certify
+    scores_c = prepared.scored.scores[cert_rows]
+    preds_c = prepared.scored.preds[cert_rows]
+    loss_c = prepared.loss[cert_rows]
+    rows_c = prepared.policy_rows(cert_rows)
+    zeros = np.zeros(cert_rows.size, dtype=np.intp)
+    costs = prepared.scored.costs / prepared.scored.costs[-1]
+    rows_idx = np.arange(cert_rows.size)
+    stats: dict[int, tuple[float, float]] = {}
+
+    def losses(j: int) -> np.ndarray:
+        pol = policies[j]
+        exit_at = first_exit(pol, scores_c, preds_c, rows_c if pol.segment_keys else zeros).exit
+        loss = loss_c[rows_idx, exit_at]
+        stats[j] = (float(loss.mean()) if loss.size else 0.0, float(costs[exit_at].mean()) if loss.size else 1.0)
+        return loss
+
+    n_pts = len(policies)
+    cert = fixed_sequence(
+        losses, n_pts, constraints, prepared.spec.delta,
+        progress=None if progress is None else (lambda j: progress((j + 1) / max(n_pts, 1))),
+    )
+    return cert, stats, losses
+
+
+def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
+                   curve_points: int = 24) -> Solution:
+    """Path on the select split, fixed-sequence certification on the certify split."""
+    import time
+
+    spec = prepared.spec
+    t0 = time.perf_counter()
+    constraints, uncertified, forced, aims = _certify_constraints(prepared)
+    problem = prepared.problem(prepared.splits.select, forced_segments=forced)
+    path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), segment_aims=aims,
+                      settings=spec.settings,
+                      progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
+    t1 = time.perf_counter()
+    policies = [prepared.compile(p.tau, forced) for p in path.points]
+    cert, stats, losses = certify_candidates(
+        prepared, policies, constraints,
+        progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
+    )
+    cert_rows = prepared.splits.certify
+    n_pts = len(policies)
+    t2 = time.perf_counter()
+    # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
+    if curve_points and n_pts:
+        want = np.unique(np.linspace(0, n_pts - 1, min(curve_points, n_pts)).round().astype(int))
+        for j in want:
+            if int(j) not in stats:
+                losses(int(j))
+    from calibration.certify import upper_bound
+
+    curve = tuple(
+        {"lambda": float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
+         "risk": stats[j][0], "compute_fraction": stats[j][1],
+         "eps": upper_bound(round(stats[j][0] * cert_rows.size), int(cert_rows.size), spec.delta) or 1.0,
+         "certified": cert.chosen is not None and j <= cert.chosen}
+        for j in sorted(stats)
+    )
+    t3 = time.perf_counter()
+    s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.scored.n_classes
+    tau = path.points[cert.chosen].tau if cert.chosen is not None else np.full((s_total, k1, c), np.nan)
+    if progress is not None:
+        progress("done", 1.0)
+    return Solution(
+        prepared=prepared, path=path, certification=cert, constraints=tuple(constraints), uncertified=uncertified,
+        forced_segments=forced, tau=tau, policy=prepared.compile(tau, forced), curve=curve,
+        timings={"path": t1 - t0, "certify": t2 - t1, "curve": t3 - t2},
+    )
+
+
+def solve(logs: Any, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Solution:
+    """Validate, split, calibrate, solve the path and certify it: the whole of ``exitwise solve``."""
+    return solve_prepared(prepare(logs, spec, progress=progress), progress=progress)

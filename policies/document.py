@@ -1,0 +1,229 @@
+"""Build, write and read the policy document (DESIGN.md, "The policy document").
+
+The document is assembled from the solver's :class:`~calibration.solver.Solution` (thresholds,
+calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
+baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
+time window). Thresholds are JSON floats, ``null`` for "never exit". The content hash is set
+with :func:`policies.canonical.with_content_hash` and the result is validated with
+:func:`policies.schema.validate_document` before anyone sees it. Documents are
+deterministic: the same logs and options give the same bytes and the same hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.exceptions import InputError
+from policies.canonical import SCHEMA, with_content_hash
+from policies.schema import validate_document
+
+__all__ = ["build_document", "calibration_section", "data_section", "read_document", "threshold_table",
+           "write_document"]
+
+
+def _num(v: Any, digits: int | None = None) -> float | None:
+    """A finite JSON float (None for NaN/inf/None), optionally rounded for readability."""
+    if v is None:
+        return None
+    x = float(v)
+    if not math.isfinite(x):
+        return None
+    return round(x, digits) if digits is not None else x
+
+
+def _rows(tau: np.ndarray) -> list[list[float | None] | None] | None:
+    """K-1 rows of C thresholds; a row that never exits is null, a table that never exits is null."""
+    if np.isnan(tau).all():
+        return None
+    out: list[list[float | None] | None] = []
+    for row in tau:
+        out.append(None if np.isnan(row).all() else [None if np.isnan(v) else float(v) for v in row])
+    return out
+
+
+def threshold_table(
+    tau: np.ndarray, segment_levels: Sequence[str], segment_keys: Sequence[str], forced_segments: np.ndarray
+) -> dict[str, Any]:
+    """``thresholds`` of the document from the solver's (S, K-1, C) array.
+
+    Without segment keys the one segment is ``default``. With segment keys every segment
+    value has its own entry and ``default`` (values never seen in calibration) is null, i.e.
+    unseen segments run at full depth; forced segments are null too.
+    """
+    if not segment_keys:
+        return {"default": _rows(tau[0])}
+    table: dict[str, Any] = {"default": None}
+    for s, name in enumerate(segment_levels):
+        table[str(name)] = None if forced_segments[s] else _rows(tau[s])
+    return table
+
+
+def _evaluation_json(ev: Any, segment_column: str | None) -> dict[str, Any]:
+    segs = ev.segment_summary(segment_column) if segment_column else {}
+    return {
+        "compute_fraction": _num(ev.compute_fraction), "exit_rate": [_num(r) for r in ev.exit_rate],
+        "risk": _num(ev.risk), "disagreement": _num(ev.disagreement), "induced_error": _num(ev.induced_error),
+        "accuracy": _num(ev.accuracy), "full_depth_accuracy": _num(ev.full_depth_accuracy),
+        "segments": {k: {"compute_fraction": _num(v["compute_fraction"]), "risk": _num(v["risk"]), "n": v["n"]}
+                     for k, v in segs.items()},
+        "batch_compute_fraction": {str(b): _num(v) for b, v in ev.batch_compute_fraction.items()},
+    }
+
+
+def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], rows: np.ndarray, target: str,
+                        *, max_rows: int = 100_000, n_bins: int = 15) -> dict[str, Any]:
+    """Per-exit calibration metrics before (identity) and after the fitted calibrator.
+
+    Measured on ``rows`` (data not used to fit the calibrators), at most ``max_rows`` of them
+    (evenly spaced), against ``target``: the labels or the final exit's answers.
+    """
+    from calibration.metrics import exit_metrics
+
+    rows = np.asarray(rows)
+    if rows.size > max_rows:
+        rows = rows[np.linspace(0, rows.size - 1, max_rows).astype(np.int64)]
+    y = logs.labels[rows] if target == "labels" else np.argmax(logs.logits[rows, -1, :], axis=1)
+    exits = []
+    for k, spec in enumerate(logs.card.exits):
+        z = logs.logits[rows, k, :]
+        before = exit_metrics(z, y, {"type": "identity"}, n_bins=n_bins)
+        after = exit_metrics(z, y, calibrators[k], n_bins=n_bins)
+        exits.append({
+            "name": spec.name,
+            "before": {k2: _num(v) for k2, v in before.to_dict().items()},
+            "after": {k2: _num(v) for k2, v in after.to_dict().items()},
+            "reliability": {"before": before.reliability.to_dict(), "after": after.reliability.to_dict()},
+        })
+    return {"target": target, "rows": int(rows.size), "split": "select", "exits": exits}
+
+
+def data_section(logs: Any, splits: Any) -> dict[str, Any]:
+    """``data``: fingerprint, row counts per split, time window, segment counts, source file name."""
+    from calibration import io
+
+    window = io.time_window(logs)
+    return {
+        "fingerprint": io.fingerprint(logs),
+        "rows": {"total": int(logs.n), "labelled": int(logs.n) if logs.labels is not None else 0,
+                 "skipped": 0, **{k: v for k, v in splits.to_json().items() if k != "seed"}},
+        "time_window": list(window) if window else None,
+        "segment_counts": io.segment_counts(logs),
+        "source": Path(str(logs.source)).name,
+    }
+
+
+def build_document(
+    solution: Any,
+    *,
+    expected: Any,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
+    shadow_rate: float = 0.01,
+    parent: int | None = None,
+    model_version: str | None = None,
+) -> dict[str, Any]:
+    """The policy document of a solved and certified policy, with its content hash, validated.
+
+    ``expected`` is the chosen policy's :class:`~calibration.evaluate.Evaluation` on the
+    held-out certify split; ``baselines`` maps a baseline name to ``{compute_fraction,
+    risk, certified, ...}`` measured on the same split.
+    """
+    from calibration.certify import METHOD, guarantee_segments
+
+    prep = solution.prepared
+    spec = prep.spec
+    logs = prep.logs
+    card = logs.card
+    if not 0.0 <= float(shadow_rate) <= 1.0:
+        raise InputError(f"shadow rate must be in [0, 1], got {shadow_rate}")
+    cert = solution.certification
+    seg_col = "|".join(spec.segment_keys) if spec.segment_keys else None
+    forced_segs = [prep.seg_levels[s] for s in np.flatnonzero(solution.forced_segments)] if spec.segment_keys else []
+    exp = _evaluation_json(expected, seg_col)
+    exp["evaluated_on"] = f"certify split ({expected.n} rows)"
+    exp["baselines"] = {k: {kk: (_num(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                        for k, v in (baselines or {}).items()}
+    exp["curve"] = [{k: (_num(v, 6) if isinstance(v, float) else v) for k, v in p.items()} for p in solution.curve]
+    chosen = cert.chosen
+    path = solution.path
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": {"name": card.model, "version": model_version if model_version is not None else card.version},
+        "exits": [{"name": e.name, "cost": float(e.cost), "calibrator": dict(prep.calibrators[k])}
+                  for k, e in enumerate(card.exits)],
+        "classes": list(logs.class_names),
+        "score": spec.score,
+        "segment_keys": list(spec.segment_keys),
+        "thresholds": threshold_table(solution.tau, prep.seg_levels, spec.segment_keys, solution.forced_segments),
+        "forced_full_depth": {"classes": list(spec.forbid_classes), "segments": forced_segs},
+        "max_exit": spec.max_exit,
+        "shadow_rate": float(shadow_rate),
+        "guarantee": {
+            "risk": spec.risk, "eps": spec.eps, "delta": spec.delta, "method": METHOD,
+            "n": int(prep.splits.certify.size), "certified": bool(cert.certified),
+            "segments": guarantee_segments(cert, solution.constraints, solution.uncertified),
+            "uncertified_segments": sorted(solution.uncertified),
+            "split": prep.splits.to_json(),
+        },
+        "expected": exp,
+        "data": dict(data) if data is not None else {},
+        "solver": {
+            **spec.to_json(),
+            "path_length": len(path.points), "tested": len(cert.steps), "chosen_step": chosen,
+            "lambda": None if chosen is None else _num(path.points[chosen].lam),
+            "segment_floors": {prep.seg_levels[s]: _num(path.floors[s]) for s in path.aims},
+        },
+        "parent": parent,
+    }
+    if calibration is not None:
+        doc["calibration"] = dict(calibration)
+    doc = with_content_hash(doc)
+    validate_document(doc)
+    return doc
+
+
+def write_document(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``doc`` as indented JSON atomically (temp file in the same folder, then replace)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read_document(path: str | os.PathLike[str], *, check_hash: bool = True) -> dict[str, Any]:
+    """Load and validate a policy document file; InputError naming the file if it is not one."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"policy {p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"policy {p}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"policy {p}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    try:
+        validate_document(doc, check_hash=check_hash)
+    except InputError as exc:
+        raise InputError(f"policy {p}: {exc}") from None
+    return doc
