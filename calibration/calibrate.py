@@ -8,20 +8,23 @@ exit by exit on (n, C) slices, so memory stays a small multiple of one exit's lo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
 from calibration.exceptions import InputError
 from calibration.logs import ExitLogs
-from calibration.metrics import ExitMetrics, exit_metrics
+from calibration.metrics import ExitMetrics, exit_metrics_multi
 
-__all__ = ["CalibrationResult", "calibrate_logs", "split_indices"]
+__all__ = ["CalibrationResult", "calibrate_logs", "map_exits", "split_indices"]
 
 ProgressFn = Callable[[str, int], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +93,21 @@ class CalibrationResult:
         }
 
 
+def map_exits(fn: Callable[[int], T], k_total: int, n_jobs: int | None) -> list[T]:
+    """[fn(0), ..., fn(K-1)] on ``n_jobs`` threads (None: 1, -1: all CPUs), in exit order."""
+    if n_jobs is None:
+        workers = 1
+    elif isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+        raise InputError(f"n_jobs must be a positive integer, -1 (all CPUs) or None, got {n_jobs!r}")
+    else:
+        workers = (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
+    workers = max(1, min(workers, k_total))
+    if workers == 1:
+        return [fn(k) for k in range(k_total)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="exitwise-calibrate") as pool:
+        return list(pool.map(fn, range(k_total)))
+
+
 def split_indices(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted row indices (fit, report) of a seeded random split; both parts non-empty."""
     if not (isinstance(fit_fraction, (int, float)) and 0.0 < float(fit_fraction) < 1.0):
@@ -113,12 +131,15 @@ def calibrate_logs(
     target: TargetKind = "auto",
     n_bins: int = 15,
     progress: ProgressFn | None = None,
+    n_jobs: int | None = None,
 ) -> CalibrationResult:
     """Fit per-exit calibrators on one split of ``logs`` and report metrics on the other.
 
     With ``report_logs`` every row of ``logs`` is used for fitting and the metrics are
     computed on ``report_logs`` (same card shape). ``progress(stage, k)`` is called after
-    each exit is fitted (``"fit"``) and measured (``"metrics"``).
+    each exit is fitted (``"fit"``) and measured (``"metrics"``), possibly from worker threads.
+    ``n_jobs`` threads work on different exits at once (numpy releases the GIL in its loops);
+    None means 1 and -1 all CPUs, as in scikit-learn. Results do not depend on it.
     """
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
@@ -148,29 +169,27 @@ def calibrate_logs(
     k_total = logs.n_exits
     names = tuple(e.name for e in logs.card.exits)
     y_fit = y_fit_all if fit_idx is None else y_fit_all[fit_idx]
-    calibrators: list[Calibrator] = []
-    before: list[ExitMetrics] = []
-    after: list[ExitMetrics] = []
-    for k in range(k_total):
+
+    def one_exit(k: int) -> tuple[Calibrator, ExitMetrics, ExitMetrics]:
         z_fit = logs.logits[:, k, :] if fit_idx is None else logs.logits[fit_idx, k, :]
         cal = fit_exit(z_fit, y_fit, method, k=k, pseudo_final=kind == "final" and k == k_total - 1)
         del z_fit
-        calibrators.append(cal)
         if progress is not None:
             progress("fit", k)
         z_rep = rep_logits[:, k, :] if rep_idx is None else rep_logits[rep_idx, k, :]
-        before.append(exit_metrics(z_rep, y_rep, None, n_bins))
-        after.append(exit_metrics(z_rep, y_rep, cal, n_bins))
-        del z_rep
+        before, after = exit_metrics_multi(z_rep, y_rep, [None, cal], n_bins)
         if progress is not None:
             progress("metrics", k)
+        return cal, before, after
+
+    per_exit = map_exits(one_exit, k_total, n_jobs)
     return CalibrationResult(
         method=method,
         target=kind,
         exit_names=names,
-        calibrators=tuple(calibrators),
-        before=tuple(before),
-        after=tuple(after),
+        calibrators=tuple(r[0] for r in per_exit),
+        before=tuple(r[1] for r in per_exit),
+        after=tuple(r[2] for r in per_exit),
         n_fit=logs.n if fit_idx is None else int(fit_idx.size),
         n_report=int(rep_logits.shape[0] if rep_idx is None else rep_idx.size),
         seed=int(seed),

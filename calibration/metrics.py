@@ -10,8 +10,9 @@ with predicted class yhat_i = argmax_j z_ij, confidence conf_i = p_i[yhat_i] and
     ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|        (empty bins contribute 0)
     MCE = max_{m : |B_m| > 0} |acc(B_m) - conf(B_m)|
 
-* equal-width bins (Guo et al., 2017): B_m = {i : conf_i in ((m-1)/M, m/M]} (conf = 0, which a
-  softmax never produces, goes to the first bin);
+* equal-width bins (Guo et al., 2017): B_m = {i : conf_i in ((m-1)/M, m/M]}, computed as
+  m = ceil(M conf_i) in floating point (conf = 0, which a softmax never produces, goes to
+  the first bin);
 * equal-mass bins (adaptive binning, Nixon et al., 2019, "Measuring Calibration in Deep
   Learning", CVPR workshops): samples sorted by confidence, bin m holds sorted positions
   [floor((m-1) n / M), floor(m n / M)), so every bin has n/M samples up to one. Ties in
@@ -28,7 +29,7 @@ own implementation; logits are processed in row blocks, so memory stays O(n) for
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "ExitMetrics",
     "ReliabilityDiagram",
     "exit_metrics",
+    "exit_metrics_multi",
     "expected_calibration_error",
     "maximum_calibration_error",
     "metrics_from_probs",
@@ -160,13 +162,11 @@ def _per_bin(sums_conf: np.ndarray, sums_ok: np.ndarray, count: np.ndarray) -> t
 
 def _width_diagram(conf: np.ndarray, ok: np.ndarray, n_bins: int) -> ReliabilityDiagram:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Guo's right-closed bins: conf in (edges[m], edges[m+1]] -> m. ceil(conf M) - 1 is that
-    # index up to rounding at the edges, fixed against the edges themselves.
-    idx = np.ceil(conf * n_bins).astype(np.intp)
+    # Guo's right-closed bins: bin m holds m < M conf <= m + 1, i.e. index ceil(M conf) - 1.
+    scaled = conf * n_bins
+    np.ceil(scaled, out=scaled)
+    idx = scaled.astype(np.intp)
     idx -= 1
-    np.clip(idx, 0, n_bins - 1, out=idx)
-    idx[conf <= edges[idx]] -= 1
-    idx[conf > edges[idx + 1]] += 1
     np.clip(idx, 0, n_bins - 1, out=idx)
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
     s_conf = np.bincount(idx, weights=conf, minlength=n_bins)
@@ -292,29 +292,42 @@ def exit_metrics(
     """Metrics of one exit: logits (n, C), labels (n,) class indices, a calibrator dict
     (or fitted calibrator; default identity) applied by :func:`calibration.rule.calibrated_probs`.
     """
+    return exit_metrics_multi(logits_k, labels, [calibrator], n_bins)[0]
+
+
+def exit_metrics_multi(
+    logits_k: Any,
+    labels: Any,
+    calibrators: Sequence[Mapping[str, Any] | Any | None],
+    n_bins: int = 15,
+) -> tuple[ExitMetrics, ...]:
+    """:func:`exit_metrics` of one exit under several calibrators (e.g. identity and fitted:
+    before and after) in one pass over the logits."""
     z = np.asarray(logits_k)
     if z.ndim != 2 or z.shape[1] < 1:
         raise InputError(f"logits must have shape (n, C), got {z.shape}")
     n, c = z.shape
     y = _check_labels(labels, n, c)
     n_bins = _check_bins(n_bins)
-    cal = _as_dict(calibrator)
-    conf = np.empty(n, dtype=np.float64)
+    cals = [_as_dict(cal) for cal in calibrators]
+    conf = [np.empty(n, dtype=np.float64) for _ in cals]
     ok = np.empty(n, dtype=bool)
-    nll = brier = 0.0
+    nll = [0.0] * len(cals)
+    brier = [0.0] * len(cals)
     for start in range(0, n, _CHUNK_ROWS):
         stop = min(n, start + _CHUNK_ROWS)
-        block = z[start:stop]
+        # Column-major float64 blocks make the rule's row-wise max/sum over the C classes run
+        # along contiguous columns (several times faster than along short rows).
+        block = np.asfortranarray(z[start:stop], dtype=np.float64)
         if not np.isfinite(block).all():
             i, j = np.argwhere(~np.isfinite(block))[0]
             raise InputError(f"logits must be finite; found {block[i, j]} at sample {start + int(i)}, class {int(j)}")
-        # Column-major blocks make the rule's row-wise max/sum over C classes run along
-        # contiguous columns (about 10x faster than along 10-element rows).
-        p, pred = calibrated_probs(np.asfortranarray(block, dtype=np.float64), cal)
-        a, b = _probs_block(p, pred, y[start:stop], conf[start:stop], ok[start:stop])
-        nll += a
-        brier += b
-    return _summarise(conf, ok, nll, brier, n_bins)
+        for m, cal in enumerate(cals):
+            p, pred = calibrated_probs(block, cal)
+            a, b = _probs_block(p, pred, y[start:stop], conf[m][start:stop], ok[start:stop])
+            nll[m] += a
+            brier[m] += b
+    return tuple(_summarise(conf[m], ok, nll[m], brier[m], n_bins) for m in range(len(cals)))
 
 
 def metrics_from_probs(probs: Any, labels: Any, n_bins: int = 15) -> ExitMetrics:
