@@ -23,6 +23,7 @@ import base64
 import contextlib
 import datetime as dt
 import io
+import json
 import math
 import os
 import tempfile
@@ -42,6 +43,11 @@ Format = Literal["html", "pdf"]
 FORMATS: tuple[str, ...] = ("html", "pdf")
 MEDIA_TYPES: Mapping[str, str] = {"html": "text/html; charset=utf-8", "pdf": "application/pdf"}
 ALL_SEGMENTS = "__all__"
+ACTION_LABELS: Mapping[str, str] = {
+    "version.create": "created", "version.approve": "approved", "version.activate": "activated",
+    "version.rollback": "re-activated by rollback", "version.retire": "retired",
+    "killswitch.kill": "kill switch turned ON", "killswitch.unkill": "kill switch turned OFF",
+}
 EXITS_PER_TABLE = 6  # threshold tables wider than this are split by exit so they fit A4 portrait
 MAX_LISTED_CHANGES = 40  # individual threshold changes listed in the diff; the rest are counted
 
@@ -426,6 +432,7 @@ def exit_rate_figure(doc: Mapping[str, Any]) -> str | None:
 
 
 def _reliability_data(exit_entry: Mapping[str, Any], which: str) -> Mapping[str, Any] | None:
+    """The bin data (``confidence``, ``accuracy``, ``count``) recorded for ``before``/``after``."""
     rel = exit_entry.get("reliability")
     if isinstance(rel, Mapping):
         d = rel.get(which)
@@ -435,18 +442,75 @@ def _reliability_data(exit_entry: Mapping[str, Any], which: str) -> Mapping[str,
     return d if isinstance(d, Mapping) else None
 
 
-def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
-    """Reliability diagram of one exit, before and after calibration, from the document's bin data.
+def _diagram(data: Mapping[str, Any]):  # -> calibration.metrics.ReliabilityDiagram
+    """A ``calibration.metrics.ReliabilityDiagram`` from its JSON form (``to_dict``)."""
+    import numpy as np
 
-    Uses ``calibration.plots`` when it can draw the recorded data; otherwise draws it here.
-    Returns None when the document records no reliability data for the exit.
+    from calibration.metrics import ReliabilityDiagram
+
+    count = np.asarray(data.get("count") or [], dtype=np.int64)
+    m = count.shape[0]
+
+    def arr(key: str) -> np.ndarray:
+        vals = list(data.get(key) or [])
+        if len(vals) != m:
+            raise ValueError(f"reliability data: {key!r} has {len(vals)} bins, count has {m}")
+        return np.asarray([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+
+    edges = data.get("edges")
+    edges_arr = (np.asarray(edges, dtype=np.float64) if edges and len(edges) == m + 1
+                 else np.linspace(0.0, 1.0, m + 1))
+    return ReliabilityDiagram(binning=str(data.get("binning", "width")), edges=edges_arr,
+                              confidence=arr("confidence"), accuracy=arr("accuracy"), count=count)
+
+
+def reliability_images(doc: Mapping[str, Any], per_image: int = 4) -> list[str]:
+    """Reliability diagrams of every exit that records bin data, as PNG data URIs.
+
+    Drawn by ``calibration.plots`` (one panel per exit, before vs after), at most
+    ``per_image`` exits (2 x 2 panels) per image so each fits an A4 page at a legible size;
+    falls back to one small figure per exit drawn here when that module is missing.
+    """
+    entries = [e for e in (doc.get("calibration") or {}).get("exits") or []
+               if _reliability_data(e, "before") is not None and _reliability_data(e, "after") is not None]
+    if not entries:
+        return []
+    try:
+        from calibration import plots
+    except ImportError:
+        plots = None  # type: ignore[assignment]
+    if plots is None:
+        return [uri for uri in (reliability_figure(e) for e in entries) if uri]
+    images = []
+    for start in range(0, len(entries), per_image):
+        chunk = entries[start:start + per_image]
+        png = plots.reliability_png(
+            [str(e.get("name", start + i)) for i, e in enumerate(chunk)],
+            [_diagram(_reliability_data(e, "before") or {}) for e in chunk],
+            [_diagram(_reliability_data(e, "after") or {}) for e in chunk],
+            max_cols=2,
+        )
+        images.append(_data_uri(png, "image/png"))
+    return images
+
+
+def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
+    """Reliability diagram of one exit (before and after calibration) as a PNG data URI.
+
+    Uses ``calibration.plots`` when present, else draws it here; None when the exit's entry
+    records no reliability data. (The MLflow mirror attaches these per exit.)
     """
     before, after = _reliability_data(exit_entry, "before"), _reliability_data(exit_entry, "after")
     if before is None and after is None:
         return None
-    png = _plots_reliability_png(exit_entry, before, after)
-    if png is not None:
-        return _data_uri(png, "image/png")
+    name = str(exit_entry.get("name", ""))
+    if before is not None and after is not None:
+        try:
+            from calibration import plots
+        except ImportError:
+            pass
+        else:
+            return _data_uri(plots.reliability_png([name], [_diagram(before)], [_diagram(after)]), "image/png")
     import matplotlib
 
     with matplotlib.rc_context(_RC):
@@ -464,35 +528,44 @@ def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
         ax.set_aspect("equal")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-        ax.set_title(str(exit_entry.get("name", "")))
+        ax.set_title(name)
         ax.legend(loc="upper left", frameon=False)
         return _png(fig)
 
 
 def _bins(data: Mapping[str, Any]) -> tuple[list[float], list[float]]:
     """(confidence, accuracy) of the non-empty bins of a reliability-diagram record."""
-    conf = data.get("confidence") or data.get("mean_confidence") or data.get("conf") or []
-    acc = data.get("accuracy") or data.get("acc") or []
-    count = data.get("count") or data.get("counts") or [1] * len(conf)
+    conf = data.get("confidence") or []
+    acc = data.get("accuracy") or []
+    count = data.get("count") or [1] * len(conf)
     pts = [(float(c), float(a)) for c, a, n in zip(conf, acc, count, strict=False)
            if _finite(c) and _finite(a) and n]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plots_reliability_png(exit_entry: Mapping[str, Any], before: Any, after: Any) -> bytes | None:
-    """PNG bytes from ``calibration.plots`` (the calibration helper's diagrams) when it is present."""
-    try:
-        from calibration import plots  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    fn = getattr(plots, "reliability_png_from_dict", None) or getattr(plots, "reliability_diagram_png", None)
-    if fn is None:
-        return None
-    try:
-        out = fn(before=before, after=after, title=str(exit_entry.get("name", "")))
-    except TypeError:
-        return None
-    return out if isinstance(out, bytes | bytearray) else None
+@dataclass(frozen=True)
+class Figures:
+    """Every figure of a report as a data URI; a function of the document alone."""
+
+    curve: str | None
+    exit_rate: str | None
+    reliability: tuple[str, ...]
+
+
+def figures(doc: Mapping[str, Any]) -> Figures:
+    """The report's figures for ``doc``, memoised on the document's content.
+
+    Drawing them is most of the cost of an HTML report, and the same version's report is
+    asked for again and again (API, MLflow, approval hook); the key is the whole document, so
+    a changed document never gets a stale figure.
+    """
+    return _figures_for(json.dumps(doc, sort_keys=True, default=str, allow_nan=True))
+
+
+@lru_cache(maxsize=32)
+def _figures_for(doc_json: str) -> Figures:
+    doc = json.loads(doc_json)
+    return Figures(curve_figure(doc), exit_rate_figure(doc), tuple(reliability_images(doc)))
 
 
 # --------------------------------------------------------------------------- view model
@@ -539,8 +612,10 @@ def _threshold_tables(doc: Mapping[str, Any]) -> list[ThresholdTable]:
             tables.append(ThresholdTable(seg, heading, "Same thresholds as the default table.", (), ()))
             continue
         if all(v is None for row in cells for v in row):
-            tables.append(ThresholdTable(seg, heading, "Never exits early: every request of this segment runs "
-                                         "at full depth.", (), ()))
+            note = ("Never exits early: a segment value without its own table (not seen in the evidence) runs at "
+                    "full depth." if seg == "default" and len(table) > 1 else
+                    "Never exits early: every request of this segment runs at full depth.")
+            tables.append(ThresholdTable(seg, heading, note, (), ()))
             continue
         n_early = len(exits) - 1
         chunks = [list(range(s, min(n_early, s + EXITS_PER_TABLE))) for s in range(0, n_early, EXITS_PER_TABLE)]
@@ -690,7 +765,6 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
             "ece": (fmt_num(before.get("ece"), 4), fmt_num(after.get("ece"), 4)),
             "ece_better": _finite(before.get("ece")) and _finite(after.get("ece")) and after["ece"] <= before["ece"],
             "nll": (fmt_num(before.get("nll"), 4), fmt_num(after.get("nll"), 4)),
-            "figure": reliability_figure({**entry, "name": exit_rows[i]["name"]}) if entry else None,
         })
     segs = g.get("segments") or {}
     seg_rows = []
@@ -744,6 +818,7 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
             "comparable": diff.comparable, "note": diff.note,
         }
     parent = doc.get("parent")
+    figs = figures(doc)
     vtext = str(ctx.version) if ctx.version is not None else "?"
     return {
         "ctx": ctx, "doc": doc, "model": ctx.model,
@@ -755,7 +830,8 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "content_hash": str(doc.get("content_hash", "—")),
         "hash_ok": _hash_ok(doc),
         "exits": exit_rows, "cal_exits": cal_exits,
-        "has_reliability": any(c["figure"] for c in cal_exits),
+        "reliability_images": list(figs.reliability),
+        "cal_meta": _calibration_meta(doc.get("calibration") or {}),
         "classes": [str(c) for c in doc.get("classes") or []],
         "thresholds": _threshold_tables(doc),
         "forced": doc.get("forced_full_depth") or {},
@@ -776,7 +852,7 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "held_out_risk": fmt_risk(exp.get("risk")),
         "disagreement": fmt_risk(exp.get("disagreement")), "induced_error": fmt_risk(exp.get("induced_error")),
         "cost_segments": cost_segments, "batch_rows": batch_rows, "baselines": baselines,
-        "curve_figure": curve_figure(doc), "exit_rate_figure": exit_rate_figure(doc),
+        "curve_figure": figs.curve, "exit_rate_figure": figs.exit_rate,
         "data": data, "fingerprint": str(data.get("fingerprint", "—")),
         "data_rows": [(k, fmt_int(v) if _finite(v) else _fmt_value(v)) for k, v in rows.items()]
         if isinstance(rows, Mapping) else [("rows", fmt_int(rows))],
@@ -790,7 +866,8 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
                       for a in ctx.approvals],
         "environments": [{"name": e.environment, "state": e.state, "killed": e.killed, "since": fmt_time(e.since),
                           "active_version": e.active_version} for e in ctx.environments],
-        "events": [{"at": fmt_time(e.at), "actor": e.actor, "action": e.action, "reason": e.reason or "",
+        "events": [{"at": fmt_time(e.at), "actor": e.actor, "action": e.action,
+                    "label": ACTION_LABELS.get(e.action, e.action), "reason": e.reason or "",
                     "environment": e.environment or "", "before": short_hash(e.before_hash),
                     "after": short_hash(e.after_hash), "seq": e.seq, "hash": short_hash(e.event_hash)}
                    for e in ctx.audit_events],
@@ -799,6 +876,19 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "author": ctx.author or "—", "state": ctx.state or "—",
         "mlflow_run_id": ctx.mlflow_run_id, "extra": list(ctx.extra.items()),
     }
+
+
+def _calibration_meta(cal: Mapping[str, Any]) -> str:
+    """Where the calibration metrics were measured, in words (from the document's calibration block)."""
+    bits = []
+    if _finite(cal.get("rows")):
+        bits.append(f"{fmt_int(cal['rows'])} rows")
+    if cal.get("split"):
+        bits.append(f"of the {cal['split']} split")
+    target = cal.get("target")
+    if target:
+        bits.append("against the labels" if target == "labels" else "against the final exit's answers")
+    return ("Measured on " + " ".join(bits) + ".") if bits else ""
 
 
 def _change_group(segment: str, exit_name: str, changes: Sequence[ThresholdChange]) -> dict[str, Any]:
@@ -932,10 +1022,60 @@ def context_from_document(document: Mapping[str, Any], *, parent_document: Mappi
 
 
 def build_context(session: Any, model: str, version: int) -> ReportContext:
-    """Collect the facts of (``model``, ``version``) from the store's services into a context."""
-    from policies import _report_store
+    """Collect the facts of (``model``, ``version``) from the store's services into a context.
 
-    return _report_store.collect(session, model, int(version), make_context)
+    Reads only (``session`` may be read-only): the version and its parent's document, the
+    approvals, where the version stands in every environment the model was ever deployed to
+    (or has a kill switch in), the version's audit events (oldest first) and a verification of
+    the whole audit chain done now. Raises ``NotFound`` for an unknown model or version.
+    """
+    from policies import audit, store
+    from policies.errors import NotFound
+
+    number = int(version)
+    v = store.get_version(model, number, session=session)
+    doc = v.document
+    parent_doc = None
+    if v.parent is not None:
+        try:
+            parent_doc = store.get_version(model, v.parent, session=session).document
+        except NotFound:
+            parent_doc = None
+    activations = store.list_activations(model, session=session)  # newest first
+    killed_envs = next((m.killed for m in store.list_models(session=session) if m.name == model), ())
+    environments = []
+    for env in sorted({a.environment for a in activations} | set(killed_envs)):
+        current = next((a for a in activations if a.environment == env and a.active), None)
+        mine = next((a for a in activations if a.environment == env and a.version == number), None)
+        if mine is None:
+            state, since = "not deployed", None
+        elif mine.active:
+            state, since = "active", mine.activated_at
+        else:
+            state, since = f"was active until {fmt_time(mine.deactivated_at)}", mine.activated_at
+        ks = store.get_kill_switch(model, env, session=session)
+        environments.append(EnvironmentStatus(env, state, bool(ks.killed), since,
+                                              current.version if current is not None else None))
+    events = [e for e in audit.log(session=session, model=model, limit=None) if e.version == number]
+    events.sort(key=lambda e: e.seq)
+    chain = audit.verify(session=session)
+    return make_context(
+        doc,
+        parent_document=parent_doc,
+        parent_version=v.parent,
+        version=number,
+        state=v.state,
+        author=v.author,
+        created_at=v.created_at,
+        approvals=tuple(Approval(a.approver, a.created_at, a.reason) for a in v.approvals),
+        environments=tuple(environments),
+        audit_events=tuple(
+            AuditEvent(at=e.timestamp, actor=e.actor, action=e.action, reason=e.reason, environment=e.environment,
+                       before_hash=e.before_hash, after_hash=e.after_hash, seq=e.seq, event_hash=e.hash)
+            for e in events),
+        chain=ChainVerification(ok=chain.ok, checked=chain.events, message=chain.message,
+                                verified_at=dt.datetime.now(dt.UTC).replace(microsecond=0)),
+    )
 
 
 def report_bytes(session: Any, model: str, version: int, format: str = "html") -> bytes:
@@ -963,7 +1103,7 @@ def report_path(data_dir: str | os.PathLike[str], model: str, version: int, form
 def on_version_approved(session: Any, model: str, version: int, *,
                         data_dir: str | os.PathLike[str] | None = None,
                         formats: Iterable[str] = ("html",)) -> list[Path]:
-    """Approval hook: render the version's report into the data dir; returns the files written."""
+    """Render a version's report into ``<data dir>/reports/<model>/v<n>.<fmt>``; returns the files."""
     if data_dir is None:
         from policies.settings import get_settings
 
@@ -977,9 +1117,59 @@ def on_version_approved(session: Any, model: str, version: int, *,
     return written
 
 
+def install_approval_hook(engine: Any, *, data_dir: str | os.PathLike[str] | None = None,
+                          formats: Sequence[str] = ("html",)) -> Any:
+    """Write the report of every version approved through ``engine``'s store, after the commit.
+
+    Registers a ``policies.events.on_commit`` callback (returned, for ``events.remove``) that
+    reacts to ``version.approve`` events: it reads the committed version in its own read-only
+    unit of work and writes ``reports/<model>/v<n>.html`` under ``data_dir`` (default: the
+    settings' data dir). A failure is logged by the hook machinery and never undoes the approval.
+    """
+    from policies import events
+    from policies.db import unit_of_work
+
+    target = Path(data_dir) if data_dir is not None else None
+
+    def _hook(event: Any) -> None:
+        if event.action != "version.approve" or not event.model or event.version is None:
+            return
+        with unit_of_work(engine, readonly=True) as session:
+            on_version_approved(session, event.model, event.version, data_dir=target, formats=formats)
+
+    events.on_commit(_hook)
+    return _hook
+
+
 __all__ = [
-    "FORMATS", "MEDIA_TYPES", "Approval", "AuditEvent", "ChainVerification", "EnvironmentStatus", "FieldChange",
-    "PolicyDiff", "ReportContext", "ThresholdChange", "atomic_write", "build_context", "diff_policies",
-    "fmt_pct", "fmt_risk", "make_context", "on_version_approved", "plain_summary", "render", "render_html",
-    "render_pdf", "report_bytes", "report_path", "report_response", "write_report",
+    "FORMATS",
+    "MEDIA_TYPES",
+    "Approval",
+    "AuditEvent",
+    "ChainVerification",
+    "EnvironmentStatus",
+    "FieldChange",
+    "PolicyDiff",
+    "ReportContext",
+    "ThresholdChange",
+    "atomic_write",
+    "build_context",
+    "context_from_document",
+    "diff_policies",
+    "figures",
+    "fmt_pct",
+    "fmt_risk",
+    "install_approval_hook",
+    "make_context",
+    "on_version_approved",
+    "plain_summary",
+    "reliability_figure",
+    "reliability_images",
+    "render",
+    "render_html",
+    "render_pdf",
+    "report_bytes",
+    "report_path",
+    "report_response",
+    "write_report",
 ]

@@ -74,9 +74,11 @@ def register(app: typer.Typer) -> None:
 
 def _from_store(model: str, version: int, fmt: str, target: Path) -> tuple[Path, dict[str, Any]]:
     """Render a stored version inside one read-only unit of work and write it atomically."""
+    from api.cli.db import store_engine
     from policies import report as rp
+    from policies.db import unit_of_work
 
-    with rp.open_session() as session:
+    with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
         ctx = rp.build_context(session, model, version)
     data = rp.render(ctx, fmt)
     path = rp.atomic_write(target, data)

@@ -37,13 +37,23 @@ CAL_METRICS = [("stage1", 0.781, 0.642, 0.0712), ("stage2", 0.853, 0.431, 0.0515
                ("stage3", 0.897, 0.318, 0.0364), ("final", 0.921, 0.247, 0.0211)]
 
 
-def _reliability(shift: float, seed: int) -> dict[str, list[float]]:
-    """Ten equal-width bins of a plausible reliability diagram (over-confident by ``shift``)."""
-    conf = [0.05 + 0.1 * i for i in range(10)]
-    acc = [max(0.0, min(1.0, c - shift * math.sin(math.pi * c) + 0.01 * ((seed * 7 + i) % 3 - 1)))
-           for i, c in enumerate(conf)]
-    count = [0, 3, 12, 40, 95, 180, 320, 610, 1400, 7340][: len(conf)]
-    return {"confidence": conf, "accuracy": acc, "count": count}
+def _reliability(shift: float, seed: int) -> dict[str, Any]:
+    """A plausible equal-width reliability diagram (``ReliabilityDiagram.to_dict`` shape), 15 bins."""
+    m = 15
+    count = [0, 0, 0, 2, 9, 21, 40, 66, 95, 140, 210, 330, 610, 1400, 7300]
+    conf: list[float | None] = []
+    acc: list[float | None] = []
+    for i in range(m):
+        c = (i + 0.5) / m
+        if count[i] == 0:
+            conf.append(None)
+            acc.append(None)
+        else:
+            conf.append(round(c, 4))
+            wobble = 0.01 * ((seed * 7 + i) % 3 - 1)
+            acc.append(round(max(0.0, min(1.0, c - shift * math.sin(math.pi * c) + wobble)), 4))
+    return {"binning": "width", "edges": [i / m for i in range(m + 1)], "confidence": conf, "accuracy": acc,
+            "count": count}
 
 
 def _thresholds(base: float, step: float) -> list[list[float | None]]:
@@ -152,12 +162,14 @@ def realistic_context(doc: dict[str, Any] | None = None, **over: Any) -> rp.Repo
         environments=(rp.EnvironmentStatus("staging", "active", False, T0 + dt.timedelta(hours=4), 4),
                       rp.EnvironmentStatus("production", "active", False, T0 + dt.timedelta(days=1), 4)),
         audit_events=(
-            rp.AuditEvent(T0, "alice", "create", "Re-solved on May traffic", None, None, doc["content_hash"], 38),
-            rp.AuditEvent(T0 + dt.timedelta(hours=3), "bob", "approve", "Bounds checked against the Q2 risk budget.",
-                          None, doc["content_hash"], doc["content_hash"], 39),
-            rp.AuditEvent(T0 + dt.timedelta(hours=4), "carol", "activate", "Staging canary", "staging",
+            rp.AuditEvent(T0, "alice", "version.create", "Re-solved on May traffic", None, None,
+                          doc["content_hash"], 38),
+            rp.AuditEvent(T0 + dt.timedelta(hours=3), "bob", "version.approve",
+                          "Bounds checked against the Q2 risk budget.", None, doc["content_hash"],
+                          doc["content_hash"], 39),
+            rp.AuditEvent(T0 + dt.timedelta(hours=4), "carol", "version.activate", "Staging canary", "staging",
                           parent["content_hash"], doc["content_hash"], 40),
-            rp.AuditEvent(T0 + dt.timedelta(days=1), "carol", "activate", "Canary clean for 24 h", "production",
+            rp.AuditEvent(T0 + dt.timedelta(days=1), "carol", "version.activate", "Canary clean for 24 h", "production",
                           parent["content_hash"], doc["content_hash"], 41),
         ),
         chain=rp.ChainVerification(True, 41, "", T0 + dt.timedelta(days=2)),
@@ -231,7 +243,7 @@ def test_html_is_self_contained(html: str) -> None:
     assert html.startswith("<!DOCTYPE html>")
     assert "<link" not in html and "<script" not in html and "@import" not in html
     srcs = re.findall(r'src="([^"]*)"', html)
-    assert len(srcs) >= 6  # 4 reliability diagrams, the exit-rate chart and the curve
+    assert len(srcs) == 3  # reliability diagrams (4 exits, one 2x2 image), the exit-rate chart, the curve
     assert all(s.startswith(("data:image/png;base64,", "data:image/svg+xml;base64,")) for s in srcs)
     assert not re.search(r"(?:src|href)=\"(?:https?:|//|file:)", html)
     assert "@page" in html and "size: A4" in html
@@ -519,3 +531,139 @@ def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.Re
     pages = pdf_pages(pdf, rendered / "page")
     assert 7 <= len(pages) <= 16  # one run of pages per section
     _assert_pages_fit(pages)
+
+
+# ----------------------------------------------------------------------------- from the policy store
+
+
+def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """v1 (parent) and v2 of fashion-cnn through the real lifecycle: approve, activate, kill."""
+    from policies import lifecycle
+
+    v1 = realistic_document(eps=0.015, parent=None, base=0.95)
+    v2 = realistic_document(parent=1)
+    lifecycle.create_version(v1, author=actors.author, session=session)
+    lifecycle.approve("fashion-cnn", 1, approver=actors.approver, reason="first policy", session=session)
+    lifecycle.activate("fashion-cnn", 1, "staging", actor=actors.approver, reason="canary", session=session)
+    lifecycle.activate("fashion-cnn", 1, "production", actor=actors.approver, reason="go", session=session)
+    lifecycle.create_version(v2, author=actors.author, session=session)
+    lifecycle.approve("fashion-cnn", 2, approver=actors.approver2, reason="Bounds checked against the Q2 budget",
+                      session=session)
+    lifecycle.activate("fashion-cnn", 2, "staging", actor=actors.approver, reason="Staging canary", session=session)
+    lifecycle.kill("fashion-cnn", "staging", actor=actors.author, reason="latency spike", session=session)
+    return v1, v2
+
+
+def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> None:
+    from policies import store
+
+    _v1, v2 = _populate(session, actors)
+    ctx = rp.build_context(session, "fashion-cnn", 2)
+    assert ctx.version == 2 and ctx.state == "active" and ctx.author == actors.author.name
+    assert ctx.document["content_hash"] == v2["content_hash"]
+    assert [(a.principal, a.comment) for a in ctx.approvals] == [(actors.approver2.name,
+                                                                  "Bounds checked against the Q2 budget")]
+    envs = {e.environment: e for e in ctx.environments}
+    assert envs["staging"].state == "active" and envs["staging"].killed and envs["staging"].active_version == 2
+    assert envs["production"].state == "not deployed" and envs["production"].active_version == 1
+    assert [e.action for e in ctx.audit_events] == ["version.create", "version.approve", "version.activate",
+                                                    "killswitch.kill"]
+    assert ctx.chain is not None and ctx.chain.ok and ctx.chain.checked >= 10
+    # The diff agrees with the store's own diff of the two versions.
+    assert ctx.diff is not None and ctx.diff.parent_version == 1
+    theirs = store.diff_versions("fashion-cnn", 1, 2, session=session)
+    assert {(c.segment, c.exit, c.cls) for c in ctx.diff.threshold_changes} == \
+        {(c.segment, c.exit_name, c.class_) for c in theirs.thresholds}
+
+    text = visible_text(rp.render_html(ctx))
+    for what, value in key_numbers(v2, version=2).items():
+        assert value in text, what
+    assert "kill switch ON in staging" in text and "“latency spike”" in text  # the kill is in the timeline
+    assert "Against version 1" in text and f"approved by {actors.approver2.name}" in text
+
+    parent_ctx = rp.build_context(session, "fashion-cnn", 1)
+    assert {e.environment: e.state for e in parent_ctx.environments}["staging"].startswith("was active until")
+    body, media = rp.report_response(session, "fashion-cnn", 1, "html")
+    assert media == "text/html; charset=utf-8" and body.startswith(b"<!DOCTYPE html>")
+    assert "This is the first version" in visible_text(body.decode())
+
+
+def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
+    from policies.errors import NotFound
+
+    _populate(session, actors)
+    with pytest.raises(NotFound):
+        rp.build_context(session, "fashion-cnn", 9)
+    with pytest.raises(NotFound):
+        rp.report_response(session, "no-such-model", 1, "html")
+
+
+def _cli_app() -> Any:
+    import typer
+
+    from api.cli import report as report_cli
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """exitwise (test root: keeps ``report`` a sub-command)."""
+
+    report_cli.register(app)
+    return app
+
+
+def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine: Any, make_actors: Any,
+                                                    tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from policies import events, lifecycle
+    from policies.db import unit_of_work
+
+    hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path / "data")
+    try:
+        with unit_of_work(fresh_engine) as s:
+            actors = make_actors(s)
+            _populate(s, actors)
+        with unit_of_work(fresh_engine) as s:
+            lifecycle.create_version(realistic_document(parent=2, base=0.91), author=actors.author, session=s)
+        with unit_of_work(fresh_engine) as s:
+            lifecycle.approve("fashion-cnn", 3, approver=actors.approver, reason="ok", session=s)
+    finally:
+        events.remove(hook)
+    written = sorted((tmp_path / "data" / "reports" / "fashion-cnn").iterdir())
+    assert [p.name for p in written] == ["v1.html", "v2.html", "v3.html"]  # one per approval, after commit
+    assert "version 3" in visible_text(written[-1].read_text(encoding="utf-8"))
+
+    runner = CliRunner()
+    out = tmp_path / "v2.html"
+    res = runner.invoke(_cli_app(), ["report", "fashion-cnn", "2", "--format", "html", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["path"] == str(out) and info["version"] == 2 and info["bytes"] == out.stat().st_size
+    assert key_numbers(realistic_document(parent=1), 2)["compute fraction"] in visible_text(out.read_text())
+    res = runner.invoke(_cli_app(), ["report", "fashion-cnn", "7", "--out", str(tmp_path / "x.html")])
+    assert res.exit_code != 0 and not (tmp_path / "x.html").exists()
+
+
+def test_cli_renders_a_document_file(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    doc_path, parent_path = tmp_path / "policy.json", tmp_path / "parent.json"
+    doc_path.write_text(json.dumps(realistic_document()), encoding="utf-8")
+    parent_path.write_text(json.dumps(realistic_document(eps=0.015, parent=2, base=0.95)), encoding="utf-8")
+    out = tmp_path / "draft.html"
+    res = CliRunner().invoke(_cli_app(), ["report", "--document", str(doc_path), "--parent", str(parent_path),
+                                          "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = visible_text(out.read_text(encoding="utf-8"))
+    assert "unregistered" in text.lower() and "Against version" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "exitwise.policy/v1"}', encoding="utf-8")
+    res = CliRunner().invoke(_cli_app(), ["report", "--document", str(bad), "--out", str(tmp_path / "b.html")])
+    assert res.exit_code != 0 and not (tmp_path / "b.html").exists()
+    assert isinstance(res.exception, InputError) and "invalid policy document" in str(res.exception)
