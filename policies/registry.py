@@ -32,12 +32,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import BigInteger, Engine, Integer, String, Text, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
 from policies.canonical import GOVERNANCE_FIELDS, canonical_json
-from policies.errors import PolicyError
+from policies.db import translate_errors, unit_of_work
+from policies.errors import NotFound, PolicyError
+from policies.models import AuditEvent, Base, KillSwitch, Model, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +195,11 @@ class VersionRecord:
 
     model: str
     number: int
-    document: Mapping[str, Any]
     content_hash: str
     author: str
     state: str
     data_fingerprint: str | None = None
+    document: Mapping[str, Any] | None = None  # None: loaded only if MLflow lacks the version
 
 
 @dataclass(frozen=True)
@@ -378,8 +384,7 @@ def reliability_pngs(doc: Mapping[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def _description(rec: VersionRecord) -> str:
-    doc = rec.document
+def _description(rec: VersionRecord, doc: Mapping[str, Any]) -> str:
     g = doc.get("guarantee") or {}
     exp = doc.get("expected") or {}
     cf = exp.get("compute_fraction")
@@ -391,14 +396,14 @@ def _description(rec: VersionRecord) -> str:
     )
 
 
-def _identity_tags(rec: VersionRecord) -> dict[str, str]:
+def _identity_tags(rec: VersionRecord, doc: Mapping[str, Any]) -> dict[str, str]:
     tags = {
         TAG_MODEL: rec.model,
         TAG_STORE_VERSION: str(rec.number),
         TAG_CONTENT_HASH: rec.content_hash,
         TAG_AUTHOR: rec.author,
     }
-    fingerprint = rec.data_fingerprint or (rec.document.get("data") or {}).get("fingerprint")
+    fingerprint = rec.data_fingerprint or (doc.get("data") or {}).get("fingerprint")
     if fingerprint:
         tags[TAG_FINGERPRINT] = str(fingerprint)
     return tags
@@ -482,14 +487,14 @@ def _logged_run(client: Any, experiment_id: str, rec: VersionRecord) -> tuple[st
 
 
 def _log_run(
-    client: Any, config: MlflowConfig, experiment_id: str, rec: VersionRecord, report: bytes | None
+    client: Any, config: MlflowConfig, experiment_id: str, rec: VersionRecord, doc: Mapping[str, Any],
+    report: bytes | None,
 ) -> tuple[str, str]:
     """Log one version as a run with its pyfunc model; returns (run id, logged model id)."""
     mlflow = _mlflow()
     from policies import mlflow_model as mm
 
-    doc = rec.document
-    tags = _identity_tags(rec) | {"mlflow.note.content": _description(rec)}
+    tags = _identity_tags(rec, doc) | {"mlflow.note.content": _description(rec, doc)}
     run = client.create_run(experiment_id, run_name=f"{rec.model}-v{rec.number}", tags=tags)
     run_id = run.info.run_id
     try:
@@ -517,7 +522,7 @@ def _log_run(
                         signature=mm.signature(doc),
                         input_example=mm.input_example(doc),
                         pip_requirements=_pip_requirements(),
-                        metadata={"exitwise": _identity_tags(rec)},
+                        metadata={"exitwise": _identity_tags(rec, doc)},
                     )
                     _log_contents(client, run_id, doc, doc_path, plots, report)
                     client.set_tag(run_id, TAG_MODEL_ID, info.model_id)
@@ -555,17 +560,22 @@ def _log_report(client: Any, run_id: str, report: bytes) -> None:
 
 
 def _register(
-    client: Any, config: MlflowConfig, name: str, rec: VersionRecord, report: bytes | None
+    client: Any, config: MlflowConfig, name: str, rec: VersionRecord, doc: Mapping[str, Any],
+    report_for: Callable[[int], bytes | None] | None,
 ) -> Any:
     experiment_id = _experiment_id(client, config, name, rec.model)
     found = _logged_run(client, experiment_id, rec)
-    run_id, model_id = found if found is not None else _log_run(client, config, experiment_id, rec, report)
-    tags = _identity_tags(rec) | {TAG_STATE: rec.state}
-    if found is None and report is not None:
+    report = None
+    if found is None:
+        report = _report(report_for, rec.number)
+        found = _log_run(client, config, experiment_id, rec, doc, report)
+    run_id, model_id = found
+    tags = _identity_tags(rec, doc) | {TAG_STATE: rec.state}
+    if report is not None:
         tags[TAG_REPORT] = "report/audit_report.html"
     return client.create_model_version(
         name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
-        description=_description(rec), model_id=model_id,
+        description=_description(rec, doc), model_id=model_id,
     )
 
 
@@ -578,6 +588,7 @@ def reconcile(
     config: MlflowConfig,
     desired: DesiredState,
     *,
+    document_for: Callable[[int], Mapping[str, Any]] | None = None,
     report_for: Callable[[int], bytes | None] | None = None,
 ) -> SyncResult:
     """Make MLflow mirror ``desired``; idempotent, safe to repeat after any partial failure.
@@ -587,10 +598,13 @@ def reconcile(
     - MLflow versions whose number/hash the store does not have are tagged ``exitwise.stale``;
     - the alias of each environment points at the version active there; other aliases go;
     - the kill switch, state and environments show as tags.
+
+    Documents are read through ``document_for(number)`` only for versions MLflow lacks
+    (when the record carries none); ``report_for(number)`` gives the audit report to attach.
     """
     name = registered_model_name(desired.model)
     try:
-        return _reconcile(client, config, name, desired, report_for)
+        return _reconcile(client, config, name, desired, document_for, report_for)
     except PolicyError:
         raise
     except Exception as exc:
@@ -599,6 +613,7 @@ def reconcile(
 
 def _reconcile(
     client: Any, config: MlflowConfig, name: str, desired: DesiredState,
+    document_for: Callable[[int], Mapping[str, Any]] | None,
     report_for: Callable[[int], bytes | None] | None,
 ) -> SyncResult:
     _ensure_registered_model(client, name, desired.model)
@@ -616,32 +631,41 @@ def _reconcile(
         rec = wanted[number]
         same = _same_versions(by_number.get(number, []), rec)
         if not same:
-            report = _report(report_for, number)
-            created = _register(client, config, name, rec, report)
+            doc = rec.document if rec.document is not None else _document(document_for, rec)
+            created = _register(client, config, name, rec, doc, report_for)
             registered.append(number)
             # a concurrent sync may have registered the same version: keep the oldest
             same = _same_versions(_model_versions(client, name), rec) or [created]
         for dup in same[1:]:
-            client.delete_model_version(name, dup.version)
-            removed.append(dup.version)
+            client.delete_model_version(name, str(dup.version))
+            removed.append(str(dup.version))
         kept[number] = same[0]
     stale: list[str] = []
-    keep_versions = {mv.version for mv in kept.values()}
+    keep_versions = {str(mv.version) for mv in kept.values()}
     for mv in listed:
-        if mv.version in keep_versions or mv.version in removed:
+        if str(mv.version) in keep_versions or str(mv.version) in removed:
             continue
         if (mv.tags or {}).get(TAG_STALE) != "true":
-            client.set_model_version_tag(name, mv.version, TAG_STALE, "true")
-        stale.append(mv.version)
+            client.set_model_version_tag(name, str(mv.version), TAG_STALE, "true")
+        stale.append(str(mv.version))
     _update_version_tags(client, name, desired, kept, report_for)
     aliases, set_, gone = _update_aliases(client, name, desired, kept)
     _update_kill_tags(client, name, desired)
     return SyncResult(
         model=desired.model, registered_model=name,
-        versions={n: mv.version for n, mv in kept.items()}, registered=tuple(registered),
+        versions={n: str(mv.version) for n, mv in kept.items()}, registered=tuple(registered),
         aliases=aliases, aliases_set=tuple(set_), aliases_removed=tuple(gone),
         duplicates_removed=tuple(removed), stale=tuple(stale),
     )
+
+
+def _document(document_for: Callable[[int], Mapping[str, Any]] | None, rec: VersionRecord) -> Mapping[str, Any]:
+    if document_for is None:
+        raise ValueError(f"version {rec.number} of {rec.model} has no document and no document_for was given")
+    doc = document_for(rec.number)
+    if doc.get("content_hash") != rec.content_hash:
+        raise RegistryError(f"{rec.model} v{rec.number}: stored document hash does not match its record")
+    return doc
 
 
 def _same_versions(versions: list[Any], rec: VersionRecord) -> list[Any]:
@@ -675,14 +699,14 @@ def _update_version_tags(
         for key, value in want.items():
             if value == "" and key in (TAG_ACTIVE_IN, TAG_KILLED_IN):
                 if key in tags:
-                    client.delete_model_version_tag(name, mv.version, key)
+                    client.delete_model_version_tag(name, str(mv.version), key)
             elif tags.get(key) != value:
-                client.set_model_version_tag(name, mv.version, key, value)
+                client.set_model_version_tag(name, str(mv.version), key, value)
         if TAG_REPORT not in tags and report_for is not None and mv.run_id:
             report = _report(report_for, number)
             if report is not None:
                 _log_report(client, mv.run_id, report)
-                client.set_model_version_tag(name, mv.version, TAG_REPORT, "report/audit_report.html")
+                client.set_model_version_tag(name, str(mv.version), TAG_REPORT, "report/audit_report.html")
 
 
 def _update_aliases(
@@ -695,7 +719,7 @@ def _update_aliases(
             log.warning("environment %r is not a valid MLflow alias; not mirrored", env)
             continue
         if number in kept:
-            want[env] = kept[number].version
+            want[env] = str(kept[number].version)
     set_, gone = [], []
     for alias, version in sorted(want.items()):
         if str(current.get(alias)) != str(version):
@@ -717,3 +741,376 @@ def _update_kill_tags(client: Any, name: str, desired: DesiredState) -> None:
     for key in sorted(tags):
         if key.startswith(TAG_KILLED_PREFIX) and key[len(TAG_KILLED_PREFIX):] not in envs:
             client.delete_registered_model_tag(name, key)
+
+
+def alias_version(model: str, environment: str, *, config: MlflowConfig | None = None, client: Any = None) -> str:
+    """The MLflow version behind ``exit-policy-<model>@<environment>``; ``NotFound`` when unset."""
+    from mlflow.exceptions import MlflowException
+
+    config = config or mlflow_config()
+    name = registered_model_name(model)
+    try:
+        client = client or client_for(config)
+        return str(client.get_model_version_by_alias(name, environment).version)
+    except MlflowException as exc:
+        if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise NotFound(f"MLflow has no alias {environment!r} on {name} (run 'exitwise mlflow sync {model}'; "
+                           f"is a version active in {environment!r}?)") from None
+        raise translate(exc, f"reading {name}@{environment}") from exc
+    except Exception as exc:
+        raise translate(exc, f"reading {name}@{environment}") from exc
+
+
+def find_version(model: str, number: int, *, config: MlflowConfig | None = None, client: Any = None) -> str:
+    """The MLflow version registered for store version ``number``; ``NotFound`` when not mirrored."""
+    config = config or mlflow_config()
+    name = registered_model_name(model)
+    try:
+        client = client or client_for(config)
+        found = [mv for mv in _model_versions(client, name)
+                 if (mv.tags or {}).get(TAG_STORE_VERSION) == str(number) and (mv.tags or {}).get(TAG_STALE) != "true"]
+    except Exception as exc:
+        raise translate(exc, f"listing {name}") from exc
+    if not found:
+        raise NotFound(f"{model} v{number} is not registered in MLflow (run 'exitwise mlflow sync {model}')")
+    return str(min(int(mv.version) for mv in found))
+
+
+# --------------------------------------------------------------------------- the store side
+
+
+class MlflowSync(Base):
+    """How far the MLflow mirror of one model has caught up (migration ``0002``).
+
+    The audit trail is the outbox: a model needs a sync while it has audit events with
+    ``seq > synced_seq`` or when it was last synced to another tracking URI.
+    """
+
+    __tablename__ = "mlflow_sync"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    synced_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    tracking_uri: Mapped[str | None] = mapped_column(String(1000))
+    synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """One model's mirror state as the policy database records it (no MLflow call)."""
+
+    model: str
+    audit_seq: int
+    synced_seq: int
+    pending: bool
+    tracking_uri: str | None
+    synced_at: datetime | None
+    attempted_at: datetime | None
+    failures: int
+    last_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("synced_at", "attempted_at"):
+            out[key] = out[key].isoformat() if out[key] is not None else None
+        return out
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """The result of syncing one model: ``result`` when MLflow was updated, else ``error``."""
+
+    model: str
+    ok: bool
+    synced_seq: int
+    audit_seq: int = 0  # the model's audit head when the attempt read the store
+    result: SyncResult | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "ok": self.ok, "synced_seq": self.synced_seq, "audit_seq": self.audit_seq,
+                "error": self.error,
+                "result": self.result.to_json() if self.result is not None else None}
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without user/password (tracking URIs may carry credentials)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _audit_heads(session: Session, model: str | None = None) -> dict[str, int]:
+    q = select(AuditEvent.model, func.max(AuditEvent.seq)).where(AuditEvent.model.is_not(None))
+    if model is not None:
+        q = q.where(AuditEvent.model == model)
+    return {m: int(seq) for m, seq in session.execute(q.group_by(AuditEvent.model))}
+
+
+def sync_status(*, session: Session, config: MlflowConfig | None = None) -> list[SyncStatus]:
+    """Every model's mirror state; ``pending`` when MLflow is behind the audit trail (or elsewhere)."""
+    config = config or mlflow_config()
+    uri = redact_uri(config.tracking_uri)
+    with translate_errors():
+        heads = _audit_heads(session)
+        rows = {r.model: r for r in session.scalars(select(MlflowSync))}
+        names = sorted(set(session.scalars(select(Model.name))) | set(heads))
+    out = []
+    for name in names:
+        r = rows.get(name)
+        head = heads.get(name, 0)
+        synced = r.synced_seq if r is not None else 0
+        pending = head > synced or (r is not None and r.tracking_uri != uri) or r is None
+        out.append(SyncStatus(
+            model=name, audit_seq=head, synced_seq=synced, pending=pending,
+            tracking_uri=r.tracking_uri if r else None, synced_at=r.synced_at if r else None,
+            attempted_at=r.attempted_at if r else None, failures=r.failures if r else 0,
+            last_error=r.last_error if r else None,
+        ))
+    return out
+
+
+def pending_models(*, session: Session, config: MlflowConfig | None = None) -> list[str]:
+    """Models whose MLflow mirror is behind the policy database."""
+    return [s.model for s in sync_status(session=session, config=config) if s.pending]
+
+
+def desired_state(model: str, *, session: Session) -> tuple[DesiredState, int]:
+    """The store's view of ``model`` (no documents) and its audit head, read in one transaction."""
+    from policies import store
+
+    with translate_errors():
+        head = _audit_heads(session, model).get(model, 0)
+        info = next((m for m in store.list_models(session=session) if m.name == model), None)
+        if info is None:
+            raise NotFound(f"no model named {model!r}")
+        versions = tuple(
+            VersionRecord(model=model, number=v.number, content_hash=v.content_hash, author=v.author,
+                          state=v.state, data_fingerprint=v.data_fingerprint)
+            for v in store.list_versions(model, session=session)
+        )
+        envs = set(info.active) | set(info.killed)
+        killed = {env: env in info.killed for env in envs}
+        for env in session.scalars(select(KillSwitch.environment).join(Model).where(Model.name == model)):
+            killed.setdefault(env, False)
+    return DesiredState(model=model, versions=versions, active=dict(info.active), killed=killed), head
+
+
+def _loaders(engine: Engine, model: str, reports: bool) -> tuple[Callable[[int], Mapping[str, Any]],
+                                                                  Callable[[int], bytes | None] | None]:
+    from policies import store
+
+    def document_for(number: int) -> Mapping[str, Any]:
+        with unit_of_work(engine, readonly=True) as s:
+            return store.get_version(model, number, session=s).document
+
+    def report_for(number: int) -> bytes | None:
+        from policies import report
+
+        with unit_of_work(engine, readonly=True) as s:
+            return report.report_bytes(s, model, number, "html")
+
+    return document_for, (report_for if reports else None)
+
+
+def _record(engine: Engine, model: str, config: MlflowConfig, *, synced_seq: int | None, error: str | None) -> int:
+    """Write the outcome of one attempt; returns the synced seq now recorded."""
+    now = utcnow()
+    with unit_of_work(engine) as s:
+        row = s.get(MlflowSync, model)
+        if row is None:
+            row = MlflowSync(model=model, synced_seq=0, failures=0)
+            s.add(row)
+        row.attempted_at = now
+        if error is None and synced_seq is not None:
+            uri = redact_uri(config.tracking_uri)
+            if row.tracking_uri != uri:
+                row.synced_seq = 0
+            row.synced_seq = max(row.synced_seq, synced_seq)
+            row.tracking_uri, row.synced_at, row.failures, row.last_error = uri, now, 0, None
+        else:
+            row.failures = (row.failures or 0) + 1
+            row.last_error = (error or "")[:2000]
+        return row.synced_seq
+
+
+def sync_model(
+    engine: Engine,
+    model: str,
+    *,
+    config: MlflowConfig | None = None,
+    client: Any = None,
+    reports: bool = True,
+) -> SyncOutcome:
+    """Bring ``model``'s MLflow mirror up to date with the policy database (idempotent).
+
+    Reads the store in a short read-only transaction, talks to MLflow with no transaction
+    open, then records the outcome. MLflow failures do not raise: they are recorded (the
+    model stays pending) and returned as ``ok=False``; database failures raise.
+    """
+    config = config or mlflow_config()
+    with unit_of_work(engine, readonly=True) as s:
+        desired, head = desired_state(model, session=s)
+    document_for, report_for = _loaders(engine, model, reports)
+    try:
+        client = client or client_for(config)
+        result = reconcile(client, config, desired, document_for=document_for, report_for=report_for)
+    except PolicyError as exc:
+        if not isinstance(exc, RegistryError):
+            raise
+        seq = _record(engine, model, config, synced_seq=None, error=str(exc))
+        log.warning("MLflow sync of %s failed (stays pending): %s", model, exc)
+        return SyncOutcome(model=model, ok=False, synced_seq=seq, audit_seq=head, error=str(exc))
+    except Exception as exc:  # mlflow import/config problems: same treatment, never a crash
+        err = translate(exc, f"syncing {registered_model_name(model)}")
+        seq = _record(engine, model, config, synced_seq=None, error=str(err))
+        log.warning("MLflow sync of %s failed (stays pending): %s", model, err)
+        return SyncOutcome(model=model, ok=False, synced_seq=seq, audit_seq=head, error=str(err))
+    seq = _record(engine, model, config, synced_seq=head, error=None)
+    return SyncOutcome(model=model, ok=True, synced_seq=seq, audit_seq=head, result=result)
+
+
+def sync_all(
+    engine: Engine,
+    *,
+    config: MlflowConfig | None = None,
+    client: Any = None,
+    only_pending: bool = False,
+    reports: bool = True,
+) -> list[SyncOutcome]:
+    """Sync every model (or only the pending ones); stops talking to MLflow once it is unreachable."""
+    config = config or mlflow_config()
+    with unit_of_work(engine, readonly=True) as s:
+        statuses = sync_status(session=s, config=config)
+    models = [st.model for st in statuses if st.pending or not only_pending]
+    outcomes: list[SyncOutcome] = []
+    for i, model in enumerate(models):
+        outcome = sync_model(engine, model, config=config, client=client, reports=reports)
+        outcomes.append(outcome)
+        if not outcome.ok and outcome.error and outcome.error.startswith("MLflow unreachable"):
+            for rest in models[i + 1:]:  # record the outage without waiting on the server again
+                seq = _record(engine, rest, config, synced_seq=None, error=outcome.error)
+                outcomes.append(SyncOutcome(model=rest, ok=False, synced_seq=seq, error=outcome.error))
+            break
+    return outcomes
+
+
+# --------------------------------------------------------------------------- after-commit hook
+
+
+class SyncHook:
+    """``policies.events`` callback: after a committed change, sync the changed model to MLflow.
+
+    Inline by default (the CLI: the command returns once MLflow is up to date); with
+    ``background=True`` a single worker thread does it (the API: requests never wait on
+    MLflow). A failed sync is recorded and stays pending; after a successful one, the hook
+    also retries the other pending models, so the next successful operation catches up.
+    ``EXITWISE_MLFLOW_SYNC=off`` disables it.
+    """
+
+    def __init__(self, engine: Engine | None = None, *, config: MlflowConfig | None = None,
+                 background: bool = False, reports: bool = True):
+        self.engine = engine
+        self.config = config
+        self.reports = reports
+        self.background = background
+        self._covered: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._queue: list[str] = []
+        self._wake = threading.Condition(self._lock)
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._worker, name="exitwise-mlflow-sync", daemon=True)
+            self._thread.start()
+
+    def __call__(self, event: Any) -> None:
+        model = getattr(event, "model", None)
+        if model is None or os.environ.get("EXITWISE_MLFLOW_SYNC", "on").lower() in ("0", "off", "false", "no"):
+            return
+        with self._lock:
+            if self._covered.get(model, 0) >= int(getattr(event, "seq", 0)):
+                return  # an earlier sync in this process already saw this commit
+            if self.background:
+                if model not in self._queue:
+                    self._queue.append(model)
+                self._wake.notify()
+                return
+        self._sync(model)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            from policies.db import open_store
+
+            self.engine = open_store()
+        return self.engine
+
+    def _sync(self, model: str) -> None:
+        engine = self._engine()
+        config = self.config or mlflow_config()
+        outcome = sync_model(engine, model, config=config, reports=self.reports)
+        with self._lock:  # the events of this commit were seen (synced, or recorded as pending)
+            self._covered[model] = max(self._covered.get(model, 0), outcome.audit_seq)
+        if not outcome.ok:
+            return
+        with unit_of_work(engine, readonly=True) as s:
+            others = [m for m in pending_models(session=s, config=config) if m != model]
+        for other in others:
+            if not sync_model(engine, other, config=config, reports=self.reports).ok:
+                break
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._queue:
+                    return
+                model = self._queue.pop(0)
+                self._busy = True
+            try:
+                self._sync(model)
+            except Exception:  # the database may be down too; the audit trail keeps it pending
+                log.exception("MLflow sync of %s failed", model)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._wake.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the background queue is empty; True when it is."""
+        with self._lock:
+            return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Unregister from ``policies.events`` and stop the worker after the queued syncs."""
+        from policies import events
+
+        events.remove(self)
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def install_hook(engine: Engine | None = None, *, config: MlflowConfig | None = None,
+                 background: bool = False, reports: bool = True) -> SyncHook:
+    """Register a :class:`SyncHook` with ``policies.events.on_commit`` and return it.
+
+    ``engine=None`` opens the configured store on first use (the CLI); the API passes its
+    engine and ``background=True``.
+    """
+    from policies import events
+
+    hook = SyncHook(engine, config=config, background=background, reports=reports)
+    events.on_commit(hook)
+    return hook

@@ -1,0 +1,179 @@
+"""``exitwise mlflow``: mirror the policy store into MLflow and find the models to load.
+
+- ``exitwise mlflow sync [MODEL]`` — reconcile MLflow with the policy database (register
+  missing versions, move aliases to the active versions, kill-switch tags); idempotent.
+- ``exitwise mlflow status`` — what the database records: which models are pending and why.
+- ``exitwise mlflow uri MODEL --env production`` — the ``models:/`` URI to load.
+
+MLflow goes to ``MLFLOW_TRACKING_URI`` when set, else to the embedded
+``sqlite:///<EXITWISE_DATA_DIR>/mlflow.db`` (artifacts under ``<data dir>/mlartifacts``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+
+from calibration.exceptions import InputError
+
+mlflow_app = typer.Typer(
+    name="mlflow",
+    help="Mirror policies into MLflow (runs, registered versions, aliases per environment).",
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(mlflow_app, name="mlflow")
+
+
+@contextmanager
+def _engine() -> Iterator[Any]:
+    from policies.db import open_store
+
+    engine = open_store()
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _quiet() -> None:
+    """MLflow logs table creation and validation at INFO on stderr; keep the CLI's output readable."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@mlflow_app.command("sync")
+def sync(
+    model: Annotated[str | None, typer.Argument(help="Model to sync (default: every model).",
+                                                show_default=False)] = None,
+    pending_only: Annotated[bool, typer.Option("--pending", help="Only models the database marks pending.")] = False,
+    reports: Annotated[bool, typer.Option("--reports/--no-reports",
+                                          help="Attach the audit report to newly registered versions.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Bring MLflow up to date with the policy database; exit 1 if MLflow could not be reached."""
+    from policies import registry
+
+    _quiet()
+    config = registry.mlflow_config()
+    with _engine() as engine:
+        if model is not None:
+            if pending_only:
+                raise InputError("--pending applies when syncing every model, not one MODEL")
+            outcomes = [registry.sync_model(engine, model, config=config, reports=reports)]
+        else:
+            outcomes = registry.sync_all(engine, config=config, only_pending=pending_only, reports=reports)
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        typer.echo(json.dumps({
+            "tracking_uri": registry.redact_uri(config.tracking_uri),
+            "ok": not failed,
+            "models": [_outcome_json(o) for o in outcomes],
+        }, sort_keys=True))
+    else:
+        if not outcomes:
+            typer.echo("nothing to sync")
+        for o in outcomes:
+            typer.echo(_outcome_text(o))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _outcome_json(o: Any) -> dict[str, Any]:
+    from policies import registry
+
+    out = o.to_json()
+    if o.result is not None:
+        out["uris"] = {alias: registry.model_uri(o.model, alias) for alias in o.result.aliases}
+    return out
+
+
+def _outcome_text(o: Any) -> str:
+    from policies import registry
+
+    if not o.ok:
+        return f"{o.model}: NOT synced, stays pending — {o.error}"
+    r = o.result
+    lines = [
+        f"{o.model}: {r.registered_model} has {len(r.versions)} version(s)"
+        + (f", registered now: {', '.join(f'v{n}' for n in r.registered)}" if r.registered else ", all registered")
+    ]
+    if r.aliases_removed:
+        lines.append(f"  aliases removed: {', '.join(r.aliases_removed)}")
+    if r.stale:
+        lines.append(f"  MLflow versions not in the store (tagged {registry.TAG_STALE}): {', '.join(r.stale)}")
+    by_mlflow = {v: n for n, v in r.versions.items()}
+    for alias, version in sorted(r.aliases.items()):
+        lines.append(f"  {registry.model_uri(o.model, alias)}  (policy v{by_mlflow.get(version)}, "
+                     f"MLflow version {version})")
+    return "\n".join(lines)
+
+
+@mlflow_app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show, per model, whether MLflow is behind the policy database (no MLflow call)."""
+    from policies import registry
+    from policies.db import unit_of_work
+
+    config = registry.mlflow_config()
+    with _engine() as engine, unit_of_work(engine, readonly=True) as session:
+        statuses = registry.sync_status(session=session, config=config)
+    pending = [s.model for s in statuses if s.pending]
+    if as_json:
+        typer.echo(json.dumps({
+            "tracking_uri": registry.redact_uri(config.tracking_uri),
+            "pending": pending,
+            "models": [s.to_json() for s in statuses],
+        }, sort_keys=True))
+        return
+    typer.echo(f"tracking URI: {registry.redact_uri(config.tracking_uri)}")
+    if not statuses:
+        typer.echo("no models in the policy store")
+    for s in statuses:
+        state = "PENDING" if s.pending else "in sync"
+        when = s.synced_at.isoformat(timespec="seconds") if s.synced_at else "never"
+        line = f"{s.model}: {state} (audit seq {s.audit_seq}, synced up to {s.synced_seq}, last synced {when})"
+        if s.failures:
+            line += f"\n  {s.failures} failed attempt(s); last error: {s.last_error}"
+        typer.echo(line)
+
+
+@mlflow_app.command("uri")
+def uri(
+    model: Annotated[str, typer.Argument(help="Model name (as stored).", show_default=False)],
+    env: Annotated[str | None, typer.Option("--env", "-e", help="Environment (the alias).")] = None,
+    version: Annotated[int | None, typer.Option("--version", "-v", min=1,
+                                                help="Policy (store) version instead of an environment.")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check",
+                                        help="Ask MLflow that the alias/version exists.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print the models:/ URI that mlflow.pyfunc.load_model takes for MODEL in --env (or --version)."""
+    from policies import registry
+
+    if (env is None) == (version is None):
+        raise InputError("give exactly one of --env ENV or --version N")
+    config = registry.mlflow_config()
+    if env is not None:
+        target = registry.model_uri(model, env)
+        mlflow_version = registry.alias_version(model, env, config=config) if check else None
+    else:
+        mlflow_version = registry.find_version(model, version, config=config) if check else None
+        target = registry.model_uri(model, version=mlflow_version) if mlflow_version else None
+        if target is None:
+            raise InputError(f"--version without --check cannot name the MLflow version of {model} v{version}")
+    if as_json:
+        typer.echo(json.dumps({"model": model, "environment": env, "version": version, "uri": target,
+                               "mlflow_version": mlflow_version,
+                               "tracking_uri": registry.redact_uri(config.tracking_uri)}, sort_keys=True))
+    else:
+        typer.echo(target)

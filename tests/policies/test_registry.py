@@ -1,0 +1,598 @@
+"""MLflow mirror (issue 6): registration, load by alias, bit-exact predict, aliases, outage + sync.
+
+Runs against the embedded SQLite tracking store and against a real ``mlflow server`` process
+started here on loopback (one per session, its own SQLite backend and artifact directory).
+The server starts in the background when the module is set up and is waited for only by
+the tests that need it, so the embedded tests run while it boots. Nothing may leave the
+machine: a guard refuses (and records) any socket connection to a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import Engine, select
+from typer.testing import CliRunner
+
+from calibration.evaluate import ScoredLogs, policy_rows, route_scored
+from calibration.exceptions import InputError
+from calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
+from calibration.rule import CompiledPolicy, route
+from calibration.synthetic import synthetic_logs
+from policies import lifecycle, registry
+from policies.db import unit_of_work
+
+pytestmark = [
+    # MLflow's own warnings about its optional features and third-party deprecations it triggers
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow.*"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:mlflow.*"),
+    pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType.*:UserWarning"),
+]
+
+SERVER_BOOT_TIMEOUT = 120.0
+
+
+# ---------------------------------------------------------------- no network
+
+_real_connect = socket.socket.connect
+_outbound: list[Any] = []
+
+
+def _guarded_connect(self: socket.socket, address: Any) -> Any:
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        if host not in ("127.0.0.1", "::1", "localhost") and not str(host).startswith("127."):
+            _outbound.append(address)
+            raise ConnectionRefusedError(f"test guard: no connections leave this machine (tried {address})")
+    return _real_connect(self, address)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_internet() -> Iterator[None]:
+    """Every connection from this process must stay on loopback; the module fails if one did not."""
+    socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        socket.socket.connect = _real_connect  # type: ignore[method-assign]
+    assert not _outbound, f"connections to non-loopback addresses were attempted: {_outbound}"
+
+
+# ---------------------------------------------------------------- MLflow stores
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on loopback in its own process group."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "server.log"
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen(
+            [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
+        )
+        self._healthy = False
+
+    def wait(self) -> str:
+        import requests
+
+        deadline = time.monotonic() + SERVER_BOOT_TIMEOUT
+        while not self._healthy:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{self._tail()}")
+            with contextlib.suppress(requests.RequestException):
+                self._healthy = requests.get(f"{self.uri}/health", timeout=2).status_code == 200
+            if not self._healthy:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server not healthy after {SERVER_BOOT_TIMEOUT:.0f}s:\n{self._tail()}")
+                time.sleep(0.25)
+        return self.uri
+
+    def _tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        self._log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """Start the server as soon as the module starts (it boots while the embedded tests run)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> registry.MlflowConfig:
+    """The embedded default: SQLite tracking store and artifacts under one data dir."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        return registry.mlflow_config(tmp_path_factory.mktemp("exitwise-data"))
+
+
+@pytest.fixture(scope="module")
+def server(_server_process: MlflowServer) -> registry.MlflowConfig:
+    uri = _server_process.wait()
+    return registry.MlflowConfig(tracking_uri=uri, registry_uri=uri, artifact_root=None)
+
+
+@pytest.fixture(params=["embedded", "server"])
+def tracking(request: pytest.FixtureRequest) -> registry.MlflowConfig:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def model_name() -> str:
+    """A model name of its own: the MLflow stores are shared by the module's tests."""
+    return f"net-{uuid.uuid4().hex[:10]}"
+
+
+def _client(config: registry.MlflowConfig) -> Any:
+    return registry.client_for(config)
+
+
+def _versions(config: registry.MlflowConfig, model: str) -> list[Any]:
+    return sorted(registry._model_versions(_client(config), registry.registered_model_name(model)),
+                  key=lambda mv: int(mv.version))
+
+
+def _aliases(config: registry.MlflowConfig, model: str) -> dict[str, str]:
+    rm = _client(config).get_registered_model(registry.registered_model_name(model))
+    return {a: str(v) for a, v in rm.aliases.items()}
+
+
+def _store_numbers(config: registry.MlflowConfig, model: str) -> dict[str, int]:
+    """alias -> store version number, read back from MLflow's tags."""
+    by_version = {str(mv.version): int(mv.tags[registry.TAG_STORE_VERSION]) for mv in _versions(config, model)}
+    return {alias: by_version[v] for alias, v in _aliases(config, model).items()}
+
+
+# ---------------------------------------------------------------- store helpers
+
+def _create(engine: Engine, actors: Any, doc: dict[str, Any], *, approve: bool = True) -> int:
+    with unit_of_work(engine) as s:
+        v = lifecycle.create_version(doc, author=actors.author, session=s)
+        if approve:
+            lifecycle.approve(v.model, v.number, approver=actors.approver, reason="reviewed", session=s)
+        return v.number
+
+
+def _activate(engine: Engine, actors: Any, model: str, number: int, env: str = "production") -> None:
+    with unit_of_work(engine) as s:
+        lifecycle.activate(model, number, env, actor=actors.approver, reason="go", session=s)
+
+
+def _logs(doc: dict[str, Any], n: int = 3000, seed: int = 7) -> ExitLogs:
+    """Synthetic full-depth logs shaped like ``doc`` with its segment values (and one unknown)."""
+    k, c = len(doc["exits"]), len(doc["classes"])
+    base = synthetic_logs(n, n_exits=k, n_classes=c, segments={}, seed=seed)
+    rng = np.random.default_rng(seed)
+    capture = rng.choice(np.array(["studio", "phone", "street"]), size=n)
+    card = ModelCard(model=doc["model"]["name"], exits=tuple(ExitSpec(e["name"], e["cost"]) for e in doc["exits"]),
+                     classes=tuple(doc["classes"]), segment_columns=("capture",))
+    return ExitLogs(logits=base.logits, card=card, labels=base.labels,
+                    segments={"capture": SegmentColumn.from_values(capture)})
+
+
+def _frame(logs: ExitLogs) -> pd.DataFrame:
+    cols: dict[str, Any] = {f"exit_{k}": list(logs.logits[:, k, :]) for k in range(logs.n_exits)}
+    cols["capture"] = list(logs.segments["capture"].values())
+    return pd.DataFrame(cols)
+
+
+def _with_evidence(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with a compute-vs-risk curve and one exit's calibration record (hash updated)."""
+    from policies.canonical import with_content_hash
+
+    out = {k: v for k, v in doc.items() if k != "content_hash"}
+    out["expected"] = {**doc["expected"], "curve": [
+        {"eps": e, "compute_fraction": round(0.9 - 10 * e, 4), "risk": round(0.8 * e, 5)}
+        for e in (0.005, 0.01, 0.02, 0.03)]}
+    bins = {"confidence": [0.55, 0.65, 0.75, 0.85, 0.95], "accuracy": [0.5, 0.62, 0.74, 0.86, 0.95],
+            "count": [10, 20, 40, 80, 160]}
+    out["calibration"] = {"exits": [{"name": "stage1", "before": {"nll": 0.61, "ece": 0.08, "reliability": bins},
+                                     "after": {"nll": 0.52, "ece": 0.02, "reliability": bins}}]}
+    return with_content_hash(out)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float64).view(np.uint64)
+
+
+# ---------------------------------------------------------------- configuration (no MLflow calls)
+
+def test_default_store_is_sqlite_under_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    cfg = registry.mlflow_config(tmp_path / "data")
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+    assert cfg.registry_uri == cfg.tracking_uri
+    assert cfg.artifact_root == (tmp_path / "data" / "mlartifacts").as_uri()
+    monkeypatch.setenv("EXITWISE_DATA_DIR", str(tmp_path / "env-data"))
+    assert registry.mlflow_config().tracking_uri == f"sqlite:///{tmp_path / 'env-data' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:secret@mlflow.example:5000")
+    remote = registry.mlflow_config(tmp_path)
+    assert remote.tracking_uri == "https://user:secret@mlflow.example:5000" and remote.artifact_root is None
+    assert registry.redact_uri(remote.tracking_uri) == "https://mlflow.example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert registry.mlflow_config(tmp_path).artifact_root == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_uri_helpers() -> None:
+    assert registry.model_uri("fashion-cnn", "production") == "models:/exit-policy-fashion-cnn@production"
+    assert registry.model_uri("fashion-cnn", version=3) == "models:/exit-policy-fashion-cnn/3"
+    with pytest.raises(ValueError):
+        registry.model_uri("fashion-cnn")
+
+
+def test_telemetry_is_off_once_exitwise_imports_mlflow() -> None:
+    registry._mlflow()
+    from mlflow.telemetry import get_telemetry_client
+
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and os.environ["DO_NOT_TRACK"] == "true"
+    assert get_telemetry_client() is None
+
+
+def test_params_and_metrics_come_from_the_document(make_doc: Callable[..., dict[str, Any]]) -> None:
+    doc = make_doc(calibration={"exits": [{"name": "stage1", "before": {"nll": 0.61, "ece": 0.08},
+                                           "after": {"nll": 0.52, "ece": 0.02}}]})
+    params = registry.run_params(doc)
+    assert params["risk"] == "disagreement" and params["eps"] == "0.02" and params["delta"] == "0.05"
+    assert params["score"] == "max_prob" and params["segment_keys"] == "capture" and params["solver.seed"] == "0"
+    metrics = registry.run_metrics(doc)
+    assert metrics["compute_fraction"] == pytest.approx(0.61) and metrics["heldout.risk"] == pytest.approx(0.012)
+    assert metrics["segment.studio.compute_fraction"] == pytest.approx(0.58)
+    assert metrics["bound.overall.upper_bound"] == pytest.approx(0.0183)
+    assert metrics["bound.studio.upper_bound"] == pytest.approx(0.0191)
+    assert metrics["calibration.stage1.before.ece"] == pytest.approx(0.08)
+    assert metrics["calibration.stage1.after.nll"] == pytest.approx(0.52)
+    assert "heldout.induced_error" not in metrics  # null in the document: not a metric
+
+
+# ---------------------------------------------------------------- the pyfunc model itself
+
+def test_pyfunc_routes_with_the_rule_and_checks_its_input(make_doc: Callable[..., dict[str, Any]]) -> None:
+    from policies.mlflow_model import ExitPolicyModel
+
+    doc = make_doc()
+    model = ExitPolicyModel()
+    model.use_document(doc)
+    logs = _logs(doc, n=400)
+    out = model.predict(None, _frame(logs))
+    ref = route(CompiledPolicy.from_document(doc), logs.logits, logs.segment_values(["capture"]))
+    assert list(out.columns) == ["exit", "exit_name", "answer", "answer_name", "confidence"]
+    assert np.array_equal(out["exit"].to_numpy(), ref.exit) and np.array_equal(out["answer"].to_numpy(), ref.answer)
+    assert np.array_equal(_bits(out["confidence"].to_numpy()), _bits(ref.confidence))
+    assert set(out["exit_name"]) <= {"stage1", "stage2", "final"} and out["answer_name"][0] in doc["classes"]
+    killed = model.predict(None, _frame(logs), params={"killed": True})
+    assert (killed["exit"] == 2).all()
+
+    frame = _frame(logs)
+    with pytest.raises(InputError, match="missing column 'exit_1'"):
+        model.predict(None, frame.drop(columns=["exit_1"]))
+    with pytest.raises(InputError, match="missing segment column 'capture'"):
+        model.predict(None, frame.drop(columns=["capture"]))
+    with pytest.raises(InputError, match=r"column 'exit_0', row 5: expected a list of 4 floats"):
+        model.predict(None, _with_cell(frame, "exit_0", 5, [0.1, 0.2]))
+    with pytest.raises(InputError, match=r"column 'exit_2', row 3: logits must be finite"):
+        model.predict(None, _with_cell(frame, "exit_2", 3, [0.1, float("nan"), 0.0, 0.0]))
+    with pytest.raises(InputError, match=r"segment column 'capture', row 2: expected a string"):
+        model.predict(None, _with_cell(frame, "capture", 2, None))
+
+
+def _with_cell(frame: pd.DataFrame, column: str, row: int, value: Any) -> pd.DataFrame:
+    cells = list(frame[column])
+    cells[row] = value
+    out = frame.copy()
+    out[column] = pd.Series(cells, index=frame.index, dtype=object)
+    return out
+
+
+# ---------------------------------------------------------------- registration, load by alias, bit-exact predict
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_register_load_by_alias_predict_bit_for_bit(
+    tracking: registry.MlflowConfig, fresh_engine: Engine, committed_actors: Any,
+    make_doc: Callable[..., dict[str, Any]], model_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in ./mlruns
+    doc = _with_evidence(make_doc(model=model_name))
+    number = _create(fresh_engine, committed_actors, doc)
+    _activate(fresh_engine, committed_actors, model_name, number)
+    outcome = registry.sync_model(fresh_engine, model_name, config=tracking, reports=False)
+    assert outcome.ok, outcome.error
+    assert outcome.result is not None and outcome.result.registered == (number,)
+    assert _store_numbers(tracking, model_name) == {"production": number}
+
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    mlflow.set_registry_uri(tracking.registry_uri)
+    loaded = mlflow.pyfunc.load_model(registry.model_uri(model_name, "production"))
+    logs = _logs(doc, n=800 if tracking.artifact_root else 300)  # MLflow's schema check costs ~1 ms a row
+    got = loaded.predict(_frame(logs))
+
+    # the project's own evaluator on the same logs
+    policy = CompiledPolicy.from_document(doc)
+    scored = ScoredLogs.from_logs(logs, policy.calibrators, policy.score)
+    exits = route_scored(policy, scored)
+    rows = np.arange(logs.n)
+    assert np.array_equal(got["exit"].to_numpy(), exits)
+    assert np.array_equal(got["answer"].to_numpy(), scored.preds[rows, exits])
+    assert np.array_equal(_bits(got["confidence"].to_numpy()), _bits(scored.scores[rows, exits]))
+    assert len(np.unique(exits)) == 3, "the test logs should exercise every exit"
+    ref = route(policy, logs.logits, logs.segment_values(["capture"]))
+    assert np.array_equal(policy_rows(policy, logs.segments, logs.n),
+                          policy.segment_codes(logs.segment_values(["capture"]), logs.n))
+    assert np.array_equal(_bits(got["confidence"].to_numpy()), _bits(ref.confidence))
+    assert list(got["answer_name"][:5]) == [doc["classes"][a] for a in ref.answer[:5]]
+
+    # the run: params, metrics, tags, artifacts; the model version: signature and example
+    client = _client(tracking)
+    mv = _versions(tracking, model_name)[0]
+    run = client.get_run(mv.run_id)
+    assert run.data.params["eps"] == "0.02" and run.data.params["segment_keys"] == "capture"
+    assert run.data.metrics["compute_fraction"] == pytest.approx(0.61)
+    assert run.data.metrics["bound.overall.upper_bound"] == pytest.approx(0.0183)
+    for tags in (run.data.tags, mv.tags):
+        assert tags[registry.TAG_CONTENT_HASH] == doc["content_hash"]
+        assert tags[registry.TAG_STORE_VERSION] == str(number)
+        assert tags[registry.TAG_AUTHOR] == committed_actors.author.name
+        assert tags[registry.TAG_FINGERPRINT] == doc["data"]["fingerprint"]
+    assert mv.tags[registry.TAG_STATE] == "active" and mv.tags[registry.TAG_ACTIVE_IN] == "production"
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
+    assert {"policy.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(mv.run_id, "plots")}
+    assert plots == {"plots/compute_vs_risk.png", "plots/reliability_stage1.png"}
+    assert run.data.metrics["calibration.stage1.after.ece"] == pytest.approx(0.02)
+    info = mlflow.models.get_model_info(registry.model_uri(model_name, "production"))
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["exit_0", "exit_1", "exit_2", "capture"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == list(
+        ("exit", "exit_name", "answer", "answer_name", "confidence"))
+    assert info.saved_input_example_info is not None
+    assert not (tmp_path / "mlruns").exists()
+    if tracking.artifact_root:
+        assert Path(tracking.artifact_root.removeprefix("file://")).is_dir()
+
+
+# ---------------------------------------------------------------- aliases follow the lifecycle (after-commit hook)
+
+@pytest.fixture
+def hook(fresh_engine: Engine, embedded: registry.MlflowConfig) -> Iterator[registry.SyncHook]:
+    h = registry.install_hook(fresh_engine, config=embedded, reports=False)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+                         indirect=True)
+def test_aliases_follow_activate_rollback_and_kill(
+    hook: registry.SyncHook, embedded: registry.MlflowConfig, fresh_engine: Engine, committed_actors: Any,
+    make_doc: Callable[..., dict[str, Any]], model_name: str,
+) -> None:
+    a = committed_actors
+    v1 = _create(fresh_engine, a, make_doc(model=model_name))
+    v2 = _create(fresh_engine, a, make_doc(model=model_name, variant=1, parent=1))
+    assert [int(mv.tags[registry.TAG_STORE_VERSION]) for mv in _versions(embedded, model_name)] == [v1, v2]
+    assert _aliases(embedded, model_name) == {}
+
+    _activate(fresh_engine, a, model_name, v1)
+    _activate(fresh_engine, a, model_name, v1, env="staging")
+    assert _store_numbers(embedded, model_name) == {"production": v1, "staging": v1}
+    _activate(fresh_engine, a, model_name, v2)
+    assert _store_numbers(embedded, model_name) == {"production": v2, "staging": v1}
+    with unit_of_work(fresh_engine) as s:
+        lifecycle.rollback(model_name, "production", actor=a.approver, reason="regression", session=s)
+    assert _store_numbers(embedded, model_name) == {"production": v1, "staging": v1}
+
+    with unit_of_work(fresh_engine) as s:
+        lifecycle.kill(model_name, "production", actor=a.author, reason="incident", session=s)
+    name = registry.registered_model_name(model_name)
+    tags = _client(embedded).get_registered_model(name).tags
+    assert tags[f"{registry.TAG_KILLED_PREFIX}production"] == "true"
+    assert tags[f"{registry.TAG_KILLED_PREFIX}staging"] == "false"
+    by_number = {int(mv.tags[registry.TAG_STORE_VERSION]): mv for mv in _versions(embedded, model_name)}
+    assert by_number[v1].tags[registry.TAG_KILLED_IN] == "production"
+    assert by_number[v1].tags[registry.TAG_ACTIVE_IN] == "production,staging"
+    assert by_number[v2].tags[registry.TAG_STATE] == "superseded"
+    assert registry.TAG_ACTIVE_IN not in by_number[v2].tags
+    with unit_of_work(fresh_engine) as s:
+        lifecycle.unkill(model_name, "production", actor=a.approver, reason="fixed", session=s)
+    tags = _client(embedded).get_registered_model(name).tags
+    assert tags[f"{registry.TAG_KILLED_PREFIX}production"] == "false"
+
+    # the database is the source of truth: a hand-made alias goes, a moved alias comes back
+    client = _client(embedded)
+    client.set_registered_model_alias(name, "champion", by_number[v2].version)
+    client.set_registered_model_alias(name, "production", by_number[v2].version)
+    outcome = registry.sync_model(fresh_engine, model_name, config=embedded, reports=False)
+    assert outcome.ok and outcome.result is not None
+    assert outcome.result.aliases_removed == ("champion",) and outcome.result.registered == ()
+    assert _store_numbers(embedded, model_name) == {"production": v1, "staging": v1}
+    assert len(_versions(embedded, model_name)) == 2
+    with unit_of_work(fresh_engine, readonly=True) as s:
+        assert registry.pending_models(session=s, config=embedded) == []
+
+
+# ---------------------------------------------------------------- outage, then sync: exactly the missing versions
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sync_after_outage_registers_exactly_the_missing_versions(
+    server: registry.MlflowConfig, fresh_engine: Engine, committed_actors: Any,
+    make_doc: Callable[..., dict[str, Any]], model_name: str,
+) -> None:
+    a = committed_actors
+    hook = registry.install_hook(fresh_engine, config=server, reports=False)
+    try:
+        v1 = _create(fresh_engine, a, make_doc(model=model_name))
+        _activate(fresh_engine, a, model_name, v1)
+    finally:
+        hook.close()
+    assert _store_numbers(server, model_name) == {"production": v1}
+
+    dead_uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: connection refused
+    dead = registry.MlflowConfig(dead_uri, dead_uri, None)
+    hook = registry.install_hook(fresh_engine, config=dead, reports=False)
+    try:
+        started = time.monotonic()
+        v2 = _create(fresh_engine, a, make_doc(model=model_name, variant=1, parent=1))  # store ops still succeed
+        v3 = _create(fresh_engine, a, make_doc(model=model_name, variant=2, parent=2))
+        _activate(fresh_engine, a, model_name, v3)
+        outage_seconds = time.monotonic() - started
+    finally:
+        hook.close()
+    assert outage_seconds < 30, f"store operations waited {outage_seconds:.1f}s on a dead MLflow"
+    with unit_of_work(fresh_engine, readonly=True) as s:
+        status = {st.model: st for st in registry.sync_status(session=s, config=server)}[model_name]
+        assert registry.pending_models(session=s, config=server) == [model_name]
+    assert status.pending and status.failures >= 3 and "MLflow unreachable" in (status.last_error or "")
+    assert status.synced_seq < status.audit_seq
+    assert len(_versions(server, model_name)) == 1  # nothing reached the server during the outage
+
+    outcomes = registry.sync_all(fresh_engine, config=server, only_pending=True, reports=False)
+    assert [(o.model, o.ok) for o in outcomes] == [(model_name, True)]
+    assert outcomes[0].result is not None and outcomes[0].result.registered == (v2, v3)
+    numbers = [int(mv.tags[registry.TAG_STORE_VERSION]) for mv in _versions(server, model_name)]
+    assert numbers == [v1, v2, v3]
+    assert _store_numbers(server, model_name) == {"production": v3}
+
+    again = registry.sync_model(fresh_engine, model_name, config=server, reports=False)
+    assert again.ok and again.result is not None and again.result.registered == ()
+    assert again.result.aliases_set == () and again.result.duplicates_removed == ()
+    assert len(_versions(server, model_name)) == 3
+    with unit_of_work(fresh_engine, readonly=True) as s:
+        assert registry.pending_models(session=s, config=server) == []
+
+
+# ---------------------------------------------------------------- half-done registrations and races
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_cut_short_registration_is_finished_not_repeated(
+    embedded: registry.MlflowConfig, fresh_engine: Engine, committed_actors: Any,
+    make_doc: Callable[..., dict[str, Any]], model_name: str,
+) -> None:
+    doc = make_doc(model=model_name)
+    number = _create(fresh_engine, committed_actors, doc, approve=False)
+    client = _client(embedded)
+    name = registry.registered_model_name(model_name)
+    rec = registry.VersionRecord(model=model_name, number=number, content_hash=doc["content_hash"],
+                                 author=committed_actors.author.name, state="draft")
+    # the run was logged, then the process died before create_model_version
+    registry._ensure_registered_model(client, name, model_name)
+    exp = registry._experiment_id(client, embedded, name, model_name)
+    run_id, _ = registry._log_run(client, embedded, exp, rec, doc, None)
+    outcome = registry.sync_model(fresh_engine, model_name, config=embedded, reports=False)
+    assert outcome.ok and outcome.result is not None and outcome.result.registered == (number,)
+    assert [mv.run_id for mv in _versions(embedded, model_name)] == [run_id]
+    assert len(client.search_runs([exp])) == 1
+
+    # a concurrent sync registered the same version twice: the younger copy goes
+    mv = _versions(embedded, model_name)[0]
+    client.create_model_version(name=name, source=mv.source, run_id=mv.run_id, tags=mv.tags, model_id=mv.model_id)
+    assert len(_versions(embedded, model_name)) == 2
+    outcome = registry.sync_model(fresh_engine, model_name, config=embedded, reports=False)
+    assert outcome.result is not None and outcome.result.duplicates_removed == (str(int(mv.version) + 1),)
+    assert [str(v.version) for v in _versions(embedded, model_name)] == [str(mv.version)]
+
+    # an MLflow version the store does not know (another database) is tagged stale, never aliased
+    other = make_doc(model=model_name, variant=9)
+    stale = client.create_model_version(name=name, source=mv.source, run_id=mv.run_id, model_id=mv.model_id,
+                                        tags={registry.TAG_STORE_VERSION: "7",
+                                              registry.TAG_CONTENT_HASH: other["content_hash"]})
+    outcome = registry.sync_model(fresh_engine, model_name, config=embedded, reports=False)
+    assert outcome.result is not None and outcome.result.stale == (str(stale.version),)
+    assert client.get_model_version(name, stale.version).tags[registry.TAG_STALE] == "true"
+
+
+# ---------------------------------------------------------------- CLI
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_cli_sync_status_uri(
+    store_env: str, embedded: registry.MlflowConfig, committed_actors: Any, fresh_engine: Engine,
+    make_doc: Callable[..., dict[str, Any]], model_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from api.cli import build_app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded.tracking_uri)
+    app = build_app()
+    runner = CliRunner()
+    v1 = _create(fresh_engine, committed_actors, make_doc(model=model_name))
+    _activate(fresh_engine, committed_actors, model_name, v1)
+
+    res = runner.invoke(app, ["mlflow", "status", "--json"])
+    assert res.exit_code == 0, res.output
+    status = json.loads(res.stdout)
+    assert status["pending"] == [model_name] and status["tracking_uri"] == embedded.tracking_uri
+
+    res = runner.invoke(app, ["mlflow", "sync", model_name, "--no-reports", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["ok"] and out["models"][0]["result"]["registered"] == [v1]
+    assert out["models"][0]["uris"] == {"production": f"models:/exit-policy-{model_name}@production"}
+
+    res = runner.invoke(app, ["mlflow", "uri", model_name, "--env", "production"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"models:/exit-policy-{model_name}@production"
+    res = runner.invoke(app, ["mlflow", "uri", model_name, "--version", str(v1), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["uri"].startswith(f"models:/exit-policy-{model_name}/")
+    res = runner.invoke(app, ["mlflow", "uri", model_name, "--env", "staging"])
+    assert res.exit_code != 0 and "no alias 'staging'" in str(res.exception)
+
+    res = runner.invoke(app, ["mlflow", "status"])
+    assert res.exit_code == 0 and f"{model_name}: in sync" in res.stdout
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    res = runner.invoke(app, ["mlflow", "sync", "--json"])
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout)
+    assert not out["ok"] and "MLflow unreachable" in out["models"][0]["error"]
+    with unit_of_work(fresh_engine, readonly=True) as s:
+        from policies.registry import MlflowSync
+
+        row = s.scalars(select(MlflowSync).where(MlflowSync.model == model_name)).one()
+        assert row.failures == 1 and row.tracking_uri == embedded.tracking_uri
