@@ -291,7 +291,14 @@ def _shifted_transposed(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float
     n, c = z.shape
     d = np.empty((c, n), dtype=np.float32)
     wide = z.dtype.itemsize > 4
-    for start, stop in _chunks(n):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: caught just below
+        _shift_blocks(z, d, wide)
+    total = float(d[y, np.arange(n)].sum(dtype=np.float64))
+    return d, total / n
+
+
+def _shift_blocks(z: np.ndarray, d: np.ndarray, wide: bool) -> None:
+    for start, stop in _chunks(z.shape[0]):
         block = d[:, start:stop]
         if wide:
             chunk = z[start:stop]
@@ -301,8 +308,6 @@ def _shifted_transposed(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float
             block -= block.max(axis=0)
         if not np.isfinite(block).all():  # NaN or +-inf anywhere in a row spoils its shift
             _check_finite_chunk(z[start:stop], start, "logits")
-    total = float(d[y, np.arange(n)].sum(dtype=np.float64))
-    return d, total / n
 
 
 def _nll_derivatives(d: np.ndarray, beta: float, mean_dy: float) -> tuple[float, float]:
