@@ -7,8 +7,8 @@ One place maps errors to HTTP answers:
   errors that carry a list of problems (``DocumentError.errors``) add ``errors``;
 - request validation -> 422 with ``errors`` = [{loc, msg, type}] naming every bad field;
 - Starlette HTTP errors (404 unknown route, 405, 413 from the size limit...) -> ``about:blank``;
-- anything else -> a generic 500 that never leaks internals (the traceback goes to the log,
-  the answer carries only an opaque ``error_id`` to find it there).
+- anything else -> a generic 500; no 5xx answer carries the error's text (it may name hosts,
+  paths or SQL): the traceback goes to the log, the answer carries an ``error_id`` to find it.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def _issues(errors: Sequence[Any]) -> list[dict[str, Any]]:
 def exitwise_problem(request: Request, exc: ExitwiseError) -> ProblemResponse:
     status = int(getattr(exc, "http_status", 500) or 500)
     if status >= 500:
-        return internal_problem(request, exc)
+        return internal_problem(request, exc, status=status, title=getattr(exc, "title", None),
+                                type_=problem_type(type(exc)) if status != 500 else "about:blank")
     headers = dict(getattr(exc, "headers", None) or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="exitwise"')
@@ -130,12 +131,20 @@ def exitwise_problem(request: Request, exc: ExitwiseError) -> ProblemResponse:
     )
 
 
-def internal_problem(request: Request, exc: BaseException) -> ProblemResponse:
+def internal_problem(request: Request, exc: BaseException, *, status: int = 500, title: str | None = None,
+                     type_: str = "about:blank") -> ProblemResponse:
+    """A 5xx answer whose detail never carries the exception's text (it may name hosts, paths, SQL).
+
+    The full error goes to the log under ``error_id``, which the answer carries.
+    """
     error_id = uuid.uuid4().hex
-    log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path,
+    log.error("error %s (%d) on %s %s", error_id, status, request.method, request.url.path,
               exc_info=(type(exc), exc, exc.__traceback__))
-    return problem(500, detail="An unexpected error occurred; the server log has the details.",
-                   instance=request.url.path, error_id=error_id)
+    detail = ("The service is not available right now; retry later." if status == 503
+              else "An unexpected error occurred.")
+    return problem(status, title=title if status != 500 else None, type_=type_, instance=request.url.path,
+                   detail=f"{detail} The server log has the details under error_id {error_id}.", error_id=error_id,
+                   headers={"Retry-After": "5"} if status == 503 else None)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -1,0 +1,187 @@
+"""API fixtures: one store per backend with principals of every role, served two ways.
+
+- ``world`` (session, per backend): a migrated database (``databases.new()`` from the root
+  conftest) with committed principals ``admin``, ``alice`` (author), ``bob`` and ``carol``
+  (approvers), ``rita`` (reader) and ``dora`` (a disabled reader); ``world.seed(...)`` stores
+  versions through the lifecycle services (what the CLI does). Tests isolate themselves by
+  using their own model name (``world.model()``), so they can share the database.
+- ``asgi_client``: FastAPI's ``TestClient`` on ``create_app(settings, engine=world.engine)``.
+- ``live_server`` / ``live_client``: a real ``exitwise serve`` process (uvicorn) on a free
+  loopback port over the same database.
+- ``api`` (parametrised ``asgi`` | ``live``): the same test through both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from api.app import create_app
+from api.settings import ApiSettings
+from policies import lifecycle
+from policies.db import make_engine, unit_of_work
+from policies.principals import add_principal, disable_principal, get_principal
+
+ROOT = Path(__file__).resolve().parents[2]
+EXITWISE = Path(sys.executable).with_name("exitwise")
+CACHE_TTL_MS = 150
+ROLES = {"admin": "admin", "alice": "author", "bob": "approver", "carol": "approver", "rita": "reader"}
+
+
+@dataclass
+class World:
+    """A committed store on one backend and the plaintext tokens of its principals."""
+
+    backend: str
+    url: str
+    engine: Engine
+    data_dir: Path
+    tokens: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def auth(self, name: str | None) -> dict[str, str]:
+        return {} if name is None else {"Authorization": f"Bearer {self.tokens[name]}"}
+
+    def model(self, prefix: str = "m") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    def seed(self, make_doc: Callable[..., dict[str, Any]], model: str, *, versions: int = 1, approve: int = 0,
+             activate: dict[str, int] | None = None, kill: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Create ``versions`` drafts (by alice), approve the first ``approve`` (bob), activate, kill."""
+        docs = [make_doc(model=model, variant=i) for i in range(versions)]
+        with unit_of_work(self.engine) as s:
+            alice, bob = get_principal("alice", session=s), get_principal("bob", session=s)
+            for i, doc in enumerate(docs):
+                lifecycle.create_version(doc, author=alice, session=s)
+                if i < approve:
+                    lifecycle.approve(model, i + 1, approver=bob, reason="reviewed", session=s)
+            for env, number in (activate or {}).items():
+                lifecycle.activate(model, number, env, actor=bob, reason="seed", session=s)
+            for env in kill:
+                lifecycle.kill(model, env, actor=alice, reason="seed", session=s)
+        return docs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn process serving the API on loopback."""
+
+    base_url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_server(url: str, data_dir: Path, log: Path, *, ttl_ms: int = CACHE_TTL_MS, port: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> LiveServer:
+    """``exitwise serve`` on a free port; waits until /healthz answers (30 s at most)."""
+    port = port or free_port()
+    env = {**os.environ, "EXITWISE_DATABASE_URL": url, "EXITWISE_DATA_DIR": str(data_dir),
+           "EXITWISE_CACHE_TTL_MS": str(ttl_ms), "MLFLOW_DISABLE_TELEMETRY": "true", **(extra_env or {})}
+    env.pop("EXITWISE_DEBUG", None)
+    with log.open("ab") as fh:
+        proc = subprocess.Popen([str(EXITWISE), "serve", "--host", "127.0.0.1", "--port", str(port),
+                                 "--log-level", "warning"], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not start within 30 s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def world(databases: Any, backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    url = databases.new()
+    engine = make_engine(url)
+    w = World(backend, url, engine, tmp_path_factory.mktemp(f"api-data-{backend}"))
+    with unit_of_work(engine) as s:
+        boot = add_principal("admin", "admin", actor=None, session=s)
+        w.tokens["admin"] = boot.token
+        for name, role in ROLES.items():
+            if name != "admin":
+                w.tokens[name] = add_principal(name, role, actor=boot.principal, session=s).token
+        w.tokens["dora"] = add_principal("dora", "reader", actor=boot.principal, session=s).token
+        disable_principal("dora", actor=boot.principal, session=s, reason="left")
+    yield w
+    engine.dispose()
+    databases.drop(url)
+
+
+def settings_for(world: World, **overrides: Any) -> ApiSettings:
+    values: dict[str, Any] = {"database_url": world.url, "data_dir": world.data_dir, "cache_ttl_ms": CACHE_TTL_MS}
+    values.update(overrides)
+    return ApiSettings(**values)
+
+
+@pytest.fixture
+def make_settings(world: World) -> Callable[..., ApiSettings]:
+    """``make_settings(**overrides)``: ApiSettings on ``world``'s database."""
+    return lambda **overrides: settings_for(world, **overrides)
+
+
+@pytest.fixture(scope="session")
+def cache_ttl() -> float:
+    """The EXITWISE_CACHE_TTL_MS of the test apps and servers, in seconds."""
+    return CACHE_TTL_MS / 1000
+
+
+@pytest.fixture(scope="session")
+def asgi_client(world: World) -> Iterator[TestClient]:
+    app = create_app(settings_for(world), engine=world.engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def live_server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp(f"server-{world.backend}") / "server.log"
+    server = start_server(world.url, world.data_dir, log)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_client(live_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server.base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(params=["asgi", "live"])
+def api(request: pytest.FixtureRequest) -> httpx.Client:
+    """The API through FastAPI's TestClient and through a real uvicorn process."""
+    return request.getfixturevalue(f"{request.param}_client")
