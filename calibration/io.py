@@ -325,12 +325,21 @@ class _ParquetColumns:
         self.num_rows = pf.metadata.num_rows
 
     def column(self, name: str) -> pa.ChunkedArray:
+        return self.columns([name])[0]
+
+    def columns(self, names: list[str]) -> list[pa.ChunkedArray]:
+        """Read a few columns at once: Arrow decodes columns in parallel, one per thread."""
         try:
-            return self._pf.read(columns=[name]).column(0)
+            table = self._pf.read(columns=names)
         except (pa.ArrowException, OSError) as exc:
-            raise LogFormatError(
-                f"{self._path}: cannot read column {name!r} (corrupt Parquet file): {exc}"
-            ) from None
+            raise LogFormatError(f"{self._path}: cannot read columns {names} (corrupt Parquet file): {exc}") from None
+        return [table.column(i) for i in range(len(names))]
+
+
+def _columns(table: pa.Table | _ParquetColumns, names: list[str]) -> list[pa.ChunkedArray]:
+    if isinstance(table, _ParquetColumns):
+        return table.columns(names)
+    return [table.column(name) for name in names]
 
 
 class _Where:
@@ -618,15 +627,20 @@ def _from_wide_table(
     where = _Where(id_arr, card.id_column, lines)
     ids = None if id_arr is None else _ids(id_arr, card.id_column, src, where)
     logits: np.ndarray | None = None
-    for k in range(k_card):
-        col = table.column(f"exit_{k}")
-        if logits is None:
-            n_classes = _list_width(col, _n_classes(card))
-            if n_classes < 2:
-                raise LogFormatError(f"{src}: column 'exit_{k}': logits need at least 2 classes, found {n_classes}")
-            logits = np.empty((n, k_card, n_classes), dtype=np.float32)
-        _fill_lists(col, f"exit_{k}", logits[:, k, :], src, where, card_classes=card.classes is not None)
-        del col
+    group = max(2, min(4, os.cpu_count() or 1))  # columns decoded together: parallel, bounded memory
+    for first in range(0, k_card, group):
+        ks = list(range(first, min(k_card, first + group)))
+        cols = _columns(table, [f"exit_{k}" for k in ks])
+        for k, col in zip(ks, cols, strict=True):
+            if logits is None:
+                n_classes = _list_width(col, _n_classes(card))
+                if n_classes < 2:
+                    raise LogFormatError(
+                        f"{src}: column 'exit_{k}': logits need at least 2 classes, found {n_classes}"
+                    )
+                logits = np.empty((n, k_card, n_classes), dtype=np.float32)
+            _fill_lists(col, f"exit_{k}", logits[:, k, :], src, where, card_classes=card.classes is not None)
+        del cols, col
     assert logits is not None  # k_card >= 2 (ModelCard)
     _check_finite(logits, src, lambda i, k: where(i), _exit_name(card))
     return _assemble(table, logits, ids, card, src, where)
