@@ -216,6 +216,8 @@ class PolicyClient:
 
     def refresh(self) -> RefreshResult:
         """Poll the server once with ``If-None-Match``; never raises for server or body problems."""
+        if self._http.is_closed:
+            raise RuntimeError("PolicyClient is closed")
         with self._lock:
             result = self._refresh_locked()
         self.last_result = result
@@ -233,12 +235,16 @@ class PolicyClient:
             self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Stop polling and close the HTTP connection pool."""
+    def stop(self) -> None:
+        """Stop background polling (the current policy stays; :meth:`refresh` still works)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.poll_interval + 1.0)
+            self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
             self._thread = None
+
+    def close(self) -> None:
+        """Stop polling and close the HTTP connection pool; the client cannot poll afterwards."""
+        self.stop()
         self._http.close()
 
     def __enter__(self) -> PolicyClient:

@@ -175,6 +175,21 @@ def live_server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Itera
     server.stop()
 
 
+@pytest.fixture
+def start_live_server(world: World, tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """``start_live_server(**kw)``: a dedicated server on ``world``'s database, stopped after the test."""
+    servers: list[LiveServer] = []
+
+    def start(**kwargs: Any) -> LiveServer:
+        server = start_server(world.url, world.data_dir, tmp_path / f"server{len(servers)}.log", **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def live_client(live_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.base_url, timeout=30) as client:
