@@ -167,6 +167,7 @@ def check_chain(records: Iterable[Mapping[str, Any]], head: tuple[int, str] | No
     """
     recs = list(records)
     by_hash = {r["hash"]: r["seq"] for r in recs}
+    seqs = {r["seq"] for r in recs}
     prev, expected, count = GENESIS_HASH, 1, 0
 
     def broken(seq: int, problem: Any, message: str, **details: Any) -> ChainReport:
@@ -175,6 +176,8 @@ def check_chain(records: Iterable[Mapping[str, Any]], head: tuple[int, str] | No
     for r in recs:
         seq = r["seq"]
         if seq != expected:
+            if seq > expected and expected in seqs:
+                return broken(seq, "reordered", f"audit row seq={seq} appears before seq={expected} (reordered)")
             if seq > expected:
                 gap = f"seq {expected}" if seq == expected + 1 else f"seq {expected}..{seq - 1}"
                 return broken(expected, "deleted", f"audit row(s) {gap} missing before seq {seq} (deleted)")

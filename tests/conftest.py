@@ -15,6 +15,9 @@ Databases (every schema is created by the Alembic migrations, never by ``create_
 - ``fresh_url`` / ``fresh_engine`` (function): a brand-new migrated database for one test with
   real commits (a copy of a migrated template: ``CREATE DATABASE ... TEMPLATE`` on PostgreSQL,
   a file copy on SQLite) — for concurrency, fault, tamper, CLI and API tests.
+- ``empty_url`` (function): a new database without any schema (migration tests).
+- ``databases`` (session): the factory behind these; ``databases.new(template=databases.snapshot(url))``
+  copies a prepared database (prepare once per module, copy per test).
 - ``store_env`` (function): ``EXITWISE_DATA_DIR`` = tmp dir and ``EXITWISE_DATABASE_URL`` =
   ``fresh_url`` in the environment (CLI and app-factory tests); returns the URL.
 
@@ -124,17 +127,29 @@ class DatabaseFactory:
         if backend == "sqlite" and Path(str(tmp / "template.db-wal")).exists():
             raise RuntimeError("SQLite template still has a WAL file after dispose; cannot copy it safely")
 
-    def new(self) -> str:
-        """URL of a new migrated, empty database."""
+    def new(self, *, migrated: bool = True, template: str | None = None) -> str:
+        """URL of a new database: a copy of ``template`` (see :meth:`snapshot`), migrated to head, or empty."""
         self.count += 1
         if self.backend == "postgresql":
             name = f"exitwise_t_{RUN_ID}_{self.count}"
-            _pg_execute(f"CREATE DATABASE {name} TEMPLATE {self.template}")
+            source = template or (self.template if migrated else None)
+            _pg_execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {source} STRATEGY = FILE_COPY" if source else ""))
             self.created.append(name)
             return _pg_db_url(name)
         path = self.tmp / f"db{self.count}.db"
-        shutil.copyfile(self.tmp / "template.db", path)
+        if migrated or template:
+            shutil.copyfile(template or self.tmp / "template.db", path)
         return f"sqlite:///{path}"
+
+    def snapshot(self, url: str) -> str:
+        """Freeze the database at ``url`` (no open connections!) as a template for :meth:`new`."""
+        if self.backend == "postgresql":
+            self.count += 1
+            name = f"exitwise_t_{RUN_ID}_{self.count}_tpl"
+            _pg_execute(f"CREATE DATABASE {name} TEMPLATE {make_url(url).database} STRATEGY = FILE_COPY")
+            self.created.append(name)
+            return name
+        return str(make_url(url).database)
 
     def drop(self, url: str) -> None:
         if self.backend == "postgresql":
@@ -198,6 +213,14 @@ def fresh_url(databases: DatabaseFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_url(databases: DatabaseFactory) -> Iterator[str]:
+    """URL of a new database with no schema at all (migration tests)."""
+    url = databases.new(migrated=False)
+    yield url
+    databases.drop(url)
+
+
+@pytest.fixture
 def fresh_engine(fresh_url: str) -> Iterator[Engine]:
     """An engine on ``fresh_url``: real commits, nothing shared with other tests."""
     eng = make_engine(fresh_url)
@@ -243,7 +266,7 @@ def _make_actors(session: Session) -> Actors:
                   tokens={n: c.token for n, c in created.items()})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_actors() -> Callable[[Session], Actors]:
     """``make_actors(session) -> Actors`` (the bootstrap admin is ``admin``; needs an empty store)."""
     return _make_actors
@@ -305,7 +328,7 @@ def _doc(model: str = "fashion-cnn", variant: int = 0, parent: int | None = None
     return with_content_hash(doc)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_doc() -> Callable[..., dict[str, Any]]:
     """``make_doc(model="fashion-cnn", variant=0, parent=None, **top_level_overrides)``."""
     return _doc
@@ -331,7 +354,7 @@ def _dump(bind: Engine | Session) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def table_dump() -> Callable[[Engine | Session], dict[str, list[tuple[Any, ...]]]]:
     """``table_dump(engine_or_session)`` -> {table: sorted rows} of every store table."""
     return _dump
