@@ -619,3 +619,29 @@ def test_fingerprint_sensitive_and_deterministic(synth):
     ]
     prints = {fingerprint(v) for v in variants}
     assert fp not in prints and len(prints) == len(variants)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 20),
+    k=st.integers(2, 4),
+    c=st.integers(2, 5),
+    data=st.data(),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+)
+def test_first_non_finite_logit_is_reported_in_every_form(tmp_path_factory, n, k, c, data, bad):
+    """Whatever the form, the error names the first bad (sample, exit, class) in row-major order."""
+    card = ModelCard(model="p", exits=tuple(ExitSpec(f"x{j}", float(j + 1)) for j in range(k)))
+    logits = np.random.default_rng(n * 100 + k * 10 + c).standard_normal((n, k, c)).astype(np.float32)
+    cells = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, k - 1), st.integers(0, c - 1)),
+                               min_size=1, max_size=4))
+    for cell in cells:
+        logits[cell] = bad
+    i, e, j = min(cells)
+    logs = ExitLogs(logits=logits, card=card, request_ids=np.array([f"q{v}" for v in range(n)], dtype=object))
+    tmp = tmp_path_factory.mktemp("nf")
+    for form, ext in FORMS:
+        path = write_logs(logs, tmp / f"f{ext}", form=form)
+        message = _error(path, card)
+        assert f"request_id 'q{i}')" in message, message
+        assert f"at exit {e} (x{e}), class {j};" in message, message
