@@ -350,13 +350,13 @@ _RC = {
 
 def _svg(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight", pad_inches=0.05)
     return _data_uri(buf.getvalue(), "image/svg+xml")
 
 
 def _png(fig, dpi: int = 160) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.05)
     return _data_uri(buf.getvalue(), "image/png")
 
 
@@ -365,6 +365,8 @@ _BASELINE_STYLE = {
     "global_threshold": ("^", "#d97706", "one global threshold"),
     "calm": ("D", "#7c3aed", "CALM"),
     "per_exit": ("v", "#0891b2", "per-exit thresholds"),
+    "oracle": ("X", "#059669", "oracle (fit on the evaluation data)"),
+    "per_sample_oracle": ("p", "#10b981", "per-sample oracle"),
 }
 
 
@@ -379,19 +381,26 @@ def curve_figure(doc: Mapping[str, Any]) -> str | None:
         return None
     eps = (doc.get("guarantee") or {}).get("eps")
     with matplotlib.rc_context(_RC):
-        fig = _figure(7.0, 3.2)
+        fig = _figure(7.0, 4.0)
         ax = fig.add_subplot()
         if curve:
             pts = sorted(curve, key=lambda p: p["risk"])
-            ax.plot([100 * p["risk"] for p in pts], [100 * p["compute_fraction"] for p in pts], "-o",
-                    color="#2563eb", ms=3, lw=1.5, label="candidate policies (solver)")
+            xs, ys = [100 * p["risk"] for p in pts], [100 * p["compute_fraction"] for p in pts]
+            ax.plot(xs, ys, "-", color="#2563eb", lw=1.5, label="candidate policies (solver)")
+            cert = [p.get("certified") is not False for p in pts]
+            ax.plot([x for x, c in zip(xs, cert, strict=True) if c], [y for y, c in zip(ys, cert, strict=True) if c],
+                    "o", color="#2563eb", ms=3.5, ls="none")
+            if not all(cert):
+                ax.plot([x for x, c in zip(xs, cert, strict=True) if not c],
+                        [y for y, c in zip(ys, cert, strict=True) if not c], "o", mfc="white", mec="#2563eb",
+                        ms=3.5, ls="none", label="candidate failing certification")
         for name, base in (exp.get("baselines") or {}).items():
             if not isinstance(base, Mapping) or not _finite(base.get("compute_fraction")):
                 continue
             marker, colour, label = _BASELINE_STYLE.get(name, ("P", "#475569", name.replace("_", " ")))
             risk = base.get("risk") if _finite(base.get("risk")) else 0.0
             ax.plot([100 * risk], [100 * base["compute_fraction"]], marker, color=colour, ms=7,
-                    ls="none", label=f"baseline: {label}")
+                    ls="none", label=label)
         if all(_finite(v) for v in chosen):
             ax.plot([100 * chosen[0]], [100 * chosen[1]], "*", color="#dc2626", ms=15, mec="white", mew=0.8,
                     ls="none", label="this policy", zorder=5)
@@ -404,7 +413,7 @@ def curve_figure(doc: Mapping[str, Any]) -> str | None:
         ax.set_ylim(0, 105)
         for artist in ax.lines:
             artist.set_clip_on(False)
-        fig.legend(loc="outside right center", frameon=False)
+        fig.legend(loc="outside lower center", ncol=2, frameon=False)
         return _svg(fig)
 
 
@@ -553,19 +562,29 @@ class Figures:
 
 
 def figures(doc: Mapping[str, Any]) -> Figures:
-    """The report's figures for ``doc``, memoised on the document's content.
+    """The report's figures for ``doc``, each memoised on exactly the fields it draws.
 
     Drawing them is most of the cost of an HTML report, and the same version's report is
-    asked for again and again (API, MLflow, approval hook); the key is the whole document, so
-    a changed document never gets a stale figure.
+    asked for again and again (API, MLflow, approval hook). Each key is the JSON of every
+    field the figure reads, so a changed document never gets a stale figure.
     """
-    return _figures_for(json.dumps(doc, sort_keys=True, default=str, allow_nan=True))
+    g, exp = doc.get("guarantee") or {}, doc.get("expected") or {}
+    curve_part = {"expected": {k: exp.get(k) for k in ("curve", "baselines", "risk", "compute_fraction")},
+                  "guarantee": {"eps": g.get("eps"), "risk": g.get("risk")}}
+    rate_part = {"expected": {"exit_rate": exp.get("exit_rate")}, "exits": doc.get("exits")}
+    rel_part = {"calibration": {"exits": (doc.get("calibration") or {}).get("exits")}}
+    return Figures(_memo(curve_figure, _key(curve_part)), _memo(exit_rate_figure, _key(rate_part)),
+                   tuple(_memo(reliability_images, _key(rel_part)) or ()))
 
 
-@lru_cache(maxsize=32)
-def _figures_for(doc_json: str) -> Figures:
-    doc = json.loads(doc_json)
-    return Figures(curve_figure(doc), exit_rate_figure(doc), tuple(reliability_images(doc)))
+def _key(part: Mapping[str, Any]) -> str:
+    return json.dumps(part, sort_keys=True, default=str, allow_nan=True)
+
+
+@lru_cache(maxsize=64)
+def _memo(fn: Any, key: str) -> Any:
+    out = fn(json.loads(key))
+    return tuple(out) if isinstance(out, list) else out
 
 
 # --------------------------------------------------------------------------- view model
@@ -709,6 +728,19 @@ def plain_summary(ctx: ReportContext) -> Markup:
                             "confidence, that the rate stays within the budget of {eps}. ").format(c=conf,
                                                                                                  eps=fmt_risk(eps)))
     unc = list(g.get("uncertified_segments") or [])
+    constrained = {k: v for k, v in (g.get("segments") or {}).items()
+                   if k != ALL_SEGMENTS and isinstance(v, Mapping) and k not in unc}
+    if constrained:
+        failed = sorted(k for k, v in constrained.items() if not v.get("certified"))
+        if failed:
+            parts.append(Markup("<strong>{n} of {m} constrained segments failed</strong> their budget: {names}. ")
+                         .format(n=len(failed), m=len(constrained), names=", ".join(failed)))
+        else:
+            worst = max(constrained, key=lambda k: constrained[k].get("upper_bound") or 0.0)
+            w = constrained[worst]
+            parts.append(Markup("Each of the {m} constrained segments is certified within its own budget (highest "
+                                "bound: {b} for {name}, budget {e}). ").format(
+                m=len(constrained), b=fmt_risk(w.get("upper_bound")), name=worst, e=fmt_risk(w.get("eps"))))
     forced = doc.get("forced_full_depth") or {}
     if unc:
         parts.append(Markup("{n} segment{s} ({names}) had too little data to certify and always run at full "
@@ -792,7 +824,8 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
             label = _BASELINE_STYLE.get(name, ("", "", name.replace("_", " ")))[2]
             baselines.append({"name": label, "compute": fmt_pct(b.get("compute_fraction")),
                               "risk": fmt_risk(b.get("risk")),
-                              "certified": _fmt_value(b.get("certified")) if "certified" in b else "—"})
+                              "certified": _fmt_value(b.get("certified")) if "certified" in b else "—",
+                              "note": str(b.get("note") or "")})
     split = g.get("split") or {}
     rows = data.get("rows") or {}
     diff = ctx.diff
@@ -846,16 +879,19 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "confidence": fmt_pct(1.0 - g["delta"], 0) if _finite(g.get("delta")) else "—",
         "overall_bound": fmt_risk(_overall_bound(doc)),
         "seg_rows": seg_rows, "uncertified": unc,
-        "split": [(k, fmt_int(v) if k != "seed" else str(v)) for k, v in split.items()],
+        "split": [(k, fmt_int(split[k]) if k != "seed" else str(split[k])) for k in _ordered(split, _SPLIT_ORDER)],
         "exp": exp, "compute": fmt_pct(exp.get("compute_fraction")),
         "saving": fmt_pct(1.0 - exp["compute_fraction"]) if _finite(exp.get("compute_fraction")) else "—",
         "held_out_risk": fmt_risk(exp.get("risk")),
+        "evaluated_on": str(exp.get("evaluated_on") or ""),
+        "accuracy": fmt_pct(exp.get("accuracy")), "full_depth_accuracy": fmt_pct(exp.get("full_depth_accuracy")),
         "disagreement": fmt_risk(exp.get("disagreement")), "induced_error": fmt_risk(exp.get("induced_error")),
         "cost_segments": cost_segments, "batch_rows": batch_rows, "baselines": baselines,
         "curve_figure": figs.curve, "exit_rate_figure": figs.exit_rate,
         "data": data, "fingerprint": str(data.get("fingerprint", "—")),
-        "data_rows": [(k, fmt_int(v) if _finite(v) else _fmt_value(v)) for k, v in rows.items()]
-        if isinstance(rows, Mapping) else [("rows", fmt_int(rows))],
+        "data_rows": [(k, fmt_int(rows[k]) if _finite(rows[k]) else _fmt_value(rows[k]))
+                      for k in _ordered(rows, ("total", "labelled", "skipped")) if not (k in split and k != "seed")]
+        if isinstance(rows, Mapping) else [("total", fmt_int(rows))],
         "time_window": [fmt_time(t) for t in data.get("time_window") or []],
         "segment_counts": _segment_counts(data),
         "data_extra": [(k, _fmt_value(v)) for k, v in data.items()
@@ -876,6 +912,16 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "author": ctx.author or "—", "state": ctx.state or "—",
         "mlflow_run_id": ctx.mlflow_run_id, "extra": list(ctx.extra.items()),
     }
+
+
+_SPLIT_ORDER = ("fit", "select", "certify")
+
+
+def _ordered(mapping: Mapping[str, Any], first: Sequence[str]) -> list[str]:
+    """Keys of ``mapping``: those named in ``first`` in that order, then the rest (``seed`` last)."""
+    head = [k for k in first if k in mapping]
+    rest = sorted(k for k in mapping if k not in first and k != "seed")
+    return head + rest + (["seed"] if "seed" in mapping else [])
 
 
 def _calibration_meta(cal: Mapping[str, Any]) -> str:
