@@ -75,8 +75,13 @@ def reliability_figure(
     k = len(names)
     cols = min(k, max_cols)
     rows = math.ceil(k / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + 0.8), dpi=110, layout="constrained")
+    # Fixed margins (in inches) instead of constrained layout, which draws the figure twice.
+    width, height = 3.1 * cols + 0.8, 3.2 * rows + 1.3
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
+    top = 0.95 if title else 0.6
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.3 / width, bottom=0.95 / height, top=1 - top / height,
+                        wspace=0.25, hspace=0.45)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= k:
@@ -88,9 +93,10 @@ def reliability_figure(
         if i // cols == rows - 1 or i + cols >= k:
             ax.set_xlabel("confidence", fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     if title:
-        fig.suptitle(title, fontsize=12)
+        fig.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")
     return fig
 
 
