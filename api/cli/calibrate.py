@@ -113,6 +113,9 @@ def register(app: typer.Typer) -> None:
         report_logs: Annotated[Path | None, typer.Option(
             "--report-logs", help="Report metrics on these logs (same card) and fit on all of LOGS, "
             "e.g. fit on a calibration file and report on a test file.", show_default=False)] = None,
+        jobs: Annotated[int, typer.Option(
+            "--jobs", help="Threads working on different exits at once (-1: all CPUs). Results do not "
+            "depend on it.")] = -1,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print one JSON object (method, per-exit parameters and metrics before/after, "
             "output directory) on stdout instead of the table.")] = False,
@@ -138,6 +141,8 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--fit-fraction must be strictly between 0 and 1, got {fit_fraction}")
         if bins < 1:
             raise InputError(f"--bins must be a positive integer, got {bins}")
+        if jobs == 0 or jobs < -1:
+            raise InputError(f"--jobs must be a positive integer or -1 (all CPUs), got {jobs}")
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a directory")
         _check_file(card, "model card")
@@ -155,7 +160,7 @@ def register(app: typer.Typer) -> None:
             task = progress.add_task(f"calibrating {k_total} exits", total=2 * k_total)
             result = calibrate_logs(
                 fit_logs, method, fit_fraction, seed, report_logs=rep_logs, target=target,  # type: ignore[arg-type]
-                n_bins=bins, progress=lambda stage, k: progress.advance(task),
+                n_bins=bins, progress=lambda stage, k: progress.advance(task), n_jobs=jobs,
             )
             task = progress.add_task("rendering reliability diagram", total=1)
             png = reliability_png(

@@ -107,6 +107,7 @@ def test_platt_identity_report_logs_and_unlabelled(capsys, tmp_path, synth):
         (["--method", "isotonic"], "--method must be one of temperature, platt, identity"),
         (["--fit-fraction", "1.5"], "--fit-fraction must be strictly between 0 and 1"),
         (["--bins", "0"], "--bins must be a positive integer"),
+        (["--jobs", "0"], "--jobs must be a positive integer or -1"),
         (["--target", "labels", "--report-logs", "{unlabelled}"], "have no labels"),
         (["--report-logs", "{missing}"], "report logs .*missing.parquet: no such file"),
     ],
@@ -167,6 +168,6 @@ def test_help_explains_every_option(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
     for opt in ("--card", "--out", "--method", "--fit-fraction", "--seed", "--bins", "--target", "--report-logs",
-                "--json"):
+                "--jobs", "--json"):
         assert opt in out
     assert "reliability.png" in out
