@@ -251,7 +251,6 @@ class TemperatureScaler(_Calibrator):
         z = _check_logits(logits)
         y = _check_targets(targets, z.shape[0], z.shape[1])
         d, mean_dy = _shifted_transposed(z, y)
-        self.n_classes_ = int(z.shape[1])
         if mean_dy == 0.0:
             # Every target is an argmax: the NLL only falls as T -> 0 (or, when every row is
             # constant, does not depend on T at all). Float32 underflow would stall the search
@@ -260,6 +259,7 @@ class TemperatureScaler(_Calibrator):
             self.temperature_ = 1.0 if constant else t_lo
             self.at_bound_ = not constant
             self.n_iter_ = 0
+            self.n_classes_ = int(z.shape[1])
             return self
         u_lo, u_hi = -np.log(t_hi), -np.log(t_lo)
         u0 = 0.0
