@@ -31,7 +31,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -72,7 +72,7 @@ _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
-_FLUENT_LOCK = threading.RLock()  # mlflow's fluent API (log_model) reads process-global URIs
+_FLUENT_LOCK = threading.RLock()  # mlflow's fluent API (log_model) uses process-global URIs
 
 
 class RegistryError(PolicyError):
@@ -511,27 +511,60 @@ def _log_run(
                 (plots / "compute_vs_risk.png").write_bytes(curve)
             for name, png in reliability_pngs(doc).items():
                 (plots / f"reliability_{name}.png").write_bytes(png)
-            with _FLUENT_LOCK:
-                mlflow.set_tracking_uri(config.tracking_uri)
-                mlflow.set_registry_uri(config.registry_uri)
-                with mlflow.start_run(run_id=run_id):
-                    info = mlflow.pyfunc.log_model(
-                        name=MODEL_NAME,
-                        python_model=str(entry),
-                        artifacts={mm.POLICY_ARTIFACT: str(doc_path)},
-                        signature=mm.signature(doc),
-                        input_example=mm.input_example(doc),
-                        pip_requirements=_pip_requirements(),
-                        metadata={"exitwise": _identity_tags(rec, doc)},
-                    )
-                    _log_contents(client, run_id, doc, doc_path, plots, report)
-                    client.set_tag(run_id, TAG_MODEL_ID, info.model_id)
-                    client.set_tag(run_id, TAG_LOGGED, "true")
+            with _fluent_uris(config), mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME,
+                    python_model=str(entry),
+                    artifacts={mm.POLICY_ARTIFACT: str(doc_path)},
+                    signature=mm.signature(doc),
+                    input_example=mm.input_example(doc),
+                    pip_requirements=_pip_requirements(),
+                    metadata={"exitwise": _identity_tags(rec, doc)},
+                )
+                _log_contents(client, run_id, doc, doc_path, plots, report)
+                client.set_tag(run_id, TAG_MODEL_ID, info.model_id)
+                client.set_tag(run_id, TAG_LOGGED, "true")
     except BaseException:
         with contextlib.suppress(Exception):  # the server may be the reason we are here
             client.set_terminated(run_id, "FAILED")
         raise
     return run_id, info.model_id
+
+
+@contextlib.contextmanager
+def _fluent_uris(config: MlflowConfig) -> Iterator[None]:
+    """Point mlflow's fluent API (``log_model`` needs it) at ``config``, then restore everything.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_REGISTRY_URI`` into the process environment; both the module state and the
+    environment are put back, so exitwise never changes where a host process logs.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    with _FLUENT_LOCK:
+        env = {k: os.environ.get(k) for k in keys}
+        saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+        try:
+            mlflow.set_tracking_uri(config.tracking_uri)
+            mlflow.set_registry_uri(config.registry_uri)
+            yield
+        finally:
+            if hasattr(tracking_utils, "_tracking_uri"):
+                tracking_utils._tracking_uri = saved[0]
+            if hasattr(registry_utils, "_registry_uri"):
+                registry_utils._registry_uri = saved[1]
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            with contextlib.suppress(Exception):  # the tracer provider caches the URI
+                from mlflow.tracing.provider import reset
+
+                reset()
 
 
 def _log_contents(
@@ -573,10 +606,11 @@ def _register(
     tags = _identity_tags(rec, doc) | {TAG_STATE: rec.state}
     if report is not None:
         tags[TAG_REPORT] = "report/audit_report.html"
-    return client.create_model_version(
-        name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
-        description=_description(rec, doc), model_id=model_id,
-    )
+    with _fluent_uris(config):  # a local registry store resolves models:/<id> through the global tracking URI
+        return client.create_model_version(
+            name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+            description=_description(rec, doc), model_id=model_id,
+        )
 
 
 def _alias_ok(env: str) -> bool:
@@ -702,7 +736,9 @@ def _update_version_tags(
                     client.delete_model_version_tag(name, str(mv.version), key)
             elif tags.get(key) != value:
                 client.set_model_version_tag(name, str(mv.version), key, value)
-        if TAG_REPORT not in tags and report_for is not None and mv.run_id:
+        # the report shows approvals and where the version serves: refresh it when the state moves
+        stale_report = TAG_REPORT not in tags or tags.get(TAG_STATE) != states[number]
+        if stale_report and report_for is not None and mv.run_id:
             report = _report(report_for, number)
             if report is not None:
                 _log_report(client, mv.run_id, report)
