@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,11 +120,18 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+@functools.lru_cache(maxsize=1)
+def _script_revisions() -> tuple[str, frozenset[str]]:
+    """(head, every known revision) of the installed migrations (read once per process)."""
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
     if head is None:
         raise RuntimeError("no migrations found")
-    return head
+    return head, frozenset(s.revision for s in script.walk_revisions())
+
+
+def head_revision() -> str:
+    return _script_revisions()[0]
 
 
 def _engine(engine_or_url: Engine | str) -> tuple[Engine, bool]:
@@ -164,8 +172,7 @@ def check_schema(engine: Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
-    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-    if current is not None and current not in known:
+    if current is not None and current not in _script_revisions()[1]:
         raise SchemaOutOfDate(
             f"database schema version {current!r} is unknown to this exitwise (head is {head!r}); "
             "it was migrated by a newer release — upgrade exitwise")
