@@ -743,8 +743,9 @@ def plain_summary(ctx: ReportContext) -> Markup:
                 m=len(constrained), b=fmt_risk(w.get("upper_bound")), name=worst, e=fmt_risk(w.get("eps"))))
     forced = doc.get("forced_full_depth") or {}
     if unc:
-        parts.append(Markup("{n} segment{s} ({names}) had too little data to certify and always run at full "
-                            "depth. ").format(n=len(unc), s="" if len(unc) == 1 else "s", names=", ".join(unc)))
+        parts.append(Markup("{n} segment{s} ({names}) had too little data to certify and always run{v} at full "
+                            "depth. ").format(n=len(unc), s="" if len(unc) == 1 else "s", names=", ".join(unc),
+                                              v="s" if len(unc) == 1 else ""))
     fseg = [s for s in forced.get("segments") or [] if s not in unc]
     if fseg:
         parts.append(Markup("Segment{s} {names} always run{v} at full depth. ").format(

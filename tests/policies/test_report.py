@@ -275,7 +275,7 @@ def test_plain_summary_states_what_the_policy_does_and_risks(context: rp.ReportC
     assert f"for {rp.fmt_pct(early)} of requests" in text
     assert f"uses {rp.fmt_pct(doc['expected']['compute_fraction'])} of the full model's compute" in text
     assert "With 95% confidence" in text and "at most 0.87%" in text and "budget of 1.00%" in text
-    assert "1 segment (scan) had too little data to certify and always run at full depth" in text
+    assert "1 segment (scan) had too little data to certify and always runs at full depth" in text
     assert "Shirt always go to full depth" in text and "1.0% of traffic is also run at full depth" in text
     assert "active in staging, production" in text and "audit trail verified intact" in text
 
@@ -668,3 +668,59 @@ def test_cli_renders_a_document_file(tmp_path: Path) -> None:
     res = CliRunner().invoke(_cli_app(), ["report", "--document", str(bad), "--out", str(tmp_path / "b.html")])
     assert res.exit_code != 0 and not (tmp_path / "b.html").exists()
     assert isinstance(res.exception, InputError) and "invalid policy document" in str(res.exception)
+
+
+# ----------------------------------------------------------------------------- a real solved policy
+
+
+@pytest.fixture(scope="module")
+def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A policy solved by ``exitwise solve`` (policies/document.py) on small synthetic logs."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from api.cli import solve
+    from calibration import io
+    from calibration.synthetic import synthetic_logs
+
+    d = tmp_path_factory.mktemp("solved")
+    logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)
+    io.write_logs(logs, d / "logs.npz", form="npz")
+    io.write_card(logs.card, d / "card.json")
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """exitwise (test root)."""
+
+    solve.register(app)
+    res = CliRunner().invoke(app, ["solve", str(d / "logs.npz"), "--card", str(d / "card.json"), "--out",
+                                   str(d / "policy.json"), "--eps", "0.03", "--segment-key", "region",
+                                   "--segment-budget", "*=0.05", "--forbid-class", "class3", "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads((d / "policy.json").read_text(encoding="utf-8"))
+
+
+def test_a_solved_policy_renders_and_fits(solved_doc: dict[str, Any], tmp_path: Path) -> None:
+    ctx = rp.context_from_document(solved_doc, version=1)
+    html = rp.render_html(ctx)
+    text = visible_text(html)
+    for what, value in key_numbers(solved_doc, version=1).items():
+        assert value in text, what
+    g = solved_doc["guarantee"]
+    for seg, s in g["segments"].items():
+        if seg != "__all__" and s.get("upper_bound") is not None:
+            assert f"{seg} {s['n']:,} {rp.fmt_risk(s['eps'])} {rp.fmt_risk(s['upper_bound'])}" in text
+    for b in solved_doc["expected"]["baselines"].values():
+        assert rp.fmt_pct(b["compute_fraction"]) in text
+    for bs, v in solved_doc["expected"]["batch_compute_fraction"].items():
+        assert f"{bs} {rp.fmt_pct(v)}" in text
+    assert html.count('<figure class="rel">') == 1  # 4 exits -> one 2x2 image of reliability diagrams
+    assert "class3 full depth" in text  # the forbidden class is marked in every threshold table
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", OVERFLOW_PROBE + "</body>"), encoding="utf-8")
+    res = chromium(["--window-size=794,1123", "--virtual-time-budget=2000", "--dump-dom", probe.as_uri()], tmp_path)
+    found = re.search(r'data-overflow="([^"]*)"', res.stdout.decode())
+    assert found and htmllib.unescape(found.group(1)) == "[]"
