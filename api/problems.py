@@ -174,7 +174,8 @@ def install_problem_handlers(app: FastAPI) -> None:
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries documenting problem+json answers for ``statuses``."""
     descriptions = {
-        400: "Bad request", 401: "Missing or invalid bearer token", 403: "The principal's role may not do this",
+        400: "Bad request (e.g. a body that is not UTF-8 JSON)", 401: "Missing or invalid bearer token",
+        403: "The principal's role may not do this",
         404: "Not found", 409: "Conflicts with the current state", 413: "Request body too large",
         415: "Unsupported media type", 422: "Invalid input", 503: "Not ready",
     }

@@ -33,7 +33,7 @@ from policies import lifecycle, store
 router = APIRouter(tags=["policies"])
 
 READ = problem_responses(401, 404, 422, 503)
-WRITE = problem_responses(401, 403, 404, 409, 413, 422, 503)
+WRITE = problem_responses(400, 401, 403, 404, 409, 413, 422, 503)
 
 PolicyBody = Annotated[dict[str, Any], Body(
     description="A policy document (exitwise.policy/v1) with a matching content_hash; governance fields "
