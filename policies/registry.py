@@ -246,8 +246,8 @@ def policy_json(doc: Mapping[str, Any]) -> bytes:
 
 
 def _key(text: str) -> str:
-    """A valid MLflow param/metric name part (alphanumerics, ``_ - . :`` and spaces)."""
-    out = re.sub(r"[^\w.\- :]", "_", str(text)).strip() or "_"
+    """A valid MLflow param/metric name part (alphanumerics, ``_ - . :`` and spaces); ``*`` reads ``all``."""
+    out = re.sub(r"[^\w.\- :]", "_", str(text).replace("*", "all")).strip() or "_"
     return re.sub(r"\.{2,}", "_", out)
 
 
@@ -297,7 +297,7 @@ def run_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
     """Metrics: compute fraction overall/per segment, held-out risks, certified bounds, calibration."""
     m: dict[str, Any] = {}
     exp = doc.get("expected") or {}
-    for name in ("compute_fraction", "risk", "disagreement", "induced_error"):
+    for name in ("compute_fraction", "risk", "disagreement", "induced_error", "accuracy", "full_depth_accuracy"):
         m[f"heldout.{name}" if name != "compute_fraction" else "compute_fraction"] = exp.get(name)
     exits = [str(e.get("name")) for e in doc.get("exits") or []]
     for name, rate in zip(exits, exp.get("exit_rate") or [], strict=False):
@@ -305,9 +305,12 @@ def run_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
     for b, frac in (exp.get("batch_compute_fraction") or {}).items():
         m[f"batch_compute_fraction.b{b}"] = frac
     for seg, vals in (exp.get("segments") or {}).items():
-        if isinstance(vals, Mapping):
+        if not isinstance(vals, Mapping):
+            continue
+        nested = {k: v for k, v in vals.items() if isinstance(v, Mapping)}  # {column: {value: {...}}} form
+        for label, stats in ({f"{seg}.{k}": v for k, v in nested.items()} if nested else {seg: vals}).items():
             for name in ("compute_fraction", "risk", "n"):
-                m[f"segment.{seg}.{name}"] = vals.get(name)
+                m[f"segment.{label}.{name}"] = stats.get(name)
     for base, vals in (exp.get("baselines") or {}).items():
         if isinstance(vals, Mapping):
             for name in ("compute_fraction", "risk"):

@@ -45,6 +45,9 @@ def _engine() -> Iterator[Any]:
 
 def _quiet() -> None:
     """MLflow logs table creation and validation at INFO on stderr; keep the CLI's output readable."""
+    from policies import registry
+
+    registry._mlflow()  # mlflow sets its loggers up when imported: lower them afterwards
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -149,10 +152,12 @@ def status(
 
 @mlflow_app.command("uri")
 def uri(
-    model: Annotated[str, typer.Argument(help="Model name (as stored).", show_default=False)],
+    model: Annotated[str | None, typer.Argument(help="Model name (as stored).", show_default=False)] = None,
     env: Annotated[str | None, typer.Option("--env", "-e", help="Environment (the alias).")] = None,
     version: Annotated[int | None, typer.Option("--version", "-v", min=1,
                                                 help="Policy (store) version instead of an environment.")] = None,
+    tracking: Annotated[bool, typer.Option("--tracking", help="Print the tracking URI to use (credentials "
+                                                              "removed) instead of a model URI.")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check",
                                         help="Ask MLflow that the alias/version exists.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -160,9 +165,19 @@ def uri(
     """Print the models:/ URI that mlflow.pyfunc.load_model takes for MODEL in --env (or --version)."""
     from policies import registry
 
+    config = registry.mlflow_config()
+    if tracking:
+        if model is not None or env is not None or version is not None:
+            raise InputError("--tracking takes no MODEL, --env or --version")
+        shown = registry.redact_uri(config.tracking_uri)
+        typer.echo(json.dumps({"tracking_uri": shown}) if as_json else shown)
+        return
+    if model is None:
+        raise InputError("give MODEL (or --tracking)")
     if (env is None) == (version is None):
         raise InputError("give exactly one of --env ENV or --version N")
-    config = registry.mlflow_config()
+    if check:
+        _quiet()
     if env is not None:
         target = registry.model_uri(model, env)
         mlflow_version = registry.alias_version(model, env, config=config) if check else None

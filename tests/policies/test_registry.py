@@ -601,6 +601,8 @@ def test_cli_sync_status_uri(
 
     res = runner.invoke(app, ["mlflow", "status"])
     assert res.exit_code == 0 and f"{model_name}: in sync" in res.stdout
+    res = runner.invoke(app, ["mlflow", "uri", "--tracking"])
+    assert res.exit_code == 0 and res.stdout.strip() == embedded.tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     res = runner.invoke(app, ["mlflow", "sync", "--json"])
