@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     except ExitwiseError as exc:
         if os.environ.get("EXITWISE_DEBUG") == "1":
             raise
-        err_console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False)
+        err_console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
