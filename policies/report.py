@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -38,6 +39,8 @@ import jinja2
 from markupsafe import Markup
 
 from calibration.exceptions import InputError
+
+_log = logging.getLogger(__name__)
 
 Format = Literal["html", "pdf"]
 FORMATS: tuple[str, ...] = ("html", "pdf")
@@ -999,13 +1002,8 @@ def render_html(context: ReportContext) -> str:
 
 def render_pdf(html: str) -> bytes:
     """PDF bytes of a rendered report (WeasyPrint; the print CSS lays out A4 pages)."""
-    import logging
-
     import weasyprint
 
-    # WeasyPrint logs unsupported CSS at WARNING; the template is written for it, so keep the log quiet.
-    logging.getLogger("weasyprint").setLevel(logging.ERROR)
-    logging.getLogger("fontTools").setLevel(logging.ERROR)
     return weasyprint.HTML(string=html, base_url=None).write_pdf()
 
 
@@ -1164,25 +1162,48 @@ def on_version_approved(session: Any, model: str, version: int, *,
     return written
 
 
-def install_approval_hook(engine: Any, *, data_dir: str | os.PathLike[str] | None = None,
-                          formats: Sequence[str] = ("html",)) -> Any:
-    """Write the report of every version approved through ``engine``'s store, after the commit.
+def install_approval_hook(engine: Any = None, *, data_dir: str | os.PathLike[str] | None = None,
+                          formats: Sequence[str] = ("html",), background: bool = False) -> Any:
+    """Write the report of every approved version to ``reports/<model>/v<n>.<fmt>`` after the commit.
 
     Registers a ``policies.events.on_commit`` callback (returned, for ``events.remove``) that
     reacts to ``version.approve`` events: it reads the committed version in its own read-only
-    unit of work and writes ``reports/<model>/v<n>.html`` under ``data_dir`` (default: the
-    settings' data dir). A failure is logged by the hook machinery and never undoes the approval.
+    unit of work on ``engine`` (None: the configured store, opened per event — the CLI) and
+    writes the report under ``data_dir`` (default: the settings' data dir). ``background=True``
+    (the API) renders in a daemon thread so the approving request does not wait for it. A
+    failure is logged and never undoes the approval; ``exitwise report`` can always redo it.
     """
+    import threading
+
     from policies import events
-    from policies.db import unit_of_work
 
     target = Path(data_dir) if data_dir is not None else None
+
+    def _write(model: str, number: int) -> None:
+        from policies.db import open_store, unit_of_work
+
+        eng = engine if engine is not None else open_store()
+        try:
+            with unit_of_work(eng, readonly=True) as session:
+                on_version_approved(session, model, number, data_dir=target, formats=formats)
+        finally:
+            if engine is None:
+                eng.dispose()
+
+    def _background(model: str, number: int) -> None:
+        try:
+            _write(model, number)
+        except Exception:  # logged, like the synchronous hook's failures
+            _log.exception("audit report of %s v%s not written", model, number)
 
     def _hook(event: Any) -> None:
         if event.action != "version.approve" or not event.model or event.version is None:
             return
-        with unit_of_work(engine, readonly=True) as session:
-            on_version_approved(session, event.model, event.version, data_dir=target, formats=formats)
+        if background:
+            threading.Thread(target=_background, args=(event.model, event.version), daemon=True,
+                             name=f"exitwise-report-{event.model}-v{event.version}").start()
+        else:
+            _write(event.model, event.version)
 
     events.on_commit(_hook)
     return _hook

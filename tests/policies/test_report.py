@@ -519,9 +519,12 @@ def test_nothing_overflows_at_a4_width_in_chromium(rendered: Path, html: str) ->
     assert htmllib.unescape(found.group(1)) == "[]"
 
 
-def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.ReportContext) -> None:
+def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.ReportContext,
+                                       caplog: pytest.LogCaptureFixture) -> None:
     pdf = rendered / "report.pdf"
-    pdf.write_bytes(rp.render_pdf(html))
+    with caplog.at_level("WARNING", logger="weasyprint"):
+        pdf.write_bytes(rp.render_pdf(html))
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("weasyprint")]  # no ignored CSS
     assert pdf.read_bytes().startswith(b"%PDF-")
     text = pdf_text(pdf)
     for what, value in key_numbers(dict(context.document)).items():
