@@ -16,8 +16,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from api.cache import StoreCache
+from api.fastpath import FastPolicyLane
 from api.middleware import BodySizeLimit
 from api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from api.routes import audit, health, policies, principals, reports, runtime
@@ -39,6 +41,21 @@ are ordered reader < author < approver < admin. Errors are RFC 9457 problem deta
 """
 
 
+class ExitwiseAPI(FastAPI):
+    """FastAPI with the runtime read path's fast lane in front (see :mod:`api.fastpath`)."""
+
+    fast_lane: FastPolicyLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.fast_lane is not None:
+            try:
+                if await self.fast_lane(scope, receive, send):
+                    return
+            except Exception:  # the lane never answers an error; the app will, as problem+json
+                log.debug("fast lane fell through on an error", exc_info=True)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = None) -> FastAPI:
     """Build the app. ``engine`` (tests) overrides the one built from ``settings``."""
     settings = settings or ApiSettings()
@@ -54,7 +71,7 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
         if owned:
             engine.dispose()
 
-    app = FastAPI(
+    app = ExitwiseAPI(
         title="exitwise",
         version=_version(),
         description=DESCRIPTION,
@@ -70,7 +87,8 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms)
+    app.state.cache = cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms)
+    app.fast_lane = FastPolicyLane(cache, settings.policy_cache_control)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (runtime, policies, audit, reports, principals, health):

@@ -12,7 +12,8 @@ transaction, whichever replica or CLI made it):
   read re-checks at once.
 
 Staleness bound: a change committed at time t is served by every replica to any request
-that starts after t + ttl (+ one counter read). With ttl = 0 every request reads the counter.
+that starts after t + ttl + one counter read (a primary-key read: about a millisecond on a
+local database). With ttl = 0 every request reads the counter (at most one read in flight).
 
 Policies are kept as pre-serialised JSON bytes with their ETag, so a hit costs a dict lookup
 and no JSON encoding. Tokens are kept as sha256(token) -> principal (never the token) and
@@ -22,7 +23,6 @@ the same bound.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -52,6 +52,13 @@ class ServedPolicy:
     content_hash: str
     killed: bool
 
+    def raw_headers(self, cache_control: str, *, with_body: bool) -> list[tuple[bytes, bytes]]:
+        """ASGI headers of the 200 (``with_body``) or 304 answer, as the FastAPI route sends them."""
+        headers = [(b"etag", self.etag.encode("latin-1")), (b"cache-control", cache_control.encode("latin-1"))]
+        if with_body:
+            headers += [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json")]
+        return headers
+
 
 def policy_etag(content_hash: str, version: int, killed: bool) -> str:
     """Strong ETag: the content hash, the version number and the kill-switch state.
@@ -76,7 +83,7 @@ class StoreCache:
         self._clock = clock
         self.generation: int | None = None
         self._checked_at = float("-inf")
-        self._check_lock: asyncio.Lock | None = None
+        self._checking = False
         self._policies: dict[tuple[str, str], tuple[int, ServedPolicy | NotFound]] = {}
         self._tokens: dict[str, tuple[int, Principal]] = {}
         self.checks = 0  # counter reads, for tests and metrics
@@ -88,18 +95,21 @@ class StoreCache:
         self._checked_at = float("-inf")
 
     async def refresh_generation(self) -> None:
-        """Read the counter if the last read is older than ``ttl``; drop everything if it moved."""
-        if self._clock() - self._checked_at < self.ttl:
+        """Read the counter if the last read is older than ``ttl``; drop everything if it moved.
+
+        One read at a time: requests that arrive while it is in flight do not queue behind it
+        (they are served from the cache as it stands, at most one database round trip older).
+        """
+        if self._checking or self._clock() - self._checked_at < self.ttl:
             return
-        if self._check_lock is None:
-            self._check_lock = asyncio.Lock()
-        async with self._check_lock:
+        self._checking = True
+        try:
             started = self._clock()
-            if started - self._checked_at < self.ttl:
-                return  # another request checked while we waited
             generation = await run_in_threadpool(self._read_generation)
             self._observe(generation)
             self._checked_at = started
+        finally:
+            self._checking = False
 
     def _read_generation(self) -> int:
         with unit_of_work(self.engine, readonly=True) as session:
@@ -117,6 +127,26 @@ class StoreCache:
         if self.generation is None or generation > self.generation:
             self._observe(generation)
         return generation == self.generation
+
+    # ---------------------------------------------------------------- hits only (the fast path)
+
+    def peek_policy(self, model: str, env: str) -> ServedPolicy | None:
+        """The cached answer for (model, env) if it is current; None on a miss or a cached 404."""
+        hit = self._policies.get((model, env))
+        if hit is None or hit[0] != self.generation or isinstance(hit[1], NotFound):
+            return None
+        return hit[1]
+
+    def peek_principal(self, token: str) -> Principal | None:
+        """The cached principal of ``token`` if current; None on a miss."""
+        hit = self._tokens.get(hash_token(token))
+        if hit is None or hit[0] != self.generation:
+            return None
+        return hit[1]
+
+    def fresh(self) -> bool:
+        """Whether the last generation read is younger than ``ttl`` (no check is due)."""
+        return self._clock() - self._checked_at < self.ttl
 
     # ---------------------------------------------------------------- policies
 

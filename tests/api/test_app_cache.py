@@ -149,3 +149,41 @@ def test_environments_are_separate(api: httpx.Client, world: Any, make_doc: Call
     prod, other = _served(api, world, m), _served(api, world, m, env=env)
     assert (prod.json()["version"], prod.json()["killed"]) == (1, False)
     assert (other.json()["version"], other.json()["killed"], other.json()["environment"]) == (2, True, env)
+
+
+def test_fast_lane_answers_exactly_like_the_route(world: Any, make_doc: Callable[..., dict],
+                                                  make_settings: Callable[..., Any]) -> None:
+    m = world.model("lane")
+    world.seed(make_doc, m, versions=2, approve=2, activate={"production": 1})
+    app = create_app(make_settings(cache_ttl_ms=60_000), engine=world.engine)
+    lane = app.fast_lane
+    keep = ("etag", "cache-control", "content-type", "content-length")
+    with TestClient(app) as client:
+        cold = _served(client, world, m)  # the FastAPI route: fills the cache
+        assert lane.hits == 0
+        hot = _served(client, world, m)
+        assert lane.hits == 1
+        assert (hot.status_code, hot.content) == (cold.status_code, cold.content)
+        assert {k: hot.headers[k] for k in keep} == {k: cold.headers[k] for k in keep}
+        slow_304 = client.get(f"/v1/models/{m}/policy", params={"env": "production", "x": "1"},
+                              headers={**world.auth("rita"), "If-None-Match": cold.headers["etag"]})
+        fast_304 = _served(client, world, m, **{"If-None-Match": cold.headers["etag"]})
+        assert lane.hits == 2 and slow_304.status_code == fast_304.status_code == 304
+        assert {k: fast_304.headers.get(k) for k in keep} == {k: slow_304.headers.get(k) for k in keep}
+
+        # everything unusual falls through to the route, which answers it properly
+        before = lane.hits
+        assert client.get(f"/v1/models/{m}/policy").status_code == 401
+        assert client.get(f"/v1/models/{m}/policy", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get(f"/v1/models/{m}/policy?env=UP", headers=world.auth("rita")).status_code == 422
+        assert client.get(f"/v1/models/{m}/policy?env=staging", headers=world.auth("rita")).status_code == 404
+        assert client.head(f"/v1/models/{m}/policy", headers=world.auth("rita")).status_code == 405
+        assert client.get(f"/v1/models/{m}/policy?env=%70roduction", headers=world.auth("rita")).json()["version"] \
+            == 1
+        assert lane.hits == before
+
+        # a change through this replica reaches the lane at once (local writes re-check the generation)
+        assert client.post(f"/v1/models/{m}/versions/2/activate", json={"env": "production", "reason": "x"},
+                           headers=world.auth("bob")).status_code == 200
+        assert _served(client, world, m).json()["version"] == 2
+        assert _served(client, world, m).json()["version"] == 2 and lane.hits == before + 1
