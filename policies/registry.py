@@ -1095,7 +1095,10 @@ class SyncHook:
     def _sync(self, model: str) -> None:
         engine = self._engine()
         config = self.config or mlflow_config()
-        outcome = sync_model(engine, model, config=config, reports=self.reports)
+        try:
+            outcome = sync_model(engine, model, config=config, reports=self.reports)
+        except NotFound:  # the event came from another database in this process (events are global)
+            return
         with self._lock:  # the events of this commit were seen (synced, or recorded as pending)
             self._covered[model] = max(self._covered.get(model, 0), outcome.audit_seq)
         if not outcome.ok:

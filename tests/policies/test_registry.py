@@ -36,13 +36,6 @@ from calibration.synthetic import synthetic_logs
 from policies import lifecycle, registry
 from policies.db import unit_of_work
 
-pytestmark = [
-    # MLflow's own warnings about its optional features and third-party deprecations it triggers
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow.*"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:mlflow.*"),
-    pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType.*:UserWarning"),
-]
-
 SERVER_BOOT_TIMEOUT = 120.0
 
 
@@ -465,6 +458,31 @@ def test_aliases_follow_activate_rollback_and_kill(
     assert len(_versions(embedded, model_name)) == 2
     with unit_of_work(fresh_engine, readonly=True) as s:
         assert registry.pending_models(session=s, config=embedded) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_background_hook_and_the_off_switch(
+    embedded: registry.MlflowConfig, fresh_engine: Engine, committed_actors: Any,
+    make_doc: Callable[..., dict[str, Any]], model_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hook = registry.install_hook(fresh_engine, config=embedded, background=True, reports=False)
+    try:
+        monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
+        v1 = _create(fresh_engine, committed_actors, make_doc(model=model_name))
+        assert hook.flush(timeout=5)
+        with unit_of_work(fresh_engine, readonly=True) as s:
+            assert registry.pending_models(session=s, config=embedded) == [model_name]  # recorded, not synced
+        monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "on")
+        _activate(fresh_engine, committed_actors, model_name, v1)  # returns before MLflow is touched
+        assert hook.flush(timeout=60)
+        assert _store_numbers(embedded, model_name) == {"production": v1}
+        with unit_of_work(fresh_engine, readonly=True) as s:
+            assert registry.pending_models(session=s, config=embedded) == []
+    finally:
+        hook.close()
+    from policies import events
+
+    assert hook not in events._callbacks
 
 
 # ---------------------------------------------------------------- outage, then sync: exactly the missing versions
