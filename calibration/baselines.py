@@ -205,9 +205,9 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
         n_classes=scored.n_classes, n_segments=len(levels), allowed_exits=prepared.allowed_exits,
         forced_classes=prepared.forced_classes, forced_segments=forced,
     )
-    settings = replace(spec.settings, refine_gap=spec.settings.refine_gap / 3, max_points=96)
-    path = solve_path(problem, eps=spec.eps, segment_aims={s: e for s, e in budgets.items() if not forced[s]},
-                      settings=settings)
+    settings = replace(spec.settings, refine_gap=1 / 24, refine_gap_target=1 / 48, max_points=80)
+    aims = {s: e for s, e in budgets.items() if not forced[s]}
+    path = solve_path(problem, eps=spec.eps, target=spec.eps, segment_aims=aims, settings=settings)
     best = None
     counts = np.bincount(codes, minlength=len(levels))
     for p in path.points:

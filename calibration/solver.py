@@ -58,17 +58,22 @@ class SolverSettings:
 
     min_cell: int = 100
     min_pool: int = 30
-    passes: int = 2
+    passes: int = 2  # coordinate passes from a cold start ...
+    warm_passes: int = 1  # ... and from the neighbouring multiplier's solution
     lambda_max: float = 1e4
     lambda_min: float = 1e-2
-    grid: int = 20
-    max_points: int = 56
-    refine_gap: float = 1 / 24  # refine while the selection risk jumps by more than this * eps
+    grid: int = 16
+    max_points: int = 36
+    refine_gap: float = 1 / 6  # refine while the selection risk jumps by more than this * eps ...
+    refine_gap_target: float = 1 / 32  # ... or by more than this * eps near the risk that will be certified
     floor_power: float = 0.9  # constrained segments aim at this chance of passing their test
     floor_bisections: int = 4
+    thin: float = 0.02  # compute spacing of path points far on the safe side
     smooth_window: int = 10  # half-window of the per-cell loss estimate (0: raw 0/1 losses)
-    smooth_prior: float = 10.0  # pseudo-count of the parent-level estimate
+    smooth_prior: float = 100.0  # pseudo-count of the parent-level estimate against the local window
     parent_window: int = 100  # half-window of the parent (segment, exit) loss estimate
+    smoothing: str = "model"  # parent estimate: "model" (logistic in logit score, cell-corrected) | "window"
+    cell_prior: float = 10.0  # pseudo-count of the cell correction (observed vs modelled losses)
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,6 +160,35 @@ def _window_sum(values: np.ndarray, starts: np.ndarray, group_of: np.ndarray | N
     return cs[hi] - cs[lo], (hi - lo).astype(np.float64)
 
 
+def _logistic_loss_model(score: np.ndarray, loss: np.ndarray, iters: int = 25) -> np.ndarray:
+    """P(loss | score) = sigmoid(a + b logit(score)), fitted by Newton steps with a weak ridge.
+
+    A smooth, never-zero parent estimate: the top of the score range, where the selection
+    data happen to show no error, still gets the small loss rate the trend implies.
+    """
+    m = score.size
+    if m == 0:
+        return np.zeros(0)
+    x = np.clip(score, 1e-9, 1 - 1e-9)
+    x = np.log(x) - np.log1p(-x)
+    mu, sd = float(x.mean()), float(x.std()) or 1.0
+    z = (x - mu) / sd
+    rate = (loss.sum() + 0.5) / (m + 1.0)
+    theta = np.array([np.log(rate / (1 - rate)), 0.0])
+    ridge = 1.0
+    for _ in range(iters):
+        eta = theta[0] + theta[1] * z
+        p = 1.0 / (1.0 + np.exp(-eta))
+        w = p * (1 - p)
+        g = np.array([np.sum(p - loss), np.sum((p - loss) * z) + ridge * theta[1]])
+        h = np.array([[w.sum() + 1e-9, np.sum(w * z)], [np.sum(w * z), np.sum(w * z * z) + ridge]])
+        step = np.linalg.solve(h, g)
+        theta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return 1.0 / (1.0 + np.exp(-(theta[0] + theta[1] * z)))
+
+
 def _window_mean(values: np.ndarray, starts: np.ndarray, half: int) -> np.ndarray:
     win, cnt = _window_sum(values, starts, None, half)
     return win / np.maximum(cnt, 1.0)
@@ -206,6 +240,7 @@ class SegmentSolution:
     loss: int
     cost: float  # sum of normalised costs
     m: int
+    smoothed: float = 0.0  # sum of the smoothed loss estimates at the exits taken
 
     @property
     def risk(self) -> float:
@@ -217,26 +252,29 @@ class SegmentSolution:
 
 
 class SegmentSolver:
-    """Exact coordinate descent for one segment's cells (see the module docstring)."""
+    """Exact coordinate descent for one segment's cells (see the module docstring).
+
+    Arrays are stored exit-major, (K, m) and contiguous, so each exit's column is one
+    cache-friendly vector.
+    """
 
     def __init__(self, scores: np.ndarray, preds: np.ndarray, loss: np.ndarray, costs: np.ndarray,
                  n_classes: int, allowed: np.ndarray, forced_classes: np.ndarray, settings: SolverSettings):
-        self.scores = scores
-        self.preds = preds
-        self.raw_loss = loss
+        self.m, self.k_total = scores.shape
+        self.s = np.ascontiguousarray(scores.T)
+        self.p = np.ascontiguousarray(preds.T.astype(np.intp))
+        self.raw = np.ascontiguousarray(loss.T)
         self.costs = costs
         self.n_classes = n_classes
-        self.allowed = allowed
         self.settings = settings
-        self.m, self.k_total = scores.shape
         self.index = [
-            _exit_index(scores[:, k], preds[:, k], n_classes, forced_classes, settings) if allowed[k] else None
+            _exit_index(self.s[k], self.p[k], n_classes, forced_classes, settings) if allowed[k] else None
             for k in range(self.k_total - 1)
         ]
-        self.loss = self._smoothed_loss(loss)
+        self.loss = self._smoothed_loss()
         self.cache: dict[float, SegmentSolution] = {}
 
-    def _smoothed_loss(self, loss: np.ndarray) -> np.ndarray:
+    def _smoothed_loss(self) -> np.ndarray:
         """Loss estimates p_ik that do not reward cuts placed just above one unlucky error.
 
         Parent level (segment, exit): q = mean loss of the 2 h_p + 1 nearest samples in
@@ -246,67 +284,91 @@ class SegmentSolver:
         an exact 0/1 sweep: about one fresh error per cell at the "safe" end).
         """
         st = self.settings
-        out = np.zeros(loss.shape, dtype=np.float64)
-        if st.smooth_window <= 0:
-            return loss.astype(np.float64)
+        out = np.zeros(self.raw.shape, dtype=np.float64)
         for k in range(self.k_total - 1):
-            lk = loss[:, k].astype(np.float64)
-            order = np.argsort(-self.scores[:, k], kind="stable")
-            q = np.empty(self.m)
-            q[order] = _window_mean(lk[order], np.zeros(1, dtype=np.int64), st.parent_window)
+            lk = self.raw[k].astype(np.float64)
             ix = self.index[k]
-            out[:, k] = q
+            if st.smooth_window <= 0:
+                out[k] = lk
+                continue
+            if st.smoothing == "model":
+                q = _logistic_loss_model(self.s[k], lk)
+                if ix is not None and ix.rows_sorted.size:
+                    rs = ix.rows_sorted
+                    obs = np.add.reduceat(lk[rs], ix.starts)
+                    exp = np.add.reduceat(q[rs], ix.starts)
+                    ratio = (obs + st.cell_prior) / (exp + st.cell_prior)
+                    q[rs] *= ratio[ix.group_of]
+            else:
+                order = np.argsort(-self.s[k], kind="stable")
+                q = np.empty(self.m)
+                q[order] = _window_mean(lk[order], np.zeros(1, dtype=np.int64), st.parent_window)
+            out[k] = q
             if ix is None or ix.rows_sorted.size == 0:
                 continue
             rs = ix.rows_sorted
             win, cnt = _window_sum(lk[rs], ix.starts, ix.group_of, st.smooth_window)
-            out[rs, k] = (win + st.smooth_prior * q[rs]) / (cnt + st.smooth_prior)
+            out[k, rs] = (win + st.smooth_prior * q[rs]) / (cnt + st.smooth_prior)
         return out
 
     def never(self) -> np.ndarray:
         return np.full((self.k_total - 1, self.n_classes), np.nan)
 
     def _would_exit(self, k: int, tau_k: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return self.scores[:, k] >= tau_k[self.preds[:, k]]
+        """score >= tau[pred] (NaN: never), for every sample of the segment at exit k."""
+        t = np.where(np.isnan(tau_k), np.inf, tau_k)
+        return self.s[k] >= t[self.p[k]]
 
-    def _first_exit(self, tau: np.ndarray) -> np.ndarray:
-        first = np.full(self.m, self.k_total - 1, dtype=np.int64)
+    def _first_exit(self, masks: list[np.ndarray | None]) -> np.ndarray:
+        first = np.full(self.m, self.k_total - 1, dtype=np.intp)
         for k in reversed(range(self.k_total - 1)):
-            if self.index[k] is not None:
-                first[self._would_exit(k, tau[k])] = k
+            if masks[k] is not None:
+                first[masks[k]] = k
         return first
 
-    def descend(self, lam: float, tau: np.ndarray) -> np.ndarray:
-        """Coordinate passes (deep to shallow) from ``tau``; returns improved thresholds."""
+    def _masks(self, tau: np.ndarray) -> list[np.ndarray | None]:
+        return [None if self.index[k] is None else self._would_exit(k, tau[k]) for k in range(self.k_total - 1)]
+
+    def descend(self, lam: float, tau: np.ndarray, passes: int = 1) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Coordinate passes (deep to shallow) from ``tau``; improved thresholds and their exit masks."""
         tau = tau.copy()
         if not np.isfinite(lam):
-            return self.never()
-        for _ in range(max(1, self.settings.passes)):
-            first = self._first_exit(tau)
+            tau = self.never()
+            return tau, self._masks(tau)
+        masks = self._masks(tau)
+        for _ in range(max(1, passes)):
+            first = self._first_exit(masks)
             value = np.full(self.m, self.costs[-1])
             for k in reversed(range(self.k_total - 1)):
                 ix = self.index[k]
                 if ix is None:
                     continue
-                a = self.costs[k] + lam * self.loss[:, k]
+                a = self.loss[k] * lam
+                a += self.costs[k]
                 d = a - value
                 d[first < k] = 0.0
                 group_tau = _sweep(ix, d)
                 tau[k] = np.where(ix.cell_group >= 0, group_tau[np.maximum(ix.cell_group, 0)], np.nan) \
                     if group_tau.size else np.nan
                 w = self._would_exit(k, tau[k])
-                value = np.where(w, a, value)
-        return tau
+                masks[k] = w
+                np.copyto(value, a, where=w)
+        return tau, masks
 
     def solve(self, lam: float, warm: np.ndarray | None = None) -> SegmentSolution:
         if lam in self.cache:
             return self.cache[lam]
-        tau = self.descend(lam, self.never() if warm is None else warm)
-        first = self._first_exit(tau)
-        loss = int(self.raw_loss[np.arange(self.m), first].sum())
+        st = self.settings
+        if warm is None:
+            tau, masks = self.descend(lam, self.never(), st.passes)
+        else:
+            tau, masks = self.descend(lam, warm, st.warm_passes)
+        first = self._first_exit(masks)
+        rows = np.arange(self.m)
+        loss = int(np.count_nonzero(self.raw[first, rows])) if self.m else 0
+        smooth = float(self.loss[np.minimum(first, self.k_total - 2), rows][first < self.k_total - 1].sum())
         cost = float(self.costs[first].sum())
-        sol = SegmentSolution(lam=lam, tau=tau, loss=loss, cost=cost, m=self.m)
+        sol = SegmentSolution(lam=lam, tau=tau, loss=loss, cost=cost, m=self.m, smoothed=smooth)
         self.cache[lam] = sol
         return sol
 
@@ -346,6 +408,7 @@ def solve_path(
     problem: Problem,
     *,
     eps: float,
+    target: float | None = None,
     segment_aims: Mapping[int, float] | None = None,
     settings: SolverSettings | None = None,
     progress: ProgressFn | None = None,
@@ -353,7 +416,9 @@ def solve_path(
     """The path of Lagrangian policies from safe to aggressive on the selection data.
 
     ``segment_aims`` maps a constrained segment code to the largest selection risk its
-    multiplier may reach (its floor); ``eps`` sets the refinement resolution of the path.
+    multiplier may reach (its floor). ``eps`` sets the resolution of the path, finest for
+    selection risks between 0.4 ``target`` and 1.25 ``eps`` (``target``: the risk the
+    certification is expected to stop at).
     """
     settings = settings or SolverSettings()
     aims = dict(segment_aims or {})
@@ -445,15 +510,16 @@ def solve_path(
     points = {lam: point(lam) for lam in grid}
 
     # 3. refine the global path where the selection risk jumps (in the region that matters)
-    gap = settings.refine_gap * eps
+    roi = (0.4 * target if target is not None else 0.0, 1.25 * eps)
     while len(points) < settings.max_points:
         lams = sorted(points, reverse=True)
-        best, best_gap = None, gap
+        best, best_gap = None, 1.0
         for hi, lo in itertools.pairwise(lams):
             r_hi, r_lo = points[hi].select_risk, points[lo].select_risk
             if r_hi > 2.0 * eps or hi / lo < 1.0005:
                 continue
-            jump = r_lo - r_hi
+            fine = r_lo >= roi[0] and r_hi <= roi[1]
+            jump = (r_lo - r_hi) / (eps * (settings.refine_gap_target if fine else settings.refine_gap))
             if jump > best_gap:
                 best, best_gap = (hi, lo), jump
         if best is None:
@@ -467,12 +533,17 @@ def solve_path(
                       select_risk=0.0, select_compute=float(problem.costs[-1]),
                       select_segment_risk=np.zeros(s_total))
     # keep only points that do something new and are not obviously out of reach
+    # and, at the safe end (far below the risk that will be certified), only every
+    # ``thin``-th of compute: testing those costs time and cannot change the outcome much
     path: list[PathPoint] = []
     last = never
+    safe_end = 0.5 * target if target is not None else -1.0
     for p in ordered:
         if np.array_equal(p.tau, last.tau, equal_nan=True):
             continue
         if p.select_compute >= problem.costs[-1] - 1e-12 and p.select_risk == 0.0:
+            continue
+        if path and p.select_risk < safe_end and last.select_compute - p.select_compute < settings.thin:
             continue
         path.append(p)
         last = p
@@ -788,8 +859,9 @@ def certify_candidates(
     from calibration.rule import first_exit
 
     cert_rows = prepared.splits.certify
-    scores_c = prepared.scored.scores[cert_rows]
-    preds_c = prepared.scored.preds[cert_rows]
+    # column-major: the rule gathers one exit's column of the pending rows at a time
+    scores_c = np.asfortranarray(prepared.scored.scores[cert_rows])
+    preds_c = np.asfortranarray(prepared.scored.preds[cert_rows])
     loss_c = prepared.loss[cert_rows]
     rows_c = prepared.policy_rows(cert_rows)
     zeros = np.zeros(cert_rows.size, dtype=np.intp)
@@ -813,7 +885,7 @@ def certify_candidates(
 
 
 def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
-                   curve_points: int = 24) -> Solution:
+                   curve_points: int = 6) -> Solution:
     """Path on the select split, fixed-sequence certification on the certify split."""
     import time
 
@@ -821,7 +893,10 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     t0 = time.perf_counter()
     constraints, uncertified, forced, aims = _certify_constraints(prepared)
     problem = prepared.problem(prepared.splits.select, forced_segments=forced)
-    path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), segment_aims=aims,
+    from calibration.certify import aim as _aim
+
+    target = _aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power)
+    path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), target=target, segment_aims=aims,
                       settings=spec.settings,
                       progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
     t1 = time.perf_counter()
@@ -834,8 +909,9 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     n_pts = len(policies)
     t2 = time.perf_counter()
     # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
-    if curve_points and n_pts:
-        want = np.unique(np.linspace(0, n_pts - 1, min(curve_points, n_pts)).round().astype(int))
+    if curve_points and n_pts > len(stats):
+        rest = np.arange(len(stats), n_pts)
+        want = rest[np.unique(np.linspace(0, rest.size - 1, min(curve_points, rest.size)).round().astype(int))]
         for j in want:
             if int(j) not in stats:
                 losses(int(j))
