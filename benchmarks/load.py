@@ -102,7 +102,7 @@ def main() -> None:
         f"load         {load['load_s']:6.2f} s wall {load['load_cpu_s']:6.2f} s CPU   "
         f"peak RSS {load['peak_rss_mb']:6.0f} MB "
         f"(interpreter + imports {load['baseline_rss_mb']:.0f} MB; "
-        f"extra over logits {(load['peak_rss_mb'] - load['baseline_rss_mb']) / load['logits_mb']:.2f}x)"
+        f"peak minus imports = {(load['peak_rss_mb'] - load['baseline_rss_mb']) / load['logits_mb']:.2f}x the logits)"
     )
     print(
         f"fingerprint  {load['fingerprint_s']:6.2f} s wall {load['fingerprint_cpu_s']:6.2f} s CPU   "

@@ -71,6 +71,7 @@ _CARD_FIELDS = (
     "description",
     "metadata",
 )
+_READ_VALUES = 1 << 19  # rows x exit columns decoded per Parquet read: bounds Arrow's buffers
 _WRITE_CHUNK_ROWS = 1 << 17  # rows per Parquet row group / JSONL batch: bounds writer memory
 _CHECK_CHUNK_ROWS = 1 << 16  # rows per finiteness check: bounds the temporary bool array
 
@@ -328,18 +329,43 @@ class _ParquetColumns:
         return self.columns([name])[0]
 
     def columns(self, names: list[str]) -> list[pa.ChunkedArray]:
-        """Read a few columns at once: Arrow decodes columns in parallel, one per thread."""
         try:
             table = self._pf.read(columns=names)
         except (pa.ArrowException, OSError) as exc:
             raise LogFormatError(f"{self._path}: cannot read columns {names} (corrupt Parquet file): {exc}") from None
         return [table.column(i) for i in range(len(names))]
 
+    def blocks(self, names: list[str]) -> Iterator[tuple[int, list[str], list[pa.ChunkedArray]]]:
+        """(first row, names, columns) per row group and group of columns.
 
-def _columns(table: pa.Table | _ParquetColumns, names: list[str]) -> list[pa.ChunkedArray]:
+        Arrow decodes the columns of one read in parallel; reading a row group at a time
+        keeps Arrow's decode buffers to a few tens of MB instead of whole columns.
+        """
+        meta = self._pf.metadata
+        offset = 0
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            per_read = max(1, min(len(names), _READ_VALUES // max(1, rows)))
+            for first in range(0, len(names), per_read):
+                group = names[first : first + per_read]
+                try:
+                    table = self._pf.read_row_group(i, columns=group)
+                except (pa.ArrowException, OSError) as exc:
+                    raise LogFormatError(
+                        f"{self._path}: cannot read row group {i} (rows {offset}..{offset + rows - 1}) "
+                        f"of columns {group} (corrupt Parquet file): {exc}"
+                    ) from None
+                yield offset, group, [table.column(j) for j in range(len(group))]
+            offset += rows
+
+
+def _blocks(
+    table: pa.Table | _ParquetColumns, names: list[str]
+) -> Iterator[tuple[int, list[str], list[pa.ChunkedArray]]]:
     if isinstance(table, _ParquetColumns):
-        return table.columns(names)
-    return [table.column(name) for name in names]
+        yield from table.blocks(names)
+    else:
+        yield 0, names, [table.column(name) for name in names]
 
 
 class _Where:
@@ -401,11 +427,13 @@ def _fill_lists(
     *,
     card_classes: bool,
     rows_to: np.ndarray | None = None,
+    offset: int = 0,
 ) -> None:
     """Copy a list<number> column into ``out`` (rows, C), chunk by chunk.
 
     Nulls and ragged lengths are found from the list offsets (``list_value_length``) without
-    touching the values. ``rows_to`` scatters row i to ``out[rows_to[i]]`` (long form).
+    touching the values. ``rows_to`` scatters row i to ``out[rows_to[i]]`` (long form);
+    ``offset`` is the file row of the column's first row (a row group read on its own).
     """
     typ = col.type
     c = out.shape[1]
@@ -414,7 +442,7 @@ def _fill_lists(
     vtype = typ.value_type
     if not (pa.types.is_floating(vtype) or pa.types.is_integer(vtype)):
         raise LogFormatError(f"{src}: column {name!r} holds lists of {vtype}; logits must be numbers")
-    start = 0
+    start = offset
     for arr in col.chunks:
         m = len(arr)
         if arr.null_count:
@@ -627,20 +655,18 @@ def _from_wide_table(
     where = _Where(id_arr, card.id_column, lines)
     ids = None if id_arr is None else _ids(id_arr, card.id_column, src, where)
     logits: np.ndarray | None = None
-    group = max(2, min(4, os.cpu_count() or 1))  # columns decoded together: parallel, bounded memory
-    for first in range(0, k_card, group):
-        ks = list(range(first, min(k_card, first + group)))
-        cols = _columns(table, [f"exit_{k}" for k in ks])
-        for k, col in zip(ks, cols, strict=True):
+    for offset, group, cols in _blocks(table, [f"exit_{k}" for k in range(k_card)]):
+        for name, col in zip(group, cols, strict=True):
             if logits is None:
                 n_classes = _list_width(col, _n_classes(card))
                 if n_classes < 2:
-                    raise LogFormatError(
-                        f"{src}: column 'exit_{k}': logits need at least 2 classes, found {n_classes}"
-                    )
+                    raise LogFormatError(f"{src}: column {name!r}: logits need at least 2 classes, found {n_classes}")
                 logits = np.empty((n, k_card, n_classes), dtype=np.float32)
-            _fill_lists(col, f"exit_{k}", logits[:, k, :], src, where, card_classes=card.classes is not None)
-        del cols, col
+            k = int(name[len("exit_") :])
+            _fill_lists(
+                col, name, logits[:, k, :], src, where, card_classes=card.classes is not None, offset=offset
+            )
+        del cols
     assert logits is not None  # k_card >= 2 (ModelCard)
     _check_finite(logits, src, lambda i, k: where(i), _exit_name(card))
     return _assemble(table, logits, ids, card, src, where)
@@ -737,14 +763,20 @@ def _from_long_table(table: pa.Table | _ParquetColumns, card: ModelCard, src: st
             f"{src}: request id {rid!r} is missing exit {hole % k_card} ({card.exits[hole % k_card].name}); "
             f"it has exits {have}; every exit must be logged for every sample"
         )
-    col = table.column(LOGITS_COLUMN)
-    n_classes = _list_width(col, _n_classes(card))
-    if n_classes < 2:
-        raise LogFormatError(f"{src}: column 'logits': logits need at least 2 classes, found {n_classes}")
-    logits = np.empty((n * k_card, n_classes), dtype=np.float32)
-    _fill_lists(col, LOGITS_COLUMN, logits, src, where, card_classes=card.classes is not None, rows_to=key)
-    del col
-    logits = logits.reshape(n, k_card, n_classes)
+    flat: np.ndarray | None = None
+    for offset, _, (col,) in _blocks(table, [LOGITS_COLUMN]):
+        if flat is None:
+            n_classes = _list_width(col, _n_classes(card))
+            if n_classes < 2:
+                raise LogFormatError(f"{src}: column 'logits': logits need at least 2 classes, found {n_classes}")
+            flat = np.empty((n * k_card, n_classes), dtype=np.float32)
+        _fill_lists(
+            col, LOGITS_COLUMN, flat, src, where, card_classes=card.classes is not None, rows_to=key, offset=offset
+        )
+        del col
+    assert flat is not None
+    n_classes = flat.shape[1]
+    logits = flat.reshape(n, k_card, n_classes)
     row_of = np.empty(n * k_card, dtype=np.int64)
     row_of[key] = np.arange(rows, dtype=np.int64)
     row_of = row_of.reshape(n, k_card)

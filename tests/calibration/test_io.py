@@ -645,3 +645,19 @@ def test_first_non_finite_logit_is_reported_in_every_form(tmp_path_factory, n, k
         message = _error(path, card)
         assert f"request_id 'q{i}')" in message, message
         assert f"at exit {e} (x{e}), class {j};" in message, message
+
+
+@pytest.mark.parametrize("writer", ["wide", "long"])
+def test_many_row_groups_keep_file_row_numbers(tmp_path, writer):
+    """Parquet is decoded a row group at a time; rows are still numbered from the file's start."""
+    rows = _rows(9)
+    path = (_wide if writer == "wide" else _long)(tmp_path, rows)
+    pq.write_table(pq.read_table(path), path, row_group_size=2)
+    assert pq.ParquetFile(path).metadata.num_row_groups > 2
+    good = load_logs(path, _card())
+    np.testing.assert_allclose(good.logits[7, 2], np.float32(rows[7]["exit_2"]))
+    rows[7]["exit_2"] = rows[7]["exit_2"][:2]
+    path = (_wide if writer == "wide" else _long)(tmp_path, rows)
+    pq.write_table(pq.read_table(path), path, row_group_size=2)
+    row = 7 if writer == "wide" else 7 * K + 2
+    assert f"row {row} (request_id 'r7'): ragged logits" in _error(path, _card())
