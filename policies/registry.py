@@ -142,11 +142,9 @@ def _mlflow() -> Any:
     """Import mlflow with telemetry off (via policies.mlflow_model) and fail-fast HTTP defaults."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    import mlflow
+    from policies import mlflow_model  # sets MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK, then imports mlflow
 
-    import policies.mlflow_model  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK first)
-
-    return mlflow
+    return mlflow_model.mlflow
 
 
 def client_for(config: MlflowConfig) -> Any:
