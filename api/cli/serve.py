@@ -29,11 +29,19 @@ def serve(
     import uvicorn
 
     from api.settings import ApiSettings
+    from policies.db import open_store
+    from policies.errors import SchemaOutOfDate, StoreUnavailable
 
     try:
-        ApiSettings()  # fail fast, with a one-line error, on bad settings
+        settings = ApiSettings()  # fail fast, with a one-line error, on bad settings
     except ValueError as exc:
         raise InputError(f"invalid EXITWISE_* settings: {exc}") from None
+    try:  # once, before the workers: creates an empty embedded SQLite store, refuses an old schema
+        open_store(settings).dispose()
+    except SchemaOutOfDate:
+        raise
+    except StoreUnavailable as exc:  # a database that is down now may be up later: /readyz tells
+        typer.echo(f"warning: policy store not reachable yet ({exc}); /readyz answers 503 until it is", err=True)
     uvicorn.run(
         "api.app:create_app",
         factory=True,

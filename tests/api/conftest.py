@@ -99,16 +99,23 @@ class LiveServer:
                 self.proc.wait(timeout=10)
 
 
-def start_server(url: str, data_dir: Path, log: Path, *, ttl_ms: int = CACHE_TTL_MS, port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> LiveServer:
-    """``exitwise serve`` on a free port; waits until /healthz answers (30 s at most)."""
+def start_server(url: str | None, data_dir: Path, log: Path, *, ttl_ms: int = CACHE_TTL_MS, workers: int = 1,
+                 port: int | None = None) -> LiveServer:
+    """``exitwise serve`` on a free port; waits until /healthz answers (30 s at most).
+
+    ``url`` None: no EXITWISE_DATABASE_URL, i.e. the embedded SQLite store under ``data_dir``.
+    """
     port = port or free_port()
-    env = {**os.environ, "EXITWISE_DATABASE_URL": url, "EXITWISE_DATA_DIR": str(data_dir),
-           "EXITWISE_CACHE_TTL_MS": str(ttl_ms), "MLFLOW_DISABLE_TELEMETRY": "true", **(extra_env or {})}
+    env = {**os.environ, "EXITWISE_DATA_DIR": str(data_dir), "EXITWISE_CACHE_TTL_MS": str(ttl_ms),
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("EXITWISE_DEBUG", None)
+    env.pop("EXITWISE_DATABASE_URL", None)
+    if url is not None:
+        env["EXITWISE_DATABASE_URL"] = url
     with log.open("ab") as fh:
         proc = subprocess.Popen([str(EXITWISE), "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--log-level", "warning"], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                                 "--workers", str(workers), "--log-level", "warning"],
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -176,18 +183,24 @@ def live_server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def start_live_server(world: World, tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
-    """``start_live_server(**kw)``: a dedicated server on ``world``'s database, stopped after the test."""
+def spawn_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """``spawn_server(url, data_dir, **kw)``: an ``exitwise serve`` process, stopped after the test."""
     servers: list[LiveServer] = []
 
-    def start(**kwargs: Any) -> LiveServer:
-        server = start_server(world.url, world.data_dir, tmp_path / f"server{len(servers)}.log", **kwargs)
+    def spawn(url: str | None, data_dir: Path, **kwargs: Any) -> LiveServer:
+        server = start_server(url, data_dir, tmp_path / f"server{len(servers)}.log", **kwargs)
         servers.append(server)
         return server
 
-    yield start
+    yield spawn
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_live_server(world: World, spawn_server: Callable[..., LiveServer]) -> Callable[..., LiveServer]:
+    """``start_live_server(**kw)``: a dedicated server on ``world``'s database, stopped after the test."""
+    return lambda **kwargs: spawn_server(world.url, world.data_dir, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -238,3 +238,21 @@ def test_whoami(api: httpx.Client, world: Any) -> None:
     for name, role in (("rita", "reader"), ("alice", "author"), ("bob", "approver"), ("admin", "admin")):
         me = api.get("/v1/me", headers=world.auth(name)).json()
         assert (me["name"], me["role"]) == (name, role)
+
+
+def test_report_route(api: httpx.Client, world: Any, read_model: str) -> None:
+    path = f"/v1/models/{read_model}/versions/1/report"
+    html = api.get(path, headers=world.auth("rita"))
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert read_model in html.text and "<html" in html.text.lower()
+    assert html.headers["content-disposition"] == f'inline; filename="{read_model}-v1.html"'
+    assert api.get(path).status_code == 401
+    assert api.get(f"/v1/models/{read_model}/versions/99/report", headers=world.auth("rita")).status_code == 404
+    assert api.get(path, params={"format": "docx"}, headers=world.auth("rita")).status_code == 422
+
+
+def test_report_route_pdf(asgi_client: httpx.Client, world: Any, read_model: str) -> None:
+    pdf = asgi_client.get(f"/v1/models/{read_model}/versions/2/report", params={"format": "pdf"},
+                          headers=world.auth("rita"))
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
