@@ -17,6 +17,11 @@ _EXPORTS = {
     "CompiledPolicy": "calibration.rule",
     "decide": "calibration.rule",
     "route": "calibration.rule",
+    "load_card": "calibration.io",
+    "load_logs": "calibration.io",
+    "write_logs": "calibration.io",
+    "fingerprint": "calibration.io",
+    "synthetic_logs": "calibration.synthetic",
     "ExitwiseError": "calibration.exceptions",
     "InputError": "calibration.exceptions",
 }
