@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 REGISTERED_MODEL_PREFIX = "exit-policy-"
 MODEL_NAME = "policy"  # ``name=`` of the logged pyfunc model inside each run
+REPORT_ARTIFACT = "report/audit_report.html"
 TAG_MODEL = "exitwise.model"
 TAG_STORE_VERSION = "exitwise.store_version"
 TAG_CONTENT_HASH = "exitwise.content_hash"
@@ -62,6 +63,7 @@ TAG_STALE = "exitwise.stale"
 TAG_LOGGED = "exitwise.logged"
 TAG_MODEL_ID = "exitwise.model_id"
 TAG_REPORT = "exitwise.report"
+TAG_REPORT_STATE = "exitwise.report_state"  # the version state the attached report was rendered in
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
 _RESERVED_ALIAS_RE = re.compile(r"^([vV]\d+|latest)$", re.IGNORECASE)
 _MAX_PARAM = 6000
@@ -147,6 +149,19 @@ def _mlflow() -> Any:
     return mlflow_model.mlflow
 
 
+def quiet_mlflow_logs() -> None:
+    """Import mlflow and lower its INFO chatter (table creation, example validation) to warnings.
+
+    For exitwise's own processes (CLI, API server); mlflow configures its loggers on import,
+    so this must run after it.
+    """
+    _mlflow()
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def client_for(config: MlflowConfig) -> Any:
     """An ``MlflowClient`` on ``config``'s URIs; creates the local data directory if needed."""
     if config.artifact_root is not None and config.tracking_uri.startswith("sqlite:///"):
@@ -172,12 +187,16 @@ def _is_unreachable(exc: BaseException) -> bool:
     return False
 
 
-def translate(exc: BaseException, what: str) -> RegistryError:
+def translate(exc: BaseException, what: str, config: MlflowConfig | None = None) -> RegistryError:
     """An MLflow/transport failure as :class:`RegistryUnavailable` or :class:`RegistryError`."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f" at {redact_uri(config.tracking_uri)}" if config is not None else ""
     if _is_unreachable(exc):
-        return RegistryUnavailable(f"MLflow unreachable while {what}: {message[:300]}")
-    return RegistryError(f"MLflow failed while {what}: {message[:300]}")
+        low = message.lower()
+        cause = ("connection refused" if "refused" in low else "timed out" if "timed out" in low or "timeout" in low
+                 else message[:200])
+        return RegistryUnavailable(f"MLflow unreachable{where} while {what}: {cause}")
+    return RegistryError(f"MLflow failed{where} while {what}: {message[:300]}")
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -587,10 +606,10 @@ def _log_contents(
 
 def _log_report(client: Any, run_id: str, report: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="exitwise-report-") as tmp:
-        path = Path(tmp) / "audit_report.html"
+        path = Path(tmp) / Path(REPORT_ARTIFACT).name
         path.write_bytes(report)
-        client.log_artifact(run_id, str(path), "report")
-    client.set_tag(run_id, TAG_REPORT, "report/audit_report.html")
+        client.log_artifact(run_id, str(path), str(Path(REPORT_ARTIFACT).parent))
+    client.set_tag(run_id, TAG_REPORT, REPORT_ARTIFACT)
 
 
 def _register(
@@ -606,7 +625,7 @@ def _register(
     run_id, model_id = found
     tags = _identity_tags(rec, doc) | {TAG_STATE: rec.state}
     if report is not None:
-        tags[TAG_REPORT] = "report/audit_report.html"
+        tags |= {TAG_REPORT: REPORT_ARTIFACT, TAG_REPORT_STATE: rec.state}
     with _fluent_uris(config):  # a local registry store resolves models:/<id> through the global tracking URI
         return client.create_model_version(
             name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
@@ -643,7 +662,7 @@ def reconcile(
     except PolicyError:
         raise
     except Exception as exc:
-        raise translate(exc, f"syncing {name}") from exc
+        raise translate(exc, f"syncing {name}", config) from exc
 
 
 def _reconcile(
@@ -737,13 +756,14 @@ def _update_version_tags(
                     client.delete_model_version_tag(name, str(mv.version), key)
             elif tags.get(key) != value:
                 client.set_model_version_tag(name, str(mv.version), key, value)
-        # the report shows approvals and where the version serves: refresh it when the state moves
-        stale_report = TAG_REPORT not in tags or tags.get(TAG_STATE) != states[number]
+        # the report shows approvals and where the version serves: refresh it when the state moved
+        stale_report = TAG_REPORT not in tags or tags.get(TAG_REPORT_STATE) != states[number]
         if stale_report and report_for is not None and mv.run_id:
             report = _report(report_for, number)
             if report is not None:
                 _log_report(client, mv.run_id, report)
-                client.set_model_version_tag(name, str(mv.version), TAG_REPORT, "report/audit_report.html")
+                client.set_model_version_tag(name, str(mv.version), TAG_REPORT, REPORT_ARTIFACT)
+                client.set_model_version_tag(name, str(mv.version), TAG_REPORT_STATE, states[number])
 
 
 def _update_aliases(
@@ -793,9 +813,9 @@ def alias_version(model: str, environment: str, *, config: MlflowConfig | None =
         if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             raise NotFound(f"MLflow has no alias {environment!r} on {name} (run 'exitwise mlflow sync {model}'; "
                            f"is a version active in {environment!r}?)") from None
-        raise translate(exc, f"reading {name}@{environment}") from exc
+        raise translate(exc, f"reading {name}@{environment}", config) from exc
     except Exception as exc:
-        raise translate(exc, f"reading {name}@{environment}") from exc
+        raise translate(exc, f"reading {name}@{environment}", config) from exc
 
 
 def find_version(model: str, number: int, *, config: MlflowConfig | None = None, client: Any = None) -> str:
@@ -807,7 +827,7 @@ def find_version(model: str, number: int, *, config: MlflowConfig | None = None,
         found = [mv for mv in _model_versions(client, name)
                  if (mv.tags or {}).get(TAG_STORE_VERSION) == str(number) and (mv.tags or {}).get(TAG_STALE) != "true"]
     except Exception as exc:
-        raise translate(exc, f"listing {name}") from exc
+        raise translate(exc, f"listing {name}", config) from exc
     if not found:
         raise NotFound(f"{model} v{number} is not registered in MLflow (run 'exitwise mlflow sync {model}')")
     return str(min(int(mv.version) for mv in found))
@@ -1006,7 +1026,7 @@ def sync_model(
         log.warning("MLflow sync of %s failed (stays pending): %s", model, exc)
         return SyncOutcome(model=model, ok=False, synced_seq=seq, audit_seq=head, error=str(exc))
     except Exception as exc:  # mlflow import/config problems: same treatment, never a crash
-        err = translate(exc, f"syncing {registered_model_name(model)}")
+        err = translate(exc, f"syncing {registered_model_name(model)}", config)
         seq = _record(engine, model, config, synced_seq=None, error=str(err))
         log.warning("MLflow sync of %s failed (stays pending): %s", model, err)
         return SyncOutcome(model=model, ok=False, synced_seq=seq, audit_seq=head, error=str(err))
@@ -1053,10 +1073,11 @@ class SyncHook:
     """
 
     def __init__(self, engine: Engine | None = None, *, config: MlflowConfig | None = None,
-                 background: bool = False, reports: bool = True):
+                 background: bool = False, reports: bool = True, quiet: bool = True):
         self.engine = engine
         self.config = config
         self.reports = reports
+        self.quiet = quiet
         self.background = background
         self._covered: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -1093,6 +1114,8 @@ class SyncHook:
     def _sync(self, model: str) -> None:
         engine = self._engine()
         config = self.config or mlflow_config()
+        if self.quiet:
+            quiet_mlflow_logs()
         try:
             outcome = sync_model(engine, model, config=config, reports=self.reports)
         except NotFound:  # the event came from another database in this process (events are global)
@@ -1143,14 +1166,14 @@ class SyncHook:
 
 
 def install_hook(engine: Engine | None = None, *, config: MlflowConfig | None = None,
-                 background: bool = False, reports: bool = True) -> SyncHook:
+                 background: bool = False, reports: bool = True, quiet: bool = True) -> SyncHook:
     """Register a :class:`SyncHook` with ``policies.events.on_commit`` and return it.
 
     ``engine=None`` opens the configured store on first use (the CLI); the API passes its
-    engine and ``background=True``.
+    engine and ``background=True``. ``quiet`` lowers mlflow's INFO logs to warnings.
     """
     from policies import events
 
-    hook = SyncHook(engine, config=config, background=background, reports=reports)
+    hook = SyncHook(engine, config=config, background=background, reports=reports, quiet=quiet)
     events.on_commit(hook)
     return hook

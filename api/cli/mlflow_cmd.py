@@ -12,7 +12,6 @@ MLflow goes to ``MLFLOW_TRACKING_URI`` when set, else to the embedded
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -47,9 +46,7 @@ def _quiet() -> None:
     """MLflow logs table creation and validation at INFO on stderr; keep the CLI's output readable."""
     from policies import registry
 
-    registry._mlflow()  # mlflow sets its loggers up when imported: lower them afterwards
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    registry.quiet_mlflow_logs()
 
 
 @mlflow_app.command("sync")

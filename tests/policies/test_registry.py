@@ -619,6 +619,7 @@ def test_cli_sync_status_uri(
     assert out["models"][0]["uris"] == {"production": f"models:/exit-policy-{model_name}@production"}
     mv = _versions(embedded, model_name)[0]
     assert mv.tags[registry.TAG_REPORT] == "report/audit_report.html"
+    assert mv.tags[registry.TAG_REPORT_STATE] == "active"  # rendered after the approval and activation
     report = Path(_client(embedded).download_artifacts(mv.run_id, "report/audit_report.html", str(tmp_path)))
     html = report.read_text(encoding="utf-8")
     assert doc["content_hash"][:12] in html and committed_actors.approver.name in html  # approvals are in it
@@ -639,7 +640,8 @@ def test_cli_sync_status_uri(
     res = runner.invoke(app, ["mlflow", "sync", "--json"])
     assert res.exit_code == 1, res.output
     out = json.loads(res.stdout)
-    assert not out["ok"] and "MLflow unreachable" in out["models"][0]["error"]
+    assert not out["ok"] and "MLflow unreachable at http://127.0.0.1:" in out["models"][0]["error"]
+    assert out["models"][0]["error"].endswith("connection refused")
     with unit_of_work(fresh_engine, readonly=True) as s:
         from policies.registry import MlflowSync
 
