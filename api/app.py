@@ -87,8 +87,9 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.cache = cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms)
-    app.fast_lane = FastPolicyLane(cache, settings.policy_cache_control)
+    app.state.cache = cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms,
+                                         cache_control=settings.policy_cache_control)
+    app.fast_lane = FastPolicyLane(cache)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (runtime, policies, audit, reports, principals, health):

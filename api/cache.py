@@ -44,20 +44,29 @@ MAX_POLICIES = 10_000
 
 @dataclass(frozen=True)
 class ServedPolicy:
-    """One (model, environment) answer: the exact body bytes and its validators."""
+    """One (model, environment) answer: the exact body bytes, its validators and raw headers.
+
+    ``headers_200`` / ``headers_304`` are the ASGI headers the FastAPI route sends, built once
+    so that the fast lane (:mod:`api.fastpath`) only looks them up.
+    """
 
     body: bytes
     etag: str
     version: int
     content_hash: str
     killed: bool
+    cache_control: str = "no-cache"
+    headers_200: tuple[tuple[bytes, bytes], ...] = ()
+    headers_304: tuple[tuple[bytes, bytes], ...] = ()
 
-    def raw_headers(self, cache_control: str, *, with_body: bool) -> list[tuple[bytes, bytes]]:
-        """ASGI headers of the 200 (``with_body``) or 304 answer, as the FastAPI route sends them."""
-        headers = [(b"etag", self.etag.encode("latin-1")), (b"cache-control", cache_control.encode("latin-1"))]
-        if with_body:
-            headers += [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json")]
-        return headers
+    @classmethod
+    def build(cls, body: bytes, *, etag: str, version: int, content_hash: str, killed: bool,
+              cache_control: str) -> ServedPolicy:
+        validators = ((b"etag", etag.encode("latin-1")), (b"cache-control", cache_control.encode("latin-1")))
+        return cls(body=body, etag=etag, version=version, content_hash=content_hash, killed=killed,
+                   cache_control=cache_control, headers_304=validators,
+                   headers_200=(*validators, (b"content-length", str(len(body)).encode()),
+                                (b"content-type", b"application/json")))
 
 
 def policy_etag(content_hash: str, version: int, killed: bool) -> str:
@@ -77,9 +86,11 @@ def serialise(doc: dict) -> bytes:
 class StoreCache:
     """Generation-checked caches for one engine (one per app, i.e. per worker process)."""
 
-    def __init__(self, engine: Engine, *, ttl_ms: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, engine: Engine, *, ttl_ms: int, cache_control: str = "no-cache",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.ttl = ttl_ms / 1000.0
+        self.cache_control = cache_control
         self._clock = clock
         self.generation: int | None = None
         self._checked_at = float("-inf")
@@ -175,12 +186,13 @@ class StoreCache:
                 active = store.get_active(model, env, session=session)
             except NotFound as exc:
                 return generation, exc
-        return generation, ServedPolicy(
-            body=serialise(active.served_document()),
+        return generation, ServedPolicy.build(
+            serialise(active.served_document()),
             etag=policy_etag(active.content_hash, active.version, active.killed),
             version=active.version,
             content_hash=active.content_hash,
             killed=active.killed,
+            cache_control=self.cache_control,
         )
 
     # ---------------------------------------------------------------- tokens

@@ -27,9 +27,8 @@ _DEFAULT_ENV = "production"
 class FastPolicyLane:
     """Answers hot policy polls; ``hits`` counts them (tests and metrics)."""
 
-    def __init__(self, cache: StoreCache, cache_control: str) -> None:
+    def __init__(self, cache: StoreCache) -> None:
         self.cache = cache
-        self.cache_control = cache_control
         self.hits = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
@@ -68,13 +67,12 @@ class FastPolicyLane:
         served = cache.peek_policy(match.group(1), env)
         if served is None:
             return False
-        if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), served.etag):
-            await send({"type": "http.response.start", "status": 304,
-                        "headers": served.raw_headers(self.cache_control, with_body=False)})
+        if if_none_match is not None and (if_none_match == served.headers_304[0][1]
+                                          or etag_matches(if_none_match.decode("latin-1"), served.etag)):
+            await send({"type": "http.response.start", "status": 304, "headers": served.headers_304})
             await send({"type": "http.response.body", "body": b""})
         else:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": served.raw_headers(self.cache_control, with_body=True)})
+            await send({"type": "http.response.start", "status": 200, "headers": served.headers_200})
             await send({"type": "http.response.body", "body": served.body})
         self.hits += 1
         return True
