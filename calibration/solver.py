@@ -68,12 +68,15 @@ class SolverSettings:
     refine_gap_target: float = 1 / 32  # ... or by more than this * eps near the risk that will be certified
     floor_power: float = 0.9  # constrained segments aim at this chance of passing their test
     floor_bisections: int = 4
+    tail: tuple[float, ...] = (1.2, 1.4, 1.6, 1.8, 2.0)  # segment aims of the path's tail, x the first aim
+    tail_bisections: int = 2
     thin: float = 0.02  # compute spacing of path points far on the safe side
-    smooth_window: int = 10  # half-window of the per-cell loss estimate (0: raw 0/1 losses)
-    smooth_prior: float = 100.0  # pseudo-count of the parent-level estimate against the local window
-    parent_window: int = 100  # half-window of the parent (segment, exit) loss estimate
-    smoothing: str = "model"  # parent estimate: "model" (logistic in logit score, cell-corrected) | "window"
+    # loss estimates the sweeps optimise (see SegmentSolver._smoothed_loss):
+    smoothing: str = "model"  # "model" (logistic, cell-corrected) | "window" (running means) | "raw" (0/1)
     cell_prior: float = 10.0  # pseudo-count of the cell correction (observed vs modelled losses)
+    smooth_window: int = 0  # half-window of a per-cell running mean blended in (0: none)
+    smooth_prior: float = 100.0  # pseudo-count of the parent estimate against that running mean
+    parent_window: int = 100  # half-window of the parent running mean ("window" smoothing)
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,18 +280,23 @@ class SegmentSolver:
     def _smoothed_loss(self) -> np.ndarray:
         """Loss estimates p_ik that do not reward cuts placed just above one unlucky error.
 
-        Parent level (segment, exit): q = mean loss of the 2 h_p + 1 nearest samples in
-        score order. Cell level: p = (sum of losses in a window of 2 h + 1 in the cell's
-        score order + alpha q) / (window size + alpha). The cut of a cell then follows the
-        local loss rate rather than the position of the first error (the winner's curse of
-        an exact 0/1 sweep: about one fresh error per cell at the "safe" end).
+        An exact sweep over 0/1 losses puts each cell's cut just above its first observed
+        error, and fresh data then show about one error per cell at the "safe" end (the
+        winner's curse); selection risk badly underestimates the risk. Instead (default
+        ``"model"``), per segment and exit: q_i = sigmoid(a + b logit(score_i)) fitted to the
+        losses (a smooth trend that is never exactly 0), times a per-cell correction
+        (O_c + alpha) / (E_c + alpha) of observed over modelled losses in the cell (alpha =
+        ``cell_prior``: sparse cells stay near the trend). Optionally a running mean of the
+        cell's losses over 2 h + 1 neighbours in score order is blended in with pseudo-count
+        ``smooth_prior`` (``smooth_window`` = h). ``"window"`` uses a running mean over the
+        segment's exit as the trend instead; ``"raw"`` the 0/1 losses.
         """
         st = self.settings
         out = np.zeros(self.raw.shape, dtype=np.float64)
         for k in range(self.k_total - 1):
             lk = self.raw[k].astype(np.float64)
             ix = self.index[k]
-            if st.smooth_window <= 0:
+            if st.smoothing == "raw":
                 out[k] = lk
                 continue
             if st.smoothing == "model":
@@ -299,12 +307,14 @@ class SegmentSolver:
                     exp = np.add.reduceat(q[rs], ix.starts)
                     ratio = (obs + st.cell_prior) / (exp + st.cell_prior)
                     q[rs] *= ratio[ix.group_of]
-            else:
+            elif st.smoothing == "window":
                 order = np.argsort(-self.s[k], kind="stable")
                 q = np.empty(self.m)
                 q[order] = _window_mean(lk[order], np.zeros(1, dtype=np.int64), st.parent_window)
+            else:
+                raise ValueError(f"unknown smoothing {st.smoothing!r}; expected 'model', 'window' or 'raw'")
             out[k] = q
-            if ix is None or ix.rows_sorted.size == 0:
+            if ix is None or ix.rows_sorted.size == 0 or st.smooth_window <= 0:
                 continue
             rs = ix.rows_sorted
             win, cnt = _window_sum(lk[rs], ix.starts, ix.group_of, st.smooth_window)
@@ -410,15 +420,17 @@ def solve_path(
     eps: float,
     target: float | None = None,
     segment_aims: Mapping[int, float] | None = None,
+    segment_eps: Mapping[int, float] | None = None,
     settings: SolverSettings | None = None,
     progress: ProgressFn | None = None,
 ) -> SolverPath:
     """The path of Lagrangian policies from safe to aggressive on the selection data.
 
     ``segment_aims`` maps a constrained segment code to the largest selection risk its
-    multiplier may reach (its floor). ``eps`` sets the resolution of the path, finest for
-    selection risks between 0.4 ``target`` and 1.25 ``eps`` (``target``: the risk the
-    certification is expected to stop at).
+    multiplier may reach (its floor) on the main path; the path's tail raises these aims
+    (``settings.tail``) up to the segment's budget in ``segment_eps``. ``eps`` sets the
+    resolution of the path, finest for selection risks between 0.4 ``target`` and 1.25
+    ``eps`` (``target``: the risk the certification is expected to stop at).
     """
     settings = settings or SolverSettings()
     aims = dict(segment_aims or {})
@@ -469,9 +481,7 @@ def solve_path(
 
     # 2. floors for segments with their own budget: the smallest lambda whose selection risk,
     #    and that of every larger lambda, stays within the aim; bisected towards the next one
-    for s, aim in aims.items():
-        if s not in solvers:
-            continue
+    def floor_for(s: int, aim: float, bisections: int) -> float:
         sv = solvers[s]
         floor = NEVER
         for lam in sorted(sv.cache, reverse=True):
@@ -481,17 +491,21 @@ def solve_path(
         lower = [lam for lam in sv.cache if lam < floor]
         if np.isfinite(floor) and lower:
             hi, lo = floor, max(lower)
-            for _ in range(settings.floor_bisections):
+            for _ in range(bisections):
                 mid = math.sqrt(lo * hi)
                 if segment_at(s, mid).risk <= aim:
                     hi = mid
                 else:
                     lo = mid
             floor = hi
-        floors[s] = floor
+        return floor
 
-    def point(lam: float) -> PathPoint:
-        seg_lams = np.maximum(lam, floors)
+    for s, a in aims.items():
+        if s in solvers:
+            floors[s] = floor_for(s, a, settings.floor_bisections)
+
+    def point(lam: float, floor_vec: np.ndarray) -> PathPoint:
+        seg_lams = np.maximum(lam, floor_vec)
         tau = np.full((s_total, k_total - 1, c), np.nan)
         loss = cost = 0.0
         seg_risk = np.zeros(s_total)
@@ -507,28 +521,51 @@ def solve_path(
         return PathPoint(lam=lam, segment_lams=seg_lams, tau=tau, select_risk=loss / m,
                          select_compute=cost / m, select_segment_risk=seg_risk)
 
-    points = {lam: point(lam) for lam in grid}
+    points = {lam: point(lam, floors) for lam in grid}
 
-    # 3. refine the global path where the selection risk jumps (in the region that matters)
-    roi = (0.4 * target if target is not None else 0.0, 1.25 * eps)
+    # 3. refine the global path where the selection risk (overall, or of a segment with its
+    #    own budget) jumps, finest in the region where certification will stop
+    low = min([target, *aims.values()]) if target is not None else 0.0
+    roi = (0.4 * low, 1.25 * eps)
+    seg_eps = dict(segment_eps or {})
     while len(points) < settings.max_points:
         lams = sorted(points, reverse=True)
         best, best_gap = None, 1.0
         for hi, lo in itertools.pairwise(lams):
-            r_hi, r_lo = points[hi].select_risk, points[lo].select_risk
+            p_hi, p_lo = points[hi], points[lo]
+            r_hi, r_lo = p_hi.select_risk, p_lo.select_risk
             if r_hi > 2.0 * eps or hi / lo < 1.0005:
                 continue
             fine = r_lo >= roi[0] and r_hi <= roi[1]
             jump = (r_lo - r_hi) / (eps * (settings.refine_gap_target if fine else settings.refine_gap))
+            for s_, e_ in seg_eps.items():
+                if p_hi.select_segment_risk[s_] <= e_:
+                    jump = max(jump, (p_lo.select_segment_risk[s_] - p_hi.select_segment_risk[s_])
+                               / (e_ * settings.refine_gap))
             if jump > best_gap:
                 best, best_gap = (hi, lo), jump
         if best is None:
             break
         mid = math.sqrt(best[0] * best[1])
-        points[mid] = point(mid)
+        points[mid] = point(mid, floors)
         tick("refining path")
 
     ordered = [points[lam] for lam in sorted(points, reverse=True)]
+    # 4. a tail past the floors: segments with their own budget aim progressively higher
+    #    (the floors were set for a high chance to pass; the test may well allow more)
+    if aims:
+        lam_end = min(points)
+        for mult in settings.tail:
+            tail_floors = floors.copy()
+            for s, a in aims.items():
+                if s in solvers:
+                    cap = seg_eps.get(s, 2 * a)
+                    tail_floors[s] = floor_for(s, min(a * mult, cap), settings.tail_bisections)
+            if np.array_equal(tail_floors, floors):
+                continue
+            floors_prev, floors = floors, np.minimum(floors, tail_floors)
+            if not np.array_equal(floors, floors_prev):
+                ordered.append(point(lam_end, floors))
     never = PathPoint(lam=NEVER, segment_lams=np.full(s_total, NEVER), tau=np.full((s_total, k_total - 1, c), np.nan),
                       select_risk=0.0, select_compute=float(problem.costs[-1]),
                       select_segment_risk=np.zeros(s_total))
@@ -897,6 +934,7 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
 
     target = _aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power)
     path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), target=target, segment_aims=aims,
+                      segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims},
                       settings=spec.settings,
                       progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
     t1 = time.perf_counter()

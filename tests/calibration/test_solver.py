@@ -26,8 +26,6 @@ from calibration.solver import (
 )
 from calibration.synthetic import synthetic_logs
 
-RAW = SolverSettings(smooth_window=0)  # exact 0/1 losses: the sweep's objective is checkable by hand
-
 
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 40), c=st.integers(1, 4), levels=st.integers(2, 6))
@@ -72,7 +70,8 @@ def test_coordinate_passes_never_increase_the_objective(seed, lam, smooth):
     loss = rng.random((m, k)) < (1.2 - scores) * 0.5
     loss[:, -1] = False
     costs = np.array([0.2, 0.45, 0.7, 1.0])
-    st_ = SolverSettings(min_cell=20, min_pool=5, passes=1, smooth_window=10 if smooth else 0)
+    st_ = SolverSettings(min_cell=20, min_pool=5, passes=1, smoothing="model" if smooth else "raw",
+                         smooth_window=10 if smooth else 0)
     sv = SegmentSolver(scores, preds, loss, costs, c, np.ones(k - 1, dtype=bool), np.zeros(c, dtype=bool), st_)
     start = np.where(rng.random((k - 1, c)) < 0.3, np.nan, rng.uniform(0.3, 1.0, size=(k - 1, c)))
     before = _objective(sv, lam, start)
