@@ -24,7 +24,9 @@ def serve(
 
     Settings come from the environment: EXITWISE_DATABASE_URL / EXITWISE_DATA_DIR (the store),
     EXITWISE_CACHE_TTL_MS (how stale a replica may be), EXITWISE_MAX_BODY_BYTES.
-    The database must be migrated to head ('exitwise db upgrade'); /readyz says 503 otherwise.
+    An empty embedded SQLite store is created; a database whose schema is not at head is
+    refused ('exitwise db upgrade'). A database that is unreachable at start is waited for:
+    /readyz answers 503 until it answers.
     """
     import uvicorn
 

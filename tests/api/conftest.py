@@ -74,6 +74,11 @@ class World:
                 lifecycle.kill(model, env, actor=alice, reason="seed", session=s)
         return docs
 
+    def activate(self, model: str, number: int, env: str) -> None:
+        """Activate ``number`` in ``env`` as bob (what ``exitwise policy activate`` does)."""
+        with unit_of_work(self.engine) as s:
+            lifecycle.activate(model, number, env, actor=get_principal("bob", session=s), reason="seed", session=s)
+
 
 def free_port() -> int:
     with socket.socket() as sock:

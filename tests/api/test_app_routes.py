@@ -42,7 +42,7 @@ def _write_case(world: Any, make_doc: Callable[..., dict[str, Any]], route: str)
         return m, f"/v1/models/{m}/versions/1/activate", {"env": "production", "reason": "release"}
     if route == "rollback":
         world.seed(make_doc, m, versions=2, approve=2, activate={"production": 1})
-        world.seed_activate(m, 2, "production")
+        world.activate(m, 2, "production")
         return m, f"/v1/models/{m}/rollback", {"env": "production", "reason": "regression"}
     if route == "kill":
         world.seed(make_doc, m, versions=1, approve=1, activate={"production": 1})
@@ -51,25 +51,10 @@ def _write_case(world: Any, make_doc: Callable[..., dict[str, Any]], route: str)
     return m, f"/v1/models/{m}/unkill", {"env": "production", "reason": "resolved"}
 
 
-@pytest.fixture
-def seeded_world(world: Any) -> Any:
-    from policies import lifecycle
-    from policies.db import unit_of_work
-    from policies.principals import get_principal
-
-    def seed_activate(model: str, number: int, env: str) -> None:
-        with unit_of_work(world.engine) as s:
-            lifecycle.activate(model, number, env, actor=get_principal("bob", session=s), reason="seed", session=s)
-
-    world.seed_activate = seed_activate
-    return world
-
-
 @pytest.mark.parametrize("role", [None, "reader", "author", "approver", "admin"])
 @pytest.mark.parametrize("route", list(WRITE_MATRIX))
-def test_write_routes_by_role(api: httpx.Client, seeded_world: Any, make_doc: Callable[..., dict[str, Any]],
+def test_write_routes_by_role(api: httpx.Client, world: Any, make_doc: Callable[..., dict[str, Any]],
                               route: str, role: str | None) -> None:
-    world = seeded_world
     model, path, body = _write_case(world, make_doc, route)
     who = NAME_OF_ROLE.get(role) if role else None
     resp = api.post(path, json=body, headers=world.auth(who))
