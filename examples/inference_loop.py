@@ -203,7 +203,7 @@ def demo(args: argparse.Namespace) -> int:
         _wait(url)
         print(f"4. serving on {url}")
         client = PolicyClient(url, MODEL, "production", tokens["runtime"], cache_dir=tmp / "policy-cache",
-                              poll_interval=0.2, seed=0)
+                              poll_interval=0.2, seed=0, n_exits=model.n_exits, n_classes=len(CLASSES))
         client.start()
         print(f"5. runtime client has policy v{client.policy.version} ({client.policy.source})")
         results = {"early_exit": report(run_loop(model, client, args.batches, args.batch, seed=2), "   early exit")}
@@ -254,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.url is None:
         return demo(args)
-    with PolicyClient(args.url, args.model, args.env, args.token,
+    model = MultiExitModel.build(seed=0)
+    with PolicyClient(args.url, args.model, args.env, args.token, n_exits=model.n_exits, n_classes=len(CLASSES),
                       cache_dir=Path(tempfile.gettempdir()) / "exitwise-policy-cache") as client:
         print(f"refresh: {client.refresh()}; policy v{client.policy.version} ({client.policy.source})")
-        report(run_loop(MultiExitModel.build(seed=0), client, args.batches, args.batch, seed=2), "early exit")
+        report(run_loop(model, client, args.batches, args.batch, seed=2), "early exit")
     return 0
 
 

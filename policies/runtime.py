@@ -59,12 +59,14 @@ class PolicyRejected(ValueError):
     """A policy body that must not be used (bad JSON, hash mismatch, wrong model, malformed)."""
 
 
-def verify_policy_document(doc: Any, model: str | None = None) -> CompiledPolicy:
+def verify_policy_document(doc: Any, model: str | None = None, *, n_exits: int | None = None,
+                           n_classes: int | None = None) -> CompiledPolicy:
     """Check a served policy document and compile it; raise :class:`PolicyRejected` if unusable.
 
     Checks: a JSON object with the v1 schema, the model asked for, a ``content_hash`` equal to
-    the hash of its content (governance fields excluded, see :mod:`policies.canonical`) and a
-    shape the decision rule accepts.
+    the hash of its content (governance fields excluded, see :mod:`policies.canonical`), a
+    shape the decision rule accepts and, when given, the runtime's own number of exits and
+    classes (a policy solved for another architecture is never applied).
     """
     if not isinstance(doc, dict):
         raise PolicyRejected(f"policy body is not a JSON object ({type(doc).__name__})")
@@ -81,9 +83,14 @@ def verify_policy_document(doc: Any, model: str | None = None) -> CompiledPolicy
     if claimed != actual:
         raise PolicyRejected(f"content_hash mismatch: body claims {claimed!r}, content hashes to {actual!r}")
     try:
-        return CompiledPolicy.from_document(doc)
+        compiled = CompiledPolicy.from_document(doc)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise PolicyRejected(f"policy does not compile: {type(exc).__name__}: {exc}") from None
+    if n_exits is not None and compiled.n_exits != n_exits:
+        raise PolicyRejected(f"policy has {compiled.n_exits} exits, this runtime's model has {n_exits}")
+    if n_classes is not None and compiled.n_classes != n_classes:
+        raise PolicyRejected(f"policy has {compiled.n_classes} classes, this runtime's model has {n_classes}")
+    return compiled
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,13 +105,14 @@ class RuntimePolicy:
     document: Mapping[str, Any] | None
     source: Source
     etag: str | None = None
+    n_exits: int | None = None  # the runtime's model, when known: the fallback's last exit answers
     _rng: random.Random = field(default_factory=random.Random, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def full_depth(cls, rng: random.Random | None = None) -> RuntimePolicy:
+    def full_depth(cls, rng: random.Random | None = None, n_exits: int | None = None) -> RuntimePolicy:
         """The fallback: never exit early, no shadow traffic."""
-        return cls(compiled=None, document=None, source="fallback", _rng=rng or random.Random())
+        return cls(compiled=None, document=None, source="fallback", n_exits=n_exits, _rng=rng or random.Random())
 
     @property
     def is_fallback(self) -> bool:
@@ -136,14 +144,18 @@ class RuntimePolicy:
     ) -> np.ndarray:
         """Boolean exit mask (n,) for the exit-``exit_index`` logits (n, C) of a batch.
 
-        Delegates to :func:`calibration.rule.decide`. Under the fallback every entry is
-        False: the caller runs to its last exit, which always answers.
+        Delegates to :func:`calibration.rule.decide`. Under the fallback every early exit
+        refuses: the caller runs to its last exit, which always answers (all True there when
+        the client was told ``n_exits``; without it the fallback cannot tell which is last).
         """
         logits = np.asarray(logits_batch)
         if self.compiled is None:
             if logits.ndim != 2:
                 raise ValueError(f"logits must have shape (n, C), got {logits.shape}")
-            return np.zeros(logits.shape[0], dtype=bool)
+            if self.n_exits is not None and not 0 <= exit_index < self.n_exits:
+                raise ValueError(f"exit index {exit_index} out of range 0..{self.n_exits - 1}")
+            last = self.n_exits is not None and exit_index == self.n_exits - 1
+            return np.full(logits.shape[0], last, dtype=bool)
         return decide(self.compiled, exit_index, logits, segments)
 
     def shadow(self) -> bool:
@@ -173,7 +185,8 @@ class PolicyClient:
 
     ``poll_interval`` (seconds) applies to the background thread started by :meth:`start`
     (with +-10% jitter so replicas do not poll in lock-step); :meth:`refresh` polls once, now.
-    ``seed`` makes :meth:`RuntimePolicy.shadow` reproducible.
+    ``seed`` makes :meth:`RuntimePolicy.shadow` reproducible. ``n_exits`` / ``n_classes``
+    (optional, recommended): the runtime model's shape; a policy of another shape is rejected.
     """
 
     def __init__(
@@ -187,12 +200,15 @@ class PolicyClient:
         poll_interval: float = 10.0,
         timeout: float = 5.0,
         seed: int | None = None,
+        n_exits: int | None = None,
+        n_classes: int | None = None,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
         self.model = model
         self.env = env
         self.poll_interval = float(poll_interval)
+        self.n_exits, self.n_classes = n_exits, n_classes
         self._path = f"/v1/models/{quote(model, safe='')}/policy"
         self._cache_file = Path(cache_dir) / f"{_safe_name(model)}@{_safe_name(env)}.json"
         headers = {"Accept": "application/json", "User-Agent": "exitwise-runtime/1"}
@@ -205,7 +221,7 @@ class PolicyClient:
         self._thread: threading.Thread | None = None
         self.last_result: RefreshResult | None = None
         self.last_success: float | None = None
-        self._policy = self._load_disk() or RuntimePolicy.full_depth(self._rng)
+        self._policy = self._load_disk() or self._fallback()
 
     # ------------------------------------------------------------------ public API
 
@@ -277,7 +293,7 @@ class PolicyClient:
             return RefreshResult("not_modified", 304)
         if resp.status_code == 404 and _problem_type(resp) == NOT_FOUND_PROBLEM:
             # The server says no version is active here (or no such model): stop using any older one.
-            self._policy = RuntimePolicy.full_depth(self._rng)
+            self._policy = self._fallback()
             with contextlib.suppress(FileNotFoundError):
                 self._cache_file.unlink()
             self.last_success = time.time()
@@ -286,7 +302,7 @@ class PolicyClient:
             return RefreshResult("unavailable", resp.status_code, _problem_detail(resp))
         try:
             doc = json.loads(body)
-            compiled = verify_policy_document(doc, self.model)
+            compiled = self._verify(doc)
         except (ValueError, PolicyRejected) as exc:
             return RefreshResult("rejected", 200, str(exc))
         etag = resp.headers.get("etag")
@@ -298,11 +314,17 @@ class PolicyClient:
             log.warning("exitwise: cannot write policy cache %s: %s", self._cache_file, exc)
         return RefreshResult("updated", 200)
 
+    def _fallback(self) -> RuntimePolicy:
+        return RuntimePolicy.full_depth(self._rng, self.n_exits)
+
+    def _verify(self, doc: Any) -> CompiledPolicy:
+        return verify_policy_document(doc, self.model, n_exits=self.n_exits, n_classes=self.n_classes)
+
     def _load_disk(self) -> RuntimePolicy | None:
         try:
             saved = json.loads(self._cache_file.read_bytes())
             doc = saved["policy"]
-            compiled = verify_policy_document(doc, self.model)
+            compiled = self._verify(doc)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, PolicyRejected) as exc:

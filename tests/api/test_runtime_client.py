@@ -224,3 +224,21 @@ def test_client_arguments_and_fallback_shapes(tmp_path: Path) -> None:
     assert fallback.decide(0, np.zeros((3, 5))).tolist() == [False] * 3
     with pytest.raises(ValueError, match="shape"):
         fallback.decide(0, np.zeros(3))
+    known = RuntimePolicy.full_depth(n_exits=3)  # the last exit of a known model answers
+    assert [known.decide(k, np.zeros((2, 5))).tolist() for k in range(3)] == [[False] * 2, [False] * 2, [True] * 2]
+    with pytest.raises(ValueError, match="out of range"):
+        known.decide(3, np.zeros((2, 5)))
+
+
+def test_policy_for_another_architecture_is_rejected(tamper: _Tamper, make_doc: Callable[..., dict],
+                                                     tmp_path: Path) -> None:
+    tamper.serve(_served_doc(make_doc))  # 3 exits, 4 classes
+    for shape, why in (({"n_exits": 4, "n_classes": 4}, "3 exits"), ({"n_exits": 3, "n_classes": 10}, "4 classes")):
+        client = PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, **shape)
+        result = client.refresh()
+        assert result.outcome == "rejected" and why in (result.detail or ""), result.detail
+        assert client.policy.is_fallback and client.policy.n_exits == shape["n_exits"]
+        client.close()
+    fits = PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, n_exits=3, n_classes=4)
+    assert fits.refresh().outcome == "updated" and fits.policy.version == 1
+    fits.close()
