@@ -53,13 +53,29 @@ exitwise report "$MODEL" 1 --format pdf --out "$OUT/report.pdf"
 step "8/8 MLflow: register the policy as a pyfunc model, aliases follow the lifecycle"
 exitwise mlflow sync
 URI=$(exitwise mlflow uri "$MODEL" --env production)
+TRACKING=$(exitwise mlflow uri --tracking)
+python - "$TRACKING" "$URI" "$TEST" "$SEGMENT" <<'PY'
+import sys
+
+import mlflow
+import pandas as pd
+
+tracking, uri, test, segment = sys.argv[1:]
+mlflow.set_tracking_uri(tracking)
+model = mlflow.pyfunc.load_model(uri)
+logs = pd.read_parquet(test).head(8)
+logs[segment] = logs[segment].astype(str)
+cols = [c for c in logs.columns if c.startswith("exit_")] + [segment]
+print(f"mlflow.pyfunc.load_model({uri!r}).predict(8 test rows):")
+print(model.predict(logs[cols]).to_string(index=False))
+PY
 
 step "done"
 cat <<MSG
 policy:      $OUT/policy.json
 report:      $OUT/report.html  (and report.pdf)
 audit trail: $OUT/audit.jsonl
-database:    $OUT (SQLite)   MLflow: $OUT (local store)
-load it:     MLFLOW_TRACKING_URI=\$(exitwise mlflow uri --tracking) ... mlflow.pyfunc.load_model("$URI")
+database:    $OUT/exitwise.db (SQLite)   MLflow: $TRACKING
+load it:     mlflow.set_tracking_uri("$TRACKING"); mlflow.pyfunc.load_model("$URI")
 serve it:    EXITWISE_DATA_DIR=$OUT exitwise serve --host 127.0.0.1 --port 8000
 MSG

@@ -40,9 +40,30 @@ def build_app() -> typer.Typer:
     return app
 
 
+_hooks = {"wanted": False, "installed": False}
+
+
+def install_store_hooks() -> None:
+    """Install the console script's after-commit hooks: MLflow mirror and approval reports.
+
+    Called by write commands only (so reads and ``calibrate`` don't pay for importing
+    mlflow), and only under :func:`main` — in-process test runners stay hook-free.
+    ``EXITWISE_MLFLOW_SYNC=off`` turns the MLflow mirror off.
+    """
+    if not _hooks["wanted"] or _hooks["installed"]:
+        return
+    from policies.registry import install_hook
+    from policies.report import install_approval_hook
+
+    install_hook()
+    install_approval_hook()
+    _hooks["installed"] = True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map errors to one line and an exit code."""
     app = build_app()
+    _hooks["wanted"] = True
     try:
         app(args=argv, prog_name="exitwise")
     except ExitwiseError as exc:

@@ -65,8 +65,10 @@ def store_engine(*, check: bool = True) -> Iterator[Engine]:
 
 def acting_principal(token: str | None, *, session: Session, action: str):  # -> policies.principals.Principal
     """Authenticate the bearer token of a write command (no write without a principal)."""
+    from api.cli import install_store_hooks
     from policies.principals import authenticate
 
+    install_store_hooks()
     if not token:
         raise AuthError(f"{action} changes the policy store: pass --token or set EXITWISE_TOKEN")
     return authenticate(token, session=session)
