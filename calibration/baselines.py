@@ -82,12 +82,17 @@ class BaselineResult:
 
 
 def _uniform_policy(prepared: Prepared, tau: np.ndarray, score: str, calibrators: Any = None) -> CompiledPolicy:
-    """A policy without segment structure: thresholds (K-1, C) for every sample."""
+    """Thresholds (K-1, C) for every sample: no segment structure, but the operator's
+    constraints hold as for the solver (forbidden classes and segments, ``max_exit``).
+    """
+    forbidden = [prepared.seg_levels[s] for s in np.flatnonzero(prepared.forced_segments)]
+    keys = prepared.spec.segment_keys if forbidden else ()
+    thr = np.concatenate([tau[None], np.full((len(forbidden), *tau.shape), np.nan)], axis=0)
     return CompiledPolicy(
-        thresholds=tau[None].copy(), segment_index={}, forced_classes=prepared.forced_classes,
-        forced_segments=np.zeros(1, dtype=bool),
+        thresholds=thr, segment_index={name: i + 1 for i, name in enumerate(forbidden)},
+        forced_classes=prepared.forced_classes, forced_segments=np.r_[False, np.ones(len(forbidden), dtype=bool)],
         max_exit=tau.shape[0] if prepared.spec.max_exit is None else prepared.spec.max_exit,
-        killed=False, calibrators=tuple(calibrators or prepared.calibrators), score=score, segment_keys=(),
+        killed=False, calibrators=tuple(calibrators or prepared.calibrators), score=score, segment_keys=keys,
     )
 
 
@@ -97,19 +102,22 @@ def _shared(prepared: Prepared, t: float, score: str = "max_prob") -> CompiledPo
 
 
 def shared_threshold_curve(scores: np.ndarray, loss: np.ndarray, allowed: np.ndarray,
-                           forced: np.ndarray | None = None, preds: np.ndarray | None = None
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           forced: np.ndarray | None = None, preds: np.ndarray | None = None,
+                           blocked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact risk of a shared threshold tau at every candidate tau (the distinct scores).
 
     With M_ik = max_{j <= k} s_ij over allowed exits, a sample exits at k exactly for
     tau in (M_{i,k-1}, M_ik]; so risk(tau) = (1/n) sum_{i,k} l_ik [M_{i,k-1} < tau <= M_ik],
     a difference of two weighted counts, evaluated at all candidates with one sort.
+    ``forced`` classes (by ``preds``) and ``blocked`` rows never exit early.
     Returns (candidates descending, risk at each).
     """
     n = scores.shape[0]
     s = np.where(allowed[None, :], scores[:, :-1], -np.inf)
     if forced is not None and preds is not None:
         s = np.where(forced[preds[:, :-1]], -np.inf, s)
+    if blocked is not None:
+        s[blocked] = -np.inf
     run = np.maximum.accumulate(s, axis=1)
     prev = np.concatenate([np.full((n, 1), -np.inf), run[:, :-1]], axis=1)
     opens = run > prev
@@ -130,12 +138,17 @@ def shared_threshold_curve(scores: np.ndarray, loss: np.ndarray, allowed: np.nda
     return cand, risk
 
 
+def _blocked(prepared: Prepared, rows: np.ndarray) -> np.ndarray:
+    """Rows in a forbidden segment (they never exit early, whatever the policy)."""
+    return prepared.forced_segments[prepared.seg_codes[rows]]
+
+
 def global_threshold(prepared: Prepared, max_prob: tuple[np.ndarray, np.ndarray]) -> tuple[float | None, bool]:
     """BranchyNet/DeeBERT: scan tau down from 1 on the select split; stop before risk > eps."""
     scores, preds = max_prob
     sel = prepared.splits.select
     cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
-                                        prepared.forced_classes, preds[sel])
+                                        prepared.forced_classes, preds[sel], _blocked(prepared, sel))
     bad = np.flatnonzero(risk > prepared.spec.eps)
     stop = bad[0] if bad.size else cand.size
     return (float(cand[stop - 1]) if stop > 0 else None), False
@@ -151,7 +164,7 @@ def calm(prepared: Prepared, solution: Solution, max_prob: tuple[np.ndarray, np.
     scores, preds = max_prob
     sel = prepared.splits.select
     cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
-                                        prepared.forced_classes, preds[sel])
+                                        prepared.forced_classes, preds[sel], _blocked(prepared, sel))
     if cand.size == 0:
         return None, False
     limit = np.flatnonzero(risk > 3 * prepared.spec.eps)
@@ -176,10 +189,11 @@ def per_exit(prepared: Prepared, solution: Solution) -> tuple[np.ndarray | None,
     sel = prepared.splits.select
     settings = replace(prepared.spec.settings, min_cell=np.iinfo(np.int64).max, min_pool=1)
     sc = prepared.scored
-    problem = Problem(
-        scores=sc.scores[sel], preds=sc.preds[sel], loss=prepared.loss[sel], seg=np.zeros(sel.size, dtype=np.int64),
-        costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes, n_segments=1, allowed_exits=prepared.allowed_exits,
-        forced_classes=prepared.forced_classes, forced_segments=np.zeros(1, dtype=bool),
+    problem = Problem(  # segment 0: everyone; 1: forbidden segments (never exit)
+        scores=sc.scores[sel], preds=sc.preds[sel], loss=prepared.loss[sel],
+        seg=_blocked(prepared, sel).astype(np.int64), costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes,
+        n_segments=2, allowed_exits=prepared.allowed_exits, forced_classes=prepared.forced_classes,
+        forced_segments=np.array([False, True]),
     )
     path = solve_path(problem, eps=prepared.spec.eps, settings=settings)
     policies = [_uniform_policy(prepared, p.tau[0], prepared.spec.score) for p in path.points]
@@ -224,10 +238,17 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
                               max_exit=spec.max_exit)
 
 
-def per_sample_oracle_exits(scored: ScoredLogs, risk: str, allowed: np.ndarray) -> np.ndarray:
-    """Earliest (allowed) exit whose loss is 0; the last exit otherwise."""
+def per_sample_oracle_exits(scored: ScoredLogs, risk: str, allowed: np.ndarray,
+                            forced_classes: np.ndarray | None = None, blocked: np.ndarray | None = None) -> np.ndarray:
+    """Earliest allowed exit whose loss is 0 (the last exit otherwise), under the operator's
+    constraints: ``max_exit`` (``allowed``), forbidden classes and ``blocked`` rows.
+    """
     ok = ~scored.loss_matrix(risk)
     ok[:, :-1] &= allowed[None, :]
+    if forced_classes is not None:
+        ok[:, :-1] &= ~forced_classes[scored.preds[:, :-1]]
+    if blocked is not None:
+        ok[blocked, :-1] = False
     ok[:, -1] = True
     return np.argmax(ok, axis=1)
 
@@ -332,7 +353,12 @@ def run_baselines(
         out["oracle"] = BaselineResult("oracle", evaluate_scored(pol, scored, risk), pol, None,
                                        "thresholds fitted on the evaluation data itself")
     if "per_sample_oracle" in names:
-        ex = per_sample_oracle_exits(scored, risk, prepared.allowed_exits)
+        blocked = None
+        if prepared.forced_segments.any():
+            codes, levels = composite_segments(scored.segments, spec.segment_keys, scored.n)
+            forbidden = set(spec.forbid_segments)
+            blocked = np.array([v in forbidden for v in levels], dtype=bool)[codes]
+        ex = per_sample_oracle_exits(scored, risk, prepared.allowed_exits, prepared.forced_classes, blocked)
         out["per_sample_oracle"] = BaselineResult("per_sample_oracle", summarise(ex, scored, risk), None, None,
                                                   "each sample at its earliest loss-free exit")
     return out

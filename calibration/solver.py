@@ -68,8 +68,8 @@ class SolverSettings:
     refine_gap_target: float = 1 / 32  # ... or by more than this * eps near the risk that will be certified
     floor_power: float = 0.9  # constrained segments aim at this chance of passing their test
     floor_bisections: int = 4
-    tail: tuple[float, ...] = (1.2, 1.4, 1.6, 1.8, 2.0)  # segment aims of the path's tail, x the first aim
-    tail_bisections: int = 2
+    tail: tuple[float, ...] = (1.25, 1.5, 1.75, 2.0)  # segment aims of the path's tail, x the first aim
+    tail_bisections: int = 0
     thin: float = 0.02  # compute spacing of path points far on the safe side
     # loss estimates the sweeps optimise (see SegmentSolver._smoothed_loss):
     smoothing: str = "model"  # "model" (logistic, cell-corrected) | "window" (running means) | "raw" (0/1)
@@ -803,20 +803,20 @@ def prepare(logs: Any, spec: SolveSpec, *, progress: ProgressFn | None = None) -
             raise InputError(f"--forbid-segment {name!r}: no rows have that segment value; "
                              f"values: {', '.join(seg_levels)}")
         forced_segments[seg_levels.index(name)] = True
+    # "*=EPS" gives every segment value a budget; a named value's own budget wins over it
     budgets: dict[int, float] = {}
+    explicit: dict[int, float] = {}
     for name, eps in spec.segment_budgets:
         if not spec.segment_keys:
             raise InputError(f"--segment-budget {name}={eps} needs --segment-key (the column(s) it refers to)")
         check_budget(eps, f"--segment-budget {name}")
         if name == "*":
-            for s in range(len(seg_levels)):
-                budgets.setdefault(s, eps)
+            budgets.update(dict.fromkeys(range(len(seg_levels)), eps))
             continue
         if name not in seg_levels or counts[seg_levels.index(name)] == 0:
             raise InputError(f"--segment-budget {name}={eps}: no rows have segment value {name!r} "
                              f"in {'|'.join(spec.segment_keys)}; values: {', '.join(seg_levels)}")
-        budgets[seg_levels.index(name)] = eps
-    explicit = {seg_levels.index(n): e for n, e in spec.segment_budgets if n != "*"}
+        explicit[seg_levels.index(name)] = eps
     budgets.update(explicit)
     splits = make_splits(logs.n, spec.split, spec.seed)
     if progress is not None:
@@ -900,15 +900,28 @@ def certify_candidates(
     scores_c = np.asfortranarray(prepared.scored.scores[cert_rows])
     preds_c = np.asfortranarray(prepared.scored.preds[cert_rows])
     loss_c = prepared.loss[cert_rows]
-    rows_c = prepared.policy_rows(cert_rows)
-    zeros = np.zeros(cert_rows.size, dtype=np.intp)
     costs = prepared.scored.costs / prepared.scored.costs[-1]
     rows_idx = np.arange(cert_rows.size)
     stats: dict[int, tuple[float, float]] = {}
+    layouts: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def table_rows(pol: CompiledPolicy) -> np.ndarray:
+        """Each certify row's row of the policy's threshold table (the rule's segment lookup)."""
+        key = (pol.segment_keys, tuple(pol.segment_index.items()))
+        if key not in layouts:
+            if not pol.segment_keys:
+                layouts[key] = np.zeros(cert_rows.size, dtype=np.intp)
+            elif pol.segment_keys == prepared.spec.segment_keys and all(
+                    pol.segment_index.get(v) == i + 1 for i, v in enumerate(prepared.seg_levels)):
+                layouts[key] = prepared.policy_rows(cert_rows)
+            else:
+                lookup = np.array([pol.segment_index.get(v, 0) for v in prepared.seg_levels], dtype=np.intp)
+                layouts[key] = lookup[prepared.seg_codes[cert_rows]]
+        return layouts[key]
 
     def losses(j: int) -> np.ndarray:
         pol = policies[j]
-        exit_at = first_exit(pol, scores_c, preds_c, rows_c if pol.segment_keys else zeros).exit
+        exit_at = first_exit(pol, scores_c, preds_c, table_rows(pol)).exit
         loss = loss_c[rows_idx, exit_at]
         stats[j] = (float(loss.mean()) if loss.size else 0.0, float(costs[exit_at].mean()) if loss.size else 1.0)
         return loss

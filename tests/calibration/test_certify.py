@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -126,7 +124,6 @@ def test_guarantee_holds_over_many_calibration_samples():
     same repeats choosing the most aggressive path point that meets eps on the selection
     split (no certification) must violate far more often, so the test can fail.
     """
-    t0 = time.perf_counter()
     eps, delta, n_cal, repeats = 0.05, 0.1, 1500, 150
     kw = dict(n_exits=3, n_classes=4, segments={}, label_noise=0.0)
     pool = synthetic_logs(n_cal * repeats, seed=21, **kw)
@@ -150,4 +147,3 @@ def test_guarantee_holds_over_many_calibration_samples():
     assert violations <= tolerance, (violations, tolerance, sorted(realised)[-10:])
     assert naive_violations > tolerance, naive_violations
     assert np.median(realised) > 0.5 * eps  # certified, yet not trivially conservative
-    assert time.perf_counter() - t0 < 120
