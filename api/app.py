@@ -8,7 +8,7 @@ build as many independent apps as they like, each on its own database.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -67,9 +67,14 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owned:
             await run_in_threadpool(_prepare, settings)
-        yield
-        if owned:
-            engine.dispose()
+        remove_hooks = _install_store_hooks(engine, settings) if settings.store_hooks else []
+        try:
+            yield
+        finally:
+            for remove in remove_hooks:
+                remove()
+            if owned:
+                engine.dispose()
 
     app = ExitwiseAPI(
         title="exitwise",
@@ -96,6 +101,21 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _install_store_hooks(engine: Engine, settings: ApiSettings) -> list[Callable[[], None]]:
+    """The after-commit mirrors, in background threads: MLflow sync and approval reports.
+
+    Returns the functions that remove them (events are process-wide; the app removes its own
+    at shutdown). A mirror that fails never undoes or delays a committed change.
+    """
+    from policies import events
+    from policies.registry import install_hook
+    from policies.report import install_approval_hook
+
+    sync = install_hook(engine, background=True)
+    approval = install_approval_hook(engine, data_dir=settings.data_dir, background=True)
+    return [sync.close, lambda: events.remove(approval)]
 
 
 def _prepare(settings: ApiSettings) -> None:

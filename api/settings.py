@@ -12,6 +12,10 @@ rules) with the serving knobs:
   answers. ``no-cache`` lets clients and proxies keep the body but makes them revalidate
   with ``If-None-Match`` on every use, so a kill switch is never hidden behind a max-age;
   the revalidation costs a 304 without a body.
+- ``EXITWISE_STORE_HOOKS`` (default true): while the app runs, mirror committed changes to
+  MLflow (``policies.registry``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
+  mirror off) and write the audit report of every approved version under the data directory
+  (``policies.report``, in a background thread). Requests never wait for either.
 """
 
 from __future__ import annotations
@@ -30,4 +34,5 @@ class ApiSettings(StoreSettings):
     cache_ttl_ms: int = Field(500, ge=0, le=60_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     policy_cache_control: str = "no-cache"
+    store_hooks: bool = True
     title: str = "exitwise"

@@ -169,7 +169,8 @@ def _run(cmd: list[str], env: dict[str, str], **kw: object) -> str:
 def demo(args: argparse.Namespace) -> int:
     exitwise = str(Path(sys.executable).with_name("exitwise"))
     tmp = Path(tempfile.mkdtemp(prefix="exitwise-example-"))
-    env = {**os.environ, "EXITWISE_DATA_DIR": str(tmp / "data"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "EXITWISE_DATA_DIR": str(tmp / "data"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "EXITWISE_MLFLOW_SYNC": "off"}  # this example is about the runtime; make demo shows MLflow
     env.pop("EXITWISE_DATABASE_URL", None)
     server = None
     try:

@@ -105,14 +105,15 @@ class LiveServer:
 
 
 def start_server(url: str | None, data_dir: Path, log: Path, *, ttl_ms: int = CACHE_TTL_MS, workers: int = 1,
-                 port: int | None = None) -> LiveServer:
+                 port: int | None = None, hooks: bool = False) -> LiveServer:
     """``exitwise serve`` on a free port; waits until /healthz answers (30 s at most).
 
     ``url`` None: no EXITWISE_DATABASE_URL, i.e. the embedded SQLite store under ``data_dir``.
+    ``hooks`` False: no after-commit mirrors (MLflow, approval reports) in the server.
     """
     port = port or free_port()
     env = {**os.environ, "EXITWISE_DATA_DIR": str(data_dir), "EXITWISE_CACHE_TTL_MS": str(ttl_ms),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "EXITWISE_STORE_HOOKS": "true" if hooks else "false"}
     env.pop("EXITWISE_DEBUG", None)
     env.pop("EXITWISE_DATABASE_URL", None)
     if url is not None:
@@ -155,7 +156,8 @@ def world(databases: Any, backend: str, tmp_path_factory: pytest.TempPathFactory
 
 
 def settings_for(world: World, **overrides: Any) -> ApiSettings:
-    values: dict[str, Any] = {"database_url": world.url, "data_dir": world.data_dir, "cache_ttl_ms": CACHE_TTL_MS}
+    values: dict[str, Any] = {"database_url": world.url, "data_dir": world.data_dir, "cache_ttl_ms": CACHE_TTL_MS,
+                              "store_hooks": False}
     values.update(overrides)
     return ApiSettings(**values)
 

@@ -153,9 +153,8 @@ def test_413_body_limit(api: httpx.Client, world: Any, active_model: str) -> Non
     assert_problem(api.post(f"/v1/models/{active_model}/kill", content=big, headers=alice), 413)
 
 
-def test_413_configurable_limit(world: Any) -> None:
-    app = create_app(ApiSettings(database_url=world.url, data_dir=world.data_dir, max_body_bytes=2048),
-                     engine=world.engine)
+def test_413_configurable_limit(world: Any, make_settings: Callable[..., ApiSettings]) -> None:
+    app = create_app(make_settings(max_body_bytes=2048), engine=world.engine)
     with TestClient(app) as client:
         headers = {**world.auth("alice"), "content-type": "application/json"}
         assert_problem(client.post("/v1/policies", content=b" " * 3000, headers=headers), 413)
@@ -167,7 +166,7 @@ def offline_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """An app whose database is never touched (routes added by the tests raise on their own)."""
     tmp = tmp_path_factory.mktemp("offline")
     engine = make_engine(f"sqlite:///{tmp / 'unused.db'}")
-    yield lambda: create_app(ApiSettings(data_dir=tmp), engine=engine)
+    yield lambda: create_app(ApiSettings(data_dir=tmp, store_hooks=False), engine=engine)
     engine.dispose()
 
 
@@ -192,14 +191,14 @@ def test_500_does_not_leak_internals(offline_app: Callable[[], Any], caplog: pyt
 
 def test_503_when_database_unreachable_or_not_at_head(tmp_path: Path) -> None:
     empty = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
-    app = create_app(ApiSettings(data_dir=tmp_path), engine=empty)
+    app = create_app(ApiSettings(data_dir=tmp_path, store_hooks=False), engine=empty)
     with TestClient(app) as client:
         body = assert_problem(client.get("/readyz"), 503, "urn:exitwise:problem:schema-out-of-date")
         assert body["error_id"] in body["detail"]
         assert client.get("/healthz").status_code == 200
     empty.dispose()
     down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/none", connect_args={"connect_timeout": 2})
-    app = create_app(ApiSettings(data_dir=tmp_path), engine=down)
+    app = create_app(ApiSettings(data_dir=tmp_path, store_hooks=False), engine=down)
     with TestClient(app) as client:
         assert_problem(client.get("/readyz"), 503)
         assert_problem(client.get("/v1/me", headers={"Authorization": "Bearer ew_x"}), 503,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def _operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 def test_openapi_document_is_complete(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'unused.db'}")
-    app = create_app(ApiSettings(data_dir=tmp_path), engine=engine)
+    app = create_app(ApiSettings(data_dir=tmp_path, store_hooks=False), engine=engine)
     with TestClient(app) as client:
         doc = client.get("/openapi.json").json()
     engine.dispose()
@@ -91,3 +92,24 @@ def test_openapi_document_is_complete(tmp_path: Path) -> None:
             if int(code) >= 400:
                 assert response["content"] == {
                     "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}, label
+
+
+def test_store_hooks_write_approval_reports_and_are_removed_at_shutdown(
+        world: Any, make_doc: Any, make_settings: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    from policies import events
+
+    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")  # the MLflow mirror has its own tests
+    m = world.model("hooks")
+    world.seed(make_doc, m, versions=1)
+    before = len(events._callbacks)
+    app = create_app(make_settings(store_hooks=True, data_dir=tmp_path), engine=world.engine)
+    with TestClient(app) as client:
+        assert len(events._callbacks) == before + 2
+        approved = client.post(f"/v1/models/{m}/versions/1/approve", json={"reason": "ok"}, headers=world.auth("bob"))
+        assert approved.status_code == 200
+        report = tmp_path / "reports" / m / "v1.html"
+        deadline = time.monotonic() + 60
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert report.exists() and m in report.read_text()
+    assert len(events._callbacks) == before
