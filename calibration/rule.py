@@ -135,25 +135,42 @@ def exit_scores(
 
 
 def _chunk_scores(logits: np.ndarray, calibrator: Mapping[str, Any], score: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of one chunk from e = exp(z), z = logits/T - max(logits/T), S = sum(e).
+
+    e[c] == 1 exactly, so p[c] = 1/S and the margin is (1 - e_(2))/S; the normalised
+    confidence uses H(p) = log S - sum(e * z)/S (one exp per entry, one log per row). Platt's
+    features come from the same e and S. Only Platt with margin/entropy scores needs the full
+    calibrated distribution.
+    """
     kind = calibrator.get("type")
-    if kind not in ("identity", "temperature"):
+    if kind not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator type {kind!r}; expected one of {CALIBRATORS}")
+    if kind == "platt" and score != "max_prob":
         p, pred = calibrated_probs(logits, calibrator)
         return score_from_probs(p, pred, score), pred
-    # Softmax without normalising: e = exp(z/T - max z/T), so e[c] == 1 exactly and
-    # p[c] = 1/sum(e); the margin is (1 - e_(2))/sum(e). Cheaper than full probabilities.
     t = float(calibrator["temperature"]) if kind == "temperature" else 1.0
     pred = np.argmax(logits, axis=1)
-    e = np.asarray(logits, dtype=np.float64) / t
-    e -= e.max(axis=1, keepdims=True)
-    np.exp(e, out=e)
+    z = np.asarray(logits, dtype=np.float64) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
     total = e.sum(axis=1)
-    if score == "max_prob":
+    n, c = e.shape
+    if kind != "platt" and score == "max_prob":
         return 1.0 / total, pred
-    if score == "margin":
-        second = np.partition(e, -2, axis=1)[:, -2] if e.shape[1] > 1 else np.zeros(e.shape[0])
+    second = np.partition(e, -2, axis=1)[:, -2] if c > 1 else np.zeros(n)
+    if kind != "platt" and score == "margin":
         return (1.0 - second) / total, pred
-    e /= total[:, None]
-    return _normalised_confidence(e), pred
+    if c > 1:
+        conf = 1.0 - (np.log(total) - np.einsum("ij,ij->i", e, z) / total) / np.log(c)
+    else:
+        conf = np.ones(n)
+    if kind != "platt":
+        return conf, pred
+    top = 1.0 / total
+    top_c = np.clip(top, 1e-12, 1.0 - 1e-12)
+    phi = np.stack([np.log(top_c) - np.log1p(-top_c), top - second / total, conf], axis=1)
+    w = np.asarray(calibrator["coef"], dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-(phi @ w + float(calibrator["intercept"])))), pred
 
 
 @dataclass(frozen=True, eq=False)

@@ -195,9 +195,10 @@ def test_fast_scores_agree_with_full_probabilities(seed: int, t: float, c: int) 
     from calibration.rule import score_from_probs
 
     z = (np.random.default_rng(seed).normal(size=(50, c)) * 5).astype(np.float32)
-    cal = {"type": "temperature", "temperature": t}
-    p, pred = calibrated_probs(z, cal)
-    for score in ("max_prob", "margin", "entropy"):
-        fast, fast_pred = exit_scores(z, cal, score)
-        np.testing.assert_array_equal(fast_pred, pred)
-        np.testing.assert_allclose(fast, score_from_probs(p, pred, score), rtol=1e-9, atol=1e-12)
+    for cal in ({"type": "temperature", "temperature": t},
+                {"type": "platt", "coef": [0.8, 0.5, -0.3], "intercept": 0.2}):
+        p, pred = calibrated_probs(z, cal)
+        for score in ("max_prob", "margin", "entropy"):
+            fast, fast_pred = exit_scores(z, cal, score)
+            np.testing.assert_array_equal(fast_pred, pred)
+            np.testing.assert_allclose(fast, score_from_probs(p, pred, score), rtol=1e-9, atol=1e-10)
