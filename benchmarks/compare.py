@@ -1,6 +1,7 @@
 """The README comparison table: solver vs baselines, realised on held-out test logs (issue 3).
 
     .venv/bin/python benchmarks/compare.py --data synthetic            # synthetic logs with segments
+    .venv/bin/python benchmarks/compare.py --data synthetic-overconfident  # one segment's early exits over-confident
     .venv/bin/python benchmarks/compare.py --data fashion              # examples/data/fashion_mnist
     .venv/bin/python benchmarks/compare.py --data both --seeds 3 --out /tmp/compare.md
 
@@ -43,16 +44,34 @@ LABEL = {**bl.LABELS, "solver": "**solver (certified)**",
          "solver_segments": "solver, budget eps per segment (certified)"}
 
 
+def _overconfident(logs: Any, value: str, factor: float) -> Any:
+    """The same logs with the early exits' logits of one segment value scaled by ``factor``
+    (that segment's shallow exits are over-confident, e.g. a capture device the early
+    layers never saw; one temperature per exit cannot fix it, per-segment thresholds can).
+    """
+    import dataclasses
+
+    col = logs.segments["region"]
+    rows = col.codes == col.levels.index(value)
+    logits = logs.logits.copy()
+    logits[rows, :-1, :] *= factor
+    return dataclasses.replace(logs, logits=logits)
+
+
 def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]:
     """(calibration logs, test logs, segment key or None, description)."""
-    if data == "synthetic":
+    if data in ("synthetic", "synthetic-overconfident"):
         from calibration.synthetic import synthetic_logs
 
         kw = dict(n_exits=4, n_classes=10, segments={"region": 4})
         cal = synthetic_logs(n_cal, seed=1, **kw)
         test = synthetic_logs(n_test, seed=2, **kw)
-        return cal, test, "region", (f"synthetic (`synthetic_logs(n, 4, 10, segments={{'region': 4}})`): "
-                                     f"{cal.n:,} calibration rows (seed 1), {test.n:,} test rows (seed 2)")
+        desc = (f"synthetic (`synthetic_logs(n, 4, 10, segments={{'region': 4}})`): "
+                f"{cal.n:,} calibration rows (seed 1), {test.n:,} test rows (seed 2)")
+        if data == "synthetic-overconfident":
+            cal, test = _overconfident(cal, "region_3", 2.0), _overconfident(test, "region_3", 2.0)
+            desc += "; early-exit logits of segment region_3 (the hard one) scaled x2 (over-confident)"
+        return cal, test, "region", desc
     from calibration import io
 
     card = io.load_card(FASHION / "card.json")
@@ -130,7 +149,7 @@ def table(results: dict[float, list[dict[str, dict[str, Any]]]], key: str | None
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", choices=("synthetic", "fashion", "both"), default="both")
+    ap.add_argument("--data", choices=("synthetic", "synthetic-overconfident", "fashion", "both"), default="both")
     ap.add_argument("--seeds", type=int, default=1, help="split seeds to average over")
     ap.add_argument("--n-cal", type=int, default=40_000, help="synthetic calibration rows")
     ap.add_argument("--n-test", type=int, default=200_000, help="synthetic test rows")
