@@ -98,3 +98,18 @@ def test_oracles(solved):
     earlier = np.arange(held.n_exits)[None, :] < ex[:, None]
     assert loss[earlier].all()  # every earlier exit would have disagreed
     assert per_sample.compute_fraction < oracle.compute_fraction
+
+
+def test_baselines_obey_forbidden_segments_classes_and_max_exit():
+    logs = synthetic_logs(8_000, 4, 5, segments={"region": 3}, seed=10)
+    sol = solve(logs, SolveSpec(eps=0.03, segment_keys=("region",), forbid_segments=("region_1",),
+                                forbid_classes=("class2",), max_exit=1))
+    held = bl.evaluation_data(sol)
+    res = bl.run_baselines(sol, held, bl.choose_baselines(sol))
+    seg = held.segments["region"].values() == "region_1"
+    for name, r in res.items():
+        ex = r.evaluation.exit
+        assert (ex[seg] == held.n_exits - 1).all(), name
+        assert (ex != 2).all(), name  # max_exit = 1: exit 2 never answers early
+        early = ex < held.n_exits - 1
+        assert not (held.preds[np.flatnonzero(early), ex[early]] == 2).any(), name
