@@ -22,14 +22,19 @@ Method (Lagrangian relaxation, one multiplier lambda_s per segment)::
   backwards, so a backward pass updates every exit exactly given the others; reach sets come
   from the thresholds of the shallower exits. Passes repeat (warm started) and never
   increase the objective.
+* **A loss model, not raw 0/1 losses.** l_ik in the sweeps is an estimate
+  P(loss | score, cell): a logistic trend in logit(score) per (segment, exit) times a shrunk
+  per-cell correction (``SegmentSolver._smoothed_loss``). Raw 0/1 losses would put each cut
+  just above an observed error (the winner's curse) and the selection risk would badly
+  underestimate the risk on fresh data; with the model it does not.
 * **Shrinkage for sparse cells.** A (s, k, c) cell with fewer than ``min_cell`` samples
   does not get its own threshold: such cells of segment s at exit k share one pooled
   threshold (the segment-level, per-exit threshold), and a pool with fewer than
   ``min_pool`` samples never exits. Cells unseen at selection inherit the pool's threshold.
 * **Path.** lambda runs from large (safe) to small (aggressive) on a geometric grid,
   refined where the selection risk jumps; segments with their own budget stop at a floor
-  lambda where their selection risk reaches a level the certify split can still certify.
-  Certification (:mod:`calibration.certify`) walks this path in order.
+  lambda where their selection risk reaches a level the certify split can still certify,
+  and a tail of the path then raises those levels. Certification (:mod:`calibration.certify`) walks this path in order.
 
 Segments never share a threshold, so the problem separates by segment: each is solved on
 its own samples, and the global policy for a multiplier lambda combines them.
@@ -45,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.exceptions import InputError, SolverError
+from calibration.exceptions import InputError
 from calibration.rule import CompiledPolicy
 
 ProgressFn = Callable[[str, float], None]
@@ -628,11 +633,6 @@ def check_budget(eps: float, name: str = "eps") -> float:
     if not (0.0 < value < 1.0) or not math.isfinite(value):
         raise InputError(f"{name} must be in (0, 1), got {eps!r}")
     return value
-
-
-def require_solvable(path: SolverPath) -> None:
-    if not path.points:
-        raise SolverError("the solver found no policy that exits early on the selection data")
 
 
 # ----------------------------------------------------------------------------- end to end
