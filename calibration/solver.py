@@ -184,17 +184,20 @@ def _logistic_loss_model(score: np.ndarray, loss: np.ndarray, iters: int = 25) -
     rate = (loss.sum() + 0.5) / (m + 1.0)
     theta = np.array([np.log(rate / (1 - rate)), 0.0])
     ridge = 1.0
+    # one pseudo-observation of loss 1/2 at the mean score keeps a loss-free segment/exit
+    # at a rate of about 1/(2m) instead of the MLE's 0
     for _ in range(iters):
-        eta = theta[0] + theta[1] * z
+        eta = np.clip(theta[0] + theta[1] * z, -40.0, 40.0)
         p = 1.0 / (1.0 + np.exp(-eta))
         w = p * (1 - p)
-        g = np.array([np.sum(p - loss), np.sum((p - loss) * z) + ridge * theta[1]])
-        h = np.array([[w.sum() + 1e-9, np.sum(w * z)], [np.sum(w * z), np.sum(w * z * z) + ridge]])
+        p0 = 1.0 / (1.0 + np.exp(-np.clip(theta[0], -40.0, 40.0)))
+        g = np.array([np.sum(p - loss) + (p0 - 0.5), np.sum((p - loss) * z) + ridge * theta[1]])
+        h = np.array([[w.sum() + p0 * (1 - p0) + 1e-12, np.sum(w * z)], [np.sum(w * z), np.sum(w * z * z) + ridge]])
         step = np.linalg.solve(h, g)
         theta -= step
         if np.abs(step).max() < 1e-8:
             break
-    return 1.0 / (1.0 + np.exp(-(theta[0] + theta[1] * z)))
+    return 1.0 / (1.0 + np.exp(-np.clip(theta[0] + theta[1] * z, -40.0, 40.0)))
 
 
 def _window_mean(values: np.ndarray, starts: np.ndarray, half: int) -> np.ndarray:
