@@ -146,6 +146,8 @@ def _check_conf_correct(confidence: Any, correct: Any) -> tuple[np.ndarray, np.n
         raise InputError(f"confidence and correct must be 1-D of equal length, got {conf.shape} and {ok.shape}")
     if conf.size and not (np.all(np.isfinite(conf)) and conf.min() >= 0.0 and conf.max() <= 1.0):
         raise InputError("confidence must be finite and in [0, 1]")
+    if np.signbit(conf).any():
+        conf = conf + 0.0  # -0.0 -> +0.0 (the equal-mass sort compares bit patterns)
     return conf, ok.astype(bool, copy=False)
 
 
@@ -170,33 +172,33 @@ def _width_diagram(conf: np.ndarray, ok: np.ndarray, n_bins: int) -> Reliability
     np.clip(idx, 0, n_bins - 1, out=idx)
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
     s_conf = np.bincount(idx, weights=conf, minlength=n_bins)
-    s_ok = np.bincount(idx, weights=ok.astype(np.float64), minlength=n_bins)
+    s_ok = np.bincount(idx[ok], minlength=n_bins).astype(np.float64)
     mean_conf, acc = _per_bin(s_conf, s_ok, count)
     return ReliabilityDiagram("width", edges, mean_conf, acc, count)
 
 
 def _mass_diagram(conf: np.ndarray, ok: np.ndarray, n_bins: int) -> ReliabilityDiagram:
     n = conf.shape[0]
-    # Sort once with correctness packed into the lowest mantissa bit (a <= 1 ulp change of a
-    # confidence in (0, 1]): a plain float sort (SIMD) instead of a stable argsort, and ties
-    # come out incorrect-before-correct.
-    bits = conf.view(np.uint64) & ~np.uint64(1)
-    bits |= ok.astype(np.uint64)
-    key = np.sort(bits.view(np.float64))
-    kb = key.view(np.uint64)
-    ok_sorted = (kb & np.uint64(1)).astype(np.float64)
-    conf_sorted = (kb & ~np.uint64(1)).view(np.float64)
     bounds = (np.arange(n_bins + 1, dtype=np.int64) * n) // n_bins
-    cs_conf = np.concatenate([[0.0], np.cumsum(conf_sorted)])
-    cs_ok = np.concatenate([[0.0], np.cumsum(ok_sorted)])
     count = np.diff(bounds)
-    mean_conf, acc = _per_bin(np.diff(cs_conf[bounds]), np.diff(cs_ok[bounds]), count)
-    edges = np.empty(n_bins + 1)
-    edges[0], edges[-1] = 0.0, 1.0
+    # Sort once with correctness packed into the lowest mantissa bit (a <= 1 ulp change of a
+    # confidence in [0, 1]; positive floats sort like their bit patterns): one SIMD integer
+    # sort instead of a stable argsort, and ties come out incorrect-before-correct.
+    key = conf.view(np.uint64) & ~np.uint64(1)
+    np.bitwise_or(key, ok, out=key, casting="unsafe")
+    key.sort()
+    s_conf = np.zeros(n_bins)
+    s_ok = np.zeros(n_bins)
+    filled = count > 0
     if n:
-        edges[1:-1] = conf_sorted[np.minimum(bounds[1:-1], n - 1)]
-    else:
-        edges[1:-1] = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+        # bins are consecutive runs of the sorted keys; empty bins have zero length
+        starts = bounds[:-1][filled]
+        s_conf[filled] = np.add.reduceat(key.view(np.float64), starts)
+        s_ok[filled] = np.add.reduceat(key & np.uint64(1), starts)
+    mean_conf, acc = _per_bin(s_conf, s_ok, count)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    if n:
+        edges[1:-1] = (key[np.minimum(bounds[1:-1], n - 1)] & ~np.uint64(1)).view(np.float64)
     return ReliabilityDiagram("mass", edges, mean_conf, acc, count.astype(np.int64))
 
 
@@ -248,12 +250,20 @@ def _summarise(
 
 
 def _probs_block(
-    p: np.ndarray, pred: np.ndarray, y: np.ndarray, conf_out: np.ndarray, ok_out: np.ndarray
+    p: np.ndarray, pred: np.ndarray, y: np.ndarray, conf_out: np.ndarray, ok_out: np.ndarray,
+    monotone: bool = False,
 ) -> tuple[float, float]:
-    """Fill confidence/correctness for one block; return its NLL and Brier sums."""
+    """Fill confidence/correctness for one block; return its NLL and Brier sums.
+
+    ``monotone``: p is a monotone map of the logits (identity, temperature), so the answer's
+    probability p[pred] is the row maximum, which is cheaper to take than a gather.
+    """
     rows = np.arange(p.shape[0])
-    conf_out[:] = p[rows, pred]
-    ok_out[:] = pred == y
+    if monotone:
+        p.max(axis=1, out=conf_out)
+    else:
+        conf_out[:] = p[rows, pred]
+    np.equal(pred, y, out=ok_out)
     py = p[rows, y]
     nll = -float(np.log(np.maximum(py, _TINY)).sum())
     brier = float(np.einsum("ij,ij->", p, p)) - 2.0 * float(py.sum()) + p.shape[0]
@@ -324,7 +334,8 @@ def exit_metrics_multi(
             raise InputError(f"logits must be finite; found {block[i, j]} at sample {start + int(i)}, class {int(j)}")
         for m, cal in enumerate(cals):
             p, pred = calibrated_probs(block, cal)
-            a, b = _probs_block(p, pred, y[start:stop], conf[m][start:stop], ok[start:stop])
+            monotone = cal.get("type") in ("identity", "temperature")
+            a, b = _probs_block(p, pred, y[start:stop], conf[m][start:stop], ok[start:stop], monotone)
             nll[m] += a
             brier[m] += b
     return tuple(_summarise(conf[m], ok, nll[m], brier[m], n_bins) for m in range(len(cals)))
