@@ -73,8 +73,8 @@ def reliability_figure(
             f"need one name, one 'before' and one 'after' per exit; got {len(names)}, {len(before)}, {len(after)}"
         )
     k = len(names)
-    cols = min(k, max_cols)
-    rows = math.ceil(k / cols)
+    rows = math.ceil(k / max(1, max_cols))
+    cols = math.ceil(k / rows)  # balanced rows: 5 exits -> 3 + 2, not 4 + 1
     # Fixed margins (in inches) instead of constrained layout, which draws the figure twice.
     width, height = 3.1 * cols + 0.8, 3.2 * rows + 1.3
     fig = Figure(figsize=(width, height), dpi=100)
