@@ -160,7 +160,8 @@ def test_exit_metrics_equal_metrics_from_probs_and_multi():
 def test_ece_and_mce_stay_in_unit_interval(conf, seed, n_bins, binning):
     correct = np.random.default_rng(seed).random(conf.shape[0]) < 0.5
     d = reliability_diagram(conf, correct, n_bins, binning)
-    assert 0.0 <= d.ece() <= d.mce() + 1e-12 <= 1.0 + 1e-12
+    assert 0.0 <= d.ece() <= d.mce() + 1e-12
+    assert d.mce() <= 1.0 + 1e-12  # a bin mean may round one ulp above 1
     assert d.count.sum() == conf.shape[0]
     if binning == "mass":
         assert d.count.max() - d.count.min() <= 1
