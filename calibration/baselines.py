@@ -9,8 +9,10 @@
 * ``per_exit`` — one threshold per exit, no class or segment structure, solved by the same
   Lagrangian path and certified the same way as the solver.
 * ``oracle`` — the in-sample oracle of the solver's own policy family: thresholds chosen
-  directly on the evaluation data (the best any policy of that shape could do there, with
-  its empirical risk within every budget); not a deployable policy.
+  directly on the evaluation data by the same Lagrangian path over their exact 0/1 losses
+  (the best a threshold table of that shape could do there, its empirical risk within every
+  budget); it fits the noise of the very rows it is scored on, so no deployable policy can
+  match it.
 * ``per_sample_oracle`` — each sample at its earliest exit whose answer incurs no loss
   (for ``disagreement``: agrees with the final answer); not a threshold policy.
 
@@ -219,7 +221,9 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
         n_classes=scored.n_classes, n_segments=len(levels), allowed_exits=prepared.allowed_exits,
         forced_classes=prepared.forced_classes, forced_segments=forced,
     )
-    settings = replace(spec.settings, refine_gap=1 / 24, refine_gap_target=1 / 48, max_points=80)
+    # exact 0/1 losses of the evaluation rows themselves: the best that policy shape could do there
+    settings = replace(spec.settings, smoothing="raw", smooth_window=0, refine_gap=1 / 24, refine_gap_target=1 / 48,
+                       max_points=80)
     aims = {s: e for s, e in budgets.items() if not forced[s]}
     path = solve_path(problem, eps=spec.eps, target=spec.eps, segment_aims=aims, settings=settings)
     best = None
