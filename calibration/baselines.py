@@ -223,7 +223,7 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
     )
     # exact 0/1 losses of the evaluation rows themselves: the best that policy shape could do there
     settings = replace(spec.settings, smoothing="raw", smooth_window=0, refine_gap=1 / 24, refine_gap_target=1 / 48,
-                       max_points=80)
+                       max_points=80, max_points_large=80)
     aims = {s: e for s, e in budgets.items() if not forced[s]}
     path = solve_path(problem, eps=spec.eps, target=spec.eps, segment_aims=aims, settings=settings)
     best = None

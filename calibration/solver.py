@@ -68,7 +68,9 @@ class SolverSettings:
     lambda_max: float = 1e4
     lambda_min: float = 1e-2
     grid: int = 16
-    max_points: int = 36
+    max_points: int = 56  # path points before the tail (grid + refinements) ...
+    max_points_large: int = 36  # ... when the select split has more than large_rows rows
+    large_rows: int = 200_000
     refine_gap: float = 1 / 6  # refine while the selection risk jumps by more than this * eps ...
     refine_gap_target: float = 1 / 32  # ... or by more than this * eps near the risk that will be certified
     floor_power: float = 0.9  # constrained segments aim at this chance of passing their test
@@ -472,7 +474,8 @@ def solve_path(
     for s in range(s_total):
         if problem.forced_segments[s] or s not in solvers:
             floors[s] = NEVER
-    total_steps = len(grid) + settings.max_points
+    max_points = settings.max_points_large if problem.m > settings.large_rows else settings.max_points
+    total_steps = len(grid) + max_points
     done = 0
 
     def tick(msg: str) -> None:
@@ -536,7 +539,7 @@ def solve_path(
     low = min([target, *aims.values()]) if target is not None else 0.0
     roi = (0.4 * low, 1.25 * eps)
     seg_eps = dict(segment_eps or {})
-    while len(points) < settings.max_points:
+    while len(points) < max_points:
         lams = sorted(points, reverse=True)
         best, best_gap = None, 1.0
         for hi, lo in itertools.pairwise(lams):
