@@ -18,12 +18,10 @@ logits load in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from calibration.atomic import atomic_path as _atomic_path
 from calibration.exceptions import CardError, InputError, LogFormatError
 from calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
 
@@ -1024,25 +1023,6 @@ def segment_counts(logs: ExitLogs) -> dict[str, dict[str, int]]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``target``; ``os.replace`` it into place on success only."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _form_from_suffix(path: Path) -> str:

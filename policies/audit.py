@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from typing import Any, Literal, TextIO
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from calibration.atomic import atomic_path
 from calibration.exceptions import InputError
 from policies import events
 from policies.canonical import canonical_json
@@ -270,14 +270,8 @@ def export(path: str | os.PathLike[str], fmt: Format = "jsonl", *, session: Sess
             head[:] = [(r["seq"], r["hash"])]
             yield r
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with translate_errors(), os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            n = write_export(tracked(), fh, fmt)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, translate_errors(), open(tmp, "w", encoding="utf-8", newline="") as fh:
+        n = write_export(tracked(), fh, fmt)
     seq, digest = head[0] if head else (0, GENESIS_HASH)
     return ExportResult(str(target), fmt, n, seq, digest)
 

@@ -11,17 +11,16 @@ deterministic: the same logs and options give the same bytes and the same hash.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calibration.atomic import atomic_write_text
 from calibration.exceptions import InputError
 from policies.canonical import SCHEMA, with_content_hash
 from policies.schema import validate_document
@@ -194,36 +193,31 @@ def build_document(
 
 def write_document(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``doc`` as indented JSON atomically (temp file in the same folder, then replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    return atomic_write_text(path, text)
+
+
+def read_json_object(path: str | os.PathLike[str], what: str = "policy document") -> dict[str, Any]:
+    """Parse a JSON file that must hold one object; InputError naming ``what``, the file and the cause."""
+    p = Path(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} {p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {p}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {p}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} {p}: a policy document is a JSON object")
+    return data
 
 
 def read_document(path: str | os.PathLike[str], *, check_hash: bool = True) -> dict[str, Any]:
     """Load and validate a policy document file; InputError naming the file if it is not one."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"policy {p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"policy {p}: cannot be read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"policy {p}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    doc = read_json_object(path, "policy")
     try:
         validate_document(doc, check_hash=check_hash)
     except InputError as exc:
-        raise InputError(f"policy {p}: {exc}") from None
+        raise InputError(f"policy {Path(path)}: {exc}") from None
     return doc

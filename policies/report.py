@@ -20,14 +20,12 @@ Pieces, from pure to effectful:
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +36,7 @@ from typing import Any, Literal
 import jinja2
 from markupsafe import Markup
 
+from calibration.atomic import atomic_write_bytes
 from calibration.exceptions import InputError
 
 _log = logging.getLogger(__name__)
@@ -1022,21 +1021,8 @@ def _check_format(format: str) -> str:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out
+    """Write ``data`` to ``path`` atomically (see :mod:`calibration.atomic`)."""
+    return atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------- store integration

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
+from calibration.atomic import atomic_write_text
 from calibration.rule import CompiledPolicy, decide
 from policies.canonical import SCHEMA, content_hash
 
@@ -334,19 +334,8 @@ class PolicyClient:
 
     def _save_disk(self, doc: Mapping[str, Any], etag: str | None) -> None:
         """Write the cache file atomically: temp file in the same directory, fsync, rename."""
-        self._cache_file.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"etag": etag, "saved_at": time.time(), "policy": doc}, separators=(",", ":"))
-        fd, tmp = tempfile.mkstemp(dir=self._cache_file.parent, prefix=".policy-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._cache_file)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(self._cache_file, payload)
 
 
 def _safe_name(value: str) -> str:

@@ -129,9 +129,10 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/reliability.png (one reliability panel per exit, before vs after).
         """
+        from calibration.atomic import atomic_write_bytes
         from calibration.calibrate import calibrate_logs
         from calibration.io import load_card, load_logs
-        from calibration.plots import atomic_write_bytes, reliability_png
+        from calibration.plots import reliability_png
 
         if method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")

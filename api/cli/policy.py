@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
-from calibration.exceptions import InputError
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]
 
@@ -20,18 +19,9 @@ def _reason(required: bool = True) -> Any:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"policy document {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"policy document {path}: cannot be read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"policy document {path}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-                         ) from None
-    if not isinstance(data, dict):
-        raise InputError(f"policy document {path}: a policy document is a JSON object")
-    return data
+    from policies.document import read_json_object
+
+    return read_json_object(path)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:

@@ -12,17 +12,9 @@ from calibration.exceptions import InputError
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} {path}: cannot be read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {path}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what} {path}: a policy document is a JSON object")
-    return data
+    from policies.document import read_json_object
+
+    return read_json_object(path, what)
 
 
 def register(app: typer.Typer) -> None:
