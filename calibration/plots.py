@@ -66,21 +66,34 @@ def reliability_figure(
     title: str | None = None,
     label_after: str = "calibrated",
     max_cols: int = 4,
+    cols: int | None = None,
 ) -> Figure:
-    """A figure with one reliability panel per exit (equal-width bins), before vs after."""
+    """A figure with one reliability panel per exit (equal-width bins), before vs after.
+
+    ``cols`` fixes the number of panel columns (empty slots stay blank), so figures drawn in
+    chunks share one panel size and one legend width; by default rows are balanced under
+    ``max_cols``.
+    """
     if not (len(names) == len(before) == len(after)) or not names:
         raise InputError(
             f"need one name, one 'before' and one 'after' per exit; got {len(names)}, {len(before)}, {len(after)}"
         )
     k = len(names)
-    rows = math.ceil(k / max(1, max_cols))
-    cols = math.ceil(k / rows)  # balanced rows: 5 exits -> 3 + 2, not 4 + 1
+    if cols is not None and cols < 1:
+        raise InputError(f"cols must be at least 1, got {cols}")
+    if cols is None:
+        rows = math.ceil(k / max(1, max_cols))
+        cols = math.ceil(k / rows)  # balanced rows: 5 exits -> 3 + 2, not 4 + 1
+    else:
+        rows = math.ceil(k / cols)
     # Fixed margins (in inches) instead of constrained layout, which draws the figure twice.
-    width, height = 3.1 * cols + 0.8, 3.2 * rows + 1.3
+    legend_rows = math.ceil(4 / min(4, 2 * cols))  # four legend entries, two per panel column at most
+    extra = 0.22 * (legend_rows - 1)
+    width, height = 3.1 * cols + 0.8, 3.2 * rows + 1.3 + extra
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     top = 0.95 if title else 0.6
-    fig.subplots_adjust(left=0.6 / width, right=1 - 0.3 / width, bottom=0.95 / height, top=1 - top / height,
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.3 / width, bottom=(0.95 + extra) / height, top=1 - top / height,
                         wspace=0.25, hspace=0.45)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -93,7 +106,7 @@ def reliability_figure(
         if i // cols == rows - 1 or i + cols >= k:
             ax.set_xlabel("confidence", fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels), 2 * cols), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")

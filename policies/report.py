@@ -479,10 +479,16 @@ def reliability_images(doc: Mapping[str, Any], per_image: int = 4) -> list[str]:
     """Reliability diagrams of every exit that records bin data, as PNG data URIs.
 
     Drawn by ``calibration.plots`` (one panel per exit, before vs after), at most
-    ``per_image`` exits (2 x 2 panels) per image so each fits an A4 page at a legible size;
-    falls back to one small figure per exit drawn here when that module is missing.
+    ``per_image`` exits per image, always two panel columns, so every image fits an A4 page
+    with panels of one size; falls back to one small figure per exit drawn here when that
+    module is missing. When the calibration target is the final exit's answers, the final
+    exit is left out: it agrees with itself by definition, so its diagram says nothing.
     """
-    entries = [e for e in (doc.get("calibration") or {}).get("exits") or []
+    cal = doc.get("calibration") or {}
+    exits = list(cal.get("exits") or [])
+    if _reference_is_final(cal) and exits:
+        exits = exits[:-1]
+    entries = [e for e in exits
                if _reliability_data(e, "before") is not None and _reliability_data(e, "after") is not None]
     if not entries:
         return []
@@ -499,10 +505,15 @@ def reliability_images(doc: Mapping[str, Any], per_image: int = 4) -> list[str]:
             [str(e.get("name", start + i)) for i, e in enumerate(chunk)],
             [_diagram(_reliability_data(e, "before") or {}) for e in chunk],
             [_diagram(_reliability_data(e, "after") or {}) for e in chunk],
-            max_cols=2,
+            cols=2,
         )
         images.append(_data_uri(png, "image/png"))
     return images
+
+
+def _reference_is_final(cal: Mapping[str, Any]) -> bool:
+    """True when calibration was measured against the final exit's answers (not labels)."""
+    return cal.get("target") == "final"
 
 
 def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
@@ -868,6 +879,8 @@ def _build_view(ctx: ReportContext) -> dict[str, Any]:
         "exits": exit_rows, "cal_exits": cal_exits,
         "reliability_images": list(figs.reliability),
         "cal_meta": _calibration_meta(doc.get("calibration") or {}),
+        "cal_reference": (str(exits[-1].get("name", len(exits) - 1))
+                          if exits and _reference_is_final(doc.get("calibration") or {}) else None),
         "classes": [str(c) for c in doc.get("classes") or []],
         "thresholds": _threshold_tables(doc),
         "forced": doc.get("forced_full_depth") or {},

@@ -268,6 +268,29 @@ def test_every_section_and_key_number_is_in_the_visible_text(html: str, context:
     assert "Canary clean for 24 h" in text  # the audit timeline
 
 
+def _png_size(uri: str) -> tuple[int, int]:
+    import base64
+    import struct
+
+    data = base64.b64decode(uri.split(",", 1)[1])
+    return struct.unpack(">II", data[16:24])
+
+
+def test_reliability_images_share_one_panel_size_and_skip_a_self_referencing_final_exit() -> None:
+    doc = realistic_document()
+    five = dict(doc["calibration"]["exits"][0], name="extra")
+    doc["calibration"] = {"exits": [*doc["calibration"]["exits"], five], "target": "labels"}
+    labelled = rp.reliability_images(doc)
+    assert len(labelled) == 2  # 5 exits against labels -> 4 + 1 panels
+    assert _png_size(labelled[0])[0] == _png_size(labelled[1])[0]  # the lone panel is not blown up
+    doc["calibration"]["target"] = "final"
+    final = rp.reliability_images(doc)
+    assert len(final) == 1  # the final exit agrees with itself: no diagram
+    html = rp.render_html(realistic_context(doc))
+    assert "Agreement with final exit" in html and "has no diagram" in html
+    assert "Agreement with final exit" not in rp.render_html(realistic_context())
+
+
 def test_plain_summary_states_what_the_policy_does_and_risks(context: rp.ReportContext) -> None:
     text = _squash(re.sub(r"<[^>]+>", "", str(rp.plain_summary(context))))
     doc = context.document
