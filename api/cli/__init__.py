@@ -25,6 +25,13 @@ COMMAND_MODULES = (
 err_console = Console(stderr=True)
 
 
+def stdout_console(**kwargs: object) -> Console:
+    """A console for tables on stdout: the terminal's width, or 160 columns when piped or
+    captured (rich would otherwise wrap every table at 80 and truncate its cells)."""
+    console = Console(**kwargs)  # type: ignore[arg-type]
+    return console if console.is_terminal else Console(width=160, **kwargs)  # type: ignore[arg-type]
+
+
 def build_app() -> typer.Typer:
     """The root typer app with every command group registered."""
     app = typer.Typer(

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.cli import stdout_console
 from calibration.exceptions import InputError
 
 METHODS = ("temperature", "platt", "identity")
@@ -194,8 +195,6 @@ def register(app: typer.Typer) -> None:
                        "files": {name: str(out / name) for name in FILES}}
             typer.echo(json.dumps(payload, sort_keys=True, allow_nan=False))
             return
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=160)  # piped or captured: do not wrap the table at 80 columns
+        console = stdout_console()
         console.print(_table(result))
         console.print(f"wrote {', '.join(str(out / name) for name in FILES)}", highlight=False)

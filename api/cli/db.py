@@ -14,14 +14,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from api.cli import stdout_console
 from policies.errors import AuthError
 
-console = Console(highlight=False)
+console = stdout_console(highlight=False)
 
 TokenOption = Annotated[str | None, typer.Option(
     "--token", envvar="EXITWISE_TOKEN", show_envvar=True, show_default=False,

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.cli import stdout_console
 from calibration.exceptions import InputError
 
 _err = Console(stderr=True)
@@ -177,7 +178,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(out, sort_keys=True, allow_nan=False, default=_json_default))
             return
-        console = Console()
+        console = stdout_console()
         table = Table(title=f"{policy.name} on {logs.name} ({ev.n} rows)")
         table.add_column("")
         table.add_column("value", justify="right")
@@ -216,7 +217,7 @@ def _row_json(ev: Any, seg_col: str | None, certified: bool) -> dict[str, Any]:
 def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | None) -> None:
     from calibration.baselines import LABELS
 
-    console = Console()
+    console = stdout_console()
     g = doc["guarantee"]
     status = "[green]certified[/]" if g["certified"] else "[red]NOT certified: runs at full depth[/]"
     console.print(f"wrote [bold]{summary['out']}[/] ({status}; content hash {summary['content_hash'][:12]})")
