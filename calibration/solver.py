@@ -649,11 +649,14 @@ class SplitSpec:
     """How the calibration logs are split: fit calibrators / select the path / certify.
 
     Fractions of the rows, with caps on the first two (more certify rows give tighter bounds;
-    the calibrators and the thresholds need only so many).
+    the calibrators and the thresholds need only so many). The defaults give certification
+    60 %: on the bundled Fashion-MNIST logs (10,000 rows) 0.1 / 0.3 came closest to the
+    in-sample oracle in 5 of 6 (risk, eps) cases among 0.2/0.4, 0.2/0.3, 0.1/0.3, 0.15/0.25
+    and 0.1/0.2 (3 split seeds each); a one-parameter temperature needs only ~1,000 rows.
     """
 
-    fit: float = 0.2
-    select: float = 0.4
+    fit: float = 0.1
+    select: float = 0.3
     max_fit: int = 50_000
     max_select: int = 250_000
 

@@ -81,6 +81,12 @@ def register(app: typer.Typer) -> None:
         shadow_rate: Annotated[float, typer.Option(help="Fraction of traffic also run at full depth and logged.")]
         = 0.01,
         seed: Annotated[int, typer.Option(help="Seed of the fit / select / certify split.")] = 0,
+        fit_fraction: Annotated[float | None, typer.Option(
+            help="Share of the rows that fit the calibrators (at most 50,000 rows). Default 0.1.",
+            show_default=False)] = None,
+        select_fraction: Annotated[float | None, typer.Option(
+            help="Share of the rows that choose the thresholds (at most 250,000 rows); the rest certify. "
+                 "Default 0.3.", show_default=False)] = None,
         test: Annotated[Path | None, typer.Option(
             "--test", help="Held-out test logs for the summary (default: the certify split).", dir_okay=False)] = None,
         no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines (faster).")] = False,
@@ -90,7 +96,7 @@ def register(app: typer.Typer) -> None:
         """Solve least-compute thresholds under a certified risk budget and write the policy document."""
         from calibration import baselines as bl
         from calibration.evaluate import evaluate_scored
-        from calibration.solver import SolveSpec, check_budget, parse_budgets, prepare, solve_prepared
+        from calibration.solver import SolveSpec, SplitSpec, check_budget, parse_budgets, prepare, solve_prepared
         from policies.document import build_document, calibration_section, data_section, write_document
 
         t0 = time.perf_counter()
@@ -103,6 +109,8 @@ def register(app: typer.Typer) -> None:
             segment_keys=tuple(segment_key or ()), segment_budgets=parse_budgets(segment_budget or ()),
             forbid_classes=tuple(forbid_class or ()), forbid_segments=tuple(forbid_segment or ()),
             max_exit=max_exit, seed=seed,
+            split=SplitSpec(fit=SplitSpec.fit if fit_fraction is None else fit_fraction,
+                            select=SplitSpec.select if select_fraction is None else select_fraction),
         )
         with _progress(not as_json) as update:
             update("loading logs", 0.0)

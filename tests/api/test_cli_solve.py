@@ -82,6 +82,16 @@ def test_solve_json_on_test_logs_then_evaluate(capsys, files, tmp_path):
     assert code == 0 and "compute fraction" in stdout
 
 
+def test_split_fractions_are_options_and_recorded(capsys, files, tmp_path):
+    out = tmp_path / "policy.json"
+    code, _, err = run(capsys, "solve", str(files["logs"]), "--card", str(files["card"]), "--eps", "0.03",
+                       "--fit-fraction", "0.25", "--select-fraction", "0.25", "--no-baselines", "--out", str(out))
+    assert code == 0, err
+    split = json.loads(out.read_text())["guarantee"]["split"]
+    n = split["fit"] + split["select"] + split["certify"]
+    assert split["fit"] == split["select"] == round(0.25 * n) and split["certify"] == n - 2 * round(0.25 * n)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -94,6 +104,8 @@ def test_solve_json_on_test_logs_then_evaluate(capsys, files, tmp_path):
         (["--forbid-class", "unicorn"], "--forbid-class 'unicorn' is not a class"),
         (["--max-exit", "7"], "--max-exit 7 is out of range"),
         (["--shadow-rate", "2"], "--shadow-rate must be in [0, 1]"),
+        (["--fit-fraction", "0.6", "--select-fraction", "0.5"], "split fractions must be in (0, 1) and sum below 1"),
+        (["--select-fraction", "0"], "split fractions must be in (0, 1)"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(capsys, files, tmp_path, args, message):

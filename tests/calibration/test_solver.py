@@ -168,7 +168,7 @@ def test_splits_are_a_seeded_partition():
     sp = make_splits(1000, SolveSpec().split, 3)
     allrows = np.concatenate([sp.fit, sp.select, sp.certify])
     assert sorted(allrows.tolist()) == list(range(1000))
-    assert sp.to_json() == {"fit": 200, "select": 400, "certify": 400, "seed": 3}
+    assert sp.to_json() == {"fit": 100, "select": 300, "certify": 600, "seed": 3}
     again = make_splits(1000, SolveSpec().split, 3)
     assert np.array_equal(sp.certify, again.certify)
     assert not np.array_equal(sp.certify, make_splits(1000, SolveSpec().split, 4).certify)
