@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except OSError as exc:  # a file or directory the user named cannot be read or written
+        if os.environ.get("EXITWISE_DEBUG") == "1":
+            raise
+        where = exc.filename if exc.filename is not None else "a file"
+        err_console.print(Text("error: ", style="bold red")
+                          + Text(f"cannot use {where}: {exc.strerror or exc}"), highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as exc:  # the last line of defence: never a traceback for users
         if os.environ.get("EXITWISE_DEBUG") == "1":
             raise

@@ -171,3 +171,13 @@ def test_help_explains_every_option(capsys):
                 "--jobs", "--json"):
         assert opt in out
     assert "reliability.png" in out
+
+
+def test_unwritable_output_is_one_line_naming_the_path(capsys, tmp_path, synth):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(blocker / "out"))
+    assert code == 1, err
+    assert out == "" and err.startswith("error: cannot use ") and str(blocker) in err.replace("\n", "")
+    assert "Traceback" not in err and "internal error" not in err
+    assert blocker.read_text() == "not a directory"
