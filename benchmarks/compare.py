@@ -174,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"[{data} {risk} eps={eps} seed={seed}] done", file=sys.stderr, flush=True)
             raw[data][risk] = {str(e): v for e, v in results.items()}
             parts.append(f"**{risk}** (delta = 0.05, {args.seeds} split seed(s); compute fraction / realised "
-                         f"risk on the test logs, mean (max over seeds) / worst segment's realised risk, "
-                         f"**bold** when above eps)\n")
+                         f"risk on the test logs, mean (max over seeds) / worst segment's realised risk "
+                         f"(mean over seeds, **bold** when it is above eps for any seed))\n")
             parts.append(table(results, key) + "\n")
     text = "\n".join(parts)
     print(text)
