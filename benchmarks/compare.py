@@ -37,6 +37,7 @@ from calibration.solver import SolveSpec, parse_budgets, solve  # noqa: E402
 
 FASHION = ROOT / "examples" / "data" / "fashion_mnist"
 EPS = (0.005, 0.01, 0.02)
+SYNTHETIC: dict[str, Any] = {"n_exits": 4, "n_classes": 10, "segments": {"region": 4}}  # synthetic_logs shape
 RISKS = ("disagreement", "induced_error")
 ROWS = ("solver", "solver_segments", "calm", "per_exit", "global_threshold", "full_depth", "oracle",
         "per_sample_oracle")
@@ -63,7 +64,7 @@ def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]
     if data in ("synthetic", "synthetic-overconfident"):
         from calibration.synthetic import synthetic_logs
 
-        kw = dict(n_exits=4, n_classes=10, segments={"region": 4})
+        kw = SYNTHETIC
         cal = synthetic_logs(n_cal, seed=1, **kw)
         test = synthetic_logs(n_test, seed=2, **kw)
         desc = (f"synthetic (`synthetic_logs(n, 4, 10, segments={{'region': 4}})`): "

@@ -22,12 +22,16 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibration import baselines as bl
-from calibration.evaluate import evaluate_scored
-from calibration.solver import SolveSpec, solve
-from calibration.synthetic import synthetic_logs
+from compare import SYNTHETIC  # noqa: E402
+
+from calibration import baselines as bl  # noqa: E402
+from calibration.evaluate import evaluate_scored  # noqa: E402
+from calibration.solver import SolveSpec, solve  # noqa: E402
+from calibration.synthetic import synthetic_logs  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--risk", default="disagreement", choices=("disagreement", "induced_error"))
     args = ap.parse_args()
-    kw = dict(n_exits=4, n_classes=10, segments={"region": 4})
+    kw = SYNTHETIC
     test = synthetic_logs(args.n_test, seed=2, **kw)
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ __all__ = ["reliability_figure", "reliability_png", "save_reliability_png"]
 
 _BEFORE = "#d95f02"
 _AFTER = "#1b9e77"
+_LEGEND_ENTRIES = 4  # bars, uncalibrated, calibrated, perfect calibration (see _panel)
 
 
 def _diagram(m: ExitMetrics | ReliabilityDiagram) -> ReliabilityDiagram:
@@ -79,15 +80,16 @@ def reliability_figure(
             f"need one name, one 'before' and one 'after' per exit; got {len(names)}, {len(before)}, {len(after)}"
         )
     k = len(names)
-    if cols is not None and cols < 1:
-        raise InputError(f"cols must be at least 1, got {cols}")
     if cols is None:
         rows = math.ceil(k / max(1, max_cols))
         cols = math.ceil(k / rows)  # balanced rows: 5 exits -> 3 + 2, not 4 + 1
+    elif cols < 1:
+        raise InputError(f"cols must be at least 1, got {cols}")
     else:
         rows = math.ceil(k / cols)
     # Fixed margins (in inches) instead of constrained layout, which draws the figure twice.
-    legend_rows = math.ceil(4 / min(4, 2 * cols))  # four legend entries, two per panel column at most
+    legend_cols = min(_LEGEND_ENTRIES, 2 * cols)  # at most two legend entries per panel column
+    legend_rows = math.ceil(_LEGEND_ENTRIES / legend_cols)
     extra = 0.22 * (legend_rows - 1)
     width, height = 3.1 * cols + 0.8, 3.2 * rows + 1.3 + extra
     fig = Figure(figsize=(width, height), dpi=100)
@@ -106,7 +108,7 @@ def reliability_figure(
         if i // cols == rows - 1 or i + cols >= k:
             ax.set_xlabel("confidence", fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels), 2 * cols), fontsize=8, frameon=False,
+    fig.legend(handles, labels, loc="lower center", ncol=min(legend_cols, len(labels)), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")

@@ -29,7 +29,9 @@ def stdout_console(**kwargs: object) -> Console:
     """A console for tables on stdout: the terminal's width, or 160 columns when piped or
     captured (rich would otherwise wrap every table at 80 and truncate its cells)."""
     console = Console(**kwargs)  # type: ignore[arg-type]
-    return console if console.is_terminal else Console(width=160, **kwargs)  # type: ignore[arg-type]
+    if not console.is_terminal:
+        console.width = 160
+    return console
 
 
 def build_app() -> typer.Typer:
@@ -81,19 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
-    except OSError as exc:  # a file or directory the user named cannot be read or written
-        if os.environ.get("EXITWISE_DEBUG") == "1":
-            raise
-        where = exc.filename if exc.filename is not None else "a file"
-        err_console.print(Text("error: ", style="bold red")
-                          + Text(f"cannot use {where}: {exc.strerror or exc}"), highlight=False, soft_wrap=True)
-        sys.exit(1)
     except Exception as exc:  # the last line of defence: never a traceback for users
         if os.environ.get("EXITWISE_DEBUG") == "1":
             raise
-        err_console.print(
-            Text("internal error: ", style="bold red")
-            + Text(f"{type(exc).__name__}: {exc} (set EXITWISE_DEBUG=1 for a traceback)"),
-            highlight=False,
-        )
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path the user named: read or write failed
+            message = Text("error: ", style="bold red") + Text(f"cannot use {exc.filename}: {exc.strerror or exc}")
+        else:
+            message = (Text("internal error: ", style="bold red")
+                       + Text(f"{type(exc).__name__}: {exc} (set EXITWISE_DEBUG=1 for a traceback)"))
+        err_console.print(message, highlight=False, soft_wrap=True)
         sys.exit(1)

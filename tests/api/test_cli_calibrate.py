@@ -181,3 +181,29 @@ def test_unwritable_output_is_one_line_naming_the_path(capsys, tmp_path, synth):
     assert out == "" and err.startswith("error: cannot use ") and str(blocker) in err.replace("\n", "")
     assert "Traceback" not in err and "internal error" not in err
     assert blocker.read_text() == "not a directory"
+
+
+def test_tables_on_a_captured_stdout_are_not_cut_at_80_columns(capsys):
+    from api.cli import stdout_console
+
+    assert stdout_console().width == 160
+
+
+def test_solve_help_states_the_split_defaults(capsys):
+    from calibration.solver import SplitSpec
+
+    with pytest.raises(SystemExit):
+        main(["solve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert f"Default {SplitSpec.fit}." in help_text and f"Default {SplitSpec.select}." in help_text
+    assert f"at most {SplitSpec.max_fit:,} rows" in help_text and f"at most {SplitSpec.max_select:,} rows" in help_text
+
+
+def test_os_errors_without_a_path_stay_internal_errors(capsys, monkeypatch, tmp_path, synth):
+    def boom(*_a, **_k):
+        raise ConnectionRefusedError(111, "Connection refused")  # an OSError that names no path
+
+    monkeypatch.setattr("calibration.io.load_card", boom)
+    code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(tmp_path / "o"))
+    assert code == 1 and out == ""
+    assert err.startswith("internal error: ConnectionRefusedError") and "cannot use" not in err

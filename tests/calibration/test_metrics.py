@@ -230,3 +230,18 @@ def test_reliability_png(tmp_path):
     assert sum(ax.get_visible() for ax in fig.axes) == 3
     with pytest.raises(InputError, match="one name"):
         reliability_png(["a"], before, after)
+
+
+@pytest.mark.parametrize(("k", "cols"), [(1, None), (1, 2), (5, 2), (3, None)])
+def test_reliability_legend_stays_inside_the_figure(k, cols):
+    z, y = _data(2000, 5, seed=7, scale=3.0)
+    ms = [exit_metrics(z, y)] * k
+    fig = reliability_figure([f"e{i}" for i in range(k)], ms, ms, cols=cols)
+    renderer = fig.canvas.get_renderer()
+    box, frame = fig.legends[0].get_window_extent(renderer), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0  # not cropped by the canvas
+    for ax in fig.axes:
+        if ax.get_visible():
+            assert box.y1 <= ax.get_tightbbox(renderer).y0 + 1  # nor drawn over a panel's axis labels
+    with pytest.raises(InputError, match="cols must be at least 1"):
+        reliability_figure(["a"], ms[:1], ms[:1], cols=0)
