@@ -12,21 +12,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from exitwise.api.cache import StoreCache
+from exitwise.api.fastpath import FastPolicyLane
+from exitwise.api.middleware import BodySizeLimit
+from exitwise.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
+from exitwise.api.routes import audit, health, policies, principals, reports, runtime
+from exitwise.api.settings import ApiSettings
+from exitwise.policies.db import make_engine, open_store
+from exitwise.policies.errors import StoreUnavailable
+from exitwise.policies.schema import PolicyDocument
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
-
-from api.cache import StoreCache
-from api.fastpath import FastPolicyLane
-from api.middleware import BodySizeLimit
-from api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from api.routes import audit, health, policies, principals, reports, runtime
-from api.settings import ApiSettings
-from policies.db import make_engine, open_store
-from policies.errors import StoreUnavailable
-from policies.schema import PolicyDocument
 
 log = logging.getLogger("exitwise.api")
 
@@ -42,7 +41,7 @@ are ordered reader < author < approver < admin. Errors are RFC 9457 problem deta
 
 
 class ExitwiseAPI(FastAPI):
-    """FastAPI with the runtime read path's fast lane in front (see :mod:`api.fastpath`)."""
+    """FastAPI with the runtime read path's fast lane in front (see :mod:`exitwise.api.fastpath`)."""
 
     fast_lane: FastPolicyLane | None = None
 
@@ -109,9 +108,9 @@ def _install_store_hooks(engine: Engine, settings: ApiSettings) -> list[Callable
     Returns the functions that remove them (events are process-wide; the app removes its own
     at shutdown). A mirror that fails never undoes or delays a committed change.
     """
-    from policies import events
-    from policies.registry import install_hook
-    from policies.report import install_approval_hook
+    from exitwise.policies import events
+    from exitwise.policies.registry import install_hook
+    from exitwise.policies.report import install_approval_hook
 
     sync = install_hook(engine, background=True)
     approval = install_approval_hook(engine, data_dir=settings.data_dir, background=True)

@@ -29,13 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from exitwise.policies import store
+from exitwise.policies.db import current_generation, unit_of_work
+from exitwise.policies.errors import NotFound
+from exitwise.policies.principals import Principal, authenticate, hash_token
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
-
-from policies import store
-from policies.db import current_generation, unit_of_work
-from policies.errors import NotFound
-from policies.principals import Principal, authenticate, hash_token
 
 T = TypeVar("T")
 MAX_TOKENS = 10_000
@@ -47,7 +46,7 @@ class ServedPolicy:
     """One (model, environment) answer: the exact body bytes, its validators and raw headers.
 
     ``headers_200`` / ``headers_304`` are the ASGI headers the FastAPI route sends, built once
-    so that the fast lane (:mod:`api.fastpath`) only looks them up.
+    so that the fast lane (:mod:`exitwise.api.fastpath`) only looks them up.
     """
 
     body: bytes

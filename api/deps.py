@@ -1,6 +1,6 @@
 """Typed FastAPI dependencies: settings, the unit of work, the cache and the principal.
 
-``SessionDep`` is one unit of work per request (``policies.db.unit_of_work``): committed when
+``SessionDep`` is one unit of work per request (``exitwise.policies.db.unit_of_work``): committed when
 the handler returns — before the response is sent (``scope="function"``), so a failed commit
 is an error answer, never a false success — and rolled back on any error.
 
@@ -15,16 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
+from exitwise.api.cache import StoreCache
+from exitwise.api.settings import ApiSettings
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.errors import AuthError
+from exitwise.policies.principals import Principal, authenticate, require
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-
-from api.cache import StoreCache
-from api.settings import ApiSettings
-from policies.db import unit_of_work
-from policies.errors import AuthError
-from policies.principals import Principal, authenticate, require
 
 bearer = HTTPBearer(
     auto_error=False,

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import re
 
+from exitwise.api.cache import StoreCache
+from exitwise.api.routes.runtime import etag_matches
 from starlette.types import Receive, Scope, Send
-
-from api.cache import StoreCache
-from api.routes.runtime import etag_matches
 
 _PATH = re.compile(r"/v1/models/([A-Za-z0-9][A-Za-z0-9._-]{0,199})/policy")
 _ENV = re.compile(rb"env=([a-z0-9][a-z0-9_.-]{0,63})")

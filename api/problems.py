@@ -20,13 +20,12 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+from exitwise.calibration.exceptions import ExitwiseError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from calibration.exceptions import ExitwiseError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("exitwise.api")

@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from exitwise.policies import store
+from exitwise.policies.audit import ChainReport, Event
+from exitwise.policies.principals import Principal
 from pydantic import BaseModel, ConfigDict, Field
-
-from policies import store
-from policies.audit import ChainReport, Event
-from policies.principals import Principal
 
 Environment = Annotated[str, Field(
     min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",

@@ -1,6 +1,6 @@
 """The few service functions the API needs beyond the store's, built on the store's functions only.
 
-- :func:`audit_page` — filtered, cursor-paginated audit events on top of ``policies.audit.log``
+- :func:`audit_page` — filtered, cursor-paginated audit events on top of ``exitwise.policies.audit.log``
   (which filters by model and pages by ``after_seq``); action/actor filters are applied while
   scanning, with a scan budget per page so a rare filter never makes one request unbounded
   (the page then comes back short with a cursor to continue).
@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import audit
+from exitwise.policies.db import check_schema, head_revision
+from exitwise.policies.errors import StoreUnavailable
 from sqlalchemy import Engine
-
-from calibration.exceptions import InputError
-from policies import audit
-from policies.db import check_schema, head_revision
-from policies.errors import StoreUnavailable
 
 CHUNK = 500
 SCAN_BUDGET = 5_000

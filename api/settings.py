@@ -13,17 +13,16 @@ rules) with the serving knobs:
   with ``If-None-Match`` on every use, so a kill switch is never hidden behind a max-age;
   the revalidation costs a 304 without a body.
 - ``EXITWISE_STORE_HOOKS`` (default true): while the app runs, mirror committed changes to
-  MLflow (``policies.registry``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
+  MLflow (``exitwise.policies.registry``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
-  (``policies.report``, in a background thread). Requests never wait for either.
+  (``exitwise.policies.report``, in a background thread). Requests never wait for either.
 """
 
 from __future__ import annotations
 
+from exitwise.policies.settings import StoreSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from policies.settings import StoreSettings
 
 
 class ApiSettings(StoreSettings):

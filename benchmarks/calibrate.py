@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/calibrate.py [--n 1000000] [--exits 12] [--classes 10] [--json]
 
-Generates ``calibration.synthetic.synthetic_logs(n, exits, classes)`` (not timed), then times
+Generates ``exitwise.calibration.synthetic.synthetic_logs(n, exits, classes)`` (not timed), then times
 two workloads, each exit by exit:
 
 * ``all rows``: per exit, fit a TemperatureScaler on all n rows, then compute every metric
@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.calibrate import calibrate_logs, map_exits
-from calibration.calibrators import TemperatureScaler
-from calibration.logs import ExitLogs
-from calibration.metrics import exit_metrics_multi
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.calibrate import calibrate_logs, map_exits
+from exitwise.calibration.calibrators import TemperatureScaler
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.metrics import exit_metrics_multi
+from exitwise.calibration.synthetic import synthetic_logs
 
 
 def all_rows(logs: ExitLogs, n_jobs: int | None) -> list[float]:

@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration import baselines as bl  # noqa: E402
-from calibration.evaluate import evaluate_scored  # noqa: E402
-from calibration.solver import SolveSpec, parse_budgets, solve  # noqa: E402
+from exitwise.calibration import baselines as bl  # noqa: E402
+from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
+from exitwise.calibration.solver import SolveSpec, parse_budgets, solve  # noqa: E402
 
 FASHION = ROOT / "examples" / "data" / "fashion_mnist"
 EPS = (0.005, 0.01, 0.02)
@@ -62,7 +62,7 @@ def _overconfident(logs: Any, value: str, factor: float) -> Any:
 def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]:
     """(calibration logs, test logs, segment key or None, description)."""
     if data in ("synthetic", "synthetic-overconfident"):
-        from calibration.synthetic import synthetic_logs
+        from exitwise.calibration.synthetic import synthetic_logs
 
         kw = SYNTHETIC
         cal = synthetic_logs(n_cal, seed=1, **kw)
@@ -73,7 +73,7 @@ def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]
             cal, test = _overconfident(cal, "region_3", 2.0), _overconfident(test, "region_3", 2.0)
             desc += "; early-exit logits of segment region_3 (the hard one) scaled x2 (over-confident)"
         return cal, test, "region", desc
-    from calibration import io
+    from exitwise.calibration import io
 
     card = io.load_card(FASHION / "card.json")
     cal = io.load_logs(FASHION / "calibration.parquet", card)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/decide.py [--n 1024] [--classes 10] [--hidden 768] [--repeat 2000]
 
-Times ``RuntimePolicy.decide`` (the client's entry point, i.e. ``calibration.rule.decide``)
+Times ``RuntimePolicy.decide`` (the client's entry point, i.e. ``exitwise.calibration.rule.decide``)
 on an (n, C) float32 logits batch for every score and calibrator type, and the reference
 cost of computing those logits: one (n, hidden) @ (hidden, C) float32 matmul, the exit head.
 Target: the decision costs less than the matmul. Prints a table and, with ``--json``, one
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.rule import CompiledPolicy
-from policies.runtime import RuntimePolicy
+from exitwise.calibration.rule import CompiledPolicy
+from exitwise.policies.runtime import RuntimePolicy
 
 
 def _policy(k: int, c: int, score: str, calibrator: dict, segments: int) -> RuntimePolicy:

@@ -21,8 +21,8 @@ from pathlib import Path
 _STEP = r"""
 import json, resource, sys, time
 import numpy as np
-from calibration.io import fingerprint, load_card, load_logs, write_card, write_logs
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.io import fingerprint, load_card, load_logs, write_card, write_logs
+from exitwise.calibration.synthetic import synthetic_logs
 
 step, n, k, c, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -38,10 +38,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policies import lifecycle  # noqa: E402
-from policies.canonical import with_content_hash  # noqa: E402
-from policies.db import make_engine, unit_of_work, upgrade  # noqa: E402
-from policies.principals import add_principal  # noqa: E402
+from exitwise.policies import lifecycle  # noqa: E402
+from exitwise.policies.canonical import with_content_hash  # noqa: E402
+from exitwise.policies.db import make_engine, unit_of_work, upgrade  # noqa: E402
+from exitwise.policies.principals import add_principal  # noqa: E402
 
 MODEL = "bench-cnn"
 

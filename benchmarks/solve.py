@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/solve.py --n 1000000 --exits 12 --classes 10 --segments 8
     .venv/bin/python benchmarks/solve.py --n 100000 --exits 12 --classes 1000 --segments 8
 
-Synthetic logs (``calibration.synthetic``) are generated first (not timed). Timed: the whole
+Synthetic logs (``exitwise.calibration.synthetic``) are generated first (not timed). Timed: the whole
 of ``exitwise solve`` but reading files and writing the document — split, calibrator fits,
 scoring every exit, the threshold path on the select split, fixed-sequence certification
 on the certify split and the compute-vs-risk curve. Peak memory is measured with
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.solver import SolveSpec, parse_budgets, solve
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.solver import SolveSpec, parse_budgets, solve
+from exitwise.calibration.synthetic import synthetic_logs
 
 CASES = (
     {"n": 1_000_000, "exits": 12, "classes": 10, "segments": 8, "target_s": 30.0},
@@ -35,9 +35,9 @@ CASES = (
 
 def _warm_imports() -> None:
     """Import what ``solve`` imports lazily (scipy.stats, the calibrators), as the CLI has by then."""
-    import calibration.calibrators
-    import calibration.certify
-    import calibration.evaluate  # noqa: F401
+    import exitwise.calibration.calibrators
+    import exitwise.calibration.certify
+    import exitwise.calibration.evaluate  # noqa: F401
 
 
 def run(n: int, exits: int, classes: int, segments: int, *, eps: float = 0.01, budgets: bool = True,

@@ -1,6 +1,6 @@
 """exitwise numerical core: exit logs, calibrators, metrics, the decision rule, the solver.
 
-Submodules are imported lazily so that ``calibration.rule`` (used by the runtime client)
+Submodules are imported lazily so that ``exitwise.calibration.rule`` (used by the runtime client)
 pulls in numpy only.
 """
 
@@ -10,20 +10,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ExitLogs": "calibration.logs",
-    "ModelCard": "calibration.logs",
-    "ExitSpec": "calibration.logs",
-    "SegmentColumn": "calibration.logs",
-    "CompiledPolicy": "calibration.rule",
-    "decide": "calibration.rule",
-    "route": "calibration.rule",
-    "load_card": "calibration.io",
-    "load_logs": "calibration.io",
-    "write_logs": "calibration.io",
-    "fingerprint": "calibration.io",
-    "synthetic_logs": "calibration.synthetic",
-    "ExitwiseError": "calibration.exceptions",
-    "InputError": "calibration.exceptions",
+    "ExitLogs": "exitwise.calibration.logs",
+    "ModelCard": "exitwise.calibration.logs",
+    "ExitSpec": "exitwise.calibration.logs",
+    "SegmentColumn": "exitwise.calibration.logs",
+    "CompiledPolicy": "exitwise.calibration.rule",
+    "decide": "exitwise.calibration.rule",
+    "route": "exitwise.calibration.rule",
+    "load_card": "exitwise.calibration.io",
+    "load_logs": "exitwise.calibration.io",
+    "write_logs": "exitwise.calibration.io",
+    "fingerprint": "exitwise.calibration.io",
+    "synthetic_logs": "exitwise.calibration.synthetic",
+    "ExitwiseError": "exitwise.calibration.exceptions",
+    "InputError": "exitwise.calibration.exceptions",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,5 +32,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'calibration' has no attribute {name!r}")
+        raise AttributeError(f"module 'exitwise.calibration' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

@@ -28,11 +28,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-
-from calibration.certify import ALL, Constraint
-from calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
-from calibration.rule import CompiledPolicy, score_all_exits
-from calibration.solver import (
+from exitwise.calibration.certify import ALL, Constraint
+from exitwise.calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
+from exitwise.calibration.rule import CompiledPolicy, score_all_exits
+from exitwise.calibration.solver import (
     Prepared,
     Problem,
     Solution,
@@ -234,7 +233,7 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
         if ok and (best is None or p.select_compute < best.select_compute):
             best = p
     tau = best.tau if best is not None else np.full((len(levels), scored.n_exits - 1, scored.n_classes), np.nan)
-    from calibration.solver import compile_thresholds
+    from exitwise.calibration.solver import compile_thresholds
 
     return compile_thresholds(tau, segment_levels=levels, segment_keys=spec.segment_keys,
                               calibrators=prepared.calibrators, score=spec.score,

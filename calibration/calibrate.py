@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-
-from calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
-from calibration.exceptions import InputError
-from calibration.logs import ExitLogs
-from calibration.metrics import ExitMetrics, exit_metrics_multi
+from exitwise.calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.metrics import ExitMetrics, exit_metrics_multi
 
 __all__ = ["CalibrationResult", "calibrate_logs", "map_exits", "split_indices"]
 

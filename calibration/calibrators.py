@@ -6,7 +6,7 @@ fitted state ends in ``_``, and ``predict_proba`` / ``transform`` raise
 :class:`~calibration.exceptions.NotFittedError` before ``fit``.
 
 A fitted calibrator serialises to exactly the calibrator object of the policy document
-(``to_dict``), and ``predict_proba`` goes through :func:`calibration.rule.calibrated_probs`,
+(``to_dict``), and ``predict_proba`` goes through :func:`exitwise.calibration.rule.calibrated_probs`,
 so the probabilities a calibrator reports are bit for bit the ones the decision rule uses.
 
 ``targets`` are class indices: the true labels, or, for unlabelled logs, the final exit's
@@ -22,11 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from exitwise.calibration.exceptions import CalibrationError, InputError, NotFittedError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.rule import calibrated_probs, platt_features, softmax
 from scipy import optimize
-
-from calibration.exceptions import CalibrationError, InputError, NotFittedError
-from calibration.logs import ExitLogs
-from calibration.rule import calibrated_probs, platt_features, softmax
 
 __all__ = [
     "METHODS",
@@ -143,7 +142,7 @@ class _Calibrator:
         raise NotImplementedError
 
     def predict_proba(self, logits: Any) -> np.ndarray:
-        """Calibrated probabilities (n, C) float64, computed by :func:`calibration.rule.calibrated_probs`."""
+        """Calibrated probabilities (n, C) float64, computed by :func:`exitwise.calibration.rule.calibrated_probs`."""
         self._check_is_fitted()
         z = _check_logits(logits)
         if self.n_classes_ is not None and z.shape[1] != self.n_classes_:
@@ -398,7 +397,7 @@ def _fit_log_beta(
 class PlattScaler(_Calibrator):
     """Platt scaling of the answer's probability: P(answer correct) = sigmoid(w . phi + b).
 
-    phi = :func:`calibration.rule.platt_features` of the uncalibrated softmax and the
+    phi = :func:`exitwise.calibration.rule.platt_features` of the uncalibrated softmax and the
     predicted class (logit of the top probability, top-2 margin, 1 - normalised entropy).
     Fitted by L-BFGS on the cross-entropy with Platt's (1999) smoothed targets
     t+ = (N+ + 1) / (N+ + 2), t- = 1 / (N- + 2), which keeps the weights finite when the

@@ -1,7 +1,7 @@
 """The one evaluator: what a policy does to a set of exit logs.
 
 Given logs (or their per-exit scores, :class:`ScoredLogs`) and a compiled policy, the rule
-(:func:`calibration.rule.first_exit`) routes every sample; this module turns the routing
+(:func:`exitwise.calibration.rule.first_exit`) routes every sample; this module turns the routing
 into the numbers DESIGN.md defines, vectorised over all samples:
 
 * per-sample 0/1 losses, measured at the exit taken (e = exit, K-1 = last exit)::
@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from calibration.exceptions import InputError
-from calibration.logs import ExitLogs, SegmentColumn
-from calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs, SegmentColumn
+from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
 
 RISKS = ("disagreement", "induced_error")
 BATCH_SIZES = (1, 8, 32)
@@ -47,7 +46,7 @@ class ScoredLogs:
     """Per-exit scores and answers of every sample under fixed calibrators (computed once).
 
     ``scores`` (n, K) float64 and ``preds`` (n, K) int64 come from
-    :func:`calibration.rule.score_all_exits`; ``costs`` are the card's cumulative costs.
+    :func:`exitwise.calibration.rule.score_all_exits`; ``costs`` are the card's cumulative costs.
     """
 
     scores: np.ndarray

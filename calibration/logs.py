@@ -1,7 +1,7 @@
 """In-memory exit logs: the one structure every part of exitwise computes on.
 
-Loaders (``calibration.io``) turn the file forms of DESIGN.md into an :class:`ExitLogs`;
-the synthetic generator (``calibration.synthetic``) builds one directly.
+Loaders (``exitwise.calibration.io``) turn the file forms of DESIGN.md into an :class:`ExitLogs`;
+the synthetic generator (``exitwise.calibration.synthetic``) builds one directly.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from calibration.exceptions import CardError, InputError
+from exitwise.calibration.exceptions import CardError, InputError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ NLL = -1/n sum_i log p_i[y_i] (p floored at the smallest normal float64, so NLL 
 sample); Brier = 1/n sum_i sum_j (p_ij - 1(j = y_i))^2, the original multiclass score
 (Brier, 1950), in [0, 2].
 
-Probabilities always come from :func:`calibration.rule.calibrated_probs`, the decision rule's
+Probabilities always come from :func:`exitwise.calibration.rule.calibrated_probs`, the decision rule's
 own implementation; logits are processed in row blocks, so memory stays O(n) for any exit.
 """
 
@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-
-from calibration.exceptions import InputError
-from calibration.rule import calibrated_probs
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.rule import calibrated_probs
 
 __all__ = [
     "ExitMetrics",
@@ -300,7 +299,7 @@ def exit_metrics(
     n_bins: int = 15,
 ) -> ExitMetrics:
     """Metrics of one exit: logits (n, C), labels (n,) class indices, a calibrator dict
-    (or fitted calibrator; default identity) applied by :func:`calibration.rule.calibrated_probs`.
+    (or fitted calibrator; default identity) applied by :func:`exitwise.calibration.rule.calibrated_probs`.
     """
     return exit_metrics_multi(logits_k, labels, [calibrator], n_bins)[0]
 

@@ -3,8 +3,8 @@
 Problem (on the *select* split, m samples, K exits, C classes, S segment values). A policy is
 a threshold tau[s, k, c] per segment value s, early exit k and predicted class c; sample i
 exits at the first k with score_{ik} >= tau[s_i, k, yhat_{ik}] (the rule,
-:mod:`calibration.rule`). With normalised cumulative costs c_k = cost_k / cost_{K-1} and the
-0/1 loss l_{ik} of exiting i at k (see :mod:`calibration.evaluate`)::
+:mod:`exitwise.calibration.rule`). With normalised cumulative costs c_k = cost_k / cost_{K-1} and the
+0/1 loss l_{ik} of exiting i at k (see :mod:`exitwise.calibration.evaluate`)::
 
     minimise  sum_i c_{e_i}   subject to   (1/m_g) sum_{i in g} l_{i, e_i} <= eps_g   for every constraint g
 
@@ -34,7 +34,7 @@ Method (Lagrangian relaxation, one multiplier lambda_s per segment)::
 * **Path.** lambda runs from large (safe) to small (aggressive) on a geometric grid,
   refined where the selection risk jumps; segments with their own budget stop at a floor
   lambda where their selection risk reaches a level the certify split can still certify,
-  and a tail of the path then raises those levels. Certification (:mod:`calibration.certify`) walks this path in order.
+  and a tail of the path then raises those levels. Certification (:mod:`exitwise.calibration.certify`) walks this path in order.
 
 Segments never share a threshold, so the problem separates by segment: each is solved on
 its own samples, and the global policy for a multiplier lambda combines them.
@@ -49,9 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from calibration.exceptions import InputError
-from calibration.rule import CompiledPolicy
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.rule import CompiledPolicy
 
 ProgressFn = Callable[[str, float], None]
 NEVER = math.inf  # lambda = inf: the segment never exits (full depth)
@@ -783,9 +782,9 @@ def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
 
 def prepare(logs: Any, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
     """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once."""
-    from calibration.calibrators import fit_exit_calibrators
-    from calibration.evaluate import ScoredLogs, check_risk, composite_segments
-    from calibration.rule import CALIBRATORS, SCORES
+    from exitwise.calibration.calibrators import fit_exit_calibrators
+    from exitwise.calibration.evaluate import ScoredLogs, check_risk, composite_segments
+    from exitwise.calibration.rule import CALIBRATORS, SCORES
 
     check_budget(spec.eps, "eps")
     check_budget(spec.delta, "delta")
@@ -865,7 +864,7 @@ class Solution:
 
 def _certify_constraints(prepared: Prepared) -> tuple[list[Any], dict[str, tuple[float, int]], np.ndarray,
                                                       dict[int, float]]:
-    from calibration.certify import ALL, Constraint, aim, min_rows
+    from exitwise.calibration.certify import ALL, Constraint, aim, min_rows
 
     spec = prepared.spec
     cert_codes = prepared.seg_codes[prepared.splits.certify]
@@ -897,12 +896,12 @@ def certify_candidates(
 ) -> tuple[Any, dict[int, tuple[float, float]], Callable[[int], np.ndarray]]:
     """Fixed-sequence test of ``policies`` (safe to aggressive) on the certify split.
 
-    Each tested candidate is routed by the rule (:func:`calibration.rule.first_exit`) on the
+    Each tested candidate is routed by the rule (:func:`exitwise.calibration.rule.first_exit`) on the
     certify rows. Returns the certification, {candidate: (risk, compute fraction)} of the
     candidates evaluated so far, and the loss function (to evaluate more candidates).
     """
-    from calibration.certify import fixed_sequence
-    from calibration.rule import first_exit
+    from exitwise.calibration.certify import fixed_sequence
+    from exitwise.calibration.rule import first_exit
 
     cert_rows = prepared.splits.certify
     # column-major: the rule gathers one exit's column of the pending rows at a time
@@ -952,7 +951,7 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     t0 = time.perf_counter()
     constraints, uncertified, forced, aims = _certify_constraints(prepared)
     problem = prepared.problem(prepared.splits.select, forced_segments=forced)
-    from calibration.certify import aim as _aim
+    from exitwise.calibration.certify import aim as _aim
 
     target = _aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power)
     path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), target=target, segment_aims=aims,
@@ -975,7 +974,7 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
         for j in want:
             if int(j) not in stats:
                 losses(int(j))
-    from calibration.certify import upper_bound
+    from exitwise.calibration.certify import upper_bound
 
     curve = tuple(
         {"lambda": float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),

@@ -1,4 +1,4 @@
-"""An inference loop that exits early with the policy served by exitwise (``policies.runtime``).
+"""An inference loop that exits early with the policy served by exitwise (``exitwise.policies.runtime``).
 
     .venv/bin/python examples/inference_loop.py            # self-contained demo, ~1 minute
     .venv/bin/python examples/inference_loop.py --url http://127.0.0.1:8000 --token "$TOKEN"
@@ -14,7 +14,7 @@ The demo does what a team would do, each step with the real tools:
 2. ``exitwise solve`` certified thresholds (disagreement <= 2% with 95% confidence);
 3. store the policy (author), approve it (a second principal), activate it in production;
 4. ``exitwise serve`` the API on loopback;
-5. run the inference loop with :class:`policies.runtime.PolicyClient`: each batch runs stage
+5. run the inference loop with :class:`exitwise.policies.runtime.PolicyClient`: each batch runs stage
    by stage, and the samples the policy lets exit stop there (their later stages are never
    computed); a ``shadow()`` share also runs at full depth to monitor the disagreement;
 6. print the realised compute fraction and accuracy against full depth, then flip the kill
@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policies.runtime import PolicyClient  # noqa: E402
+from exitwise.policies.runtime import PolicyClient  # noqa: E402
 
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 MODEL = "toy-multi-exit"

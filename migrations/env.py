@@ -1,6 +1,6 @@
-"""Alembic environment: uses the connection handed in by ``policies.db`` or builds one.
+"""Alembic environment: uses the connection handed in by ``exitwise.policies.db`` or builds one.
 
-``policies.db.upgrade`` passes ``config.attributes["connection"]`` (so SQLite pragmas and
+``exitwise.policies.db.upgrade`` passes ``config.attributes["connection"]`` (so SQLite pragmas and
 the caller's transaction apply). Run by hand, the URL comes from ``-x url=...``,
 ``sqlalchemy.url`` or the store settings (``EXITWISE_DATABASE_URL`` / ``EXITWISE_DATA_DIR``).
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib
 
 from alembic import context
+from exitwise.policies.models import Base
 from sqlalchemy.engine import Connection
 
-from policies.models import Base
-
 # Modules that declare tables on ``Base.metadata`` (autogenerate must see all of them).
-TABLE_MODULES = ("policies.models", "policies.registry")
+TABLE_MODULES = ("exitwise.policies.models", "exitwise.policies.registry")
 for _name in TABLE_MODULES:
     importlib.import_module(_name)
 
@@ -43,7 +42,7 @@ def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from policies.settings import get_settings
+    from exitwise.policies.settings import get_settings
 
     return get_settings().resolved_database_url()
 
@@ -55,7 +54,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from policies.db import make_engine
+    from exitwise.policies.db import make_engine
 
     engine = make_engine(_url())
     try:

@@ -1,7 +1,7 @@
 """The append-only, hash-chained audit trail.
 
 Every state change appends one event in the same transaction as the change (through
-:func:`append`, inside :func:`policies.db.change`, which holds the store's write lock, so
+:func:`append`, inside :func:`exitwise.policies.db.change`, which holds the store's write lock, so
 the chain stays linear under concurrency).
 
 Hash formula (what an external auditor recomputes)::
@@ -32,16 +32,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from exitwise.calibration.atomic import atomic_path
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import events
+from exitwise.policies.canonical import canonical_json
+from exitwise.policies.db import in_change, translate_errors
+from exitwise.policies.errors import AuditChainBroken
+from exitwise.policies.models import AuditEvent, StoreState
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
-
-from calibration.atomic import atomic_path
-from calibration.exceptions import InputError
-from policies import events
-from policies.canonical import canonical_json
-from policies.db import in_change, translate_errors
-from policies.errors import AuditChainBroken
-from policies.models import AuditEvent, StoreState
 
 GENESIS_HASH = "0" * 64
 HASHED_FIELDS = ("seq", "ts", "actor", "action", "model", "version", "environment", "reason",
@@ -115,7 +114,7 @@ def _row_to_event(row: AuditEvent) -> Event:
 def append(session: Session, *, actor: str, action: str, model: str | None = None, version: int | None = None,
            environment: str | None = None, reason: str | None = None, before_hash: str | None = None,
            after_hash: str | None = None, details: Mapping[str, Any] | None = None) -> Event:
-    """Append one event to the chain; must run inside ``policies.db.change`` (which holds the lock)."""
+    """Append one event to the chain; must run inside ``exitwise.policies.db.change`` (which holds the lock)."""
     if not in_change(session):
         raise RuntimeError("audit.append must be called inside policies.db.change(session)")
     head_seq, head_hash = session.execute(

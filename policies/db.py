@@ -7,7 +7,7 @@
   finds ``migrations/`` as package data); :func:`check_schema` refuses a database whose
   revision is not head.
 - :func:`unit_of_work` — one transaction: commit on success, rollback on error, database
-  errors translated into ``policies.errors``.
+  errors translated into ``exitwise.policies.errors``.
 - :func:`change` — what every mutating service function runs in: a SAVEPOINT (so a refused
   change leaves nothing behind even inside a larger transaction) whose first statement bumps
   ``store_state.generation`` — the write lock that serialises changes and audit appends.
@@ -19,6 +19,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from exitwise.policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
+from exitwise.policies.events import PENDING_KEY
+from exitwise.policies.models import StoreState
+from exitwise.policies.settings import StoreSettings, get_settings, normalise_url
 from sqlalchemy import Engine, create_engine, event, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-
-from policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
-from policies.events import PENDING_KEY
-from policies.models import StoreState
-from policies.settings import StoreSettings, get_settings, normalise_url
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,15 @@ def _is_empty(engine: Engine) -> bool:
 # ---------------------------------------------------------------- migrations
 
 def migrations_dir() -> Path:
-    """The directory of the ``migrations`` package (regular or namespace/editable install)."""
-    import migrations
+    """The directory of the Alembic scripts, found as package data of ``exitwise.migrations``.
 
-    for entry in getattr(migrations, "__path__", []):
-        if (Path(entry) / "env.py").is_file():
-            return Path(entry).resolve()
-    raise RuntimeError("the exitwise migrations package (env.py) was not found")
+    Looked up as a resource, not imported: the migrations depend on the models, never the
+    other way round.
+    """
+    path = Path(str(resources.files("exitwise.migrations")))
+    if not (path / "env.py").is_file():
+        raise RuntimeError(f"the exitwise migrations (env.py) were not found in {path}")
+    return path.resolve()
 
 
 def alembic_config(url: str | None = None) -> Config:

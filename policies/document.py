@@ -4,8 +4,8 @@ The document is assembled from the solver's :class:`~calibration.solver.Solution
 calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
 baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
 time window). Thresholds are JSON floats, ``null`` for "never exit". The content hash is set
-with :func:`policies.canonical.with_content_hash` and the result is validated with
-:func:`policies.schema.validate_document` before anyone sees it. Documents are
+with :func:`exitwise.policies.canonical.with_content_hash` and the result is validated with
+:func:`exitwise.policies.schema.validate_document` before anyone sees it. Documents are
 deterministic: the same logs and options give the same bytes and the same hash.
 """
 
@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from calibration.atomic import atomic_write_text
-from calibration.exceptions import InputError
-from policies.canonical import SCHEMA, with_content_hash
-from policies.schema import validate_document
+from exitwise.calibration.atomic import atomic_write_text
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies.canonical import SCHEMA, with_content_hash
+from exitwise.policies.schema import validate_document
 
 __all__ = ["build_document", "calibration_section", "data_section", "read_document", "threshold_table",
            "write_document"]
@@ -85,7 +84,7 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
     Measured on ``rows`` (data not used to fit the calibrators), at most ``max_rows`` of them
     (evenly spaced), against ``target``: the labels or the final exit's answers.
     """
-    from calibration.metrics import exit_metrics
+    from exitwise.calibration.metrics import exit_metrics
 
     rows = np.asarray(rows)
     if rows.size > max_rows:
@@ -107,7 +106,7 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
 
 def data_section(logs: Any, splits: Any) -> dict[str, Any]:
     """``data``: fingerprint, row counts per split, time window, segment counts, source file name."""
-    from calibration import io
+    from exitwise.calibration import io
 
     window = io.time_window(logs)
     return {
@@ -137,7 +136,7 @@ def build_document(
     held-out certify split; ``baselines`` maps a baseline name to ``{compute_fraction,
     risk, certified, ...}`` measured on the same split.
     """
-    from calibration.certify import METHOD, guarantee_segments
+    from exitwise.calibration.certify import METHOD, guarantee_segments
 
     prep = solution.prepared
     spec = prep.spec

@@ -23,7 +23,7 @@ approved, only not by this principal; another approver making the same request s
 
 from __future__ import annotations
 
-from calibration.exceptions import ExitwiseError
+from exitwise.calibration.exceptions import ExitwiseError
 
 
 class PolicyError(ExitwiseError):

@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from policies.audit import Event
+    from exitwise.policies.audit import Event
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def remove(callback: Callback) -> None:
 
 
 def queue(session: Session, item: Event) -> None:
-    """Hold ``item`` until ``session`` commits (called by ``policies.audit.append``)."""
+    """Hold ``item`` until ``session`` commits (called by ``exitwise.policies.audit.append``)."""
     session.info.setdefault(PENDING_KEY, []).append(item)
 
 

@@ -16,12 +16,12 @@ Rules (enforced here, and by the database where it can):
   (409, carrying the existing number) rather than silently returning it, so a caller never
   mistakes an old version for a new one (``policy create --exist-ok`` opts in to reuse);
 - every change writes its audit event and bumps the store generation in the same
-  transaction (``policies.db.change``), and a refused change leaves nothing behind.
+  transaction (``exitwise.policies.db.change``), and a refused change leaves nothing behind.
 
 Roles: create — author; kill — author (it only makes serving safer); approve, activate,
 rollback, retire, unkill — approver. Admins may do everything, but never approve their own.
 Functions take ``*, session``, never commit, and return domain objects from
-``policies.store``.
+``exitwise.policies.store``.
 """
 
 from __future__ import annotations
@@ -29,21 +29,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import exists, func, select
-from sqlalchemy.orm import Session
-
-from calibration.exceptions import InputError
-from policies import audit
-from policies.canonical import GOVERNANCE_FIELDS, canonical_json
-from policies.db import change
-from policies.errors import DuplicateContent, FourEyesViolation, InvalidTransition
-from policies.models import Activation, KillSwitch, Model, utcnow
-from policies.models import Approval as ApprovalRow
-from policies.models import PolicyVersion as VersionRow
-from policies.principals import Principal, require
-from policies.schema import DocumentError, validate_document
-from policies.settings import GovernanceRules
-from policies.store import (
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import audit
+from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
+from exitwise.policies.db import change
+from exitwise.policies.errors import DuplicateContent, FourEyesViolation, InvalidTransition
+from exitwise.policies.models import Activation, KillSwitch, Model, utcnow
+from exitwise.policies.models import Approval as ApprovalRow
+from exitwise.policies.models import PolicyVersion as VersionRow
+from exitwise.policies.principals import Principal, require
+from exitwise.policies.schema import DocumentError, validate_document
+from exitwise.policies.settings import GovernanceRules
+from exitwise.policies.store import (
     ActivePolicy,
     KillState,
     PolicyVersion,
@@ -56,6 +53,8 @@ from policies.store import (
     version_domain,
     version_row,
 )
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
 
 ACTIVATABLE = ("approved", "active", "superseded")
 
@@ -79,7 +78,7 @@ def _number(value: Any) -> float | None:
 def create_version(doc: Mapping[str, Any], *, author: Principal, session: Session) -> PolicyVersion:
     """Store ``doc`` as the next draft version of its model (created on first use).
 
-    The document must validate (``policies.schema``) with a matching ``content_hash``;
+    The document must validate (``exitwise.policies.schema``) with a matching ``content_hash``;
     governance fields in it (version, state, ...) are dropped. ``parent``, when set, must
     name an existing version of the same model.
     """

@@ -4,7 +4,7 @@
 row per sample with columns ``exit_0`` .. ``exit_{K-1}`` (each a list or array of C floats)
 and one string column per segment key, and answers per sample the exit taken, the answer
 (class index and name) and the confidence (the score at the exit taken). The routing is
-:func:`calibration.rule.route` on the policy JSON stored with the model, so the MLflow model,
+:func:`exitwise.calibration.rule.route` on the policy JSON stored with the model, so the MLflow model,
 the evaluator and the runtime client give the same bits on the same logits.
 
 The model is saved as "models from code" (MLflow's recommended form, no pickle): the entry
@@ -29,18 +29,17 @@ os.environ["DO_NOT_TRACK"] = "true"
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, route
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-from calibration.exceptions import InputError
-from calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, route
 
 POLICY_ARTIFACT = "policy"  # key of the policy JSON in the model's artifacts
 OUTPUT_COLUMNS = ("exit", "exit_name", "answer", "answer_name", "confidence")
 ENTRY_POINT = '''"""MLflow models-from-code entry point of an exitwise exit policy (written by exitwise)."""
 from mlflow.models import set_model
 
-from policies.mlflow_model import ExitPolicyModel
+from exitwise.policies.mlflow_model import ExitPolicyModel
 
 set_model(ExitPolicyModel())
 '''
@@ -127,7 +126,7 @@ def frame_segments(frame: pd.DataFrame, keys: Sequence[str]) -> np.ndarray | Non
 def predict_frame(
     policy: CompiledPolicy, exit_names: Sequence[str], classes: Sequence[str], frame: pd.DataFrame
 ) -> pd.DataFrame:
-    """Route every row of ``frame`` with :func:`calibration.rule.route`; one output row per input row."""
+    """Route every row of ``frame`` with :func:`exitwise.calibration.rule.route`; one output row per input row."""
     if isinstance(frame, Mapping):
         frame = pd.DataFrame(frame)
     if not isinstance(frame, pd.DataFrame):

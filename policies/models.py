@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the policy store. Rows never leave the store (see ``policies.store``).
+"""SQLAlchemy 2 models of the policy store. Rows never leave the store (see ``exitwise.policies.store``).
 
 The schema is created only by the Alembic migrations in ``migrations/``; these classes
 must agree with them (tests/migrations checks it with ``compare_metadata``). Constraints
@@ -191,7 +191,7 @@ class KillSwitch(Base):
 
 
 class AuditEvent(Base):
-    """One link of the append-only, hash-chained audit trail (see ``policies.audit``)."""
+    """One link of the append-only, hash-chained audit trail (see ``exitwise.policies.audit``)."""
 
     __tablename__ = "audit_events"
 

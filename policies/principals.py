@@ -16,15 +16,14 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import audit
+from exitwise.policies.db import change, translate_errors
+from exitwise.policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
+from exitwise.policies.models import ROLES
+from exitwise.policies.models import Principal as PrincipalRow
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-
-from calibration.exceptions import InputError
-from policies import audit
-from policies.db import change, translate_errors
-from policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
-from policies.models import ROLES
-from policies.models import Principal as PrincipalRow
 
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
 TOKEN_PREFIX = "ew_"

@@ -2,7 +2,7 @@
 
 Every stored policy version becomes one MLflow run (params, metrics, the policy JSON, plots,
 the audit report) and one version of the registered model ``exit-policy-<model>`` with the
-pyfunc flavour of :mod:`policies.mlflow_model`. Aliases mirror the lifecycle: the version
+pyfunc flavour of :mod:`exitwise.policies.mlflow_model`. Aliases mirror the lifecycle: the version
 active in environment ``production`` carries alias ``production``; the kill switch shows as
 the tag ``exitwise.killed.<env>`` on the registered model (and ``exitwise.killed_in`` on the
 version).
@@ -16,7 +16,7 @@ side (pending syncs, ``sync_model``/``sync_all``) is further down.
 Tracking store: ``MLFLOW_TRACKING_URI`` when set (any MLflow server), else the embedded
 ``sqlite:///<EXITWISE_DATA_DIR>/mlflow.db`` with artifacts under ``<data dir>/mlartifacts``
 (never ``./mlruns``). mlflow is imported lazily (it is slow), through
-:mod:`policies.mlflow_model`, which turns its telemetry off before the import.
+:mod:`exitwise.policies.mlflow_model`, which turns its telemetry off before the import.
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
+from exitwise.policies.db import translate_errors, unit_of_work
+from exitwise.policies.errors import NotFound, PolicyError
+from exitwise.policies.models import AuditEvent, Base, KillSwitch, Model, UTCDateTime, utcnow
 from sqlalchemy import BigInteger, Engine, Integer, String, Text, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
-
-from policies.canonical import GOVERNANCE_FIELDS, canonical_json
-from policies.db import translate_errors, unit_of_work
-from policies.errors import NotFound, PolicyError
-from policies.models import AuditEvent, Base, KillSwitch, Model, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def mlflow_config(data_dir: str | os.PathLike[str] | None = None) -> MlflowConfi
     ``<data dir>/mlartifacts``; an http(s)/databricks server decides its own artifact store.
     """
     if data_dir is None:
-        from policies.settings import get_settings
+        from exitwise.policies.settings import get_settings
 
         data_dir = get_settings().data_dir
     data = Path(data_dir).absolute()
@@ -144,7 +143,7 @@ def _mlflow() -> Any:
     """Import mlflow with telemetry off (via policies.mlflow_model) and fail-fast HTTP defaults."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from policies import mlflow_model  # sets MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK, then imports mlflow
+    from exitwise.policies import mlflow_model  # sets MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK, then imports mlflow
 
     return mlflow_model.mlflow
 
@@ -383,13 +382,13 @@ def curve_png(doc: Mapping[str, Any]) -> bytes | None:
 def reliability_pngs(doc: Mapping[str, Any]) -> dict[str, bytes]:
     """Reliability diagram (before/after calibration) per exit that records bin data, as PNG bytes.
 
-    Drawn by the audit report's figure code (which uses ``calibration.plots`` when present).
+    Drawn by the audit report's figure code (which uses ``exitwise.calibration.plots`` when present).
     """
     entries = (doc.get("calibration") or {}).get("exits") or []
     if not entries:
         return {}
     try:
-        from policies.report import reliability_figure
+        from exitwise.policies.report import reliability_figure
     except ImportError:  # pragma: no cover - report module missing
         return {}
     out: dict[str, bytes] = {}
@@ -512,7 +511,7 @@ def _log_run(
 ) -> tuple[str, str]:
     """Log one version as a run with its pyfunc model; returns (run id, logged model id)."""
     mlflow = _mlflow()
-    from policies import mlflow_model as mm
+    from exitwise.policies import mlflow_model as mm
 
     tags = _identity_tags(rec, doc) | {"mlflow.note.content": _description(rec, doc)}
     run = client.create_run(experiment_id, run_name=f"{rec.model}-v{rec.number}", tags=tags)
@@ -941,7 +940,7 @@ def pending_models(*, session: Session, config: MlflowConfig | None = None) -> l
 
 def desired_state(model: str, *, session: Session) -> tuple[DesiredState, int]:
     """The store's view of ``model`` (no documents) and its audit head, read in one transaction."""
-    from policies import store
+    from exitwise.policies import store
 
     with translate_errors():
         head = _audit_heads(session, model).get(model, 0)
@@ -962,14 +961,14 @@ def desired_state(model: str, *, session: Session) -> tuple[DesiredState, int]:
 
 def _loaders(engine: Engine, model: str, reports: bool) -> tuple[Callable[[int], Mapping[str, Any]],
                                                                   Callable[[int], bytes | None] | None]:
-    from policies import store
+    from exitwise.policies import store
 
     def document_for(number: int) -> Mapping[str, Any]:
         with unit_of_work(engine, readonly=True) as s:
             return store.get_version(model, number, session=s).document
 
     def report_for(number: int) -> bytes | None:
-        from policies import report
+        from exitwise.policies import report
 
         with unit_of_work(engine, readonly=True) as s:
             return report.report_bytes(s, model, number, "html")
@@ -1063,7 +1062,7 @@ def sync_all(
 
 
 class SyncHook:
-    """``policies.events`` callback: after a committed change, sync the changed model to MLflow.
+    """``exitwise.policies.events`` callback: after a committed change, sync the changed model to MLflow.
 
     Inline by default (the CLI: the command returns once MLflow is up to date); with
     ``background=True`` a single worker thread does it (the API: requests never wait on
@@ -1106,7 +1105,7 @@ class SyncHook:
 
     def _engine(self) -> Engine:
         if self.engine is None:
-            from policies.db import open_store
+            from exitwise.policies.db import open_store
 
             self.engine = open_store()
         return self.engine
@@ -1154,8 +1153,8 @@ class SyncHook:
             return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def close(self) -> None:
-        """Unregister from ``policies.events`` and stop the worker after the queued syncs."""
-        from policies import events
+        """Unregister from ``exitwise.policies.events`` and stop the worker after the queued syncs."""
+        from exitwise.policies import events
 
         events.remove(self)
         with self._lock:
@@ -1167,12 +1166,12 @@ class SyncHook:
 
 def install_hook(engine: Engine | None = None, *, config: MlflowConfig | None = None,
                  background: bool = False, reports: bool = True, quiet: bool = True) -> SyncHook:
-    """Register a :class:`SyncHook` with ``policies.events.on_commit`` and return it.
+    """Register a :class:`SyncHook` with ``exitwise.policies.events.on_commit`` and return it.
 
     ``engine=None`` opens the configured store on first use (the CLI); the API passes its
     engine and ``background=True``. ``quiet`` lowers mlflow's INFO logs to warnings.
     """
-    from policies import events
+    from exitwise.policies import events
 
     hook = SyncHook(engine, config=config, background=background, reports=reports, quiet=quiet)
     events.on_commit(hook)

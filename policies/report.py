@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
+from exitwise.calibration.atomic import atomic_write_bytes
+from exitwise.calibration.exceptions import InputError
 from markupsafe import Markup
-
-from calibration.atomic import atomic_write_bytes
-from calibration.exceptions import InputError
 
 _log = logging.getLogger(__name__)
 
@@ -454,10 +453,9 @@ def _reliability_data(exit_entry: Mapping[str, Any], which: str) -> Mapping[str,
 
 
 def _diagram(data: Mapping[str, Any]):  # -> calibration.metrics.ReliabilityDiagram
-    """A ``calibration.metrics.ReliabilityDiagram`` from its JSON form (``to_dict``)."""
+    """A ``exitwise.calibration.metrics.ReliabilityDiagram`` from its JSON form (``to_dict``)."""
     import numpy as np
-
-    from calibration.metrics import ReliabilityDiagram
+    from exitwise.calibration.metrics import ReliabilityDiagram
 
     count = np.asarray(data.get("count") or [], dtype=np.int64)
     m = count.shape[0]
@@ -478,7 +476,7 @@ def _diagram(data: Mapping[str, Any]):  # -> calibration.metrics.ReliabilityDiag
 def reliability_images(doc: Mapping[str, Any], per_image: int = 4) -> list[str]:
     """Reliability diagrams of every exit that records bin data, as PNG data URIs.
 
-    Drawn by ``calibration.plots`` (one panel per exit, before vs after), at most
+    Drawn by ``exitwise.calibration.plots`` (one panel per exit, before vs after), at most
     ``per_image`` exits per image, always two panel columns, so every image fits an A4 page
     with panels of one size; falls back to one small figure per exit drawn here when that
     module is missing. When the calibration target is the final exit's answers, the final
@@ -493,7 +491,7 @@ def reliability_images(doc: Mapping[str, Any], per_image: int = 4) -> list[str]:
     if not entries:
         return []
     try:
-        from calibration import plots
+        from exitwise.calibration import plots
     except ImportError:
         plots = None  # type: ignore[assignment]
     if plots is None:
@@ -519,7 +517,7 @@ def _reference_is_final(cal: Mapping[str, Any]) -> bool:
 def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
     """Reliability diagram of one exit (before and after calibration) as a PNG data URI.
 
-    Uses ``calibration.plots`` when present, else draws it here; None when the exit's entry
+    Uses ``exitwise.calibration.plots`` when present, else draws it here; None when the exit's entry
     records no reliability data. (The MLflow mirror attaches these per exit.)
     """
     before, after = _reliability_data(exit_entry, "before"), _reliability_data(exit_entry, "after")
@@ -528,7 +526,7 @@ def reliability_figure(exit_entry: Mapping[str, Any]) -> str | None:
     name = str(exit_entry.get("name", ""))
     if before is not None and after is not None:
         try:
-            from calibration import plots
+            from exitwise.calibration import plots
         except ImportError:
             pass
         else:
@@ -977,7 +975,7 @@ def _css_string(text: str) -> Markup:
 
 
 def _hash_ok(doc: Mapping[str, Any]) -> bool | None:
-    from policies.canonical import verify_content_hash
+    from exitwise.policies.canonical import verify_content_hash
 
     try:
         return verify_content_hash(doc) if doc.get("content_hash") else None
@@ -991,7 +989,7 @@ def _hash_ok(doc: Mapping[str, Any]) -> bool | None:
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("policies", "templates"),
+        loader=jinja2.PackageLoader("exitwise.policies", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -1003,7 +1001,7 @@ def _environment() -> jinja2.Environment:
 
 @lru_cache(maxsize=1)
 def _css() -> str:
-    return resources.files("policies").joinpath("templates", "report.css").read_text(encoding="utf-8")
+    return resources.files("exitwise.policies").joinpath("templates", "report.css").read_text(encoding="utf-8")
 
 
 def render_html(context: ReportContext) -> str:
@@ -1034,7 +1032,7 @@ def _check_format(format: str) -> str:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :mod:`calibration.atomic`)."""
+    """Write ``data`` to ``path`` atomically (see :mod:`exitwise.calibration.atomic`)."""
     return atomic_write_bytes(path, data)
 
 
@@ -1058,7 +1056,7 @@ def context_from_document(document: Mapping[str, Any], *, parent_document: Mappi
 
     Validates the document first, so a report is never drawn from a malformed or tampered file.
     """
-    from policies.schema import validate_document
+    from exitwise.policies.schema import validate_document
 
     validate_document(dict(document))
     facts.setdefault("state", "unregistered")
@@ -1073,8 +1071,8 @@ def build_context(session: Any, model: str, version: int) -> ReportContext:
     (or has a kill switch in), the version's audit events (oldest first) and a verification of
     the whole audit chain done now. Raises ``NotFound`` for an unknown model or version.
     """
-    from policies import audit, store
-    from policies.errors import NotFound
+    from exitwise.policies import audit, store
+    from exitwise.policies.errors import NotFound
 
     number = int(version)
     v = store.get_version(model, number, session=session)
@@ -1149,7 +1147,7 @@ def on_version_approved(session: Any, model: str, version: int, *,
                         formats: Iterable[str] = ("html",)) -> list[Path]:
     """Render a version's report into ``<data dir>/reports/<model>/v<n>.<fmt>``; returns the files."""
     if data_dir is None:
-        from policies.settings import get_settings
+        from exitwise.policies.settings import get_settings
 
         data_dir = get_settings().data_dir
     ctx = build_context(session, model, version)
@@ -1165,7 +1163,7 @@ def install_approval_hook(engine: Any = None, *, data_dir: str | os.PathLike[str
                           formats: Sequence[str] = ("html",), background: bool = False) -> Any:
     """Write the report of every approved version to ``reports/<model>/v<n>.<fmt>`` after the commit.
 
-    Registers a ``policies.events.on_commit`` callback (returned, for ``events.remove``) that
+    Registers a ``exitwise.policies.events.on_commit`` callback (returned, for ``events.remove``) that
     reacts to ``version.approve`` events: it reads the committed version in its own read-only
     unit of work on ``engine`` (None: the configured store, opened per event — the CLI) and
     writes the report under ``data_dir`` (default: the settings' data dir). ``background=True``
@@ -1174,12 +1172,12 @@ def install_approval_hook(engine: Any = None, *, data_dir: str | os.PathLike[str
     """
     import threading
 
-    from policies import events
+    from exitwise.policies import events
 
     target = Path(data_dir) if data_dir is not None else None
 
     def _write(model: str, number: int) -> None:
-        from policies.db import open_store, unit_of_work
+        from exitwise.policies.db import open_store, unit_of_work
 
         eng = engine if engine is not None else open_store()
         try:

@@ -1,7 +1,7 @@
 """The runtime client an inference server embeds to fetch and apply its exit policy.
 
-Depends on numpy, httpx and the standard library only (plus :mod:`calibration.rule`, the one
-decision rule, and :mod:`policies.canonical`, both numpy/stdlib), so a model server can embed
+Depends on numpy, httpx and the standard library only (plus :mod:`exitwise.calibration.rule`, the one
+decision rule, and :mod:`exitwise.policies.canonical`, both numpy/stdlib), so a model server can embed
 it without the service's dependencies (no fastapi, sqlalchemy, mlflow, pandas or scipy)::
 
     client = PolicyClient("http://policies:8000", "fashion-cnn", "production", token,
@@ -14,7 +14,7 @@ it without the service's dependencies (no fastapi, sqlalchemy, mlflow, pandas or
 Safety properties, in order of precedence:
 
 - A policy is used only after its ``content_hash`` matches its content and it compiles with
-  :meth:`calibration.rule.CompiledPolicy.from_document`; a corrupted or malformed body is
+  :meth:`exitwise.calibration.rule.CompiledPolicy.from_document`; a corrupted or malformed body is
   rejected and the previous policy is kept.
 - The last good policy is kept on disk (atomic write) and reloaded at start-up, so a server
   outage, at start-up or later, never changes what the runtime does.
@@ -41,10 +41,9 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-
-from calibration.atomic import atomic_write_text
-from calibration.rule import CompiledPolicy, decide
-from policies.canonical import SCHEMA, content_hash
+from exitwise.calibration.atomic import atomic_write_text
+from exitwise.calibration.rule import CompiledPolicy, decide
+from exitwise.policies.canonical import SCHEMA, content_hash
 
 __all__ = ["PolicyClient", "RefreshResult", "RuntimePolicy", "verify_policy_document"]
 
@@ -64,7 +63,7 @@ def verify_policy_document(doc: Any, model: str | None = None, *, n_exits: int |
     """Check a served policy document and compile it; raise :class:`PolicyRejected` if unusable.
 
     Checks: a JSON object with the v1 schema, the model asked for, a ``content_hash`` equal to
-    the hash of its content (governance fields excluded, see :mod:`policies.canonical`), a
+    the hash of its content (governance fields excluded, see :mod:`exitwise.policies.canonical`), a
     shape the decision rule accepts and, when given, the runtime's own number of exits and
     classes (a policy solved for another architecture is never applied).
     """
@@ -144,7 +143,7 @@ class RuntimePolicy:
     ) -> np.ndarray:
         """Boolean exit mask (n,) for the exit-``exit_index`` logits (n, C) of a batch.
 
-        Delegates to :func:`calibration.rule.decide`. Under the fallback every early exit
+        Delegates to :func:`exitwise.calibration.rule.decide`. Under the fallback every early exit
         refuses: the caller runs to its last exit, which always answers (all True there when
         the client was told ``n_exits``; without it the fallback cannot tell which is last).
         """

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies.canonical import SCHEMA, content_hash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from calibration.exceptions import InputError
-from policies.canonical import SCHEMA, content_hash
 
 Score = Literal["max_prob", "margin", "entropy"]
 Risk = Literal["disagreement", "induced_error"]

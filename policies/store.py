@@ -1,7 +1,7 @@
 """Read side of the policy store and its domain objects (ORM rows never leave this layer).
 
-Changes live in :mod:`policies.lifecycle`; both take ``*, session`` and never commit
-(wrap calls in :func:`policies.db.unit_of_work`). Like MLflow's ``SqlAlchemyStore``,
+Changes live in :mod:`exitwise.policies.lifecycle`; both take ``*, session`` and never commit
+(wrap calls in :func:`exitwise.policies.db.unit_of_work`). Like MLflow's ``SqlAlchemyStore``,
 every function hands back frozen dataclasses built from rows.
 """
 
@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies.db import translate_errors
+from exitwise.policies.errors import NotFound
+from exitwise.policies.models import Activation, KillSwitch, Model
+from exitwise.policies.models import PolicyVersion as VersionRow
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
-
-from calibration.exceptions import InputError
-from policies.db import translate_errors
-from policies.errors import NotFound
-from policies.models import Activation, KillSwitch, Model
-from policies.models import PolicyVersion as VersionRow
 
 ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
@@ -322,7 +321,7 @@ def _threshold_changes(da: dict[str, Any], db: dict[str, Any]) -> list[Threshold
 def diff_documents(da: dict[str, Any], db: dict[str, Any], *, model: str = "", a: int = 0, b: int = 0
                    ) -> VersionDiff:
     """Structured difference of two policy documents (used by ``diff_versions`` and reports)."""
-    from policies.canonical import GOVERNANCE_FIELDS
+    from exitwise.policies.canonical import GOVERNANCE_FIELDS
 
     ga, gb = da.get("guarantee") or {}, db.get("guarantee") or {}
     guarantee = {k: (ga.get(k), gb.get(k)) for k in sorted(set(ga) | set(gb))}

@@ -24,7 +24,7 @@ Databases (every schema is created by the Alembic migrations, never by ``create_
 Principals and documents:
 
 - ``actors`` (function): an ``Actors`` namespace created in ``session``: ``admin``, ``author``,
-  ``approver``, ``approver2``, ``reader`` (``policies.principals.Principal``) and ``tokens``
+  ``approver``, ``approver2``, ``reader`` (``exitwise.policies.principals.Principal``) and ``tokens``
   (name -> plaintext bearer token). ``make_actors(session)`` does the same for any session
   (e.g. inside ``unit_of_work(fresh_engine)``).
 - ``policy_doc``: a valid policy document (3 exits, 4 classes, one segment key) with its
@@ -44,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.db import make_engine, unit_of_work, upgrade
+from exitwise.policies.models import Base
+from exitwise.policies.principals import Principal, add_principal
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
-
-from policies.canonical import with_content_hash
-from policies.db import make_engine, unit_of_work, upgrade
-from policies.models import Base
-from policies.principals import Principal, add_principal
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 RUN_ID = uuid.uuid4().hex[:8]
@@ -61,7 +60,7 @@ RUN_ID = uuid.uuid4().hex[:8]
 
 def pg_admin_url() -> str:
     """URL of the maintenance database on the test server (databases are created through it)."""
-    from policies.settings import normalise_url
+    from exitwise.policies.settings import normalise_url
 
     return normalise_url(os.environ.get("EXITWISE_TEST_POSTGRES_URL", PG_DEFAULT))
 
@@ -336,7 +335,7 @@ def make_doc() -> Callable[..., dict[str, Any]]:
 
 @pytest.fixture
 def policy_doc() -> dict[str, Any]:
-    """A valid policy document for model ``fashion-cnn`` (passes ``policies.schema.validate_document``)."""
+    """A valid policy document for model ``fashion-cnn`` (passes ``exitwise.policies.schema.validate_document``)."""
     return _doc()
 
 

@@ -13,10 +13,9 @@ import os
 import sys
 
 import typer
+from exitwise.calibration.exceptions import ExitwiseError
 from rich.console import Console
 from rich.text import Text
-
-from calibration.exceptions import ExitwiseError
 
 COMMAND_MODULES = (
     "calibrate", "solve", "db", "principal", "policy", "audit", "serve", "mlflow_cmd", "report",
@@ -44,8 +43,8 @@ def build_app() -> typer.Typer:
         add_completion=False,
     )
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(f"api.cli.{name}") is not None:
-            importlib.import_module(f"api.cli.{name}").register(app)
+        if importlib.util.find_spec(f"exitwise.api.cli.{name}") is not None:
+            importlib.import_module(f"exitwise.api.cli.{name}").register(app)
     return app
 
 
@@ -61,8 +60,8 @@ def install_store_hooks() -> None:
     """
     if not _hooks["wanted"] or _hooks["installed"]:
         return
-    from policies.registry import install_hook
-    from policies.report import install_approval_hook
+    from exitwise.policies.registry import install_hook
+    from exitwise.policies.report import install_approval_hook
 
     install_hook()
     install_approval_hook()

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from exitwise.api.cli.db import JsonOption, console, emit_json, store_engine
+from exitwise.calibration.exceptions import InputError
 from rich.table import Table
-
-from api.cli.db import JsonOption, console, emit_json, store_engine
-from calibration.exceptions import InputError
 
 
 def register(app: typer.Typer) -> None:
@@ -23,8 +22,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Show the newest audit events."""
-        from policies.audit import log
-        from policies.db import unit_of_work
+        from exitwise.policies.audit import log
+        from exitwise.policies.db import unit_of_work
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             events = log(session=session, model=model, limit=limit)
@@ -49,9 +48,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Walk the chain; exit 1 naming the first broken row."""
-        from policies.audit import verify, verify_export
-        from policies.db import unit_of_work
-        from policies.errors import AuditChainBroken
+        from exitwise.policies.audit import verify, verify_export
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.errors import AuditChainBroken
 
         if head is not None and file is None:
             raise InputError("--head only applies with --file")
@@ -79,8 +78,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Export the whole chain (with hashes) for an external auditor; written atomically."""
-        from policies.audit import export
-        from policies.db import unit_of_work
+        from exitwise.policies.audit import export
+        from exitwise.policies.db import unit_of_work
 
         fmt = fmt.lower()
         if fmt not in ("jsonl", "csv"):

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from exitwise.api.cli import stdout_console
+from exitwise.calibration.exceptions import InputError
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from api.cli import stdout_console
-from calibration.exceptions import InputError
 
 METHODS = ("temperature", "platt", "identity")
 TARGETS = ("auto", "labels", "final")
@@ -130,10 +129,10 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/reliability.png (one reliability panel per exit, before vs after).
         """
-        from calibration.atomic import atomic_write_bytes
-        from calibration.calibrate import calibrate_logs
-        from calibration.io import load_card, load_logs
-        from calibration.plots import reliability_png
+        from exitwise.calibration.atomic import atomic_write_bytes
+        from exitwise.calibration.calibrate import calibrate_logs
+        from exitwise.calibration.io import load_card, load_logs
+        from exitwise.calibration.plots import reliability_png
 
         if method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -1,7 +1,7 @@
 """``exitwise db``: migrate and inspect the policy database; shared helpers of the store commands.
 
 The helpers (``store_engine``, ``acting_principal``, ``emit_json``, ``jsonable``) are used by
-``api.cli.principal``, ``api.cli.policy`` and ``api.cli.audit``.
+``exitwise.api.cli.principal``, ``exitwise.api.cli.policy`` and ``exitwise.api.cli.audit``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from exitwise.api.cli import stdout_console
+from exitwise.policies.errors import AuthError
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
-
-from api.cli import stdout_console
-from policies.errors import AuthError
 
 console = stdout_console(highlight=False)
 
@@ -53,8 +52,8 @@ def safe_url(url: str) -> str:
 @contextmanager
 def store_engine(*, check: bool = True) -> Iterator[Engine]:
     """The configured store's engine (schema checked), disposed afterwards."""
-    from policies.db import open_store
-    from policies.settings import get_settings
+    from exitwise.policies.db import open_store
+    from exitwise.policies.settings import get_settings
 
     engine = open_store(get_settings(), check=check)
     try:
@@ -65,8 +64,8 @@ def store_engine(*, check: bool = True) -> Iterator[Engine]:
 
 def acting_principal(token: str | None, *, session: Session, action: str):  # -> policies.principals.Principal
     """Authenticate the bearer token of a write command (no write without a principal)."""
-    from api.cli import install_store_hooks
-    from policies.principals import authenticate
+    from exitwise.api.cli import install_store_hooks
+    from exitwise.policies.principals import authenticate
 
     install_store_hooks()
     if not token:
@@ -84,7 +83,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Migrate the database (EXITWISE_DATABASE_URL, default SQLite in EXITWISE_DATA_DIR) to head."""
-        from policies.db import current_revision, head_revision, upgrade
+        from exitwise.policies.db import current_revision, head_revision, upgrade
 
         with store_engine(check=False) as engine:
             before = current_revision(engine)
@@ -105,7 +104,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Show the database's schema revision and the head revision of this exitwise."""
-        from policies.db import check_schema, current_revision, head_revision
+        from exitwise.policies.db import check_schema, current_revision, head_revision
 
         with store_engine(check=False) as engine:
             current, head = current_revision(engine), head_revision()

@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-
-from calibration.exceptions import InputError
+from exitwise.calibration.exceptions import InputError
 
 mlflow_app = typer.Typer(
     name="mlflow",
@@ -33,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _engine() -> Iterator[Any]:
-    from policies.db import open_store
+    from exitwise.policies.db import open_store
 
     engine = open_store()
     try:
@@ -44,7 +43,7 @@ def _engine() -> Iterator[Any]:
 
 def _quiet() -> None:
     """MLflow logs table creation and validation at INFO on stderr; keep the CLI's output readable."""
-    from policies import registry
+    from exitwise.policies import registry
 
     registry.quiet_mlflow_logs()
 
@@ -59,7 +58,7 @@ def sync(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Bring MLflow up to date with the policy database; exit 1 if MLflow could not be reached."""
-    from policies import registry
+    from exitwise.policies import registry
 
     _quiet()
     config = registry.mlflow_config()
@@ -87,7 +86,7 @@ def sync(
 
 
 def _outcome_json(o: Any) -> dict[str, Any]:
-    from policies import registry
+    from exitwise.policies import registry
 
     out = o.to_json()
     if o.result is not None:
@@ -96,7 +95,7 @@ def _outcome_json(o: Any) -> dict[str, Any]:
 
 
 def _outcome_text(o: Any) -> str:
-    from policies import registry
+    from exitwise.policies import registry
 
     if not o.ok:
         return f"{o.model}: NOT synced, stays pending — {o.error}"
@@ -121,8 +120,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show, per model, whether MLflow is behind the policy database (no MLflow call)."""
-    from policies import registry
-    from policies.db import unit_of_work
+    from exitwise.policies import registry
+    from exitwise.policies.db import unit_of_work
 
     config = registry.mlflow_config()
     with _engine() as engine, unit_of_work(engine, readonly=True) as session:
@@ -160,7 +159,7 @@ def uri(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print the models:/ URI that mlflow.pyfunc.load_model takes for MODEL in --env (or --version)."""
-    from policies import registry
+    from exitwise.policies import registry
 
     config = registry.mlflow_config()
     if tracking:

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 from rich.table import Table
-
-from api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]
 
@@ -19,7 +18,7 @@ def _reason(required: bool = True) -> Any:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    from policies.document import read_json_object
+    from exitwise.policies.document import read_json_object
 
     return read_json_object(path)
 
@@ -40,7 +39,7 @@ def _version_summary(v: Any) -> str:
 
 
 def _rules() -> Any:
-    from policies.settings import get_settings
+    from exitwise.policies.settings import get_settings
 
     return get_settings().rules()
 
@@ -59,10 +58,10 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Store POLICY.json as the next draft version of its model (role author)."""
-        from policies.db import unit_of_work
-        from policies.errors import DuplicateContent
-        from policies.lifecycle import create_version
-        from policies.store import get_version
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.errors import DuplicateContent
+        from exitwise.policies.lifecycle import create_version
+        from exitwise.policies.store import get_version
 
         doc = _load(path)
         created = True
@@ -88,8 +87,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """List policy versions (all models, or one)."""
-        from policies.db import unit_of_work
-        from policies.store import list_versions
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.store import list_versions
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             versions = list_versions(model, session=session)
@@ -112,8 +111,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Show one version; --json prints the served document (content + governance fields)."""
-        from policies.db import unit_of_work
-        from policies.store import get_version
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.store import get_version
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             v = get_version(model, version, session=session)
@@ -149,8 +148,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Thresholds and guarantee of two versions side by side."""
-        from policies.db import unit_of_work
-        from policies.store import diff_versions
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.store import diff_versions
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             d = diff_versions(model, a, b, session=session)
@@ -189,8 +188,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Approve a draft (role approver; not its author)."""
-        from policies.db import unit_of_work
-        from policies.lifecycle import approve as approve_
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.lifecycle import approve as approve_
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="policy approve")
@@ -207,8 +206,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Make an approved version the active one in --env (the previous one is superseded)."""
-        from policies.db import unit_of_work
-        from policies.lifecycle import activate as activate_
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.lifecycle import activate as activate_
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="policy activate")
@@ -226,8 +225,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Re-activate an earlier approved version in --env."""
-        from policies.db import unit_of_work
-        from policies.lifecycle import rollback as rollback_
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.lifecycle import rollback as rollback_
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="policy rollback")
@@ -243,8 +242,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Retire a version that is not active anywhere (it can never be activated again)."""
-        from policies.db import unit_of_work
-        from policies.lifecycle import retire as retire_
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.lifecycle import retire as retire_
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="policy retire")
@@ -252,9 +251,9 @@ def register(app: typer.Typer) -> None:
         emit_json(_info(v)) if as_json else console.print(f"retired {_version_summary(v)}")
 
     def _kill(model: str, env: str, reason: str, token: str | None, as_json: bool, on: bool) -> None:
-        from policies.db import unit_of_work
-        from policies.lifecycle import kill as kill_
-        from policies.lifecycle import unkill as unkill_
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.lifecycle import kill as kill_
+        from exitwise.policies.lifecycle import unkill as unkill_
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="policy kill" if on else "policy unkill")
@@ -281,8 +280,8 @@ def register(app: typer.Typer) -> None:
     def active(model: Annotated[str, typer.Argument(help="Model name.")], env: EnvOption,
                as_json: JsonOption = False) -> None:
         """Show the version active in --env (what runtimes are served)."""
-        from policies.db import unit_of_work
-        from policies.store import get_active
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.store import get_active
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             a = get_active(model, env, session=session)
@@ -290,7 +289,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _info(v: Any) -> dict[str, Any]:
-    from api.cli.db import jsonable
+    from exitwise.api.cli.db import jsonable
 
     return jsonable(v)
 

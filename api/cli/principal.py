@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 from rich.table import Table
-
-from api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 
 
 def register(app: typer.Typer) -> None:
@@ -26,8 +25,8 @@ def register(app: typer.Typer) -> None:
 
         The very first principal (an admin) needs no token; afterwards an admin token is required.
         """
-        from policies.db import unit_of_work
-        from policies.principals import add_principal
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.principals import add_principal
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="principal add") if token else None
@@ -44,8 +43,8 @@ def register(app: typer.Typer) -> None:
     @grp.command("list")
     def list_(as_json: JsonOption = False) -> None:
         """List principals (never their tokens)."""
-        from policies.db import unit_of_work
-        from policies.principals import list_principals
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.principals import list_principals
 
         with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
             rows = list_principals(session=session)
@@ -65,8 +64,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Disable a principal (admin): its token stops working at once."""
-        from policies.db import unit_of_work
-        from policies.principals import disable_principal
+        from exitwise.policies.db import unit_of_work
+        from exitwise.policies.principals import disable_principal
 
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="principal disable")

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from calibration.exceptions import InputError
+from exitwise.calibration.exceptions import InputError
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    from policies.document import read_json_object
+    from exitwise.policies.document import read_json_object
 
     return read_json_object(path, what)
 
@@ -34,7 +33,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object describing the file.")] = False,
     ) -> None:
         """Write the audit report of MODEL VERSION (from the policy store) to --out."""
-        from policies import report as rp
+        from exitwise.policies import report as rp
 
         fmt = str(format).lower()
         if fmt not in rp.FORMATS:
@@ -66,9 +65,9 @@ def register(app: typer.Typer) -> None:
 
 def _from_store(model: str, version: int, fmt: str, target: Path) -> tuple[Path, dict[str, Any]]:
     """Render a stored version inside one read-only unit of work and write it atomically."""
-    from api.cli.db import store_engine
-    from policies import report as rp
-    from policies.db import unit_of_work
+    from exitwise.api.cli.db import store_engine
+    from exitwise.policies import report as rp
+    from exitwise.policies.db import unit_of_work
 
     with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
         ctx = rp.build_context(session, model, version)

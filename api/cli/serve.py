@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
-from calibration.exceptions import InputError
+from exitwise.calibration.exceptions import InputError
 
 
 def register(app: typer.Typer) -> None:
@@ -29,10 +28,9 @@ def serve(
     /readyz answers 503 until it answers.
     """
     import uvicorn
-
-    from api.settings import ApiSettings
-    from policies.db import open_store
-    from policies.errors import SchemaOutOfDate, StoreUnavailable
+    from exitwise.api.settings import ApiSettings
+    from exitwise.policies.db import open_store
+    from exitwise.policies.errors import SchemaOutOfDate, StoreUnavailable
 
     try:
         settings = ApiSettings()  # fail fast, with a one-line error, on bad settings
@@ -45,7 +43,7 @@ def serve(
     except StoreUnavailable as exc:  # a database that is down now may be up later: /readyz tells
         typer.echo(f"warning: policy store not reachable yet ({exc}); /readyz answers 503 until it is", err=True)
     uvicorn.run(
-        "api.app:create_app",
+        "exitwise.api.app:create_app",
         factory=True,
         host=host,
         port=port,

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from exitwise.api.cli import stdout_console
+from exitwise.calibration.exceptions import InputError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from api.cli import stdout_console
-from calibration.exceptions import InputError
 
 _err = Console(stderr=True)
 
@@ -46,7 +45,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 
 def _load(logs_path: Path, card_path: Path) -> Any:
-    from calibration import io
+    from exitwise.calibration import io
 
     card = io.load_card(card_path)
     return io.load_logs(logs_path, card)
@@ -94,10 +93,17 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Solve least-compute thresholds under a certified risk budget and write the policy document."""
-        from calibration import baselines as bl
-        from calibration.evaluate import evaluate_scored
-        from calibration.solver import SolveSpec, SplitSpec, check_budget, parse_budgets, prepare, solve_prepared
-        from policies.document import build_document, calibration_section, data_section, write_document
+        from exitwise.calibration import baselines as bl
+        from exitwise.calibration.evaluate import evaluate_scored
+        from exitwise.calibration.solver import (
+            SolveSpec,
+            SplitSpec,
+            check_budget,
+            parse_budgets,
+            prepare,
+            solve_prepared,
+        )
+        from exitwise.policies.document import build_document, calibration_section, data_section, write_document
 
         t0 = time.perf_counter()
         check_budget(eps, "--eps")
@@ -173,8 +179,8 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Apply a saved policy to other logs: realised risk and compute, per segment and batch size."""
-        from calibration.evaluate import evaluate
-        from policies.document import read_document
+        from exitwise.calibration.evaluate import evaluate
+        from exitwise.policies.document import read_document
 
         doc = read_document(policy)
         data = _load(logs, card)
@@ -223,7 +229,7 @@ def _row_json(ev: Any, seg_col: str | None, certified: bool) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | None) -> None:
-    from calibration.baselines import LABELS
+    from exitwise.calibration.baselines import LABELS
 
     console = stdout_console()
     g = doc["guarantee"]

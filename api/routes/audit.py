@@ -6,15 +6,14 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
+from exitwise.api import services
+from exitwise.api.deps import ReaderDep, ReadSessionDep
+from exitwise.api.problems import problem_responses
+from exitwise.api.schemas import AuditEventOut, AuditPage, ChainReportOut
+from exitwise.policies import audit
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
-
-from api import services
-from api.deps import ReaderDep, ReadSessionDep
-from api.problems import problem_responses
-from api.schemas import AuditEventOut, AuditPage, ChainReportOut
-from policies import audit
 
 router = APIRouter(tags=["audit"])
 

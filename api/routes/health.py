@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from exitwise.api import services
+from exitwise.api.deps import EngineDep
+from exitwise.api.problems import problem_responses
+from exitwise.api.schemas import Health, Ready
 from fastapi import APIRouter
-
-from api import services
-from api.deps import EngineDep
-from api.problems import problem_responses
-from api.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response, status
-
-from api.deps import ApproverDep, AuthorDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep
-from api.problems import problem_responses
-from api.routes.runtime import ModelPath, VersionPath
-from api.schemas import (
+from exitwise.api.deps import ApproverDep, AuthorDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep
+from exitwise.api.problems import problem_responses
+from exitwise.api.routes.runtime import ModelPath, VersionPath
+from exitwise.api.schemas import (
     ActivateRequest,
     ActiveOut,
     ApproveRequest,
@@ -28,7 +26,8 @@ from api.schemas import (
     VersionList,
     VersionOut,
 )
-from policies import lifecycle, store
+from exitwise.policies import lifecycle, store
+from fastapi import APIRouter, Body, Query, Response, status
 
 router = APIRouter(tags=["policies"])
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from exitwise.api.deps import ReaderDep
+from exitwise.api.problems import problem_responses
+from exitwise.api.schemas import PrincipalOut
 from fastapi import APIRouter
-
-from api.deps import ReaderDep
-from api.problems import problem_responses
-from api.schemas import PrincipalOut
 
 router = APIRouter(tags=["principals"])
 

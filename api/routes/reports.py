@@ -1,14 +1,13 @@
-"""The audit report of one version (HTML or PDF, ``policies.report``)."""
+"""The audit report of one version (HTML or PDF, ``exitwise.policies.report``)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from exitwise.api.deps import ReaderDep, ReadSessionDep
+from exitwise.api.problems import problem_responses
+from exitwise.api.routes.runtime import ModelPath, VersionPath
 from fastapi import APIRouter, Query, Response
-
-from api.deps import ReaderDep, ReadSessionDep
-from api.problems import problem_responses
-from api.routes.runtime import ModelPath, VersionPath
 
 router = APIRouter(tags=["reports"])
 
@@ -30,7 +29,7 @@ def get_report(
     session: ReadSessionDep,
     format: Annotated[Literal["html", "pdf"], Query(description="html or pdf")] = "html",
 ) -> Response:
-    from policies.report import report_response  # matplotlib/jinja2/weasyprint: loaded on first use
+    from exitwise.policies.report import report_response  # matplotlib/jinja2/weasyprint: loaded on first use
 
     body, media_type = report_response(session, model, version, format)
     disposition = "inline" if format == "html" else "attachment"

@@ -1,6 +1,6 @@
-"""The runtime read path: what inference servers poll (``policies.runtime.PolicyClient``).
+"""The runtime read path: what inference servers poll (``exitwise.policies.runtime.PolicyClient``).
 
-Answers are pre-serialised bytes from the replica's cache (:mod:`api.cache`), with a strong
+Answers are pre-serialised bytes from the replica's cache (:mod:`exitwise.api.cache`), with a strong
 ``ETag`` (content hash, version, kill state) and ``Cache-Control: no-cache`` (store, but
 revalidate every time), so a poll that changes nothing is a 304 without a body.
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
+from exitwise.api.cache import serialise
+from exitwise.api.deps import CacheDep, ReaderDep, ReadSessionDep, SettingsDep
+from exitwise.api.problems import problem_responses
+from exitwise.policies import store
 from fastapi import APIRouter, Header, Path, Query, Response
-
-from api.cache import serialise
-from api.deps import CacheDep, ReaderDep, ReadSessionDep, SettingsDep
-from api.problems import problem_responses
-from policies import store
 
 router = APIRouter(tags=["runtime"])
 

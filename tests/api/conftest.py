@@ -26,14 +26,13 @@ from typing import Any
 
 import httpx
 import pytest
+from exitwise.api.app import create_app
+from exitwise.api.settings import ApiSettings
+from exitwise.policies import lifecycle
+from exitwise.policies.db import make_engine, unit_of_work
+from exitwise.policies.principals import add_principal, disable_principal, get_principal
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-
-from api.app import create_app
-from api.settings import ApiSettings
-from policies import lifecycle
-from policies.db import make_engine, unit_of_work
-from policies.principals import add_principal, disable_principal, get_principal
 
 ROOT = Path(__file__).resolve().parents[2]
 EXITWISE = Path(sys.executable).with_name("exitwise")

@@ -9,14 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
+from exitwise.api.app import create_app
+from exitwise.api.routes.runtime import etag_matches
+from exitwise.policies import lifecycle
+from exitwise.policies.canonical import verify_content_hash
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.principals import add_principal, disable_principal, get_principal
 from fastapi.testclient import TestClient
-
-from api.app import create_app
-from api.routes.runtime import etag_matches
-from policies import lifecycle
-from policies.canonical import verify_content_hash
-from policies.db import unit_of_work
-from policies.principals import add_principal, disable_principal, get_principal
 
 SLACK_S = 2.0  # scheduling slack on a loaded 2-core machine, on top of the stated bound
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from policies.audit import check_chain
-from policies.canonical import verify_content_hash
+from exitwise.policies.audit import check_chain
+from exitwise.policies.canonical import verify_content_hash
 
 NAME_OF_ROLE = {"reader": "rita", "author": "alice", "approver": "bob", "admin": "admin"}
 

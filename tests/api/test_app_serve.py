@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from exitwise.api.app import create_app
+from exitwise.api.settings import ApiSettings
+from exitwise.policies.db import make_engine, upgrade
 from fastapi.testclient import TestClient
-
-from api.app import create_app
-from api.settings import ApiSettings
-from policies.db import make_engine, upgrade
 
 EXITWISE = Path(sys.executable).with_name("exitwise")
 
@@ -96,7 +95,7 @@ def test_openapi_document_is_complete(tmp_path: Path) -> None:
 
 def test_store_hooks_write_approval_reports_and_are_removed_at_shutdown(
         world: Any, make_doc: Any, make_settings: Any, tmp_path: Path, monkeypatch: Any) -> None:
-    from policies import events
+    from exitwise.policies import events
 
     monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")  # the MLflow mirror has its own tests
     m = world.model("hooks")

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from api.cli import main
-from calibration.io import write_card, write_logs
-from calibration.synthetic import synthetic_logs
+from exitwise.api.cli import main
+from exitwise.calibration.io import write_card, write_logs
+from exitwise.calibration.synthetic import synthetic_logs
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "tests" / "fixtures" / "digits"
@@ -184,13 +183,13 @@ def test_unwritable_output_is_one_line_naming_the_path(capsys, tmp_path, synth):
 
 
 def test_tables_on_a_captured_stdout_are_not_cut_at_80_columns(capsys):
-    from api.cli import stdout_console
+    from exitwise.api.cli import stdout_console
 
     assert stdout_console().width == 160
 
 
 def test_solve_help_states_the_split_defaults(capsys):
-    from calibration.solver import SplitSpec
+    from exitwise.calibration.solver import SplitSpec
 
     with pytest.raises(SystemExit):
         main(["solve", "--help"])
@@ -203,7 +202,7 @@ def test_os_errors_without_a_path_stay_internal_errors(capsys, monkeypatch, tmp_
     def boom(*_a, **_k):
         raise ConnectionRefusedError(111, "Connection refused")  # an OSError that names no path
 
-    monkeypatch.setattr("calibration.io.load_card", boom)
+    monkeypatch.setattr("exitwise.calibration.io.load_card", boom)
     code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(tmp_path / "o"))
     assert code == 1 and out == ""
     assert err.startswith("internal error: ConnectionRefusedError") and "cannot use" not in err

@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 import typer
 import typer.main
+from exitwise.api import cli as cli_pkg
+from exitwise.api.cli import main
+from exitwise.policies.db import make_engine
 from sqlalchemy import text
-
-import api.cli
-from api.cli import main
-from policies.db import make_engine
 
 
 @dataclass
@@ -34,7 +33,7 @@ class _BuiltOnce:
     """The root app converted to a click command once (typer rebuilds it per call: ~0.4 s)."""
 
     def __init__(self) -> None:
-        self.command = typer.main.get_command(api.cli.build_app())
+        self.command = typer.main.get_command(cli_pkg.build_app())
 
     def __call__(self, args: list[str], prog_name: str) -> Any:
         return self.command.main(args=args, prog_name=prog_name)
@@ -47,10 +46,10 @@ def built_app() -> _BuiltOnce:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: _BuiltOnce) -> Any:
-    """``cli(*args) -> Result``: the real ``api.cli.main`` (error mapping included), in-process."""
+    """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` (error mapping included), in-process."""
     monkeypatch.setenv("COLUMNS", "220")
     monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
-    monkeypatch.setattr(api.cli, "build_app", lambda: built_app)
+    monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
 
     def run(*args: str) -> Result:
         capsys.readouterr()

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from api.cli import main
-from calibration.io import write_card, write_logs
-from calibration.rule import CompiledPolicy
-from calibration.synthetic import synthetic_logs
-from policies.canonical import verify_content_hash
-from policies.schema import validate_document
+from exitwise.api.cli import main
+from exitwise.calibration.io import write_card, write_logs
+from exitwise.calibration.rule import CompiledPolicy
+from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.policies.canonical import verify_content_hash
+from exitwise.policies.schema import validate_document
 
 
 @pytest.fixture(scope="module")

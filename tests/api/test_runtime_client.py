@@ -1,4 +1,4 @@
-"""policies.runtime.PolicyClient against a real server process, a tampering server and its disk cache."""
+"""exitwise.policies.runtime.PolicyClient against a real server process, a tampering server and its disk cache."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from calibration.rule import CompiledPolicy, decide
-from policies import lifecycle
-from policies.canonical import with_content_hash
-from policies.db import unit_of_work
-from policies.principals import get_principal
-from policies.runtime import PolicyClient, RuntimePolicy, verify_policy_document
+from exitwise.calibration.rule import CompiledPolicy, decide
+from exitwise.policies import lifecycle
+from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.principals import get_principal
+from exitwise.policies.runtime import PolicyClient, RuntimePolicy, verify_policy_document
 
 SLACK_S = 2.0
 POLL_S = 0.05

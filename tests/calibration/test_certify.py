@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy.stats import binom
-
-from calibration.certify import (
+from exitwise.calibration.certify import (
     ALL,
     Constraint,
     aim,
@@ -19,9 +15,12 @@ from calibration.certify import (
     min_rows,
     upper_bound,
 )
-from calibration.evaluate import ScoredLogs, evaluate_scored, route_scored
-from calibration.solver import SolverSettings, SolveSpec, parse_budgets, solve
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.evaluate import ScoredLogs, evaluate_scored, route_scored
+from exitwise.calibration.solver import SolverSettings, SolveSpec, parse_budgets, solve
+from exitwise.calibration.synthetic import synthetic_logs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import binom
 
 
 @settings(max_examples=200, deadline=None)
@@ -109,7 +108,7 @@ def test_the_path_is_ordered_safe_to_aggressive_and_chosen_without_the_certify_s
     flipped[:, -1] = False
     from dataclasses import replace
 
-    from calibration.solver import solve_prepared
+    from exitwise.calibration.solver import solve_prepared
 
     b = solve_prepared(replace(prep, loss=flipped))
     assert len(b.path.points) == len(pts)

@@ -6,18 +6,17 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from calibration.evaluate import (
+from exitwise.calibration.evaluate import (
     ScoredLogs,
     batch_compute_fraction,
     composite_segments,
     evaluate,
 )
-from calibration.exceptions import InputError
-from calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
+from exitwise.calibration.synthetic import synthetic_logs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REGIONS = ("north", "south", "west")
 

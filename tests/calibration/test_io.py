@@ -10,11 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from calibration.exceptions import CardError, InputError, LogFormatError
-from calibration.io import (
+from exitwise.calibration.exceptions import CardError, InputError, LogFormatError
+from exitwise.calibration.io import (
     card_from_dict,
     card_to_dict,
     detect_form,
@@ -26,8 +23,10 @@ from calibration.io import (
     write_card,
     write_logs,
 )
-from calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
+from exitwise.calibration.synthetic import synthetic_logs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
 FORMS = [("wide", ".parquet"), ("long", ".parquet"), ("jsonl", ".jsonl"), ("npz", ".npz")]

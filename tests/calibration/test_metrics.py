@@ -6,12 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
-
-from calibration.exceptions import InputError
-from calibration.metrics import (
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.metrics import (
     exit_metrics,
     exit_metrics_multi,
     expected_calibration_error,
@@ -19,8 +15,11 @@ from calibration.metrics import (
     metrics_from_probs,
     reliability_diagram,
 )
-from calibration.plots import reliability_figure, reliability_png, save_reliability_png
-from calibration.rule import softmax
+from exitwise.calibration.plots import reliability_figure, reliability_png, save_reliability_png
+from exitwise.calibration.rule import softmax
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 # ----------------------------------------------------------------------------- references
 
@@ -121,7 +120,7 @@ def test_reliability_data_matches_the_loop():
 def test_exit_metrics_match_a_plain_loop(cal):
     z, y = _data(400, 4, seed=2)
     m = exit_metrics(z, y, cal, n_bins=10)
-    from calibration.rule import calibrated_probs
+    from exitwise.calibration.rule import calibrated_probs
 
     p = calibrated_probs(z, cal)[0]
     acc, nll, brier = _loop_metrics(p.tolist(), y.tolist())

@@ -8,10 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from calibration.rule import (
+from exitwise.calibration.rule import (
     CompiledPolicy,
     calibrated_probs,
     decide,
@@ -19,6 +16,8 @@ from calibration.rule import (
     route,
     softmax,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -150,7 +149,7 @@ def test_max_prob_score_monotone_in_top_logit() -> None:
 def test_chunked_scores_equal_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:
     z = np.random.default_rng(2).normal(size=(1000, 7)).astype(np.float32)
     full = exit_scores(z, {"type": "temperature", "temperature": 0.7}, "margin")
-    monkeypatch.setattr("calibration.rule._CHUNK_ELEMENTS", 70)
+    monkeypatch.setattr("exitwise.calibration.rule._CHUNK_ELEMENTS", 70)
     chunked = exit_scores(z, {"type": "temperature", "temperature": 0.7}, "margin")
     np.testing.assert_array_equal(full[0], chunked[0])
     np.testing.assert_array_equal(full[1], chunked[1])
@@ -192,7 +191,7 @@ def test_rule_imports_numpy_only() -> None:
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), t=st.floats(0.05, 20), c=st.integers(2, 12))
 def test_fast_scores_agree_with_full_probabilities(seed: int, t: float, c: int) -> None:
-    from calibration.rule import score_from_probs
+    from exitwise.calibration.rule import score_from_probs
 
     z = (np.random.default_rng(seed).normal(size=(50, c)) * 5).astype(np.float32)
     for cal in ({"type": "temperature", "temperature": t},

@@ -6,14 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from calibration import baselines as bl
-from calibration.evaluate import evaluate_scored
-from calibration.exceptions import CardError, InputError
-from calibration.logs import ExitSpec, ModelCard
-from calibration.solver import (
+from exitwise.calibration import baselines as bl
+from exitwise.calibration.evaluate import evaluate_scored
+from exitwise.calibration.exceptions import CardError, InputError
+from exitwise.calibration.logs import ExitSpec, ModelCard
+from exitwise.calibration.solver import (
     SegmentSolver,
     SolverSettings,
     SolveSpec,
@@ -24,7 +21,9 @@ from calibration.solver import (
     prepare,
     solve,
 )
-from calibration.synthetic import synthetic_logs
+from exitwise.calibration.synthetic import synthetic_logs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=80, deadline=None)

@@ -8,9 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
-
-from policies.db import (
+from exitwise.policies.db import (
     alembic_config,
     check_schema,
     current_revision,
@@ -20,8 +18,9 @@ from policies.db import (
     migrations_dir,
     upgrade,
 )
-from policies.errors import SchemaOutOfDate
-from policies.models import Base
+from exitwise.policies.errors import SchemaOutOfDate
+from exitwise.policies.models import Base
+from sqlalchemy import Engine, inspect, text
 
 STORE_TABLES = {"principals", "models", "policy_versions", "approvals", "activations", "kill_switches",
                 "audit_events", "store_state"}
@@ -74,7 +73,7 @@ def test_upgrade_step_by_step_and_back_to_empty(empty_url: str) -> None:
 
 
 def test_models_and_migrations_agree(engine: Engine) -> None:
-    for name in ("policies.models", "policies.registry"):  # every module that declares tables
+    for name in ("exitwise.policies.models", "exitwise.policies.registry"):  # every module that declares tables
         importlib.import_module(name)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from exitwise.policies import audit, events, lifecycle
+from exitwise.policies.db import change, make_engine, unit_of_work
+from exitwise.policies.errors import AuditChainBroken, ImmutableContent
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
-
-from policies import audit, events, lifecycle
-from policies.db import change, make_engine, unit_of_work
-from policies.errors import AuditChainBroken, ImmutableContent
 
 GENESIS = "0" * 64
 

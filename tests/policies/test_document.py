@@ -7,16 +7,15 @@ import os
 
 import numpy as np
 import pytest
-
-from calibration import baselines as bl
-from calibration.evaluate import evaluate, evaluate_scored
-from calibration.exceptions import InputError
-from calibration.rule import CompiledPolicy, route
-from calibration.solver import SolveSpec, parse_budgets, solve
-from calibration.synthetic import synthetic_logs
-from policies.canonical import canonical_json, verify_content_hash
-from policies.document import build_document, calibration_section, data_section, read_document, write_document
-from policies.schema import validate_document
+from exitwise.calibration import baselines as bl
+from exitwise.calibration.evaluate import evaluate, evaluate_scored
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.rule import CompiledPolicy, route
+from exitwise.calibration.solver import SolveSpec, parse_budgets, solve
+from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.policies.canonical import canonical_json, verify_content_hash
+from exitwise.policies.document import build_document, calibration_section, data_section, read_document, write_document
+from exitwise.policies.schema import validate_document
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import audit, lifecycle, store
+from exitwise.policies.db import current_generation
+from exitwise.policies.errors import DuplicateContent, Forbidden, FourEyesViolation, InvalidTransition, NotFound
+from exitwise.policies.schema import DocumentError
+from exitwise.policies.settings import GovernanceRules
 from sqlalchemy.orm import Session
-
-from calibration.exceptions import InputError
-from policies import audit, lifecycle, store
-from policies.db import current_generation
-from policies.errors import DuplicateContent, Forbidden, FourEyesViolation, InvalidTransition, NotFound
-from policies.schema import DocumentError
-from policies.settings import GovernanceRules
 
 
 def _approved(session: Session, actors: Any, make_doc: Any, n: int, model: str = "fashion-cnn") -> list[int]:
@@ -192,8 +191,8 @@ def test_every_change_writes_one_event_and_bumps_the_generation(session: Session
 
 
 def test_served_document_keeps_the_content_hash(session: Session, actors: Any, make_doc: Any) -> None:
-    from policies.canonical import verify_content_hash
-    from policies.schema import validate_document
+    from exitwise.policies.canonical import verify_content_hash
+    from exitwise.policies.schema import validate_document
 
     _approved(session, actors, make_doc, 1)
     lifecycle.activate("fashion-cnn", 1, "production", actor=actors.approver, reason="r", session=session)

@@ -7,12 +7,10 @@ import re
 from typing import Any
 
 import pytest
-from sqlalchemy.orm import Session
-
-from calibration.exceptions import InputError
-from policies import audit
-from policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
-from policies.principals import (
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import audit
+from exitwise.policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
+from exitwise.policies.principals import (
     ROLE_RANK,
     add_principal,
     authenticate,
@@ -22,6 +20,7 @@ from policies.principals import (
     require,
     rotate_token,
 )
+from sqlalchemy.orm import Session
 
 
 def test_bootstrap_only_while_empty_and_only_an_admin(session: Session) -> None:

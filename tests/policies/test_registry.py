@@ -25,16 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from exitwise.calibration.evaluate import ScoredLogs, policy_rows, route_scored
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
+from exitwise.calibration.rule import CompiledPolicy, route
+from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.policies import lifecycle, registry
+from exitwise.policies.db import unit_of_work
 from sqlalchemy import Engine, select
 from typer.testing import CliRunner
-
-from calibration.evaluate import ScoredLogs, policy_rows, route_scored
-from calibration.exceptions import InputError
-from calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
-from calibration.rule import CompiledPolicy, route
-from calibration.synthetic import synthetic_logs
-from policies import lifecycle, registry
-from policies.db import unit_of_work
 
 SERVER_BOOT_TIMEOUT = 120.0
 
@@ -218,7 +217,7 @@ def _frame(logs: ExitLogs) -> pd.DataFrame:
 
 def _with_evidence(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with a compute-vs-risk curve and one exit's calibration record (hash updated)."""
-    from policies.canonical import with_content_hash
+    from exitwise.policies.canonical import with_content_hash
 
     out = {k: v for k, v in doc.items() if k != "content_hash"}
     out["expected"] = {**doc["expected"], "curve": [
@@ -263,9 +262,10 @@ def test_uri_helpers() -> None:
 
 TELEMETRY_PROBE = """
 import sys
-import api.cli, policies.registry
+import exitwise.api.cli
+import exitwise.policies.registry
 assert "mlflow" not in sys.modules, "importing the CLI or the registry must not import mlflow"
-policies.registry._mlflow()
+exitwise.policies.registry._mlflow()
 from mlflow.telemetry import get_telemetry_client
 from mlflow.telemetry.utils import is_telemetry_disabled
 assert is_telemetry_disabled() and get_telemetry_client() is None
@@ -301,7 +301,7 @@ def test_params_and_metrics_come_from_the_document(make_doc: Callable[..., dict[
 # ---------------------------------------------------------------- the pyfunc model itself
 
 def test_pyfunc_routes_with_the_rule_and_checks_its_input(make_doc: Callable[..., dict[str, Any]]) -> None:
-    from policies.mlflow_model import ExitPolicyModel
+    from exitwise.policies.mlflow_model import ExitPolicyModel
 
     doc = make_doc()
     model = ExitPolicyModel()
@@ -493,7 +493,7 @@ def test_background_hook_and_the_off_switch(
             assert registry.pending_models(session=s, config=embedded) == []
     finally:
         hook.close()
-    from policies import events
+    from exitwise.policies import events
 
     assert hook not in events._callbacks
 
@@ -598,7 +598,7 @@ def test_cli_sync_status_uri(
     store_env: str, embedded: registry.MlflowConfig, committed_actors: Any, fresh_engine: Engine,
     make_doc: Callable[..., dict[str, Any]], model_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
-    from api.cli import build_app
+    from exitwise.api.cli import build_app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded.tracking_uri)
     app = build_app()
@@ -643,7 +643,7 @@ def test_cli_sync_status_uri(
     assert not out["ok"] and "MLflow unreachable at http://127.0.0.1:" in out["models"][0]["error"]
     assert out["models"][0]["error"].endswith("connection refused")
     with unit_of_work(fresh_engine, readonly=True) as s:
-        from policies.registry import MlflowSync
+        from exitwise.policies.registry import MlflowSync
 
         row = s.scalars(select(MlflowSync).where(MlflowSync.model == model_name)).one()
         assert row.failures == 1 and row.tracking_uri == embedded.tracking_uri

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from calibration.exceptions import InputError
-from policies import report as rp
-from policies.canonical import with_content_hash
-from policies.schema import validate_document
+from exitwise.calibration.exceptions import InputError
+from exitwise.policies import report as rp
+from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.schema import validate_document
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 COSTS = [1.9e6, 5.2e6, 9.8e6, 14.6e6]
@@ -334,7 +333,7 @@ def test_wide_threshold_tables_are_split_by_exit() -> None:
 
 def test_diff_matches_the_compiled_decision_rule(context: rp.ReportContext) -> None:
     """Changed cells counted by the report agree with the rule's own threshold arrays."""
-    from calibration.rule import CompiledPolicy
+    from exitwise.calibration.rule import CompiledPolicy
 
     parent = realistic_document(eps=0.015, parent=2, base=0.95)
     doc = context.document
@@ -565,7 +564,7 @@ def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.Re
 
 def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """v1 (parent) and v2 of fashion-cnn through the real lifecycle: approve, activate, kill."""
-    from policies import lifecycle
+    from exitwise.policies import lifecycle
 
     v1 = realistic_document(eps=0.015, parent=None, base=0.95)
     v2 = realistic_document(parent=1)
@@ -582,7 +581,7 @@ def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> None:
-    from policies import store
+    from exitwise.policies import store
 
     _v1, v2 = _populate(session, actors)
     ctx = rp.build_context(session, "fashion-cnn", 2)
@@ -616,7 +615,7 @@ def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> N
 
 
 def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
-    from policies.errors import NotFound
+    from exitwise.policies.errors import NotFound
 
     _populate(session, actors)
     with pytest.raises(NotFound):
@@ -627,8 +626,7 @@ def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
 
 def _cli_app() -> Any:
     import typer
-
-    from api.cli import report as report_cli
+    from exitwise.api.cli import report as report_cli
 
     app = typer.Typer()
 
@@ -644,10 +642,9 @@ def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine
                                                     tmp_path: Path) -> None:
     import json
 
+    from exitwise.policies import events, lifecycle
+    from exitwise.policies.db import unit_of_work
     from typer.testing import CliRunner
-
-    from policies import events, lifecycle
-    from policies.db import unit_of_work
 
     hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path / "data")
     try:
@@ -705,11 +702,10 @@ def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import json
 
     import typer
+    from exitwise.api.cli import solve
+    from exitwise.calibration import io
+    from exitwise.calibration.synthetic import synthetic_logs
     from typer.testing import CliRunner
-
-    from api.cli import solve
-    from calibration import io
-    from calibration.synthetic import synthetic_logs
 
     d = tmp_path_factory.mktemp("solved")
     logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)

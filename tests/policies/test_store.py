@@ -9,14 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
-
-from calibration.exceptions import ExitwiseError, InputError
-from policies import audit, lifecycle, store
-from policies.db import current_generation, make_engine, open_store, translate_errors, unit_of_work
-from policies.errors import (
+from exitwise.calibration.exceptions import ExitwiseError, InputError
+from exitwise.policies import audit, lifecycle, store
+from exitwise.policies.db import current_generation, make_engine, open_store, translate_errors, unit_of_work
+from exitwise.policies.errors import (
     ALL_ERRORS,
     AuthError,
     Conflict,
@@ -29,9 +25,12 @@ from policies.errors import (
     SchemaOutOfDate,
     StoreUnavailable,
 )
-from policies.models import Activation, AuditEvent, PolicyVersion
-from policies.principals import authenticate
-from policies.settings import StoreSettings, get_settings
+from exitwise.policies.models import Activation, AuditEvent, PolicyVersion
+from exitwise.policies.principals import authenticate
+from exitwise.policies.settings import StoreSettings, get_settings
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 # ---------------------------------------------------------------- settings, engines, errors
 
