@@ -12,6 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
 from exitwise.api.cache import StoreCache
 from exitwise.api.fastpath import FastPolicyLane
 from exitwise.api.middleware import BodySizeLimit
@@ -21,11 +27,6 @@ from exitwise.api.settings import ApiSettings
 from exitwise.policies.db import make_engine, open_store
 from exitwise.policies.errors import StoreUnavailable
 from exitwise.policies.schema import PolicyDocument
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("exitwise.api")
 

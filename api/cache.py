@@ -29,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
 from exitwise.policies import store
 from exitwise.policies.db import current_generation, unit_of_work
 from exitwise.policies.errors import NotFound
 from exitwise.policies.principals import Principal, authenticate, hash_token
-from sqlalchemy import Engine
-from starlette.concurrency import run_in_threadpool
 
 T = TypeVar("T")
 MAX_TOKENS = 10_000

@@ -15,15 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
 from exitwise.api.cache import StoreCache
 from exitwise.api.settings import ApiSettings
 from exitwise.policies.db import unit_of_work
 from exitwise.policies.errors import AuthError
 from exitwise.policies.principals import Principal, authenticate, require
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 bearer = HTTPBearer(
     auto_error=False,

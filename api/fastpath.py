@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import re
 
-from exitwise.api.cache import StoreCache
-from exitwise.api.routes.runtime import etag_matches
 from starlette.types import Receive, Scope, Send
 
-_PATH = re.compile(r"/v1/models/([A-Za-z0-9][A-Za-z0-9._-]{0,199})/policy")
-_ENV = re.compile(rb"env=([a-z0-9][a-z0-9_.-]{0,63})")
+from exitwise.api.cache import StoreCache
+from exitwise.api.routes.runtime import etag_matches
+from exitwise.policies.names import ENVIRONMENT_BODY, MODEL_NAME_BODY
+
+_PATH = re.compile(f"/v1/models/({MODEL_NAME_BODY})/policy")
+_ENV = re.compile(f"env=({ENVIRONMENT_BODY})".encode())
 _DEFAULT_ENV = "production"
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from exitwise.api.problems import PROBLEM_MEDIA_TYPE
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from exitwise.api.problems import PROBLEM_MEDIA_TYPE
 
 
 class BodyTooLarge(HTTPException):

@@ -14,18 +14,19 @@ One place maps errors to HTTP answers:
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-from exitwise.calibration.exceptions import ExitwiseError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exitwise.calibration.exceptions import ExitwiseError
+from exitwise.policies.names import REQUEST_VALIDATION_PROBLEM, kebab, problem_urn
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("exitwise.api")
@@ -82,8 +83,7 @@ def problem(
 
 def problem_type(exc_type: type[BaseException]) -> str:
     """``urn:exitwise:problem:<kebab-case class name>``, stable per error class."""
-    name = re.sub(r"(?<!^)(?=[A-Z])", "-", exc_type.__name__).lower()
-    return f"urn:exitwise:problem:{name}"
+    return problem_urn(kebab(exc_type.__name__))
 
 
 def _phrase(status: int) -> str:
@@ -158,7 +158,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         issues = _issues(exc.errors())
         summary = "; ".join(f"{'.'.join(str(p) for p in i['loc'])}: {i['msg']}" for i in issues[:5])
         return problem(422, title="Request validation failed", detail=summary, instance=request.url.path,
-                       type_="urn:exitwise:problem:request-validation", errors=issues)
+                       type_=REQUEST_VALIDATION_PROBLEM, errors=issues)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from exitwise.policies import store
-from exitwise.policies.audit import ChainReport, Event
-from exitwise.policies.principals import Principal
 from pydantic import BaseModel, ConfigDict, Field
 
+from exitwise.policies import store
+from exitwise.policies.audit import ChainReport, Event
+from exitwise.policies.names import ENVIRONMENT_MAX, ENVIRONMENT_PATTERN, MODEL_NAME_MAX, MODEL_NAME_PATTERN
+from exitwise.policies.principals import Principal
+
 Environment = Annotated[str, Field(
-    min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+    min_length=1, max_length=ENVIRONMENT_MAX, pattern=ENVIRONMENT_PATTERN,
     description="Deployment environment, e.g. production, staging", examples=["production"])]
 Reason = Annotated[str, Field(min_length=1, max_length=2000, description="Why (recorded in the audit trail)")]
-ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ModelName = Annotated[str, Field(min_length=1, max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN)]
 
 
 class _In(BaseModel):

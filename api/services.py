@@ -12,11 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 
+from sqlalchemy import Engine
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
 from exitwise.policies.db import check_schema, head_revision
 from exitwise.policies.errors import StoreUnavailable
-from sqlalchemy import Engine
 
 CHUNK = 500
 SCAN_BUDGET = 5_000

@@ -20,9 +20,10 @@ rules) with the serving knobs:
 
 from __future__ import annotations
 
-from exitwise.policies.settings import StoreSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from exitwise.policies.settings import StoreSettings
 
 
 class ApiSettings(StoreSettings):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare import load  # noqa: E402
+
 from exitwise.calibration import baselines as bl  # noqa: E402
 from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
 from exitwise.calibration.solver import SolveSpec, solve  # noqa: E402

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
 from exitwise.calibration.certify import ALL, Constraint
 from exitwise.calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
 from exitwise.calibration.rule import CompiledPolicy, score_all_exits

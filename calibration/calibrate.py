@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+
 from exitwise.calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs

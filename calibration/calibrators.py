@@ -22,10 +22,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from scipy import optimize
+
 from exitwise.calibration.exceptions import CalibrationError, InputError, NotFittedError
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import calibrated_probs, platt_features, softmax
-from scipy import optimize
 
 __all__ = [
     "METHODS",

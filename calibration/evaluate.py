@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits

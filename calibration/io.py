@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from exitwise.calibration.atomic import atomic_path as _atomic_path
 from exitwise.calibration.exceptions import CardError, InputError, LogFormatError
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from exitwise.calibration.exceptions import CardError, InputError
 
 

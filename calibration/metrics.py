@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.rule import calibrated_probs
 

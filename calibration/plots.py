@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from exitwise.calibration.atomic import atomic_write_bytes
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.metrics import ExitMetrics, ReliabilityDiagram
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 __all__ = ["reliability_figure", "reliability_png", "save_reliability_png"]
 

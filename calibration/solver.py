@@ -34,7 +34,8 @@ Method (Lagrangian relaxation, one multiplier lambda_s per segment)::
 * **Path.** lambda runs from large (safe) to small (aggressive) on a geometric grid,
   refined where the selection risk jumps; segments with their own budget stop at a floor
   lambda where their selection risk reaches a level the certify split can still certify,
-  and a tail of the path then raises those levels. Certification (:mod:`exitwise.calibration.certify`) walks this path in order.
+  and a tail of the path then raises those levels. Certification
+  (:mod:`exitwise.calibration.certify`) walks this path in order.
 
 Segments never share a threshold, so the problem separates by segment: each is solved on
 its own samples, and the global policy for a multiplier lambda combines them.
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.rule import CompiledPolicy
 

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
 
 __all__ = ["SyntheticSpec", "synthetic_logs"]

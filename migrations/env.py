@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 
 from alembic import context
-from exitwise.policies.models import Base
 from sqlalchemy.engine import Connection
+
+from exitwise.policies.models import Base
 
 # Modules that declare tables on ``Base.metadata`` (autogenerate must see all of them).
 TABLE_MODULES = ("exitwise.policies.models", "exitwise.policies.registry")

@@ -32,6 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
 from exitwise.calibration.atomic import atomic_path
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import events
@@ -39,8 +42,6 @@ from exitwise.policies.canonical import canonical_json
 from exitwise.policies.db import in_change, translate_errors
 from exitwise.policies.errors import AuditChainBroken
 from exitwise.policies.models import AuditEvent, StoreState
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 GENESIS_HASH = "0" * 64
 HASHED_FIELDS = ("seq", "ts", "actor", "action", "model", "version", "environment", "reason",

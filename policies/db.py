@@ -27,14 +27,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from exitwise.policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
-from exitwise.policies.events import PENDING_KEY
-from exitwise.policies.models import StoreState
-from exitwise.policies.settings import StoreSettings, get_settings, normalise_url
 from sqlalchemy import Engine, create_engine, event, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from exitwise.policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
+from exitwise.policies.events import PENDING_KEY
+from exitwise.policies.models import StoreState
+from exitwise.policies.settings import StoreSettings, get_settings, normalise_url
 
 log = logging.getLogger(__name__)
 

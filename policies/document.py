@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from exitwise.calibration.atomic import atomic_write_text
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.canonical import SCHEMA, with_content_hash

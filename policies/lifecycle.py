@@ -29,6 +29,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
 from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
@@ -53,8 +56,6 @@ from exitwise.policies.store import (
     version_domain,
     version_row,
 )
-from sqlalchemy import exists, func, select
-from sqlalchemy.orm import Session
 
 ACTIVATABLE = ("approved", "active", "superseded")
 

@@ -29,10 +29,11 @@ os.environ["DO_NOT_TRACK"] = "true"
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, route
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, route
 
 POLICY_ARTIFACT = "policy"  # key of the policy JSON in the model's artifacts
 OUTPUT_COLUMNS = ("exit", "exit_name", "answer", "answer_name", "confidence")

@@ -11,10 +11,12 @@ principal exists, and it must be an admin (otherwise nobody could ever add anoth
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
@@ -22,12 +24,10 @@ from exitwise.policies.db import change, translate_errors
 from exitwise.policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
 from exitwise.policies.models import ROLES
 from exitwise.policies.models import Principal as PrincipalRow
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from exitwise.policies.names import PRINCIPAL_NAME_RE, PRINCIPAL_NAME_RULE
 
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
 TOKEN_PREFIX = "ew_"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ def authenticate(token: str | None, *, session: Session) -> Principal:
 def add_principal(name: str, role: str, *, actor: Principal | None, session: Session) -> NewPrincipal:
     """Add a principal (admin only, or the bootstrap admin when none exists); returns its token once."""
     _check_role(role)
-    if not NAME_RE.match(name):
-        raise InputError(f"invalid principal name {name!r}: letters, digits and . _ @ - (max 200)")
+    if not isinstance(name, str) or not PRINCIPAL_NAME_RE.match(name):
+        raise InputError(f"invalid principal name {name!r}: {PRINCIPAL_NAME_RULE}")
     with change(session):
         if actor is None:
             if session.scalar(select(func.count()).select_from(PrincipalRow)):

@@ -37,12 +37,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import BigInteger, Engine, Integer, String, Text, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
 from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
 from exitwise.policies.db import translate_errors, unit_of_work
 from exitwise.policies.errors import NotFound, PolicyError
 from exitwise.policies.models import AuditEvent, Base, KillSwitch, Model, UTCDateTime, utcnow
-from sqlalchemy import BigInteger, Engine, Integer, String, Text, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
 
 log = logging.getLogger(__name__)
 

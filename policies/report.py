@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
+from markupsafe import Markup
+
 from exitwise.calibration.atomic import atomic_write_bytes
 from exitwise.calibration.exceptions import InputError
-from markupsafe import Markup
 
 _log = logging.getLogger(__name__)
 
@@ -455,6 +456,7 @@ def _reliability_data(exit_entry: Mapping[str, Any], which: str) -> Mapping[str,
 def _diagram(data: Mapping[str, Any]):  # -> calibration.metrics.ReliabilityDiagram
     """A ``exitwise.calibration.metrics.ReliabilityDiagram`` from its JSON form (``to_dict``)."""
     import numpy as np
+
     from exitwise.calibration.metrics import ReliabilityDiagram
 
     count = np.asarray(data.get("count") or [], dtype=np.int64)

@@ -41,15 +41,16 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+
 from exitwise.calibration.atomic import atomic_write_text
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies.canonical import SCHEMA, content_hash
+from exitwise.policies.names import NOT_FOUND_PROBLEM
 
 __all__ = ["PolicyClient", "RefreshResult", "RuntimePolicy", "verify_policy_document"]
 
 log = logging.getLogger("exitwise.runtime")
 
-NOT_FOUND_PROBLEM = "urn:exitwise:problem:not-found"
 Source = Literal["server", "disk", "fallback"]
 Outcome = Literal["updated", "not_modified", "unavailable", "rejected", "no_active_policy"]
 

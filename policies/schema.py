@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.canonical import SCHEMA, content_hash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN
 
 Score = Literal["max_prob", "margin", "entropy"]
 Risk = Literal["disagreement", "induced_error"]
@@ -23,7 +25,7 @@ class _Open(BaseModel):
 
 
 class ModelRef(_Open):
-    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    name: Annotated[str, Field(min_length=1, max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN)]
     version: str | None = None
 
 

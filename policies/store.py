@@ -8,21 +8,19 @@ every function hands back frozen dataclasses built from rows.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
 
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.db import translate_errors
 from exitwise.policies.errors import NotFound
 from exitwise.policies.models import Activation, KillSwitch, Model
 from exitwise.policies.models import PolicyVersion as VersionRow
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
-
-ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-
+from exitwise.policies.names import ENVIRONMENT_RE, ENVIRONMENT_RULE
 
 # ---------------------------------------------------------------- domain objects
 
@@ -170,8 +168,8 @@ class VersionDiff:
 # ---------------------------------------------------------------- row -> domain
 
 def check_environment(env: str) -> str:
-    if not isinstance(env, str) or not ENV_RE.match(env):
-        raise InputError(f"invalid environment {env!r}: lower-case letters, digits, '.', '_', '-' (max 64)")
+    if not isinstance(env, str) or not ENVIRONMENT_RE.match(env):
+        raise InputError(f"invalid environment {env!r}: {ENVIRONMENT_RULE}")
     return env
 
 

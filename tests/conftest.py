@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
 from exitwise.policies.canonical import with_content_hash
 from exitwise.policies.db import make_engine, unit_of_work, upgrade
 from exitwise.policies.models import Base
 from exitwise.policies.principals import Principal, add_principal
-from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 RUN_ID = uuid.uuid4().hex[:8]

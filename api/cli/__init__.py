@@ -13,9 +13,10 @@ import os
 import sys
 
 import typer
-from exitwise.calibration.exceptions import ExitwiseError
 from rich.console import Console
 from rich.text import Text
+
+from exitwise.calibration.exceptions import ExitwiseError
 
 COMMAND_MODULES = (
     "calibrate", "solve", "db", "principal", "policy", "audit", "serve", "mlflow_cmd", "report",

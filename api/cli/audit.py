@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+
 from exitwise.api.cli.db import JsonOption, console, emit_json, store_engine
 from exitwise.calibration.exceptions import InputError
-from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:

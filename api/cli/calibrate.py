@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from exitwise.api.cli import stdout_console
-from exitwise.calibration.exceptions import InputError
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from exitwise.api.cli import stdout_console
+from exitwise.calibration.exceptions import InputError
 
 METHODS = ("temperature", "platt", "identity")
 TARGETS = ("auto", "labels", "final")

@@ -14,11 +14,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from exitwise.api.cli import stdout_console
-from exitwise.policies.errors import AuthError
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+
+from exitwise.api.cli import stdout_console
+from exitwise.policies.errors import AuthError
 
 console = stdout_console(highlight=False)
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+
 from exitwise.calibration.exceptions import InputError
 
 mlflow_app = typer.Typer(

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 from rich.table import Table
+
+from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 from rich.table import Table
+
+from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from exitwise.calibration.exceptions import InputError
 
 

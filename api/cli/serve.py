@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
 from exitwise.calibration.exceptions import InputError
 
 
@@ -28,6 +29,7 @@ def serve(
     /readyz answers 503 until it answers.
     """
     import uvicorn
+
     from exitwise.api.settings import ApiSettings
     from exitwise.policies.db import open_store
     from exitwise.policies.errors import SchemaOutOfDate, StoreUnavailable

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from exitwise.api.cli import stdout_console
-from exitwise.calibration.exceptions import InputError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from exitwise.api.cli import stdout_console
+from exitwise.calibration.exceptions import InputError
 
 _err = Console(stderr=True)
 

@@ -6,14 +6,15 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+
 from exitwise.api import services
 from exitwise.api.deps import ReaderDep, ReadSessionDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from exitwise.policies import audit
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
-from starlette.background import BackgroundTask
 
 router = APIRouter(tags=["audit"])
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter
+
 from exitwise.api import services
 from exitwise.api.deps import EngineDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.schemas import Health, Ready
-from fastapi import APIRouter
 
 router = APIRouter(tags=["health"])
 

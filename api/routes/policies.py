@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastapi import APIRouter, Body, Query, Response, status
+
 from exitwise.api.deps import ApproverDep, AuthorDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.routes.runtime import ModelPath, VersionPath
@@ -27,7 +29,6 @@ from exitwise.api.schemas import (
     VersionOut,
 )
 from exitwise.policies import lifecycle, store
-from fastapi import APIRouter, Body, Query, Response, status
 
 router = APIRouter(tags=["policies"])
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter
+
 from exitwise.api.deps import ReaderDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.schemas import PrincipalOut
-from fastapi import APIRouter
 
 router = APIRouter(tags=["principals"])
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import APIRouter, Query, Response
+
 from exitwise.api.deps import ReaderDep, ReadSessionDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.routes.runtime import ModelPath, VersionPath
-from fastapi import APIRouter, Query, Response
 
 router = APIRouter(tags=["reports"])
 

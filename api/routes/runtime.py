@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
+from fastapi import APIRouter, Header, Path, Query, Response
+
 from exitwise.api.cache import serialise
 from exitwise.api.deps import CacheDep, ReaderDep, ReadSessionDep, SettingsDep
 from exitwise.api.problems import problem_responses
 from exitwise.policies import store
-from fastapi import APIRouter, Header, Path, Query, Response
+from exitwise.policies.names import ENVIRONMENT_MAX, ENVIRONMENT_PATTERN, MODEL_NAME_MAX, MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["runtime"])
 
-ModelPath = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+ModelPath = Annotated[str, Path(min_length=1, max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN,
                                 description="Model name (the policy document's model.name)")]
 VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="Version number")]
-EnvQuery = Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+EnvQuery = Annotated[str, Query(min_length=1, max_length=ENVIRONMENT_MAX, pattern=ENVIRONMENT_PATTERN,
                                 description="Deployment environment")]
 IfNoneMatch = Annotated[str | None, Header(description="ETag(s) the client holds; a match answers 304")]
 

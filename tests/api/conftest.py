@@ -26,13 +26,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
 from exitwise.api.app import create_app
 from exitwise.api.settings import ApiSettings
 from exitwise.policies import lifecycle
 from exitwise.policies.db import make_engine, unit_of_work
 from exitwise.policies.principals import add_principal, disable_principal, get_principal
-from fastapi.testclient import TestClient
-from sqlalchemy import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 EXITWISE = Path(sys.executable).with_name("exitwise")

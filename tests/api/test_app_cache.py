@@ -9,13 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
 from exitwise.api.app import create_app
 from exitwise.api.routes.runtime import etag_matches
 from exitwise.policies import lifecycle
 from exitwise.policies.canonical import verify_content_hash
 from exitwise.policies.db import unit_of_work
 from exitwise.policies.principals import add_principal, disable_principal, get_principal
-from fastapi.testclient import TestClient
 
 SLACK_S = 2.0  # scheduling slack on a loaded 2-core machine, on top of the stated bound
 

@@ -7,17 +7,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import exitwise.calibration.exceptions as core_errors
-import exitwise.policies.errors as store_errors
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+import exitwise.calibration.exceptions as core_errors
+import exitwise.policies.errors as store_errors
 from exitwise.api.app import create_app
 from exitwise.api.problems import problem_type
 from exitwise.api.settings import ApiSettings
 from exitwise.calibration.exceptions import ExitwiseError
 from exitwise.policies.db import make_engine
 from exitwise.policies.schema import DocumentError
-from fastapi.testclient import TestClient
 
 PROBLEM_KEYS = {"type", "title", "status"}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from exitwise.policies.audit import check_chain
 from exitwise.policies.canonical import verify_content_hash
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
+
 from exitwise.api.app import create_app
 from exitwise.api.settings import ApiSettings
 from exitwise.policies.db import make_engine, upgrade
-from fastapi.testclient import TestClient
 
 EXITWISE = Path(sys.executable).with_name("exitwise")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from exitwise.api.cli import main
 from exitwise.calibration.io import write_card, write_logs
 from exitwise.calibration.synthetic import synthetic_logs

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import typer
 import typer.main
+from sqlalchemy import text
+
 from exitwise.api import cli as cli_pkg
 from exitwise.api.cli import main
 from exitwise.policies.db import make_engine
-from sqlalchemy import text
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from exitwise.api.cli import main
 from exitwise.calibration.io import write_card, write_logs
 from exitwise.calibration.rule import CompiledPolicy

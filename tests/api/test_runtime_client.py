@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies import lifecycle
 from exitwise.policies.canonical import with_content_hash

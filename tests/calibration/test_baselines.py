@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from exitwise.calibration import baselines as bl
 from exitwise.calibration.certify import check_constraints
 from exitwise.calibration.evaluate import evaluate_scored, route_scored
 from exitwise.calibration.rule import CompiledPolicy, first_exit
 from exitwise.calibration.solver import SolveSpec, solve
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def _shared_policy(k: int, c: int, tau: float) -> CompiledPolicy:

@@ -6,6 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import expit, logsumexp
+
 from exitwise.calibration.calibrate import calibrate_logs, split_indices
 from exitwise.calibration.calibrators import (
     IdentityCalibrator,
@@ -18,10 +23,6 @@ from exitwise.calibration.exceptions import CalibrationError, InputError, NotFit
 from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.rule import calibrated_probs, platt_features, softmax
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import expit, logsumexp
 
 # Tolerances. The temperature search evaluates NLL' in float32 (accumulated in float64) and
 # stops when the Newton step in log T is below 1e-6, so T is exact to ~1e-5 relative; we

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import binom
+
 from exitwise.calibration.certify import (
     ALL,
     Constraint,
@@ -18,9 +22,6 @@ from exitwise.calibration.certify import (
 from exitwise.calibration.evaluate import ScoredLogs, evaluate_scored, route_scored
 from exitwise.calibration.solver import SolverSettings, SolveSpec, parse_budgets, solve
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy.stats import binom
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from exitwise.calibration.evaluate import (
     ScoredLogs,
     batch_compute_fraction,
@@ -15,8 +18,6 @@ from exitwise.calibration.evaluate import (
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 REGIONS = ("north", "south", "west")
 

@@ -10,6 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from exitwise.calibration.exceptions import CardError, InputError, LogFormatError
 from exitwise.calibration.io import (
     card_from_dict,
@@ -25,8 +28,6 @@ from exitwise.calibration.io import (
 )
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
 FORMS = [("wide", ".parquet"), ("long", ".parquet"), ("jsonl", ".jsonl"), ("npz", ".npz")]

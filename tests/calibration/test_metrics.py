@@ -6,6 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.metrics import (
     exit_metrics,
@@ -17,9 +21,6 @@ from exitwise.calibration.metrics import (
 )
 from exitwise.calibration.plots import reliability_figure, reliability_png, save_reliability_png
 from exitwise.calibration.rule import softmax
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 # ----------------------------------------------------------------------------- references
 

@@ -8,6 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from exitwise.calibration.rule import (
     CompiledPolicy,
     calibrated_probs,
@@ -16,8 +19,6 @@ from exitwise.calibration.rule import (
     route,
     softmax,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 CLASSES = ["a", "b", "c", "d"]
 

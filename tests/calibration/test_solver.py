@@ -6,6 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from exitwise.calibration import baselines as bl
 from exitwise.calibration.evaluate import evaluate_scored
 from exitwise.calibration.exceptions import CardError, InputError
@@ -22,8 +25,6 @@ from exitwise.calibration.solver import (
     solve,
 )
 from exitwise.calibration.synthetic import synthetic_logs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 @settings(max_examples=80, deadline=None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from exitwise.calibration.logs import ExitLogs
-from exitwise.calibration.synthetic import CHUNK_ROWS, SyntheticSpec, synthetic_logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from scipy.stats import binomtest
+
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.synthetic import CHUNK_ROWS, SyntheticSpec, synthetic_logs
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
+
 from exitwise.policies.db import (
     alembic_config,
     check_schema,
@@ -20,7 +22,6 @@ from exitwise.policies.db import (
 )
 from exitwise.policies.errors import SchemaOutOfDate
 from exitwise.policies.models import Base
-from sqlalchemy import Engine, inspect, text
 
 STORE_TABLES = {"principals", "models", "policy_versions", "approvals", "activations", "kill_switches",
                 "audit_events", "store_state"}

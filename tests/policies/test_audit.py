@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session
+
 from exitwise.policies import audit, events, lifecycle
 from exitwise.policies.db import change, make_engine, unit_of_work
 from exitwise.policies.errors import AuditChainBroken, ImmutableContent
-from sqlalchemy import Connection, Engine, text
-from sqlalchemy.orm import Session
 
 GENESIS = "0" * 64
 

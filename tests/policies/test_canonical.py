@@ -7,10 +7,11 @@ import hashlib
 import json
 
 import pytest
-from exitwise.policies.canonical import canonical_json, content_hash, verify_content_hash, with_content_hash
-from exitwise.policies.schema import DocumentError, validate_document
 from hypothesis import given
 from hypothesis import strategies as st
+
+from exitwise.policies.canonical import canonical_json, content_hash, verify_content_hash, with_content_hash
+from exitwise.policies.schema import DocumentError, validate_document
 
 
 def _minimal() -> dict:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+
 from exitwise.calibration import baselines as bl
 from exitwise.calibration.evaluate import evaluate, evaluate_scored
 from exitwise.calibration.exceptions import InputError

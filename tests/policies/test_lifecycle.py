@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit, lifecycle, store
 from exitwise.policies.db import current_generation
 from exitwise.policies.errors import DuplicateContent, Forbidden, FourEyesViolation, InvalidTransition, NotFound
 from exitwise.policies.schema import DocumentError
 from exitwise.policies.settings import GovernanceRules
-from sqlalchemy.orm import Session
 
 
 def _approved(session: Session, actors: Any, make_doc: Any, n: int, model: str = "fashion-cnn") -> list[int]:

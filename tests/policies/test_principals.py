@@ -7,6 +7,8 @@ import re
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
 from exitwise.policies.errors import AuthError, Conflict, Forbidden, InvalidTransition, NotFound
@@ -20,7 +22,6 @@ from exitwise.policies.principals import (
     require,
     rotate_token,
 )
-from sqlalchemy.orm import Session
 
 
 def test_bootstrap_only_while_empty_and_only_an_admin(session: Session) -> None:

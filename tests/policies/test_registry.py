@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from sqlalchemy import Engine, select
+from typer.testing import CliRunner
+
 from exitwise.calibration.evaluate import ScoredLogs, policy_rows, route_scored
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
@@ -32,8 +35,6 @@ from exitwise.calibration.rule import CompiledPolicy, route
 from exitwise.calibration.synthetic import synthetic_logs
 from exitwise.policies import lifecycle, registry
 from exitwise.policies.db import unit_of_work
-from sqlalchemy import Engine, select
-from typer.testing import CliRunner
 
 SERVER_BOOT_TIMEOUT = 120.0
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies import report as rp
 from exitwise.policies.canonical import with_content_hash
@@ -626,6 +627,7 @@ def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
 
 def _cli_app() -> Any:
     import typer
+
     from exitwise.api.cli import report as report_cli
 
     app = typer.Typer()
@@ -642,9 +644,10 @@ def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine
                                                     tmp_path: Path) -> None:
     import json
 
+    from typer.testing import CliRunner
+
     from exitwise.policies import events, lifecycle
     from exitwise.policies.db import unit_of_work
-    from typer.testing import CliRunner
 
     hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path / "data")
     try:
@@ -702,10 +705,11 @@ def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import json
 
     import typer
+    from typer.testing import CliRunner
+
     from exitwise.api.cli import solve
     from exitwise.calibration import io
     from exitwise.calibration.synthetic import synthetic_logs
-    from typer.testing import CliRunner
 
     d = tmp_path_factory.mktemp("solved")
     logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)

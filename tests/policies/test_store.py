@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
 from exitwise.calibration.exceptions import ExitwiseError, InputError
 from exitwise.policies import audit, lifecycle, store
 from exitwise.policies.db import current_generation, make_engine, open_store, translate_errors, unit_of_work
@@ -28,9 +32,6 @@ from exitwise.policies.errors import (
 from exitwise.policies.models import Activation, AuditEvent, PolicyVersion
 from exitwise.policies.principals import authenticate
 from exitwise.policies.settings import StoreSettings, get_settings
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 # ---------------------------------------------------------------- settings, engines, errors
 
