@@ -10,6 +10,7 @@ kind to an exit code and an HTTP status in one place::
     ├── NotFittedError(AttributeError)    estimator used before ``fit``   CLI 1 / HTTP 500
     ├── CalibrationError(RuntimeError)    optimiser failed                CLI 1 / HTTP 422
     ├── SolverError(RuntimeError)         no policy could be solved       CLI 1 / HTTP 422
+    ├── MissingDependency(ImportError)    an optional extra not installed CLI 1 / HTTP 501
     └── PolicyError                       (policies/) domain errors, see policies.errors
 
 ``exit_code`` and ``http_status`` are class attributes, read by the interfaces.
@@ -64,3 +65,10 @@ class SolverError(ExitwiseError, RuntimeError):
 
     http_status = 422
     title = "Solver failed"
+
+
+class MissingDependency(ExitwiseError, ImportError):
+    """A feature needs an optional extra that is not installed (names the extra to install)."""
+
+    http_status = 501
+    title = "Optional dependency not installed"
