@@ -32,8 +32,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from exitwise.policies import events
 from exitwise.policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
-from exitwise.policies.events import PENDING_KEY
 from exitwise.policies.models import StoreState
 from exitwise.policies.settings import StoreSettings, get_settings, normalise_url
 
@@ -217,8 +217,16 @@ def translate_errors() -> Iterator[None]:
         raise StoreUnavailable(f"policy database error: {exc}") from exc
 
 
-def new_session(engine: Engine) -> Session:
-    return sessionmaker(bind=engine, expire_on_commit=False)()
+class StoreSession(Session):
+    """The store's own sessions: the only ones whose commits run the after-commit hooks."""
+
+
+events.listen(StoreSession)
+
+
+def new_session(engine: Engine) -> StoreSession:
+    """A session on ``engine`` (objects stay readable after commit: domain objects are built from them)."""
+    return sessionmaker(bind=engine, class_=StoreSession, expire_on_commit=False)()
 
 
 @contextmanager
@@ -253,7 +261,7 @@ def change(session: Session) -> Iterator[int]:
     flushes. On any error the savepoint is rolled back (so a refused change leaves the
     database exactly as it was) and its queued after-commit events are dropped.
     """
-    pending = session.info.setdefault(PENDING_KEY, [])
+    pending = events.pending(session)
     mark = len(pending)
     session.info[IN_CHANGE] = session.info.get(IN_CHANGE, 0) + 1
     try:

@@ -4,24 +4,34 @@
 in order, after the transaction that wrote the event has committed (never for a rolled-back
 change). A failing callback is logged and skipped: the policy database is the source of
 truth and a mirror that is down must not undo or block a committed change (re-sync later).
+
+Hooks fire only for the store's own sessions: :func:`listen` is called with the store's
+session class (:class:`exitwise.policies.db.StoreSession`), never with SQLAlchemy's
+``Session``, so other code in the same process is not affected.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-if TYPE_CHECKING:
-    from exitwise.policies.audit import Event
-
 log = logging.getLogger(__name__)
 
 PENDING_KEY = "exitwise.pending_events"
-Callback = Callable[["Event"], Any]
+
+
+class Committed(Protocol):
+    """What a hook receives: an audit event (see :class:`exitwise.policies.audit.Event`)."""
+
+    @property
+    def seq(self) -> int: ...
+
+
+Callback = Callable[[Any], Any]
 _callbacks: list[Callback] = []
 
 
@@ -38,9 +48,19 @@ def remove(callback: Callback) -> None:
         _callbacks.remove(callback)
 
 
-def queue(session: Session, item: Event) -> None:
+def registered() -> tuple[Callback, ...]:
+    """The callbacks registered now, in call order."""
+    return tuple(_callbacks)
+
+
+def queue(session: Session, item: Committed) -> None:
     """Hold ``item`` until ``session`` commits (called by ``exitwise.policies.audit.append``)."""
     session.info.setdefault(PENDING_KEY, []).append(item)
+
+
+def pending(session: Session) -> list[Committed]:
+    """The events ``session`` holds for its commit (``exitwise.policies.db.change`` trims it on a refusal)."""
+    return session.info.setdefault(PENDING_KEY, [])
 
 
 def _outer_still_open(session: Session) -> bool:
@@ -50,12 +70,12 @@ def _outer_still_open(session: Session) -> bool:
 
 
 def _after_commit(session: Session) -> None:
-    if _outer_still_open(session):  # policies.db.change released its SAVEPOINT; the real commit comes later
+    if _outer_still_open(session):  # a SAVEPOINT was released; the real commit comes later
         return
-    pending = session.info.pop(PENDING_KEY, None)
-    if not pending:
+    items = session.info.pop(PENDING_KEY, None)
+    if not items:
         return
-    for item in pending:
+    for item in items:
         for callback in list(_callbacks):
             try:
                 callback(item)
@@ -64,10 +84,15 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_rollback(session: Session) -> None:
-    if _outer_still_open(session):  # a SAVEPOINT rolled back; policies.db.change drops its own events
+    if _outer_still_open(session):  # a SAVEPOINT rolled back; db.change drops its own events
         return
     session.info.pop(PENDING_KEY, None)
 
 
-event.listen(Session, "after_commit", _after_commit)
-event.listen(Session, "after_rollback", _after_rollback)
+def listen(session_class: type[Session]) -> None:
+    """Run the hooks for commits and rollbacks of sessions of ``session_class`` (the store's own)."""
+    if session_class is Session:
+        raise TypeError("listen on the store's own Session subclass, not on every Session in the process")
+    if not event.contains(session_class, "after_commit", _after_commit):
+        event.listen(session_class, "after_commit", _after_commit)
+        event.listen(session_class, "after_rollback", _after_rollback)

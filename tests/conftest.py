@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from exitwise.policies.canonical import with_content_hash
-from exitwise.policies.db import make_engine, unit_of_work, upgrade
+from exitwise.policies.db import StoreSession, make_engine, unit_of_work, upgrade
 from exitwise.policies.models import Base
 from exitwise.policies.principals import Principal, add_principal
 
@@ -194,7 +194,7 @@ def session(engine: Engine) -> Iterator[Session]:
     """A session whose work is rolled back after the test (external-transaction recipe)."""
     conn = engine.connect()
     outer = conn.begin()
-    sess = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    sess = StoreSession(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
     try:
         yield sess
     finally:

@@ -101,10 +101,10 @@ def test_store_hooks_write_approval_reports_and_are_removed_at_shutdown(
     monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")  # the MLflow mirror has its own tests
     m = world.model("hooks")
     world.seed(make_doc, m, versions=1)
-    before = len(events._callbacks)
+    before = len(events.registered())
     app = create_app(make_settings(store_hooks=True, data_dir=tmp_path), engine=world.engine)
     with TestClient(app) as client:
-        assert len(events._callbacks) == before + 2
+        assert len(events.registered()) == before + 2
         approved = client.post(f"/v1/models/{m}/versions/1/approve", json={"reason": "ok"}, headers=world.auth("bob"))
         assert approved.status_code == 200
         report = tmp_path / "reports" / m / "v1.html"
@@ -112,4 +112,4 @@ def test_store_hooks_write_approval_reports_and_are_removed_at_shutdown(
         while not report.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert report.exists() and m in report.read_text()
-    assert len(events._callbacks) == before
+    assert len(events.registered()) == before

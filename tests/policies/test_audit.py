@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from exitwise.policies import audit, events, lifecycle
-from exitwise.policies.db import change, make_engine, unit_of_work
+from exitwise.policies.db import StoreSession, change, make_engine, unit_of_work
 from exitwise.policies.errors import AuditChainBroken, ImmutableContent
 
 GENESIS = "0" * 64
@@ -111,7 +111,7 @@ def test_tampering_is_detected_and_names_the_row(populated: Engine, kind: str) -
     do, seq, problem = TAMPERS[kind]
     with populated.connect() as conn:
         outer = conn.begin()
-        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        session = StoreSession(bind=conn, join_transaction_mode="create_savepoint")
         assert audit.verify(session=session).ok
         _bypass_triggers(conn)
         do(conn)
@@ -223,3 +223,26 @@ def test_hooks_run_after_commit_only(fresh_engine: Engine, make_actors: Any, mak
 def test_nested_changes_each_bump_the_generation(session: Session) -> None:
     with change(session) as g1, change(session) as g2:
         assert g2 == g1 + 1
+
+
+def test_hooks_fire_only_for_the_store_sessions(fresh_url: str) -> None:
+    """Another library's plain SQLAlchemy Session in the same process never runs the store's hooks."""
+    seen: list[int] = []
+
+    def hook(ev: audit.Event) -> None:
+        seen.append(ev.seq)
+
+    engine = make_engine(fresh_url)
+    events.on_commit(hook)
+    try:
+        with Session(bind=engine) as other:
+            events.queue(other, audit.Event(seq=-1, ts="", actor="x", action="x", model=None, version=None,
+                                            environment=None, reason=None, before_hash=None, after_hash=None,
+                                            details={}, prev_hash="", hash=""))
+            other.commit()
+        assert seen == []
+        with pytest.raises(TypeError, match="own Session subclass"):
+            events.listen(Session)
+    finally:
+        events.remove(hook)
+        engine.dispose()

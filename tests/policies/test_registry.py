@@ -496,7 +496,7 @@ def test_background_hook_and_the_off_switch(
         hook.close()
     from exitwise.policies import events
 
-    assert hook not in events._callbacks
+    assert hook not in events.registered()
 
 
 # ---------------------------------------------------------------- outage, then sync: exactly the missing versions
