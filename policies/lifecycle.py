@@ -27,6 +27,7 @@ Functions take ``*, session``, never commit, and return domain objects from
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import exists, func, select
@@ -51,6 +52,7 @@ from exitwise.policies.store import (
     check_environment,
     get_active,
     get_kill_switch,
+    get_version,
     kill_row,
     model_row,
     version_domain,
@@ -121,6 +123,25 @@ def create_version(doc: Mapping[str, Any], *, author: Principal, session: Sessio
                      before_hash=parent.content_hash if parent else None, after_hash=parsed.content_hash,
                      details={"parent": parsed.parent, "new_model": new_model, "data_fingerprint": fingerprint})
         return version_domain(row, session)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The version holding a document's content, and whether this call created it."""
+
+    version: PolicyVersion
+    created: bool
+
+
+def store_document(doc: Mapping[str, Any], *, author: Principal, session: Session) -> Stored:
+    """Like :func:`create_version`, but content already stored reports that version instead of failing.
+
+    For idempotent pipelines: running the same solve twice stores one version.
+    """
+    try:
+        return Stored(create_version(doc, author=author, session=session), created=True)
+    except DuplicateContent as exc:  # the change's savepoint was rolled back; the session is usable
+        return Stored(get_version(exc.model, exc.existing, session=session), created=False)
 
 
 def approve(model: str, number: int, *, approver: Principal, reason: str | None, session: Session) -> PolicyVersion:

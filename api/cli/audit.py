@@ -8,8 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from exitwise.api.cli.db import JsonOption, console, emit_json, store_engine
+from exitwise.api.cli.output import JsonOption, console, emit_json
+from exitwise.api.cli.session import reading
 from exitwise.calibration.exceptions import InputError
+from exitwise.policies.audit import export, log, verify, verify_export
+from exitwise.policies.errors import AuditChainBroken
 
 
 def register(app: typer.Typer) -> None:
@@ -23,10 +26,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Show the newest audit events."""
-        from exitwise.policies.audit import log
-        from exitwise.policies.db import unit_of_work
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
+        with reading() as session:
             events = log(session=session, model=model, limit=limit)
         if as_json:
             emit_json({"events": events})
@@ -49,10 +49,6 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Walk the chain; exit 1 naming the first broken row."""
-        from exitwise.policies.audit import verify, verify_export
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.errors import AuditChainBroken
-
         if head is not None and file is None:
             raise InputError("--head only applies with --file")
         if file is not None:
@@ -60,7 +56,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"audit export {file}: no such file")
             report = verify_export(file, head_hash=head)
         else:
-            with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
+            with reading() as session:
                 report = verify(session=session)
         if as_json:
             emit_json(report)
@@ -79,13 +75,10 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Export the whole chain (with hashes) for an external auditor; written atomically."""
-        from exitwise.policies.audit import export
-        from exitwise.policies.db import unit_of_work
-
         fmt = fmt.lower()
         if fmt not in ("jsonl", "csv"):
             raise InputError(f"--format must be jsonl or csv, got {fmt!r}")
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
+        with reading() as session:
             result = export(out, fmt, session=session)  # type: ignore[arg-type]
         if as_json:
             emit_json(result)

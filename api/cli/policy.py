@@ -9,19 +9,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
+from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json, jsonable
+from exitwise.api.cli.session import acting, reading
+from exitwise.policies import lifecycle, store
+from exitwise.policies.document import read_json_object
+from exitwise.policies.settings import get_settings
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]
 
 
 def _reason(required: bool = True) -> Any:
     return typer.Option("--reason", "-r", help="Why (kept in the audit trail)." + (" Required." if required else ""))
-
-
-def _load(path: Path) -> dict[str, Any]:
-    from exitwise.policies.document import read_json_object
-
-    return read_json_object(path)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -39,12 +37,6 @@ def _version_summary(v: Any) -> str:
     return f"{v.model} v{v.number} ({v.state}{where}) content_hash {v.content_hash[:12]}"
 
 
-def _rules() -> Any:
-    from exitwise.policies.settings import get_settings
-
-    return get_settings().rules()
-
-
 def register(app: typer.Typer) -> None:
     grp = typer.Typer(help="Policy versions and their lifecycle.", no_args_is_help=True)
     app.add_typer(grp, name="policy")
@@ -59,28 +51,17 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Store POLICY.json as the next draft version of its model (role author)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.errors import DuplicateContent
-        from exitwise.policies.lifecycle import create_version
-        from exitwise.policies.store import get_version
-
-        doc = _load(path)
-        created = True
-        with store_engine() as engine:
-            try:
-                with unit_of_work(engine) as session:
-                    author = acting_principal(token, session=session, action="policy create")
-                    v = create_version(doc, author=author, session=session)
-            except DuplicateContent as exc:
-                if not exist_ok:
-                    raise
-                created = False
-                with unit_of_work(engine, readonly=True) as session:
-                    v = get_version(exc.model, exc.existing, session=session)
+        doc = read_json_object(path)
+        with acting(token, "policy create") as (session, author):
+            if exist_ok:
+                stored = lifecycle.store_document(doc, author=author, session=session)
+            else:
+                stored = lifecycle.Stored(lifecycle.create_version(doc, author=author, session=session), created=True)
+        v = stored.version
         if as_json:
-            emit_json({**_info(v), "created": created})
+            emit_json({**jsonable(v), "created": stored.created})
         else:
-            console.print(("created " if created else "already stored: ") + _version_summary(v))
+            console.print(("created " if stored.created else "already stored: ") + _version_summary(v))
 
     @grp.command("list")
     def list_(
@@ -88,13 +69,10 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """List policy versions (all models, or one)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.store import list_versions
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
-            versions = list_versions(model, session=session)
+        with reading() as session:
+            versions = store.list_versions(model, session=session)
         if as_json:
-            emit_json({"versions": [_info(v) for v in versions]})
+            emit_json({"versions": [jsonable(v) for v in versions]})
             return
         table = Table("model", "v", "state", "active in", "author", "approved by", "created", "compute", "risk",
                       "eps", "cert.", "hash")
@@ -112,11 +90,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Show one version; --json prints the served document (content + governance fields)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.store import get_version
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
-            v = get_version(model, version, session=session)
+        with reading() as session:
+            v = store.get_version(model, version, session=session)
         if as_json:
             emit_json(v.served_document())
             return
@@ -149,11 +124,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Thresholds and guarantee of two versions side by side."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.store import diff_versions
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
-            d = diff_versions(model, a, b, session=session)
+        with reading() as session:
+            d = store.diff_versions(model, a, b, session=session)
         if as_json:
             emit_json({"model": d.model, "a": d.a, "b": d.b, "a_hash": d.a_hash, "b_hash": d.b_hash,
                        "identical": d.identical, "changed_fields": d.changed_fields,
@@ -189,13 +161,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Approve a draft (role approver; not its author)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.lifecycle import approve as approve_
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="policy approve")
-            v = approve_(model, version, approver=actor, reason=reason, session=session)
-        emit_json(_info(v)) if as_json else console.print(f"approved {_version_summary(v)} by {actor.name}")
+        with acting(token, "policy approve") as (session, actor):
+            v = lifecycle.approve(model, version, approver=actor, reason=reason, session=session)
+        emit_json(jsonable(v)) if as_json else console.print(f"approved {_version_summary(v)} by {actor.name}")
 
     @grp.command("activate")
     def activate(
@@ -207,12 +175,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Make an approved version the active one in --env (the previous one is superseded)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.lifecycle import activate as activate_
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="policy activate")
-            active = activate_(model, version, env, actor=actor, reason=reason, session=session, rules=_rules())
+        with acting(token, "policy activate") as (session, actor):
+            active = lifecycle.activate(model, version, env, actor=actor, reason=reason, session=session,
+                                        rules=get_settings().rules())
         _print_active(active, as_json, "activated")
 
     @grp.command("rollback")
@@ -226,12 +191,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Re-activate an earlier approved version in --env."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.lifecycle import rollback as rollback_
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="policy rollback")
-            active = rollback_(model, env, actor=actor, to=to, reason=reason, session=session, rules=_rules())
+        with acting(token, "policy rollback") as (session, actor):
+            active = lifecycle.rollback(model, env, actor=actor, to=to, reason=reason, session=session,
+                                        rules=get_settings().rules())
         _print_active(active, as_json, "rolled back to")
 
     @grp.command("retire")
@@ -243,22 +205,13 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Retire a version that is not active anywhere (it can never be activated again)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.lifecycle import retire as retire_
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="policy retire")
-            v = retire_(model, version, actor=actor, reason=reason, session=session)
-        emit_json(_info(v)) if as_json else console.print(f"retired {_version_summary(v)}")
+        with acting(token, "policy retire") as (session, actor):
+            v = lifecycle.retire(model, version, actor=actor, reason=reason, session=session)
+        emit_json(jsonable(v)) if as_json else console.print(f"retired {_version_summary(v)}")
 
     def _kill(model: str, env: str, reason: str, token: str | None, as_json: bool, on: bool) -> None:
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.lifecycle import kill as kill_
-        from exitwise.policies.lifecycle import unkill as unkill_
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="policy kill" if on else "policy unkill")
-            ks = (kill_ if on else unkill_)(model, env, actor=actor, reason=reason, session=session)
+        with acting(token, "policy kill" if on else "policy unkill") as (session, actor):
+            ks = (lifecycle.kill if on else lifecycle.unkill)(model, env, actor=actor, reason=reason, session=session)
         if as_json:
             emit_json(ks)
         else:
@@ -281,18 +234,9 @@ def register(app: typer.Typer) -> None:
     def active(model: Annotated[str, typer.Argument(help="Model name.")], env: EnvOption,
                as_json: JsonOption = False) -> None:
         """Show the version active in --env (what runtimes are served)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.store import get_active
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
-            a = get_active(model, env, session=session)
+        with reading() as session:
+            a = store.get_active(model, env, session=session)
         _print_active(a, as_json, "active:")
-
-
-def _info(v: Any) -> dict[str, Any]:
-    from exitwise.api.cli.db import jsonable
-
-    return jsonable(v)
 
 
 def _print_active(a: Any, as_json: bool, verb: str) -> None:

@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from exitwise.api.cli.db import JsonOption, TokenOption, acting_principal, console, emit_json, store_engine
+from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json
+from exitwise.api.cli.session import acting, acting_principal, reading, store_engine
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.principals import add_principal, disable_principal, list_principals
 
 
 def register(app: typer.Typer) -> None:
@@ -26,9 +29,6 @@ def register(app: typer.Typer) -> None:
 
         The very first principal (an admin) needs no token; afterwards an admin token is required.
         """
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.principals import add_principal
-
         with store_engine() as engine, unit_of_work(engine) as session:
             actor = acting_principal(token, session=session, action="principal add") if token else None
             new = add_principal(name, role, actor=actor, session=session)
@@ -44,10 +44,7 @@ def register(app: typer.Typer) -> None:
     @grp.command("list")
     def list_(as_json: JsonOption = False) -> None:
         """List principals (never their tokens)."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.principals import list_principals
-
-        with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
+        with reading() as session:
             rows = list_principals(session=session)
         if as_json:
             emit_json({"principals": rows})
@@ -65,11 +62,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Disable a principal (admin): its token stops working at once."""
-        from exitwise.policies.db import unit_of_work
-        from exitwise.policies.principals import disable_principal
-
-        with store_engine() as engine, unit_of_work(engine) as session:
-            actor = acting_principal(token, session=session, action="principal disable")
+        with acting(token, "principal disable") as (session, actor):
             p = disable_principal(name, actor=actor, session=session, reason=reason)
         if as_json:
             emit_json(p)

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
-import typer.main
 from sqlalchemy import text
 
 from exitwise.api import cli as cli_pkg
@@ -30,23 +28,14 @@ class Result:
         return json.loads(self.out)
 
 
-class _BuiltOnce:
-    """The root app converted to a click command once (typer rebuilds it per call: ~0.4 s)."""
-
-    def __init__(self) -> None:
-        self.command = typer.main.get_command(cli_pkg.build_app())
-
-    def __call__(self, args: list[str], prog_name: str) -> Any:
-        return self.command.main(args=args, prog_name=prog_name)
-
-
 @pytest.fixture(scope="module")
-def built_app() -> _BuiltOnce:
-    return _BuiltOnce()
+def built_app() -> Any:
+    """The root command group, built once per module (its commands are loaded on first use)."""
+    return cli_pkg.build_app()
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: _BuiltOnce) -> Any:
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
     """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` (error mapping included), in-process."""
     monkeypatch.setenv("COLUMNS", "220")
     monkeypatch.delenv("EXITWISE_DEBUG", raising=False)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner as ClickRunner
 from sqlalchemy import Engine, select
-from typer.testing import CliRunner
 
 from exitwise.calibration.evaluate import ScoredLogs, policy_rows, route_scored
 from exitwise.calibration.exceptions import InputError
@@ -603,7 +603,7 @@ def test_cli_sync_status_uri(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", embedded.tracking_uri)
     app = build_app()
-    runner = CliRunner()
+    runner = ClickRunner()
     doc = make_doc(model=model_name)
     v1 = _create(fresh_engine, committed_actors, doc)
     _activate(fresh_engine, committed_actors, model_name, v1)

@@ -1,0 +1,58 @@
+"""The policy store as a command sees it: one unit of work, with the acting principal for writes.
+
+- :func:`reading` — a read-only unit of work on the configured store.
+- :func:`acting` — a unit of work with the principal of ``--token`` / ``EXITWISE_TOKEN``
+  authenticated in it (no write without a principal), committed on success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from exitwise.api.cli import hooks
+from exitwise.policies.db import open_store, unit_of_work
+from exitwise.policies.errors import AuthError
+from exitwise.policies.principals import Principal, authenticate
+from exitwise.policies.settings import get_settings
+
+
+def safe_url(url: str) -> str:
+    """A database URL with its password hidden (for output and logs)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def store_engine(*, check: bool = True) -> Iterator[Engine]:
+    """The configured store's engine (schema checked unless ``check=False``), disposed afterwards."""
+    engine = open_store(get_settings(), check=check)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def reading() -> Iterator[Session]:
+    """A read-only unit of work on the configured store."""
+    with store_engine() as engine, unit_of_work(engine, readonly=True) as session:
+        yield session
+
+
+@contextmanager
+def acting(token: str | None, action: str) -> Iterator[tuple[Session, Principal]]:
+    """A unit of work with the principal of ``token`` authenticated in it (committed on success)."""
+    with store_engine() as engine, unit_of_work(engine) as session:
+        yield session, acting_principal(token, session=session, action=action)
+
+
+def acting_principal(token: str | None, *, session: Session, action: str) -> Principal:
+    """Authenticate the bearer token of a write command (no write without a principal)."""
+    hooks.install()
+    if not token:
+        raise AuthError(f"{action} changes the policy store: pass --token or set EXITWISE_TOKEN")
+    return authenticate(token, session=session)
