@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+import uvicorn
 
+from exitwise.api.settings import ApiSettings
 from exitwise.calibration.exceptions import InputError
+from exitwise.policies.db import open_store
+from exitwise.policies.errors import SchemaOutOfDate, StoreUnavailable
 
 
 def register(app: typer.Typer) -> None:
@@ -28,12 +32,6 @@ def serve(
     refused ('exitwise db upgrade'). A database that is unreachable at start is waited for:
     /readyz answers 503 until it answers.
     """
-    import uvicorn
-
-    from exitwise.api.settings import ApiSettings
-    from exitwise.policies.db import open_store
-    from exitwise.policies.errors import SchemaOutOfDate, StoreUnavailable
-
     try:
         settings = ApiSettings()  # fail fast, with a one-line error, on bad settings
     except ValueError as exc:
