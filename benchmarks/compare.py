@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from exitwise.calibration import baselines as bl  # noqa: E402
 from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
+from exitwise.calibration.logfiles.cards import load_card  # noqa: E402
+from exitwise.calibration.logfiles.readers import load_logs  # noqa: E402
 from exitwise.calibration.solver import SolveSpec, parse_budgets, solve  # noqa: E402
 
 FASHION = ROOT / "examples" / "data" / "fashion_mnist"
@@ -73,11 +75,9 @@ def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]
             cal, test = _overconfident(cal, "region_3", 2.0), _overconfident(test, "region_3", 2.0)
             desc += "; early-exit logits of segment region_3 (the hard one) scaled x2 (over-confident)"
         return cal, test, "region", desc
-    from exitwise.calibration import io
-
-    card = io.load_card(FASHION / "card.json")
-    cal = io.load_logs(FASHION / "calibration.parquet", card)
-    test = io.load_logs(FASHION / "test.parquet", card)
+    card = load_card(FASHION / "card.json")
+    cal = load_logs(FASHION / "calibration.parquet", card)
+    test = load_logs(FASHION / "test.parquet", card)
     key = card.segment_columns[0] if card.segment_columns else None
     return cal, test, key, (f"Fashion-MNIST (`examples/data/fashion_mnist`): {cal.n:,} calibration rows, "
                             f"{test.n:,} test rows, {cal.n_exits} exits, segment column {key or 'none'}")

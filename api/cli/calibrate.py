@@ -132,7 +132,8 @@ def register(app: typer.Typer) -> None:
         """
         from exitwise.calibration.atomic import atomic_write_bytes
         from exitwise.calibration.calibrate import calibrate_logs
-        from exitwise.calibration.io import load_card, load_logs
+        from exitwise.calibration.logfiles.cards import load_card
+        from exitwise.calibration.logfiles.readers import load_logs
         from exitwise.calibration.plots import reliability_png
 
         if method not in METHODS:

@@ -46,10 +46,10 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 
 def _load(logs_path: Path, card_path: Path) -> Any:
-    from exitwise.calibration import io
+    from exitwise.calibration.logfiles.cards import load_card
+    from exitwise.calibration.logfiles.readers import load_logs
 
-    card = io.load_card(card_path)
-    return io.load_logs(logs_path, card)
+    return load_logs(logs_path, load_card(card_path))
 
 
 def _check_test_logs(logs: Any, test: Any) -> None:
