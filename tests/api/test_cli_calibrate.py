@@ -191,7 +191,7 @@ def test_tables_on_a_captured_stdout_are_not_cut_at_80_columns(capsys):
 
 
 def test_solve_help_states_the_split_defaults(capsys):
-    from exitwise.calibration.solver import SplitSpec
+    from exitwise.calibration.splits import SplitSpec
 
     with pytest.raises(SystemExit):
         main(["solve", "--help"])
