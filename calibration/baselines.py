@@ -37,7 +37,9 @@ from exitwise.calibration.pipeline import Prepared, Solution, certify_candidates
 from exitwise.calibration.rule import CompiledPolicy, score_all_exits
 from exitwise.calibration.solver import Problem, compile_thresholds, solve_path
 
-NAMES = ("full_depth", "global_threshold", "calm", "per_exit", "oracle", "per_sample_oracle")
+# The registry of baselines, in the order comparison tables list them: the certified ones, the
+# uncertified global threshold, full depth, then the two oracles (not deployable).
+NAMES = ("calm", "per_exit", "global_threshold", "full_depth", "oracle", "per_sample_oracle")
 LABELS = {
     "solver": "solver (certified)",
     "full_depth": "full depth",
