@@ -64,7 +64,7 @@ def test_without_test_logs_or_baselines(cal):
     assert out.document["expected"]["baselines"] == {}
     only = solve_policy(cal, SPEC, baselines=("full_depth", "per_sample_oracle"))
     assert set(only.held_out.baselines) == {"full_depth", "per_sample_oracle"}
-    with pytest.raises(InputError, match="unknown baseline 'magic'; baselines are full_depth"):
+    with pytest.raises(InputError, match="unknown baseline 'magic'; baselines are calm, per_exit"):
         solve_policy(cal, SPEC, baselines=("magic",))
 
 
