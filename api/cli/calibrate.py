@@ -128,8 +128,9 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/reliability.png (one reliability panel per exit, before vs after).
         """
-        # imported when the command runs: the calibrators (scipy) and the log readers (pyarrow) would
-        # take `exitwise --help` from 0.42 s to over 1 s (median of 11 runs; see the solve command)
+        # imported when the command runs, to keep CLI start-up fast: at the top, the calibration job
+        # (scipy) and the log readers (pyarrow) would add 0.52 s to the 0.28 s `exitwise --help` spends
+        # importing (python -X importtime, min of 15 runs); see api/cli/solve.py for wall times
         from exitwise.calibration.atomic import atomic_write_bytes
         from exitwise.calibration.calibrate import TARGETS, calibrate_logs
         from exitwise.calibration.calibrators import METHODS
