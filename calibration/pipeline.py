@@ -10,6 +10,7 @@ fixed-sequence test (:mod:`exitwise.calibration.certify`) on the certify rows;
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from exitwise.calibration.solver import (
     ProgressFn,
     SolverPath,
     SolverSettings,
-    check_budget,
     compile_thresholds,
     solve_path,
 )
@@ -40,6 +40,7 @@ __all__ = [
     "Solution",
     "SolveSpec",
     "certify_candidates",
+    "check_budget",
     "parse_budgets",
     "prepare",
     "solve",
@@ -132,6 +133,17 @@ class Prepared:
         if not self.spec.segment_keys:
             return np.zeros(rows.size, dtype=np.intp)
         return (self.seg_codes[rows] + 1).astype(np.intp)
+
+
+def check_budget(eps: float, name: str = "eps") -> float:
+    """A risk budget or confidence level must lie strictly between 0 and 1."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number in (0, 1), got {eps!r}") from None
+    if not (0.0 < value < 1.0) or not math.isfinite(value):
+        raise InputError(f"{name} must be in (0, 1), got {eps!r}")
+    return value
 
 
 def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:

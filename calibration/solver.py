@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 
-from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.rule import CompiledPolicy
 
 ProgressFn = Callable[[str, float], None]
@@ -629,14 +628,3 @@ def compile_thresholds(
         forced_segments=np.asarray(fs, dtype=bool), max_exit=k1 if max_exit is None else int(max_exit),
         killed=False, calibrators=tuple(calibrators), score=score, segment_keys=tuple(segment_keys),
     )
-
-
-def check_budget(eps: float, name: str = "eps") -> float:
-    """A risk budget or confidence level must lie strictly between 0 and 1."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number in (0, 1), got {eps!r}") from None
-    if not (0.0 < value < 1.0) or not math.isfinite(value):
-        raise InputError(f"{name} must be in (0, 1), got {eps!r}")
-    return value

@@ -1,6 +1,6 @@
 """Build, write and read the policy document (DESIGN.md, "The policy document").
 
-The document is assembled from the solver's :class:`~calibration.solver.Solution` (thresholds,
+The document is assembled from the solver's :class:`~exitwise.calibration.pipeline.Solution` (thresholds,
 calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
 baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
 time window). Thresholds are JSON floats, ``null`` for "never exit". The content hash is set

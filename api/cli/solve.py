@@ -95,8 +95,7 @@ def register(app: typer.Typer) -> None:
         # readers (scipy, pyarrow) at the top would make it 1.23 s, and even numpy alone adds 0.13 s
         # (python -X importtime: 0.28 s of imports, +0.91 s, +0.13 s)
         from exitwise.calibration.baselines import NAMES
-        from exitwise.calibration.pipeline import SolveSpec, parse_budgets
-        from exitwise.calibration.solver import check_budget
+        from exitwise.calibration.pipeline import SolveSpec, check_budget, parse_budgets
         from exitwise.calibration.splits import SplitSpec
         from exitwise.policies.authoring import solve_policy
         from exitwise.policies.document import write_document
