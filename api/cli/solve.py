@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         # `exitwise --help` takes 0.42 s (median of 11 runs); importing the solve use case and the log
         # readers (scipy, pyarrow) at the top would make it 1.23 s, and even numpy alone adds 0.13 s
         # (python -X importtime: 0.28 s of imports, +0.91 s, +0.13 s)
-        from exitwise.calibration.baselines import NAMES
+        from exitwise.calibration.baselines import NAMES, baselines_json
         from exitwise.calibration.pipeline import SolveSpec, check_budget, parse_budgets
         from exitwise.calibration.splits import SplitSpec
         from exitwise.policies.authoring import solve_policy
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
             "risk_type": spec.risk, "eps": spec.eps, "delta": spec.delta, "upper_bound": overall,
             "uncertified_segments": g["uncertified_segments"], "evaluated_on": held.evaluated_on,
             "solution": _row_json(held.solver, seg_col, g["certified"]),
-            "baselines": {k: v.to_json(seg_col) for k, v in held.baselines.items()},
+            "baselines": baselines_json(held.baselines, seg_col),
             "split": g["split"], "seconds": round(elapsed, 3),
         }
         if as_json:
