@@ -19,6 +19,7 @@ means over seeds; "max risk" is the largest realised risk over seeds. Markdown o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,15 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exitwise.calibration import baselines as bl  # noqa: E402
-from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
-from exitwise.calibration.solver import SolveSpec, parse_budgets, solve  # noqa: E402
+from exitwise.calibration.logfiles.cards import load_card  # noqa: E402
+from exitwise.calibration.logfiles.readers import load_logs  # noqa: E402
+from exitwise.calibration.pipeline import SolveSpec, parse_budgets  # noqa: E402
+from exitwise.calibration.synthetic import synthetic_logs  # noqa: E402
+from exitwise.policies.authoring import solve_policy  # noqa: E402
 
 FASHION = ROOT / "examples" / "data" / "fashion_mnist"
 EPS = (0.005, 0.01, 0.02)
 SYNTHETIC: dict[str, Any] = {"n_exits": 4, "n_classes": 10, "segments": {"region": 4}}  # synthetic_logs shape
 RISKS = ("disagreement", "induced_error")
-ROWS = ("solver", "solver_segments", "calm", "per_exit", "global_threshold", "full_depth", "oracle",
-        "per_sample_oracle")
+ROWS = ("solver", "solver_segments", *bl.NAMES)
 LABEL = {**bl.LABELS, "solver": "**solver (certified)**",
          "solver_segments": "solver, budget eps per segment (certified)"}
 
@@ -50,8 +53,6 @@ def _overconfident(logs: Any, value: str, factor: float) -> Any:
     (that segment's shallow exits are over-confident, e.g. a capture device the early
     layers never saw; one temperature per exit cannot fix it, per-segment thresholds can).
     """
-    import dataclasses
-
     col = logs.segments["region"]
     rows = col.codes == col.levels.index(value)
     logits = logs.logits.copy()
@@ -62,8 +63,6 @@ def _overconfident(logs: Any, value: str, factor: float) -> Any:
 def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]:
     """(calibration logs, test logs, segment key or None, description)."""
     if data in ("synthetic", "synthetic-overconfident"):
-        from exitwise.calibration.synthetic import synthetic_logs
-
         kw = SYNTHETIC
         cal = synthetic_logs(n_cal, seed=1, **kw)
         test = synthetic_logs(n_test, seed=2, **kw)
@@ -73,11 +72,9 @@ def load(data: str, n_cal: int, n_test: int) -> tuple[Any, Any, str | None, str]
             cal, test = _overconfident(cal, "region_3", 2.0), _overconfident(test, "region_3", 2.0)
             desc += "; early-exit logits of segment region_3 (the hard one) scaled x2 (over-confident)"
         return cal, test, "region", desc
-    from exitwise.calibration import io
-
-    card = io.load_card(FASHION / "card.json")
-    cal = io.load_logs(FASHION / "calibration.parquet", card)
-    test = io.load_logs(FASHION / "test.parquet", card)
+    card = load_card(FASHION / "card.json")
+    cal = load_logs(FASHION / "calibration.parquet", card)
+    test = load_logs(FASHION / "test.parquet", card)
     key = card.segment_columns[0] if card.segment_columns else None
     return cal, test, key, (f"Fashion-MNIST (`examples/data/fashion_mnist`): {cal.n:,} calibration rows, "
                             f"{test.n:,} test rows, {cal.n_exits} exits, segment column {key or 'none'}")
@@ -92,21 +89,20 @@ def run_one(cal: Any, test: Any, key: str | None, risk: str, eps: float, seed: i
     keys = (key,) if key else ()
     out: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    sol = solve(cal, SolveSpec(risk=risk, eps=eps, delta=0.05, segment_keys=keys, seed=seed))
-    held = bl.evaluation_data(sol, test)
-    ev = evaluate_scored(sol.policy, held, risk)
-    out["solver"] = {"cf": ev.compute_fraction, "risk": ev.risk, "worst": _worst(ev, key), "cert": sol.certified,
-                     "seconds": time.perf_counter() - t0}
-    chosen = bl.choose_baselines(sol)
-    for name, res in bl.run_baselines(sol, held, chosen, test_logs=test).items():
+    outcome = solve_policy(cal, SolveSpec(risk=risk, eps=eps, delta=0.05, segment_keys=keys, seed=seed),
+                           test_logs=test)
+    ev = outcome.held_out.solver
+    out["solver"] = {"cf": ev.compute_fraction, "risk": ev.risk, "worst": _worst(ev, key),
+                     "cert": outcome.solution.certified, "seconds": time.perf_counter() - t0}
+    for name, res in outcome.held_out.baselines.items():
         e = res.evaluation
         out[name] = {"cf": e.compute_fraction, "risk": e.risk, "worst": _worst(e, key), "cert": res.certified}
     if key:
-        seg = solve(cal, SolveSpec(risk=risk, eps=eps, delta=0.05, segment_keys=keys, seed=seed,
-                                   segment_budgets=parse_budgets([f"*={eps}"])))
-        e = evaluate_scored(seg.policy, bl.evaluation_data(seg, test), risk)
+        seg = solve_policy(cal, SolveSpec(risk=risk, eps=eps, delta=0.05, segment_keys=keys, seed=seed,
+                                          segment_budgets=parse_budgets([f"*={eps}"])), test_logs=test, baselines=())
+        e = seg.held_out.solver
         out["solver_segments"] = {"cf": e.compute_fraction, "risk": e.risk, "worst": _worst(e, key),
-                                  "cert": seg.certified, "uncertified": sorted(seg.uncertified)}
+                                  "cert": seg.solution.certified, "uncertified": sorted(seg.solution.uncertified)}
     return out
 
 

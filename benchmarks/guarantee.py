@@ -28,10 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare import SYNTHETIC  # noqa: E402
 
-from exitwise.calibration import baselines as bl  # noqa: E402
-from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
-from exitwise.calibration.solver import SolveSpec, solve  # noqa: E402
+from exitwise.calibration.pipeline import SolveSpec  # noqa: E402
 from exitwise.calibration.synthetic import synthetic_logs  # noqa: E402
+from exitwise.policies.authoring import solve_policy  # noqa: E402
 
 
 def main() -> None:
@@ -50,8 +49,9 @@ def main() -> None:
     risks, computes = [], []
     for r in range(args.repeats):
         cal = synthetic_logs(args.n_cal, seed=1000 + r, **kw)
-        sol = solve(cal, SolveSpec(risk=args.risk, eps=args.eps, delta=args.delta, segment_keys=("region",), seed=r))
-        ev = evaluate_scored(sol.policy, bl.evaluation_data(sol, test), args.risk)
+        spec = SolveSpec(risk=args.risk, eps=args.eps, delta=args.delta, segment_keys=("region",), seed=r)
+        outcome = solve_policy(cal, spec, test_logs=test, baselines=())
+        sol, ev = outcome.solution, outcome.held_out.solver
         risks.append(ev.risk)
         computes.append(ev.compute_fraction)
         print(f"repeat {r:3d}: certified={sol.certified} risk {100 * ev.risk:.3f}% "

@@ -21,7 +21,10 @@ from pathlib import Path
 _STEP = r"""
 import json, resource, sys, time
 import numpy as np
-from exitwise.calibration.io import fingerprint, load_card, load_logs, write_card, write_logs
+from exitwise.calibration.logfiles.cards import load_card, write_card
+from exitwise.calibration.logfiles.readers import load_logs
+from exitwise.calibration.logfiles.writers import write_logs
+from exitwise.calibration.summaries import fingerprint
 from exitwise.calibration.synthetic import synthetic_logs
 
 step, n, k, c, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]

@@ -28,7 +28,8 @@ from compare import load  # noqa: E402
 
 from exitwise.calibration import baselines as bl  # noqa: E402
 from exitwise.calibration.evaluate import evaluate_scored  # noqa: E402
-from exitwise.calibration.solver import SolveSpec, solve  # noqa: E402
+from exitwise.calibration.pipeline import SolveSpec, solve  # noqa: E402
+from exitwise.calibration.splits import split_rows  # noqa: E402
 
 
 def main() -> None:
@@ -48,8 +49,8 @@ def main() -> None:
         held = bl.evaluation_data(sol, test)
         rows = []
         for s in range(args.halves):
-            perm = np.random.default_rng(s).permutation(held.n)
-            a, b = held.take(np.sort(perm[: held.n // 2])), held.take(np.sort(perm[held.n // 2:]))
+            half_a, half_b = split_rows(held.n, [held.n // 2], s)
+            a, b = held.take(half_a), held.take(half_b)
             pol = bl.in_sample_oracle(sol.prepared, sol, a)
             ea, eb = evaluate_scored(pol, a, risk), evaluate_scored(pol, b, risk)
             rows.append((ea.compute_fraction, ea.risk, eb.compute_fraction, eb.risk))

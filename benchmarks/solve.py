@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exitwise.calibration.solver import SolveSpec, parse_budgets, solve
+from exitwise.calibration.pipeline import SolveSpec, parse_budgets, solve
 from exitwise.calibration.synthetic import synthetic_logs
 
 CASES = (
@@ -33,19 +33,11 @@ CASES = (
 )
 
 
-def _warm_imports() -> None:
-    """Import what ``solve`` imports lazily (scipy.stats, the calibrators), as the CLI has by then."""
-    import exitwise.calibration.calibrators
-    import exitwise.calibration.certify
-    import exitwise.calibration.evaluate  # noqa: F401
-
-
 def run(n: int, exits: int, classes: int, segments: int, *, eps: float = 0.01, budgets: bool = True,
         seed: int = 0) -> dict[str, float]:
     logs = synthetic_logs(n, exits, classes, segments={"region": segments}, seed=seed)
     spec = SolveSpec(risk="disagreement", eps=eps, delta=0.05, segment_keys=("region",),
                      segment_budgets=parse_budgets(["*=0.02"]) if budgets else ())
-    _warm_imports()
     tracemalloc.start()
     t0, c0 = time.perf_counter(), time.process_time()
     sol = solve(logs, spec)

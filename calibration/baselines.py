@@ -23,7 +23,7 @@ guarantee.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,16 +31,15 @@ import numpy as np
 
 from exitwise.calibration.certify import ALL, Constraint
 from exitwise.calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.pipeline import Prepared, Solution, certify_candidates
 from exitwise.calibration.rule import CompiledPolicy, score_all_exits
-from exitwise.calibration.solver import (
-    Prepared,
-    Problem,
-    Solution,
-    certify_candidates,
-    solve_path,
-)
+from exitwise.calibration.solver import Problem, compile_thresholds, solve_path
 
-NAMES = ("full_depth", "global_threshold", "calm", "per_exit", "oracle", "per_sample_oracle")
+# The registry of baselines, in the order comparison tables list them: the certified ones, the
+# uncertified global threshold, full depth, then the two oracles (not deployable).
+NAMES = ("calm", "per_exit", "global_threshold", "full_depth", "oracle", "per_sample_oracle")
 LABELS = {
     "solver": "solver (certified)",
     "full_depth": "full depth",
@@ -234,8 +233,6 @@ def in_sample_oracle(prepared: Prepared, solution: Solution, scored: ScoredLogs)
         if ok and (best is None or p.select_compute < best.select_compute):
             best = p
     tau = best.tau if best is not None else np.full((len(levels), scored.n_exits - 1, scored.n_classes), np.nan)
-    from exitwise.calibration.solver import compile_thresholds
-
     return compile_thresholds(tau, segment_levels=levels, segment_keys=spec.segment_keys,
                               calibrators=prepared.calibrators, score=spec.score,
                               forced_classes=prepared.forced_classes, forced_segments=forced,
@@ -257,7 +254,7 @@ def per_sample_oracle_exits(scored: ScoredLogs, risk: str, allowed: np.ndarray,
     return np.argmax(ok, axis=1)
 
 
-def evaluation_data(solution: Solution, test_logs: Any = None, score: str | None = None) -> ScoredLogs:
+def evaluation_data(solution: Solution, test_logs: ExitLogs | None = None, score: str | None = None) -> ScoredLogs:
     """The held-out data scored with the solver's calibrators: ``test_logs``, else the certify split."""
     prepared = solution.prepared
     score = score or prepared.spec.score
@@ -280,10 +277,20 @@ class ChosenBaseline:
     note: str = ""
 
 
+def check_names(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple; InputError naming the first one that is not in :data:`NAMES`."""
+    unknown = [name for name in names if name not in NAMES]
+    if unknown:
+        raise InputError(f"unknown baseline {unknown[0]!r}; baselines are {', '.join(NAMES)}")
+    return tuple(names)
+
+
 def choose_baselines(
-    solution: Solution, *, names: tuple[str, ...] = NAMES, progress: Callable[[str], None] | None = None
+    solution: Solution, *, names: Sequence[str] = NAMES, progress: Callable[[str], None] | None = None
 ) -> dict[str, ChosenBaseline]:
-    """Fit the threshold baselines (full depth, global threshold, CALM, per-exit) on the calibration splits."""
+    """Fit the threshold baselines among ``names`` (full depth, global threshold, CALM, per-exit)
+    on the calibration splits; the oracles are fitted on the evaluation data by :func:`run_baselines`."""
+    names = check_names(names)
     prepared = solution.prepared
     spec = prepared.spec
     k1, c = prepared.scored.n_exits - 1, prepared.scored.n_classes
@@ -328,8 +335,8 @@ def run_baselines(
     scored: ScoredLogs,
     chosen: Mapping[str, ChosenBaseline],
     *,
-    test_logs: Any = None,
-    names: tuple[str, ...] = NAMES,
+    test_logs: ExitLogs | None = None,
+    names: Sequence[str] = NAMES,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, BaselineResult]:
     """Evaluate the chosen baselines and the two oracles on held-out data ``scored``.
@@ -337,6 +344,7 @@ def run_baselines(
     ``scored`` is :func:`evaluation_data` for ``test_logs`` (None: the certify split); the
     shared-threshold baselines are rescored with max-prob when the solver used another score.
     """
+    names = check_names(names)
     prepared = solution.prepared
     spec = prepared.spec
     risk = spec.risk
@@ -369,8 +377,41 @@ def run_baselines(
 
 
 def baselines_json(results: Mapping[str, BaselineResult], column: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each result's :meth:`BaselineResult.to_json` (worst segment of ``column``), by baseline name."""
     return {k: v.to_json(column) for k, v in results.items()}
 
 
-__all__ = ["ALL", "LABELS", "NAMES", "BaselineResult", "ChosenBaseline", "baselines_json", "choose_baselines",
-           "evaluation_data", "run_baselines"]
+@dataclass(frozen=True, eq=False)
+class HeldOut:
+    """The solver's policy and the baselines, measured on the same held-out rows."""
+
+    evaluated_on: str  # which rows: the test logs, or the certify split
+    solver: Evaluation
+    baselines: Mapping[str, BaselineResult]
+
+
+def evaluate_held_out(
+    solution: Solution,
+    chosen: Mapping[str, ChosenBaseline],
+    test_logs: ExitLogs | None = None,
+    *,
+    names: Sequence[str] = NAMES,
+    progress: Callable[[str], None] | None = None,
+) -> HeldOut:
+    """The solver's policy, the ``chosen`` baselines and the oracles among ``names`` on ``test_logs``.
+
+    Without test logs the rows are the certify split, which the path never saw (the
+    certification did). ``names=()`` measures the solver alone.
+    """
+    scored = evaluation_data(solution, test_logs)
+    evaluation = evaluate_scored(solution.policy, scored, solution.prepared.spec.risk)
+    results = run_baselines(solution, scored, chosen, test_logs=test_logs, names=names, progress=progress)
+    if test_logs is None:
+        where = f"certify split ({evaluation.n} rows, not used to choose the path)"
+    else:
+        where = f"test logs {test_logs.source} ({test_logs.n} rows)"
+    return HeldOut(evaluated_on=where, solver=evaluation, baselines=results)
+
+
+__all__ = ["ALL", "LABELS", "NAMES", "BaselineResult", "ChosenBaseline", "HeldOut", "baselines_json", "check_names",
+           "choose_baselines", "evaluate_held_out", "evaluation_data", "run_baselines"]

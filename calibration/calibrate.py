@@ -1,9 +1,11 @@
-"""The calibration job: fit one calibrator per exit on one split, report metrics on another.
+"""Calibrating exit logs: one calibrator per exit (:func:`fit_exit_calibrators`), and the calibration job.
 
-DESIGN.md: "Calibration is fitted on one split and reported on another." The split is a
-seeded random permutation (no stratification: with thousands of rows per exit the metrics do
-not need it); alternatively separate report logs can be given (e.g. a test file). Work goes
-exit by exit on (n, C) slices, so memory stays a small multiple of one exit's logits.
+The job (:func:`calibrate_logs`, ``exitwise calibrate``) follows DESIGN.md: "Calibration is
+fitted on one split and reported on another." The split is a seeded random permutation
+(:func:`exitwise.calibration.splits.split_rows`; no stratification: with thousands of rows per
+exit the metrics do not need it); alternatively separate report logs can be given (e.g. a
+test file). Work goes exit by exit on (n, C) slices, so memory stays a small multiple of one
+exit's logits. The estimators themselves are in :mod:`exitwise.calibration.calibrators`.
 """
 
 from __future__ import annotations
@@ -12,19 +14,119 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
-from exitwise.calibration.calibrators import METHODS, Calibrator, TargetKind, fit_exit, resolve_targets
-from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.calibrators import METHODS, Calibrator, IdentityCalibrator, make_calibrator
+from exitwise.calibration.exceptions import CalibrationError, InputError
+from exitwise.calibration.logs import ExitLogs, ModelCard
 from exitwise.calibration.metrics import ExitMetrics, exit_metrics_multi
+from exitwise.calibration.splits import split_rows
 
-__all__ = ["CalibrationResult", "calibrate_logs", "map_exits", "split_indices"]
+__all__ = [
+    "TARGETS",
+    "CalibrationResult",
+    "TargetKind",
+    "calibrate_logs",
+    "fit_exit",
+    "fit_exit_calibrators",
+    "map_exits",
+    "resolve_targets",
+]
 
 ProgressFn = Callable[[str, int], None]
+TargetKind = Literal["auto", "labels", "final"]
+TARGETS: tuple[str, ...] = get_args(TargetKind)
 T = TypeVar("T")
+
+
+def resolve_targets(
+    data: ExitLogs | np.ndarray, targets: Any = None, target: TargetKind = "auto"
+) -> tuple[np.ndarray, str]:
+    """Per-sample targets (n,) or (n, K) and which kind they are ('labels', 'final' or 'given').
+
+    ``target='auto'`` uses the labels when the logs have them and the final exit's answers
+    otherwise; ``'final'`` always uses the final exit's answers (the disagreement risk).
+    """
+    if targets is not None:
+        return np.asarray(targets), "given"
+    if target not in ("auto", "labels", "final"):
+        raise InputError(f"target must be 'auto', 'labels' or 'final', got {target!r}")
+    labels = data.labels if isinstance(data, ExitLogs) else None
+    logits = data.logits if isinstance(data, ExitLogs) else np.asarray(data)
+    if target == "labels" and labels is None:
+        where = data.source if isinstance(data, ExitLogs) else "logits"
+        raise InputError(f"{where}: the logs have no labels; use target 'final' (agreement with the final exit)")
+    if labels is not None and target != "final":
+        return np.asarray(labels), "labels"
+    if logits.ndim != 3:
+        raise InputError(f"logits must have shape (n, K, C), got {logits.shape}")
+    return np.argmax(logits[:, -1, :], axis=1), "final"
+
+
+def fit_exit_calibrators(
+    data: ExitLogs | np.ndarray,
+    method: str = "temperature",
+    *,
+    targets: Any = None,
+    target: TargetKind = "auto",
+    index: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+    **params: Any,
+) -> list[Calibrator]:
+    """One fitted calibrator per exit, fitted exit by exit on (n, C) slices.
+
+    ``data`` is an :class:`ExitLogs` or an (n, K, C) logits array. ``targets`` are class
+    indices, (n,) shared by every exit or (n, K) per exit; without them they come from
+    ``target`` (see :func:`resolve_targets`): the labels, or the final exit's answers.
+    With pseudo-labels the final exit is trivially always "right", so its NLL optimum is
+    T -> 0; its calibrator stays the identity (the last exit always answers, so its
+    calibrator never changes a decision). ``index`` restricts fitting to those rows (a split)
+    without copying the logs. ``progress(k)`` is called after each exit. ``params`` go to
+    the calibrator's constructor.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise InputError(
+            f"unknown calibration method {method!r}; expected one of {METHODS} "
+            "(pass targets by keyword: fit_exit_calibrators(logits, method, targets=...))"
+        )
+    logits = data.logits if isinstance(data, ExitLogs) else np.asarray(data)
+    if logits.ndim != 3:
+        raise InputError(f"logits must have shape (n, K, C), got {logits.shape}")
+    n, k_total, _ = logits.shape
+    y_all, kind = resolve_targets(data, targets, target)
+    if y_all.shape not in ((n,), (n, k_total)):
+        raise InputError(f"targets must have shape ({n},) or ({n}, {k_total}), got {y_all.shape}")
+    if index is not None:
+        index = np.asarray(index)
+        y_all = y_all[index]
+    out: list[Calibrator] = []
+    for k in range(k_total):
+        y = y_all if y_all.ndim == 1 else y_all[:, k]
+        z = logits[:, k, :] if index is None else logits[index, k, :]
+        out.append(fit_exit(z, y, method, k=k, pseudo_final=kind == "final" and k == k_total - 1, **params))
+        if progress is not None:
+            progress(k)
+    return out
+
+
+def fit_exit(
+    logits_k: Any, targets: Any, method: str, *, k: int | None = None, pseudo_final: bool = False, **params: Any
+) -> Calibrator:
+    """Fit one exit's calibrator; errors name exit ``k``. ``pseudo_final``: this is the final
+    exit and its targets are its own answers, so it keeps the identity (see
+    :func:`fit_exit_calibrators`)."""
+    if pseudo_final:
+        return IdentityCalibrator().fit(logits_k, targets)
+    cal = make_calibrator(method, **params)
+    where = "" if k is None else f"exit {k}: "
+    try:
+        return cal.fit(logits_k, targets)
+    except InputError as exc:
+        raise InputError(f"{where}{exc}") from exc
+    except CalibrationError as exc:
+        raise CalibrationError(f"{where}{exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +164,24 @@ class CalibrationResult:
                 for name, b, a in zip(self.exit_names, self.before, self.after, strict=True)
             ]
         }
+
+    def calibrators_document(self, card: ModelCard) -> dict[str, Any]:
+        """``calibrators.json`` of ``exitwise calibrate``: per exit of ``card``, its cost and calibrator object."""
+        return {
+            "schema": "exitwise.calibrators/v1",
+            "model": card.model,
+            "method": self.method,
+            "target": self.target,
+            "split": self.to_dict()["split"],
+            "exits": [
+                {"name": e.name, "cost": e.cost, "calibrator": c}
+                for e, c in zip(card.exits, self.calibrator_dicts(), strict=True)
+            ],
+        }
+
+    def metrics_document(self, card: ModelCard) -> dict[str, Any]:
+        """``metrics.json`` of ``exitwise calibrate``: the summary with reliability-diagram data per exit."""
+        return {"model": card.model, **self.to_dict(reliability=True)}
 
     def to_dict(self, *, reliability: bool = False) -> dict[str, Any]:
         """JSON-ready summary; ``reliability=True`` adds the reliability-diagram data per exit."""
@@ -108,8 +228,8 @@ def map_exits(fn: Callable[[int], T], k_total: int, n_jobs: int | None) -> list[
         return list(pool.map(fn, range(k_total)))
 
 
-def split_indices(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted row indices (fit, report) of a seeded random split; both parts non-empty."""
+def _fit_size(n: int, fit_fraction: float) -> int:
+    """Rows that fit the calibrators when ``fit_fraction`` of n are used; the report split keeps the rest."""
     if not (isinstance(fit_fraction, (int, float)) and 0.0 < float(fit_fraction) < 1.0):
         raise InputError(f"fit fraction must be strictly between 0 and 1, got {fit_fraction!r}")
     n_fit = round(float(fit_fraction) * n)
@@ -117,8 +237,7 @@ def split_indices(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, n
         raise InputError(
             f"cannot split {n} rows with fit fraction {fit_fraction}: both the fit and the report split need rows"
         )
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
+    return n_fit
 
 
 def calibrate_logs(
@@ -158,7 +277,7 @@ def calibrate_logs(
         target = "final"  # the report split can only measure agreement with the final exit
     y_fit_all, kind = resolve_targets(logs, None, target)
     if report_logs is None:
-        fit_idx, rep_idx = split_indices(logs.n, fit_fraction, seed)
+        fit_idx, rep_idx = split_rows(logs.n, [_fit_size(logs.n, fit_fraction)], seed)
         rep_logits, y_rep = logs.logits, y_fit_all[rep_idx]
         fit_fraction_used: float | None = float(fit_fraction)
     else:

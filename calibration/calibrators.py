@@ -12,20 +12,20 @@ so the probabilities a calibrator reports are bit for bit the ones the decision 
 ``targets`` are class indices: the true labels, or, for unlabelled logs, the final exit's
 answers (*pseudo-labels*). For the ``disagreement`` risk the final exit's answer *is* the
 truth the policy is measured against, so calibrating each exit's confidence in agreeing with
-it is the right objective; see :func:`fit_exit_calibrators`.
+it is the right objective; see :func:`exitwise.calibration.calibrate.fit_exit_calibrators`, which
+fits one calibrator per exit of a set of exit logs.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import optimize
 
 from exitwise.calibration.exceptions import CalibrationError, InputError, NotFittedError
-from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import calibrated_probs, platt_features, softmax
 
 __all__ = [
@@ -35,14 +35,10 @@ __all__ = [
     "PlattScaler",
     "TemperatureScaler",
     "calibrator_from_dict",
-    "fit_exit",
-    "fit_exit_calibrators",
     "make_calibrator",
-    "resolve_targets",
 ]
 
 METHODS = ("temperature", "platt", "identity")
-TargetKind = Literal["auto", "labels", "final"]
 
 # Rows per chunk for the streaming passes: keeps float32 temporaries of a (C, rows) block
 # in the L2 cache (C = 10 -> 640 KB), which is what makes a full NLL pass over 10^6 rows cheap.
@@ -540,91 +536,3 @@ def make_calibrator(method: str, **params: Any) -> Calibrator:
     if not isinstance(method, str) or method not in _CLASSES:
         raise InputError(f"unknown calibration method {method!r}; expected one of {METHODS}")
     return _CLASSES[method](**params)  # type: ignore[return-value]
-
-
-def resolve_targets(
-    data: ExitLogs | np.ndarray, targets: Any = None, target: TargetKind = "auto"
-) -> tuple[np.ndarray, str]:
-    """Per-sample targets (n,) or (n, K) and which kind they are ('labels', 'final' or 'given').
-
-    ``target='auto'`` uses the labels when the logs have them and the final exit's answers
-    otherwise; ``'final'`` always uses the final exit's answers (the disagreement risk).
-    """
-    if targets is not None:
-        return np.asarray(targets), "given"
-    if target not in ("auto", "labels", "final"):
-        raise InputError(f"target must be 'auto', 'labels' or 'final', got {target!r}")
-    labels = data.labels if isinstance(data, ExitLogs) else None
-    logits = data.logits if isinstance(data, ExitLogs) else np.asarray(data)
-    if target == "labels" and labels is None:
-        where = data.source if isinstance(data, ExitLogs) else "logits"
-        raise InputError(f"{where}: the logs have no labels; use target 'final' (agreement with the final exit)")
-    if labels is not None and target != "final":
-        return np.asarray(labels), "labels"
-    if logits.ndim != 3:
-        raise InputError(f"logits must have shape (n, K, C), got {logits.shape}")
-    return np.argmax(logits[:, -1, :], axis=1), "final"
-
-
-def fit_exit_calibrators(
-    data: ExitLogs | np.ndarray,
-    method: str = "temperature",
-    *,
-    targets: Any = None,
-    target: TargetKind = "auto",
-    index: np.ndarray | None = None,
-    progress: Callable[[int], None] | None = None,
-    **params: Any,
-) -> list[Calibrator]:
-    """One fitted calibrator per exit, fitted exit by exit on (n, C) slices.
-
-    ``data`` is an :class:`ExitLogs` or an (n, K, C) logits array. ``targets`` are class
-    indices, (n,) shared by every exit or (n, K) per exit; without them they come from
-    ``target`` (see :func:`resolve_targets`): the labels, or the final exit's answers.
-    With pseudo-labels the final exit is trivially always "right", so its NLL optimum is
-    T -> 0; its calibrator stays the identity (the last exit always answers, so its
-    calibrator never changes a decision). ``index`` restricts fitting to those rows (a split)
-    without copying the logs. ``progress(k)`` is called after each exit. ``params`` go to
-    the calibrator's constructor.
-    """
-    if not isinstance(method, str) or method not in METHODS:
-        raise InputError(
-            f"unknown calibration method {method!r}; expected one of {METHODS} "
-            "(pass targets by keyword: fit_exit_calibrators(logits, method, targets=...))"
-        )
-    logits = data.logits if isinstance(data, ExitLogs) else np.asarray(data)
-    if logits.ndim != 3:
-        raise InputError(f"logits must have shape (n, K, C), got {logits.shape}")
-    n, k_total, _ = logits.shape
-    y_all, kind = resolve_targets(data, targets, target)
-    if y_all.shape not in ((n,), (n, k_total)):
-        raise InputError(f"targets must have shape ({n},) or ({n}, {k_total}), got {y_all.shape}")
-    if index is not None:
-        index = np.asarray(index)
-        y_all = y_all[index]
-    out: list[Calibrator] = []
-    for k in range(k_total):
-        y = y_all if y_all.ndim == 1 else y_all[:, k]
-        z = logits[:, k, :] if index is None else logits[index, k, :]
-        out.append(fit_exit(z, y, method, k=k, pseudo_final=kind == "final" and k == k_total - 1, **params))
-        if progress is not None:
-            progress(k)
-    return out
-
-
-def fit_exit(
-    logits_k: Any, targets: Any, method: str, *, k: int | None = None, pseudo_final: bool = False, **params: Any
-) -> Calibrator:
-    """Fit one exit's calibrator; errors name exit ``k``. ``pseudo_final``: this is the final
-    exit and its targets are its own answers, so it keeps the identity (see
-    :func:`fit_exit_calibrators`)."""
-    if pseudo_final:
-        return IdentityCalibrator().fit(logits_k, targets)
-    cal = make_calibrator(method, **params)
-    where = "" if k is None else f"exit {k}: "
-    try:
-        return cal.fit(logits_k, targets)
-    except InputError as exc:
-        raise InputError(f"{where}{exc}") from exc
-    except CalibrationError as exc:
-        raise CalibrationError(f"{where}{exc}") from exc

@@ -1,6 +1,6 @@
 """In-memory exit logs: the one structure every part of exitwise computes on.
 
-Loaders (``exitwise.calibration.io``) turn the file forms of DESIGN.md into an :class:`ExitLogs`;
+Loaders (``exitwise.calibration.logfiles``) turn the file forms of DESIGN.md into an :class:`ExitLogs`;
 the synthetic generator (``exitwise.calibration.synthetic``) builds one directly.
 """
 
@@ -89,6 +89,16 @@ class SegmentColumn:
 
     def take(self, index: np.ndarray) -> SegmentColumn:
         return SegmentColumn(codes=self.codes[index], levels=self.levels)
+
+    def compact(self) -> SegmentColumn:
+        """The same column without the levels no sample uses (the sorted order is kept)."""
+        used = np.bincount(self.codes, minlength=len(self.levels)) > 0
+        if used.all():
+            return self
+        remap = (np.cumsum(used) - 1).astype(np.int32)
+        return SegmentColumn(
+            codes=remap[self.codes], levels=tuple(lv for lv, u in zip(self.levels, used, strict=True) if u)
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """Build, write and read the policy document (DESIGN.md, "The policy document").
 
-The document is assembled from the solver's :class:`~calibration.solver.Solution` (thresholds,
+The document is assembled from the solver's :class:`~exitwise.calibration.pipeline.Solution` (thresholds,
 calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
 baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
 time window). Thresholds are JSON floats, ``null`` for "never exit". The content hash is set
@@ -22,6 +22,7 @@ import numpy as np
 
 from exitwise.calibration.atomic import atomic_write_text
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.summaries import fingerprint, segment_counts, time_window
 from exitwise.policies.canonical import SCHEMA, with_content_hash
 from exitwise.policies.schema import validate_document
 
@@ -107,15 +108,13 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
 
 def data_section(logs: Any, splits: Any) -> dict[str, Any]:
     """``data``: fingerprint, row counts per split, time window, segment counts, source file name."""
-    from exitwise.calibration import io
-
-    window = io.time_window(logs)
+    window = time_window(logs)
     return {
-        "fingerprint": io.fingerprint(logs),
+        "fingerprint": fingerprint(logs),
         "rows": {"total": int(logs.n), "labelled": int(logs.n) if logs.labels is not None else 0,
                  "skipped": 0, **{k: v for k, v in splits.to_json().items() if k != "seed"}},
         "time_window": list(window) if window else None,
-        "segment_counts": io.segment_counts(logs),
+        "segment_counts": segment_counts(logs),
         "source": Path(str(logs.source)).name,
     }
 

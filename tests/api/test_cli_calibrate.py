@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from exitwise.api.cli import main
-from exitwise.calibration.io import write_card, write_logs
+from exitwise.calibration.logfiles.cards import write_card
+from exitwise.calibration.logfiles.writers import write_logs
 from exitwise.calibration.synthetic import synthetic_logs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,7 +191,7 @@ def test_tables_on_a_captured_stdout_are_not_cut_at_80_columns(capsys):
 
 
 def test_solve_help_states_the_split_defaults(capsys):
-    from exitwise.calibration.solver import SplitSpec
+    from exitwise.calibration.splits import SplitSpec
 
     with pytest.raises(SystemExit):
         main(["solve", "--help"])
@@ -203,7 +204,7 @@ def test_os_errors_without_a_path_stay_internal_errors(capsys, monkeypatch, tmp_
     def boom(*_a, **_k):
         raise ConnectionRefusedError(111, "Connection refused")  # an OSError that names no path
 
-    monkeypatch.setattr("exitwise.calibration.io.load_card", boom)
+    monkeypatch.setattr("exitwise.calibration.logfiles.cards.load_card", boom)
     code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(tmp_path / "o"))
     assert code == 1 and out == ""
     assert err.startswith("internal error: ConnectionRefusedError") and "cannot use" not in err

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from exitwise.api.cli import main
-from exitwise.calibration.io import write_card, write_logs
+from exitwise.calibration.logfiles.cards import write_card
+from exitwise.calibration.logfiles.writers import write_logs
 from exitwise.calibration.rule import CompiledPolicy
 from exitwise.calibration.synthetic import synthetic_logs
 from exitwise.policies.canonical import verify_content_hash

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from exitwise.calibration import baselines as bl
 from exitwise.calibration.certify import check_constraints
 from exitwise.calibration.evaluate import evaluate_scored, route_scored
+from exitwise.calibration.pipeline import SolveSpec, solve
 from exitwise.calibration.rule import CompiledPolicy, first_exit
-from exitwise.calibration.solver import SolveSpec, solve
 from exitwise.calibration.synthetic import synthetic_logs
 
 

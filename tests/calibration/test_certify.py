@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +22,8 @@ from exitwise.calibration.certify import (
     upper_bound,
 )
 from exitwise.calibration.evaluate import ScoredLogs, evaluate_scored, route_scored
-from exitwise.calibration.solver import SolverSettings, SolveSpec, parse_budgets, solve
+from exitwise.calibration.pipeline import SolveSpec, parse_budgets, solve, solve_prepared
+from exitwise.calibration.solver import SolverSettings
 from exitwise.calibration.synthetic import synthetic_logs
 
 
@@ -107,10 +110,6 @@ def test_the_path_is_ordered_safe_to_aggressive_and_chosen_without_the_certify_s
     flipped = prep.loss.copy()
     flipped[prep.splits.certify] = ~flipped[prep.splits.certify]
     flipped[:, -1] = False
-    from dataclasses import replace
-
-    from exitwise.calibration.solver import solve_prepared
-
     b = solve_prepared(replace(prep, loss=flipped))
     assert len(b.path.points) == len(pts)
     assert all(np.array_equal(p.tau, q.tau, equal_nan=True) for p, q in zip(pts, b.path.points, strict=True))

@@ -11,8 +11,8 @@ import pytest
 from exitwise.calibration import baselines as bl
 from exitwise.calibration.evaluate import evaluate, evaluate_scored
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.pipeline import SolveSpec, parse_budgets, solve
 from exitwise.calibration.rule import CompiledPolicy, route
-from exitwise.calibration.solver import SolveSpec, parse_budgets, solve
 from exitwise.calibration.synthetic import synthetic_logs
 from exitwise.policies.canonical import canonical_json, verify_content_hash
 from exitwise.policies.document import build_document, calibration_section, data_section, read_document, write_document

@@ -708,13 +708,14 @@ def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from typer.testing import CliRunner
 
     from exitwise.api.cli import solve
-    from exitwise.calibration import io
+    from exitwise.calibration.logfiles.cards import write_card
+    from exitwise.calibration.logfiles.writers import write_logs
     from exitwise.calibration.synthetic import synthetic_logs
 
     d = tmp_path_factory.mktemp("solved")
     logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)
-    io.write_logs(logs, d / "logs.npz", form="npz")
-    io.write_card(logs.card, d / "card.json")
+    write_logs(logs, d / "logs.npz", form="npz")
+    write_card(logs.card, d / "card.json")
     app = typer.Typer()
 
     @app.callback()

@@ -1,4 +1,4 @@
-"""Exit-log and model-card I/O: every form round-trips, every bad input names file, row/column and cause."""
+"""Exit-log files: every form round-trips, every bad input names file, row/column and cause."""
 
 from __future__ import annotations
 
@@ -13,23 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exitwise.calibration.exceptions import CardError, InputError, LogFormatError
-from exitwise.calibration.io import (
-    card_from_dict,
-    card_to_dict,
-    detect_form,
-    fingerprint,
-    load_card,
-    load_logs,
-    segment_counts,
-    time_window,
-    write_card,
-    write_logs,
-)
+from exitwise.calibration.exceptions import InputError, LogFormatError
+from exitwise.calibration.logfiles.cards import card_from_dict, card_to_dict, load_card
+from exitwise.calibration.logfiles.forms import detect_form
+from exitwise.calibration.logfiles.readers import load_logs
+from exitwise.calibration.logfiles.writers import write_logs
 from exitwise.calibration.logs import ExitLogs, ExitSpec, ModelCard, SegmentColumn
+from exitwise.calibration.summaries import fingerprint, time_window
 from exitwise.calibration.synthetic import synthetic_logs
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "digits"
 FORMS = [("wide", ".parquet"), ("long", ".parquet"), ("jsonl", ".jsonl"), ("npz", ".npz")]
 K, C = 3, 4
 CLASSES = ["cat", "dog", "emu", "fox"]
@@ -204,12 +197,6 @@ def test_ts_column_parsed_and_time_window(tmp_path):
     assert logs.ts.dtype == np.dtype("datetime64[us]")
     assert time_window(logs) == ("2024-03-01T11:00:00Z", "2024-03-03T11:00:00Z")
     assert time_window(load_logs(_wide(tmp_path, _rows(3)), _card())) is None
-
-
-def test_segment_counts(synth):
-    counts = segment_counts(synth)
-    assert set(counts) == {"region", "device"}
-    assert sum(counts["region"].values()) == synth.n
 
 
 def test_digits_fixture_loads():
@@ -509,75 +496,13 @@ def test_null_logit_inside_list(tmp_path):
     assert "row 2 (request_id 'r2')" in message and "null logit at class 1" in message
 
 
-# ------------------------------------------------------------------------------ model cards
-
-
-def test_card_json_and_yaml_round_trip(tmp_path):
-    card = _card(version="3")
-    path = write_card(card, tmp_path / "card.json")
-    assert load_card(path) == card
-    import yaml
-
-    (tmp_path / "card.yaml").write_text(yaml.safe_dump(card_to_dict(card)))
-    assert load_card(tmp_path / "card.yaml") == card
-    (tmp_path / "card").write_text(yaml.safe_dump(card_to_dict(card)))  # no extension: JSON, else YAML
-    assert load_card(tmp_path / "card") == card
-    nested = {**card_to_dict(card), "model": {"name": "m", "version": 4}}
-    assert card_from_dict(nested).version == "4"
-
-
-def _card_error(tmp_path: Path, data, name: str = "card.json") -> str:
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    with pytest.raises(CardError) as info:
-        load_card(path)
-    assert str(path) in str(info.value)
-    return str(info.value)
-
-
-GOOD_CARD = {"model": "m", "exits": [{"name": "a", "cost": 1.0}, {"name": "b", "cost": 2.0}]}
-
-
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        ({"exits": [{"name": "a", "cost": 2.0}, {"name": "b", "cost": 2.0}]}, "costs must strictly increase"),
-        ({"exits": [{"name": "a", "cost": 3.0}, {"name": "b", "cost": 2.0}]}, "exit 1 ('b') cost 2.0 <= exit 0"),
-        ({"exits": [{"name": "a", "cost": 1.0}, {"name": "b", "cost": "2"}]}, "field 'exits[1].cost' must be a number"),
-        ({"exits": [{"name": "a", "cost": -1.0}, {"name": "b", "cost": 2}]}, "'exits[0].cost' must be finite and > 0"),
-        ({"exits": [{"name": "a", "cost": 1.0}, {"cost": 2}]}, "field 'exits[1].name'"),
-        ({"exits": [{"name": "a", "cost": 1.0}]}, "needs at least 2 exits"),
-        ({"exits": [{"name": "a", "cost": 1.0}, {"name": "a", "cost": 2}]}, "exit names must be unique"),
-        ({"exits": "a,b"}, "field 'exits' must be a non-empty list"),
-        ({"model": ""}, "field 'model'"),
-        ({"classes": ["x", "x"]}, "class names must be unique"),
-        ({"classes": ["x", None]}, "field 'classes[1]'"),
-        ({"segment_columns": "region"}, "field 'segment_columns' must be a list"),
-        ({"segment_columns": ["label"]}, "'label' is already used"),
-        ({"label_column": 3}, "field 'label_column'"),
-        ({"segment_column": ["region"]}, "unknown field 'segment_column'"),
-    ],
-)
-def test_bad_card_fields(tmp_path, change, expected):
-    assert expected in _card_error(tmp_path, {**GOOD_CARD, **change})
-
-
-def test_bad_card_files(tmp_path):
-    assert "invalid JSON at line 2" in _card_error(tmp_path, '{"model": "m",\n "exits": [}')
-    assert "invalid YAML at line" in _card_error(tmp_path, "model: [unclosed\n", "card.yaml")
-    assert "model card is empty" in _card_error(tmp_path, "  \n")
-    assert "must be a mapping" in _card_error(tmp_path, "[1, 2]")
-    with pytest.raises(CardError, match="model card not found"):
-        load_card(tmp_path / "nope.json")
-
-
 def test_exits_count_mismatch_card_vs_logs(tmp_path, synth):
     path = write_logs(synth, tmp_path / "x.npz")
     card = card_from_dict({**card_to_dict(synth.card), "exits": card_to_dict(synth.card)["exits"][:3]})
     assert "'logits' has 4 exits (axis 1) but the model card lists 3" in _error(path, card)
 
 
-# ------------------------------------------------------------------------------ writing, fingerprint
+# ------------------------------------------------------------------------------ writing
 
 
 def test_write_is_atomic_and_checks_dtype(tmp_path, synth):
@@ -596,29 +521,6 @@ def test_write_is_atomic_and_checks_dtype(tmp_path, synth):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-
-
-def test_fingerprint_sensitive_and_deterministic(synth):
-    fp = fingerprint(synth)
-    assert fp.startswith("sha256:") and len(fp) == 7 + 64
-    assert fingerprint(synth.take(np.arange(synth.n))) == fp
-    changed = synth.logits.copy()
-    changed[123, 2, 1] = np.nextafter(changed[123, 2, 1], np.float32(np.inf))
-    variants = [
-        ExitLogs(logits=changed, card=synth.card, labels=synth.labels, segments=synth.segments,
-                 request_ids=synth.request_ids, ts=synth.ts),
-        ExitLogs(logits=synth.logits, card=synth.card, labels=(synth.labels + 1) % synth.n_classes,
-                 segments=synth.segments, request_ids=synth.request_ids, ts=synth.ts),
-        ExitLogs(logits=synth.logits, card=synth.card, labels=synth.labels, segments={},
-                 request_ids=synth.request_ids, ts=synth.ts),
-        ExitLogs(logits=synth.logits, card=synth.card, labels=synth.labels, segments=synth.segments,
-                 request_ids=synth.request_ids.astype(str).astype(object), ts=synth.ts),
-        ExitLogs(logits=synth.logits, card=synth.card, labels=synth.labels, segments=synth.segments,
-                 request_ids=synth.request_ids, ts=None),
-        synth.take(np.arange(synth.n - 1)),
-    ]
-    prints = {fingerprint(v) for v in variants}
-    assert fp not in prints and len(prints) == len(variants)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,361 @@
+"""The solve pipeline, end to end: validate the request, split, calibrate, score, solve the path, certify.
+
+:func:`prepare` checks a :class:`SolveSpec` against the logs, draws the fit / select /
+certify split (:class:`~exitwise.calibration.splits.Splits`), fits one calibrator per exit on
+the fit rows and scores every row once. :func:`solve_prepared` runs the path solver
+(:mod:`exitwise.calibration.solver`) on the select rows and walks the path with the
+fixed-sequence test (:mod:`exitwise.calibration.certify`) on the certify rows;
+:func:`solve` does both. The baselines reuse :class:`Prepared` and :func:`certify_candidates`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from exitwise.calibration.calibrate import fit_exit_calibrators
+from exitwise.calibration.calibrators import Calibrator
+from exitwise.calibration.certify import ALL, Certification, Constraint, aim, fixed_sequence, min_rows, upper_bound
+from exitwise.calibration.evaluate import ScoredLogs, check_risk, composite_segments
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
+from exitwise.calibration.solver import (
+    Problem,
+    ProgressFn,
+    SolverPath,
+    SolverSettings,
+    compile_thresholds,
+    solve_path,
+)
+from exitwise.calibration.splits import Splits, SplitSpec
+
+__all__ = [
+    "Prepared",
+    "Solution",
+    "SolveSpec",
+    "certify_candidates",
+    "check_budget",
+    "parse_budgets",
+    "prepare",
+    "solve",
+    "solve_prepared",
+]
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """Everything ``exitwise solve`` asks for (validated by :func:`prepare`)."""
+
+    risk: str = "disagreement"
+    eps: float = 0.01
+    delta: float = 0.05
+    score: str = "max_prob"
+    calibrator: str = "temperature"
+    segment_keys: tuple[str, ...] = ()
+    segment_budgets: tuple[tuple[str, float], ...] = ()
+    forbid_classes: tuple[str, ...] = ()
+    forbid_segments: tuple[str, ...] = ()
+    max_exit: int | None = None
+    seed: int = 0
+    split: SplitSpec = field(default_factory=SplitSpec)
+    settings: SolverSettings = field(default_factory=SolverSettings)
+
+    @property
+    def calibration_target(self) -> Literal["labels", "final"]:
+        """What the calibrators learn to predict: the labels for induced error, else the final exit's answer."""
+        return "labels" if self.risk == "induced_error" else "final"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": "lagrangian path: exact per-cell sweeps, backward coordinate passes",
+            "risk": self.risk, "eps": self.eps, "delta": self.delta, "score": self.score,
+            "calibrator": self.calibrator, "segment_keys": list(self.segment_keys),
+            "segment_budgets": {k: v for k, v in self.segment_budgets},
+            "forbid_classes": list(self.forbid_classes), "forbid_segments": list(self.forbid_segments),
+            "max_exit": self.max_exit, "seed": self.seed,
+            "split": {"fit": self.split.fit, "select": self.split.select, "max_fit": self.split.max_fit,
+                      "max_select": self.split.max_select},
+            "min_cell": self.settings.min_cell, "min_pool": self.settings.min_pool,
+            "passes": self.settings.passes, "order": "safe to aggressive",
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Validated inputs, splits, fitted calibrators and the scores of every row under them."""
+
+    spec: SolveSpec
+    logs: ExitLogs
+    splits: Splits
+    calibrators: tuple[dict[str, Any], ...]
+    calibrator_objects: tuple[Calibrator, ...]
+    scored: ScoredLogs  # all rows
+    loss: np.ndarray  # (n, K) bool
+    seg_codes: np.ndarray  # (n,) codes into seg_levels
+    seg_levels: tuple[str, ...]
+    forced_classes: np.ndarray  # (C,)
+    forced_segments: np.ndarray  # (S,) user-forbidden segments
+    budgets: Mapping[int, float]  # constrained segment code -> eps
+
+    @property
+    def allowed_exits(self) -> np.ndarray:
+        k1 = self.scored.n_exits - 1
+        allowed = np.ones(k1, dtype=bool)
+        if self.spec.max_exit is not None:
+            allowed[self.spec.max_exit + 1:] = False
+        return allowed
+
+    def problem(self, rows: np.ndarray, forced_segments: np.ndarray | None = None) -> Problem:
+        """The solver's view of some rows (the select split, or any other for oracles)."""
+        sc = self.scored
+        return Problem(
+            scores=sc.scores[rows], preds=sc.preds[rows], loss=self.loss[rows], seg=self.seg_codes[rows],
+            costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes, n_segments=len(self.seg_levels),
+            allowed_exits=self.allowed_exits, forced_classes=self.forced_classes,
+            forced_segments=self.forced_segments if forced_segments is None else forced_segments,
+        )
+
+    def compile(self, tau: np.ndarray, forced_segments: np.ndarray) -> CompiledPolicy:
+        return compile_thresholds(
+            tau, segment_levels=self.seg_levels, segment_keys=self.spec.segment_keys,
+            calibrators=self.calibrators, score=self.spec.score, forced_classes=self.forced_classes,
+            forced_segments=forced_segments, max_exit=self.spec.max_exit,
+        )
+
+    def policy_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Row of the compiled policy's threshold table for each of ``rows``."""
+        if not self.spec.segment_keys:
+            return np.zeros(rows.size, dtype=np.intp)
+        return (self.seg_codes[rows] + 1).astype(np.intp)
+
+
+def check_budget(eps: float, name: str = "eps") -> float:
+    """A risk budget or confidence level must lie strictly between 0 and 1."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number in (0, 1), got {eps!r}") from None
+    if not (0.0 < value < 1.0) or not math.isfinite(value):
+        raise InputError(f"{name} must be in (0, 1), got {eps!r}")
+    return value
+
+
+def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``SEG=EPS`` strings (``*=EPS`` for every segment value) to pairs; InputError if malformed."""
+    out = []
+    for item in items:
+        seg, sep, value = str(item).rpartition("=")
+        if not sep or not seg:
+            raise InputError(f"--segment-budget {item!r}: expected SEGMENT=EPS, e.g. 'mobile=0.02'")
+        out.append((seg, check_budget(value, f"--segment-budget {seg}")))
+    return tuple(out)
+
+
+def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
+    """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once."""
+    check_budget(spec.eps, "eps")
+    check_budget(spec.delta, "delta")
+    check_risk(spec.risk, logs.labels is not None, logs.source)
+    if spec.score not in SCORES:
+        raise InputError(f"unknown score {spec.score!r}; expected one of {', '.join(SCORES)}")
+    if spec.calibrator not in CALIBRATORS:
+        raise InputError(f"unknown calibrator {spec.calibrator!r}; expected one of {', '.join(CALIBRATORS)}")
+    k_total, classes = logs.n_exits, logs.class_names
+    if spec.max_exit is not None and not 0 <= spec.max_exit <= k_total - 1:
+        raise InputError(f"--max-exit {spec.max_exit} is out of range 0..{k_total - 1}")
+    seg_codes, seg_levels = composite_segments(logs.segments, spec.segment_keys, logs.n)
+    counts = np.bincount(seg_codes, minlength=len(seg_levels))
+    forced_classes = np.zeros(logs.n_classes, dtype=bool)
+    for name in spec.forbid_classes:
+        if name not in classes:
+            raise InputError(f"--forbid-class {name!r} is not a class of the model; classes: {', '.join(classes)}")
+        forced_classes[classes.index(name)] = True
+    forced_segments = np.zeros(len(seg_levels), dtype=bool)
+    for name in spec.forbid_segments:
+        if not spec.segment_keys:
+            raise InputError(f"--forbid-segment {name!r} needs --segment-key")
+        if name not in seg_levels:
+            raise InputError(f"--forbid-segment {name!r}: no rows have that segment value; "
+                             f"values: {', '.join(seg_levels)}")
+        forced_segments[seg_levels.index(name)] = True
+    # "*=EPS" gives every segment value a budget; a named value's own budget wins over it
+    budgets: dict[int, float] = {}
+    explicit: dict[int, float] = {}
+    for name, eps in spec.segment_budgets:
+        if not spec.segment_keys:
+            raise InputError(f"--segment-budget {name}={eps} needs --segment-key (the column(s) it refers to)")
+        check_budget(eps, f"--segment-budget {name}")
+        if name == "*":
+            budgets.update(dict.fromkeys(range(len(seg_levels)), eps))
+            continue
+        if name not in seg_levels or counts[seg_levels.index(name)] == 0:
+            raise InputError(f"--segment-budget {name}={eps}: no rows have segment value {name!r} "
+                             f"in {'|'.join(spec.segment_keys)}; values: {', '.join(seg_levels)}")
+        explicit[seg_levels.index(name)] = eps
+    budgets.update(explicit)
+    splits = Splits.draw(logs.n, spec.split, spec.seed)
+    if progress is not None:
+        progress("fitting calibrators", 0.0)
+    cal_objects = fit_exit_calibrators(logs, spec.calibrator, target=spec.calibration_target, index=splits.fit)
+    cal_dicts = tuple(c.to_dict() for c in cal_objects)
+    if progress is not None:
+        progress("scoring exits", 0.0)
+    scored = ScoredLogs.from_logs(logs, cal_dicts, spec.score)
+    return Prepared(
+        spec=spec, logs=logs, splits=splits, calibrators=cal_dicts, calibrator_objects=tuple(cal_objects),
+        scored=scored, loss=scored.loss_matrix(spec.risk), seg_codes=seg_codes, seg_levels=seg_levels,
+        forced_classes=forced_classes, forced_segments=forced_segments, budgets=budgets,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """A solved and certified policy, with everything the document and the baselines need."""
+
+    prepared: Prepared
+    path: SolverPath
+    certification: Certification
+    constraints: tuple[Constraint, ...]  # indices into the certify split
+    uncertified: Mapping[str, tuple[float, int]]  # segment value -> (eps, certify rows)
+    forced_segments: np.ndarray  # (S,) forbidden or uncertifiable
+    tau: np.ndarray  # (S, K-1, C) chosen thresholds (all NaN: full depth)
+    policy: CompiledPolicy
+    curve: tuple[dict[str, float], ...]
+    timings: Mapping[str, float]
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.certification.certified)
+
+
+def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str, tuple[float, int]], np.ndarray,
+                                                      dict[int, float]]:
+    spec = prepared.spec
+    cert_codes = prepared.seg_codes[prepared.splits.certify]
+    n_cert = int(cert_codes.size)
+    constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]
+    uncertified: dict[str, tuple[float, int]] = {}
+    forced = prepared.forced_segments.copy()
+    aims: dict[int, float] = {}
+    for s, eps in sorted(prepared.budgets.items()):
+        if forced[s]:
+            continue
+        idx = np.flatnonzero(cert_codes == s)
+        name = prepared.seg_levels[s]
+        if idx.size < min_rows(eps, spec.delta):
+            uncertified[name] = (eps, int(idx.size))
+            forced[s] = True
+            continue
+        constraints.append(Constraint(name=name, eps=eps, index=idx))
+        aims[s] = aim(int(idx.size), eps, spec.delta, prepared.spec.settings.floor_power)
+    return constraints, uncertified, forced, aims
+
+
+def certify_candidates(
+    prepared: Prepared,
+    policies: Sequence[CompiledPolicy],
+    constraints: Sequence[Constraint],
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[Certification, dict[int, tuple[float, float]], Callable[[int], np.ndarray]]:
+    """Fixed-sequence test of ``policies`` (safe to aggressive) on the certify split.
+
+    Each tested candidate is routed by the rule (:func:`exitwise.calibration.rule.first_exit`) on the
+    certify rows. Returns the certification, {candidate: (risk, compute fraction)} of the
+    candidates evaluated so far, and the loss function (to evaluate more candidates).
+    """
+    cert_rows = prepared.splits.certify
+    # column-major: the rule gathers one exit's column of the pending rows at a time
+    scores_c = np.asfortranarray(prepared.scored.scores[cert_rows])
+    preds_c = np.asfortranarray(prepared.scored.preds[cert_rows])
+    loss_c = prepared.loss[cert_rows]
+    costs = prepared.scored.costs / prepared.scored.costs[-1]
+    rows_idx = np.arange(cert_rows.size)
+    stats: dict[int, tuple[float, float]] = {}
+    layouts: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def table_rows(pol: CompiledPolicy) -> np.ndarray:
+        """Each certify row's row of the policy's threshold table (the rule's segment lookup)."""
+        key = (pol.segment_keys, tuple(pol.segment_index.items()))
+        if key not in layouts:
+            if not pol.segment_keys:
+                layouts[key] = np.zeros(cert_rows.size, dtype=np.intp)
+            elif pol.segment_keys == prepared.spec.segment_keys and all(
+                    pol.segment_index.get(v) == i + 1 for i, v in enumerate(prepared.seg_levels)):
+                layouts[key] = prepared.policy_rows(cert_rows)
+            else:
+                lookup = np.array([pol.segment_index.get(v, 0) for v in prepared.seg_levels], dtype=np.intp)
+                layouts[key] = lookup[prepared.seg_codes[cert_rows]]
+        return layouts[key]
+
+    def losses(j: int) -> np.ndarray:
+        pol = policies[j]
+        exit_at = first_exit(pol, scores_c, preds_c, table_rows(pol)).exit
+        loss = loss_c[rows_idx, exit_at]
+        stats[j] = (float(loss.mean()) if loss.size else 0.0, float(costs[exit_at].mean()) if loss.size else 1.0)
+        return loss
+
+    n_pts = len(policies)
+    cert = fixed_sequence(
+        losses, n_pts, constraints, prepared.spec.delta,
+        progress=None if progress is None else (lambda j: progress((j + 1) / max(n_pts, 1))),
+    )
+    return cert, stats, losses
+
+
+def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
+                   curve_points: int = 6) -> Solution:
+    """Path on the select split, fixed-sequence certification on the certify split."""
+    spec = prepared.spec
+    t0 = time.perf_counter()
+    constraints, uncertified, forced, aims = _certify_constraints(prepared)
+    problem = prepared.problem(prepared.splits.select, forced_segments=forced)
+    target = aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power)
+    path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), target=target, segment_aims=aims,
+                      segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims},
+                      settings=spec.settings,
+                      progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
+    t1 = time.perf_counter()
+    policies = [prepared.compile(p.tau, forced) for p in path.points]
+    cert, stats, losses = certify_candidates(
+        prepared, policies, constraints,
+        progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
+    )
+    cert_rows = prepared.splits.certify
+    n_pts = len(policies)
+    t2 = time.perf_counter()
+    # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
+    if curve_points and n_pts > len(stats):
+        rest = np.arange(len(stats), n_pts)
+        want = rest[np.unique(np.linspace(0, rest.size - 1, min(curve_points, rest.size)).round().astype(int))]
+        for j in want:
+            if int(j) not in stats:
+                losses(int(j))
+    curve = tuple(
+        {"lambda": float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
+         "risk": stats[j][0], "compute_fraction": stats[j][1],
+         "eps": upper_bound(round(stats[j][0] * cert_rows.size), int(cert_rows.size), spec.delta) or 1.0,
+         "certified": cert.chosen is not None and j <= cert.chosen}
+        for j in sorted(stats)
+    )
+    t3 = time.perf_counter()
+    s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.scored.n_classes
+    tau = path.points[cert.chosen].tau if cert.chosen is not None else np.full((s_total, k1, c), np.nan)
+    if progress is not None:
+        progress("done", 1.0)
+    return Solution(
+        prepared=prepared, path=path, certification=cert, constraints=tuple(constraints), uncertified=uncertified,
+        forced_segments=forced, tau=tau, policy=prepared.compile(tau, forced), curve=curve,
+        timings={"path": t1 - t0, "certify": t2 - t1, "curve": t3 - t2},
+    )
+
+
+def solve(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Solution:
+    """Validate, split, calibrate, solve the path and certify it: the whole of ``exitwise solve``."""
+    return solve_prepared(prepare(logs, spec, progress=progress), progress=progress)

@@ -1,0 +1,100 @@
+"""Authoring a policy from exit logs: solve and certify it, compare it, check a saved one on other logs.
+
+The use cases behind ``exitwise solve`` and ``exitwise evaluate`` (the CLI only parses
+options, calls one of these, prints and writes), also run by the benchmarks:
+
+* :func:`solve_policy` — prepare, solve the path and certify it
+  (:mod:`exitwise.calibration.pipeline`), choose the baselines of the registry
+  (:data:`exitwise.calibration.baselines.NAMES`), measure everything on the certify split
+  for the document's ``expected`` section, build the validated policy document and measure
+  again on held-out test logs when given;
+* :func:`evaluate_policy` — apply a saved policy document to other logs of the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from exitwise.calibration.baselines import NAMES, HeldOut, baselines_json, choose_baselines, evaluate_held_out
+from exitwise.calibration.evaluate import Evaluation, evaluate
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.pipeline import Solution, SolveSpec, prepare, solve_prepared
+from exitwise.policies.document import build_document, calibration_section, data_section
+
+__all__ = ["SolveOutcome", "evaluate_policy", "solve_policy"]
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True, eq=False)
+class SolveOutcome:
+    """A solved policy: its document, the solution behind it and how it compares on held-out rows.
+
+    ``certify`` is measured on the certify split (what the document's ``expected`` section
+    holds); ``held_out`` on the test logs, or the same as ``certify`` without them.
+    """
+
+    document: dict[str, Any]
+    solution: Solution
+    certify: HeldOut
+    held_out: HeldOut
+
+    @property
+    def segment_column(self) -> str | None:
+        """The composite segment column of the policy (``a|b`` for two keys), None without keys."""
+        return _segment_column(self.solution.prepared.spec)
+
+
+def _segment_column(spec: SolveSpec) -> str | None:
+    return "|".join(spec.segment_keys) or None
+
+
+def solve_policy(
+    logs: ExitLogs,
+    spec: SolveSpec,
+    *,
+    test_logs: ExitLogs | None = None,
+    baselines: Sequence[str] = NAMES,
+    shadow_rate: float = 0.01,
+    progress: ProgressFn | None = None,
+) -> SolveOutcome:
+    """Solve and certify least-compute thresholds on ``logs``, document them, compare them.
+
+    ``baselines`` are names from :data:`~exitwise.calibration.baselines.NAMES` (``()``: the
+    solver alone); ``test_logs`` (same exits and classes) give the held-out comparison,
+    otherwise it is the certify split. ``progress(message, fraction)`` follows the stages.
+    """
+    report: ProgressFn = progress or (lambda message, fraction: None)
+    if test_logs is not None and (test_logs.n_exits != logs.n_exits or test_logs.n_classes != logs.n_classes):
+        raise InputError(f"{test_logs.source}: test logs have {test_logs.n_exits} exits and {test_logs.n_classes} "
+                         f"classes, the calibration logs {logs.n_exits} and {logs.n_classes}")
+    prepared = prepare(logs, spec, progress=lambda message, fraction: report(message, 0.05))
+    solution = solve_prepared(prepared, progress=lambda message, fraction: report(message, 0.1 + 0.6 * fraction))
+    chosen = choose_baselines(solution, names=baselines,
+                              progress=lambda name: report(f"baseline: {name}", 0.75))
+    certify = evaluate_held_out(solution, chosen, names=baselines,
+                                progress=lambda name: report(f"baseline: {name}", 0.85))
+    report("writing policy", 0.95)
+    document = build_document(
+        solution, expected=certify.solver, baselines=baselines_json(certify.baselines, _segment_column(spec)),
+        calibration=calibration_section(logs, prepared.calibrators, prepared.splits.select, spec.calibration_target),
+        data=data_section(logs, prepared.splits), shadow_rate=shadow_rate,
+    )
+    held_out = certify if test_logs is None else evaluate_held_out(solution, chosen, test_logs, names=baselines)
+    return SolveOutcome(document=document, solution=solution, certify=certify, held_out=held_out)
+
+
+def evaluate_policy(document: Mapping[str, Any], logs: ExitLogs, *, risk: str | None = None) -> Evaluation:
+    """Apply a saved policy document to ``logs`` of the same model: realised risk and compute.
+
+    ``risk`` defaults to the one the policy was certified for; the logs' exits (names, in
+    order) must be the policy's.
+    """
+    policy_exits = [e["name"] for e in document["exits"]]
+    card_exits = [e.name for e in logs.card.exits]
+    if policy_exits != card_exits:
+        raise InputError(f"{logs.source}: the card's exits {card_exits} differ from the policy's {policy_exits}")
+    return evaluate(document, logs, risk=risk)
