@@ -61,7 +61,7 @@ def install_store_hooks() -> None:
     """
     if not _hooks["wanted"] or _hooks["installed"]:
         return
-    from exitwise.policies.registry import install_hook
+    from exitwise.policies.mlflow.worker import install_hook
     from exitwise.policies.report import install_approval_hook
 
     install_hook()

@@ -7,6 +7,9 @@
 
 MLflow goes to ``MLFLOW_TRACKING_URI`` when set, else to the embedded
 ``sqlite:///<EXITWISE_DATA_DIR>/mlflow.db`` (artifacts under ``<data dir>/mlartifacts``).
+``sync`` and ``uri`` (with its default ``--check``) need the ``exitwise[mlflow]`` extra and say
+so when it is missing; ``status`` and ``uri --tracking`` read only the policy database.
+Importing this module does not import mlflow (``exitwise --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy import Engine
 
 from exitwise.calibration.exceptions import InputError
+from exitwise.policies.db import open_store, unit_of_work
+from exitwise.policies.mlflow.config import TAG_STALE, mlflow_config, model_uri, quiet_mlflow_logs, redact_uri
+from exitwise.policies.mlflow.lookup import alias_version, find_version
+from exitwise.policies.mlflow.sync import SyncOutcome, sync_all, sync_model, sync_status
 
 mlflow_app = typer.Typer(
     name="mlflow",
@@ -32,21 +40,12 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _engine() -> Iterator[Any]:
-    from exitwise.policies.db import open_store
-
+def _engine() -> Iterator[Engine]:
     engine = open_store()
     try:
         yield engine
     finally:
         engine.dispose()
-
-
-def _quiet() -> None:
-    """MLflow logs table creation and validation at INFO on stderr; keep the CLI's output readable."""
-    from exitwise.policies import registry
-
-    registry.quiet_mlflow_logs()
 
 
 @mlflow_app.command("sync")
@@ -59,21 +58,19 @@ def sync(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Bring MLflow up to date with the policy database; exit 1 if MLflow could not be reached."""
-    from exitwise.policies import registry
-
-    _quiet()
-    config = registry.mlflow_config()
+    quiet_mlflow_logs()  # loads mlflow (MissingDependency without the extra), keeps its INFO logs off stderr
+    config = mlflow_config()
     with _engine() as engine:
         if model is not None:
             if pending_only:
                 raise InputError("--pending applies when syncing every model, not one MODEL")
-            outcomes = [registry.sync_model(engine, model, config=config, reports=reports)]
+            outcomes = [sync_model(engine, model, config=config, reports=reports)]
         else:
-            outcomes = registry.sync_all(engine, config=config, only_pending=pending_only, reports=reports)
+            outcomes = sync_all(engine, config=config, only_pending=pending_only, reports=reports)
     failed = [o for o in outcomes if not o.ok]
     if as_json:
         typer.echo(json.dumps({
-            "tracking_uri": registry.redact_uri(config.tracking_uri),
+            "tracking_uri": redact_uri(config.tracking_uri),
             "ok": not failed,
             "models": [_outcome_json(o) for o in outcomes],
         }, sort_keys=True))
@@ -86,18 +83,14 @@ def sync(
         raise typer.Exit(1)
 
 
-def _outcome_json(o: Any) -> dict[str, Any]:
-    from exitwise.policies import registry
-
+def _outcome_json(o: SyncOutcome) -> dict[str, Any]:
     out = o.to_json()
     if o.result is not None:
-        out["uris"] = {alias: registry.model_uri(o.model, alias) for alias in o.result.aliases}
+        out["uris"] = {alias: model_uri(o.model, alias) for alias in o.result.aliases}
     return out
 
 
-def _outcome_text(o: Any) -> str:
-    from exitwise.policies import registry
-
+def _outcome_text(o: SyncOutcome) -> str:
     if not o.ok:
         return f"{o.model}: NOT synced, stays pending — {o.error}"
     r = o.result
@@ -108,10 +101,10 @@ def _outcome_text(o: Any) -> str:
     if r.aliases_removed:
         lines.append(f"  aliases removed: {', '.join(r.aliases_removed)}")
     if r.stale:
-        lines.append(f"  MLflow versions not in the store (tagged {registry.TAG_STALE}): {', '.join(r.stale)}")
+        lines.append(f"  MLflow versions not in the store (tagged {TAG_STALE}): {', '.join(r.stale)}")
     by_mlflow = {v: n for n, v in r.versions.items()}
     for alias, version in sorted(r.aliases.items()):
-        lines.append(f"  {registry.model_uri(o.model, alias)}  (policy v{by_mlflow.get(version)}, "
+        lines.append(f"  {model_uri(o.model, alias)}  (policy v{by_mlflow.get(version)}, "
                      f"MLflow version {version})")
     return "\n".join(lines)
 
@@ -121,21 +114,18 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show, per model, whether MLflow is behind the policy database (no MLflow call)."""
-    from exitwise.policies import registry
-    from exitwise.policies.db import unit_of_work
-
-    config = registry.mlflow_config()
+    config = mlflow_config()
     with _engine() as engine, unit_of_work(engine, readonly=True) as session:
-        statuses = registry.sync_status(session=session, config=config)
+        statuses = sync_status(session=session, config=config)
     pending = [s.model for s in statuses if s.pending]
     if as_json:
         typer.echo(json.dumps({
-            "tracking_uri": registry.redact_uri(config.tracking_uri),
+            "tracking_uri": redact_uri(config.tracking_uri),
             "pending": pending,
             "models": [s.to_json() for s in statuses],
         }, sort_keys=True))
         return
-    typer.echo(f"tracking URI: {registry.redact_uri(config.tracking_uri)}")
+    typer.echo(f"tracking URI: {redact_uri(config.tracking_uri)}")
     if not statuses:
         typer.echo("no models in the policy store")
     for s in statuses:
@@ -160,13 +150,11 @@ def uri(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print the models:/ URI that mlflow.pyfunc.load_model takes for MODEL in --env (or --version)."""
-    from exitwise.policies import registry
-
-    config = registry.mlflow_config()
+    config = mlflow_config()
     if tracking:
         if model is not None or env is not None or version is not None:
             raise InputError("--tracking takes no MODEL, --env or --version")
-        shown = registry.redact_uri(config.tracking_uri)
+        shown = redact_uri(config.tracking_uri)
         typer.echo(json.dumps({"tracking_uri": shown}) if as_json else shown)
         return
     if model is None:
@@ -174,18 +162,18 @@ def uri(
     if (env is None) == (version is None):
         raise InputError("give exactly one of --env ENV or --version N")
     if check:
-        _quiet()
+        quiet_mlflow_logs()
     if env is not None:
-        target = registry.model_uri(model, env)
-        mlflow_version = registry.alias_version(model, env, config=config) if check else None
+        target = model_uri(model, env)
+        mlflow_version = alias_version(model, env, config=config) if check else None
     else:
-        mlflow_version = registry.find_version(model, version, config=config) if check else None
-        target = registry.model_uri(model, version=mlflow_version) if mlflow_version else None
+        mlflow_version = find_version(model, version, config=config) if check else None
+        target = model_uri(model, version=mlflow_version) if mlflow_version else None
         if target is None:
             raise InputError(f"--version without --check cannot name the MLflow version of {model} v{version}")
     if as_json:
         typer.echo(json.dumps({"model": model, "environment": env, "version": version, "uri": target,
                                "mlflow_version": mlflow_version,
-                               "tracking_uri": registry.redact_uri(config.tracking_uri)}, sort_keys=True))
+                               "tracking_uri": redact_uri(config.tracking_uri)}, sort_keys=True))
     else:
         typer.echo(target)
