@@ -3,7 +3,8 @@
 Tracking store: ``MLFLOW_TRACKING_URI`` when set (any MLflow server), else the embedded
 ``sqlite:///<EXITWISE_DATA_DIR>/mlflow.db`` with artifacts under ``<data dir>/mlartifacts``
 (never ``./mlruns``). mlflow is an optional extra (``exitwise[mlflow]``) and slow to import
-(~1.5 s), so no module of this package but ``pyfunc`` imports it at the top: everything gets
+(1.3 s, three times ``exitwise --help``), so no module of this package but ``pyfunc`` imports
+it at the top: everything gets
 it from :func:`load_mlflow`, which turns MLflow's telemetry off and sets fail-fast HTTP
 defaults first, and raises :class:`~exitwise.calibration.exceptions.MissingDependency` when
 the extra is not installed.
@@ -118,7 +119,7 @@ def load_mlflow() -> ModuleType:
     os.environ.update(TELEMETRY_OFF)
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    mlflow = require("mlflow", "mlflow", FEATURE)
+    mlflow = require("mlflow", "mlflow", FEATURE)  # here, not at the top: an optional extra, 1.3 s to import
     telemetry = require("mlflow.telemetry", "mlflow", FEATURE)
     if telemetry.get_telemetry_client() is not None:
         telemetry.set_telemetry_client()  # re-reads MLFLOW_DISABLE_TELEMETRY and installs no client

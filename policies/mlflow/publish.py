@@ -16,11 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy
-
-from exitwise.calibration.optional import require
 from exitwise.policies.mlflow.config import (
-    FEATURE,
     MODEL_NAME,
     REPORT_ARTIFACT,
     TAG_CONTENT_HASH,
@@ -192,7 +188,7 @@ def log_run(
                     artifacts={pyfunc.POLICY_ARTIFACT: str(doc_path)},
                     signature=pyfunc.signature(doc),
                     input_example=pyfunc.input_example(doc),
-                    pip_requirements=_pip_requirements(mlflow),
+                    pip_requirements=pyfunc.pip_requirements(),
                     metadata={"exitwise": identity_tags(rec, doc)},
                 )
                 _log_contents(client, run_id, doc, doc_path, plots, report)
@@ -203,12 +199,6 @@ def log_run(
             client.set_terminated(run_id, "FAILED")
         raise
     return run_id, info.model_id
-
-
-def _pip_requirements(mlflow: Any) -> list[str]:
-    """The pinned packages a loaded model needs next to ``exitwise``: mlflow, numpy, pandas."""
-    pandas = require("pandas", "mlflow", FEATURE)  # loaded by the pyfunc module already
-    return [f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}"]
 
 
 def _log_contents(

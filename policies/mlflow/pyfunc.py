@@ -133,6 +133,11 @@ def predict_frame(
     )
 
 
+def pip_requirements() -> list[str]:
+    """What a loaded model needs next to ``exitwise``: mlflow, numpy and pandas, pinned to the versions here."""
+    return [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+
+
 def signature(doc: Mapping[str, Any]) -> ModelSignature:
     """Inputs: ``exit_k`` arrays of doubles and the segment columns; outputs: the routing; param ``killed``."""
     inputs = [ColSpec(Array(DataType.double), f"exit_{k}") for k in range(len(doc["exits"]))]

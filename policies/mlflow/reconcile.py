@@ -29,6 +29,7 @@ from exitwise.policies.mlflow.config import (
     TAG_STATE,
     TAG_STORE_VERSION,
     MlflowConfig,
+    model_uri,
     registered_model_name,
 )
 from exitwise.policies.mlflow.errors import RegistryError, translate
@@ -81,6 +82,10 @@ class SyncResult:
             "aliases_set": list(self.aliases_set), "aliases_removed": list(self.aliases_removed),
             "duplicates_removed": list(self.duplicates_removed), "stale": list(self.stale),
         }
+
+    def uris(self) -> dict[str, str]:
+        """alias -> the ``models:/exit-policy-<model>@<alias>`` URI that ``mlflow.pyfunc.load_model`` takes."""
+        return {alias: model_uri(self.model, alias) for alias in self.aliases}
 
 
 def reconcile(
