@@ -19,7 +19,7 @@ from exitwise.calibration.exceptions import MissingDependency
 from exitwise.policies import events
 from exitwise.policies.db import open_store, unit_of_work
 from exitwise.policies.errors import NotFound
-from exitwise.policies.mlflow.config import MlflowConfig, load_mlflow, mlflow_config, quiet_mlflow_logs
+from exitwise.policies.mlflow.config import MlflowConfig, load_mlflow, mlflow_config, quiet_mlflow_logs, redact_uri
 from exitwise.policies.mlflow.sync import pending_models, sync_model
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ class SyncHook:
             with self._lock:
                 first, self._missing = not self._missing, True
             if first:
-                log.warning("MLflow mirror skipped, store changes stay pending for 'exitwise mlflow sync': %s", exc)
+                uri = redact_uri((self.config or mlflow_config()).tracking_uri)
+                log.warning("MLflow mirror to %s skipped (changes stay pending for 'exitwise mlflow sync'): %s",
+                            uri, exc)
             return False
         return True
 
