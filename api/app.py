@@ -111,7 +111,7 @@ def _install_store_hooks(engine: Engine, settings: ApiSettings) -> list[Callable
     at shutdown). A mirror that fails never undoes or delays a committed change.
     """
     from exitwise.policies import events
-    from exitwise.policies.registry import install_hook
+    from exitwise.policies.mlflow.worker import install_hook
     from exitwise.policies.report import install_approval_hook
 
     sync = install_hook(engine, background=True)

@@ -13,7 +13,7 @@ rules) with the serving knobs:
   with ``If-None-Match`` on every use, so a kill switch is never hidden behind a max-age;
   the revalidation costs a 304 without a body.
 - ``EXITWISE_STORE_HOOKS`` (default true): while the app runs, mirror committed changes to
-  MLflow (``exitwise.policies.registry``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
+  MLflow (``exitwise.policies.mlflow``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
   (``exitwise.policies.report``, in a background thread). Requests never wait for either.
 """

@@ -7,17 +7,10 @@ the caller's transaction apply). Run by hand, the URL comes from ``-x url=...``,
 
 from __future__ import annotations
 
-import importlib
-
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from exitwise.policies.models import Base
-
-# Modules that declare tables on ``Base.metadata`` (autogenerate must see all of them).
-TABLE_MODULES = ("exitwise.policies.models", "exitwise.policies.registry")
-for _name in TABLE_MODULES:
-    importlib.import_module(_name)
+from exitwise.policies.models import Base  # every table is declared there (autogenerate sees them all)
 
 config = context.config
 target_metadata = Base.metadata

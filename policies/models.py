@@ -226,3 +226,22 @@ class StoreState(Base):
     generation: Mapped[int] = mapped_column(BigInteger)
     audit_seq: Mapped[int] = mapped_column(BigInteger)
     audit_hash: Mapped[str] = mapped_column(String(64))
+
+
+class MlflowSync(Base):
+    """How far the MLflow mirror of one model has caught up (migration ``0002``).
+
+    The audit trail is the outbox: a model needs a sync while it has audit events with
+    ``seq > synced_seq`` or when it was last synced to another tracking URI (see
+    ``exitwise.policies.mlflow.sync``). Not audited and not append-only: bookkeeping only.
+    """
+
+    __tablename__ = "mlflow_sync"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    synced_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    tracking_uri: Mapped[str | None] = mapped_column(String(1000))
+    synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -20,7 +20,7 @@ def install() -> None:
     if not _state["wanted"] or _state["installed"]:
         return
     # lazy: mlflow and the report renderer are only needed by write commands
-    from exitwise.policies.registry import install_hook
+    from exitwise.policies.mlflow.worker import install_hook
     from exitwise.policies.report import install_approval_hook
 
     install_hook()

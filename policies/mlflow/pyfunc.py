@@ -9,22 +9,18 @@ the evaluator and the runtime client give the same bits on the same logits.
 
 The model is saved as "models from code" (MLflow's recommended form, no pickle): the entry
 file only imports :class:`ExitPolicyModel`, so loading needs ``exitwise`` importable
-(``pip install exitwise``) next to mlflow, numpy and pandas. Only the registry imports this
-module: it imports mlflow, which is slow, and turns MLflow's telemetry off first.
+(``pip install exitwise``) next to mlflow, numpy and pandas. This module imports mlflow and
+changes nothing at import (a host process that loads a model keeps its own settings);
+exitwise's own processes reach it through
+:func:`exitwise.policies.mlflow.config.load_pyfunc`, which turns MLflow's telemetry off first.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
-
-# exitwise never lets MLflow phone home: set before mlflow is first imported (it reads these
-# when its telemetry client is created at import time).
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DO_NOT_TRACK"] = "true"
 
 import mlflow.pyfunc
 import numpy as np
@@ -40,21 +36,10 @@ OUTPUT_COLUMNS = ("exit", "exit_name", "answer", "answer_name", "confidence")
 ENTRY_POINT = '''"""MLflow models-from-code entry point of an exitwise exit policy (written by exitwise)."""
 from mlflow.models import set_model
 
-from exitwise.policies.mlflow_model import ExitPolicyModel
+from exitwise.policies.mlflow.pyfunc import ExitPolicyModel
 
 set_model(ExitPolicyModel())
 '''
-
-
-def _telemetry_off() -> None:
-    """Drop a telemetry client created before exitwise set the environment (mlflow imported early)."""
-    from mlflow.telemetry import get_telemetry_client, set_telemetry_client
-
-    if get_telemetry_client() is not None:
-        set_telemetry_client()  # re-reads MLFLOW_DISABLE_TELEMETRY and installs no client
-
-
-_telemetry_off()
 
 
 class ExitPolicyModel(mlflow.pyfunc.PythonModel):
@@ -146,6 +131,11 @@ def predict_frame(
         },
         index=frame.index,
     )
+
+
+def pip_requirements() -> list[str]:
+    """What a loaded model needs next to ``exitwise``: mlflow, numpy and pandas, pinned to the versions here."""
+    return [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
 
 
 def signature(doc: Mapping[str, Any]) -> ModelSignature:

@@ -1,0 +1,215 @@
+"""What one MLflow run holds for a stored policy version: params, metrics, tags, the policy JSON, plots.
+
+Pure functions of the policy document (no MLflow, no database): the write path
+(:mod:`exitwise.policies.mlflow.publish`) logs what they return.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
+from exitwise.policies.mlflow.config import TAG_AUTHOR, TAG_CONTENT_HASH, TAG_FINGERPRINT, TAG_MODEL, TAG_STORE_VERSION
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM = 6000
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What MLflow must know about one stored policy version (built from the store)."""
+
+    model: str
+    number: int
+    content_hash: str
+    author: str
+    state: str
+    data_fingerprint: str | None = None
+    document: Mapping[str, Any] | None = None  # None: loaded only if MLflow lacks the version
+
+
+
+def policy_json(doc: Mapping[str, Any]) -> bytes:
+    """The hash-verifiable policy document: canonical JSON without governance fields but the hash."""
+    body = {k: v for k, v in doc.items() if k not in GOVERNANCE_FIELDS or k == "content_hash"}
+    return canonical_json(body)
+
+
+def _key(text: str) -> str:
+    """A valid MLflow param/metric name part (alphanumerics, ``_ - . :`` and spaces); ``*`` reads ``all``."""
+    out = re.sub(r"[^\w.\- :]", "_", str(text).replace("*", "all")).strip() or "_"
+    return re.sub(r"\.{2,}", "_", out)
+
+
+def _finite(x: Any) -> bool:
+    """A real, finite number (not a bool): what MLflow accepts as a metric value."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _param_value(v: Any) -> str:
+    """A param value as MLflow stores it: strings as they are, the rest as compact JSON, cut to 6000 chars."""
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return s if len(s) <= _MAX_PARAM else s[: _MAX_PARAM - 1] + "…"
+
+
+def run_params(doc: Mapping[str, Any]) -> dict[str, str]:
+    """Params: the guarantee asked for, the rule's settings, the solver's settings (flattened)."""
+    g = doc.get("guarantee") or {}
+    forced = doc.get("forced_full_depth") or {}
+    p: dict[str, Any] = {
+        "risk": g.get("risk"), "eps": g.get("eps"), "delta": g.get("delta"), "method": g.get("method"),
+        "score": doc.get("score", "max_prob"), "segment_keys": ",".join(doc.get("segment_keys") or []),
+        "n_exits": len(doc.get("exits") or []), "n_classes": len(doc.get("classes") or []),
+        "exits": ",".join(str(e.get("name")) for e in doc.get("exits") or []),
+        "max_exit": doc.get("max_exit"), "shadow_rate": doc.get("shadow_rate"),
+        "forced_full_depth.classes": ",".join(forced.get("classes") or []),
+        "forced_full_depth.segments": ",".join(forced.get("segments") or []),
+        "model_version": (doc.get("model") or {}).get("version"), "parent": doc.get("parent"),
+    }
+    for e in doc.get("exits") or []:
+        cal = e.get("calibrator") or {"type": "identity"}
+        p[f"calibrator.{_key(e.get('name'))}"] = cal.get("type")
+    for k, v in _flatten(doc.get("solver") or {}, "solver").items():
+        p[k] = v
+    return {_key(k): _param_value(v) for k, v in p.items() if v is not None and v != ""}
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str, depth: int = 0) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"<prefix>.a.b": 1}``, three levels deep at most."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}.{_key(k)}"
+        if isinstance(v, Mapping) and depth < 2:
+            out.update(_flatten(v, key, depth + 1))
+        else:
+            out[key] = v
+    return out
+
+
+def run_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics: compute fraction overall/per segment, held-out risks, certified bounds, calibration."""
+    m: dict[str, Any] = {}
+    exp = doc.get("expected") or {}
+    for name in ("compute_fraction", "risk", "disagreement", "induced_error", "accuracy", "full_depth_accuracy"):
+        m[f"heldout.{name}" if name != "compute_fraction" else "compute_fraction"] = exp.get(name)
+    exits = [str(e.get("name")) for e in doc.get("exits") or []]
+    for name, rate in zip(exits, exp.get("exit_rate") or [], strict=False):
+        m[f"exit_rate.{name}"] = rate
+    for b, frac in (exp.get("batch_compute_fraction") or {}).items():
+        m[f"batch_compute_fraction.b{b}"] = frac
+    for seg, vals in (exp.get("segments") or {}).items():
+        if not isinstance(vals, Mapping):
+            continue
+        nested = {k: v for k, v in vals.items() if isinstance(v, Mapping)}  # {column: {value: {...}}} form
+        for label, stats in ({f"{seg}.{k}": v for k, v in nested.items()} if nested else {seg: vals}).items():
+            for name in ("compute_fraction", "risk", "n"):
+                m[f"segment.{label}.{name}"] = stats.get(name)
+    for base, vals in (exp.get("baselines") or {}).items():
+        if isinstance(vals, Mapping):
+            for name in ("compute_fraction", "risk"):
+                m[f"baseline.{base}.{name}"] = vals.get(name)
+    g = doc.get("guarantee") or {}
+    m["certified"] = 1.0 if g.get("certified") else 0.0
+    m["certify.n"] = g.get("n")
+    for seg, vals in (g.get("segments") or {}).items():
+        if isinstance(vals, Mapping):
+            label = "overall" if seg == "__all__" else seg
+            m[f"bound.{label}.upper_bound"] = vals.get("upper_bound")
+            m[f"bound.{label}.certified"] = 1.0 if vals.get("certified") else 0.0
+    for entry in (doc.get("calibration") or {}).get("exits") or []:
+        name = entry.get("name")
+        for when in ("before", "after"):
+            for metric, value in (entry.get(when) or {}).items():
+                if _finite(value):
+                    m[f"calibration.{name}.{when}.{metric}"] = value
+    return {_key(k): float(v) for k, v in m.items() if _finite(v)}
+
+
+def curve_png(doc: Mapping[str, Any]) -> bytes | None:
+    """PNG of the solver's compute-vs-risk curve (``expected.curve``), the chosen point and eps."""
+    exp = doc.get("expected") or {}
+    pts = [p for p in exp.get("curve") or [] if _finite(p.get("risk")) and _finite(p.get("compute_fraction"))]
+    if not pts:
+        return None
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pts = sorted(pts, key=lambda p: p["risk"])
+    ax.plot([p["risk"] for p in pts], [p["compute_fraction"] for p in pts], "-o", ms=3, label="solver curve")
+    if _finite(exp.get("risk")) and _finite(exp.get("compute_fraction")):
+        ax.plot([exp["risk"]], [exp["compute_fraction"]], "*", ms=14, color="#dc2626", label="this policy")
+    eps = (doc.get("guarantee") or {}).get("eps")
+    if _finite(eps):
+        ax.axvline(eps, ls="--", color="#dc2626", lw=1, label=f"eps = {eps:g}")
+    ax.set_xlabel(f"held-out {(doc.get('guarantee') or {}).get('risk', 'risk')}")
+    ax.set_ylabel("compute fraction")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def reliability_pngs(doc: Mapping[str, Any]) -> dict[str, bytes]:
+    """Reliability diagram (before/after calibration) per exit that records bin data, as PNG bytes.
+
+    Drawn by the audit report's figure code (which uses ``exitwise.calibration.plots`` when present).
+    """
+    entries = (doc.get("calibration") or {}).get("exits") or []
+    if not entries:
+        return {}
+    try:
+        from exitwise.policies.report import reliability_figure
+    except ImportError:  # pragma: no cover - report module missing
+        return {}
+    out: dict[str, bytes] = {}
+    for entry in entries:
+        try:
+            uri = reliability_figure(entry)
+        except Exception as exc:  # a plot must never block a registration
+            log.warning("reliability diagram of exit %s not drawn: %s", entry.get("name"), exc)
+            continue
+        if uri and uri.startswith("data:image/png;base64,"):
+            out[_key(entry.get("name"))] = base64.b64decode(uri.split(",", 1)[1])
+    return out
+
+
+def description(rec: VersionRecord, doc: Mapping[str, Any]) -> str:
+    """One line for the run and the model version: the guarantee, compute fraction, content hash."""
+    g = doc.get("guarantee") or {}
+    exp = doc.get("expected") or {}
+    cf = exp.get("compute_fraction")
+    return (
+        f"exitwise policy v{rec.number} of {rec.model}: {g.get('risk')} <= {g.get('eps')} "
+        f"with confidence {1 - float(g.get('delta', 0) or 0):g}"
+        + (f", compute fraction {cf:.4f}" if _finite(cf) else "")
+        + f"; certified={g.get('certified')}; content {rec.content_hash[:12]}"
+    )
+
+
+def identity_tags(rec: VersionRecord, doc: Mapping[str, Any]) -> dict[str, str]:
+    """The tags that identify a version in MLflow: model, store number, content hash, author, data."""
+    tags = {
+        TAG_MODEL: rec.model,
+        TAG_STORE_VERSION: str(rec.number),
+        TAG_CONTENT_HASH: rec.content_hash,
+        TAG_AUTHOR: rec.author,
+    }
+    fingerprint = rec.data_fingerprint or (doc.get("data") or {}).get("fingerprint")
+    if fingerprint:
+        tags[TAG_FINGERPRINT] = str(fingerprint)
+    return tags
