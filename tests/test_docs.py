@@ -152,7 +152,7 @@ def test_roles_become_code_and_literal_blocks_stay() -> None:
         "\n"
         "    tau[s][k] :func:`kept`\n"
         "\n"
-        "Back to prose: thresholds[s][k][c] but ``a[s][k]`` stays.\n"
+        "Back to prose (DESIGN.md): thresholds[s][k][c] but ``a[s][k]`` stays.\n"
         "\n"
         "::\n"
         "\n"
@@ -167,6 +167,7 @@ def test_roles_become_code_and_literal_blocks_stay() -> None:
     assert "    tau[s][k] :func:`kept`" in out  # literal block untouched
     assert "thresholds[s]\\[k]\\[c]" in out  # an index, not a Markdown reference link
     assert "``a[s][k]``" in out
+    assert "(the design contract)" in out and "DESIGN.md" not in out
     assert "\n::\n" not in out and "    raw" in out
 
 

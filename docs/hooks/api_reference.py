@@ -20,6 +20,7 @@ documentation edit.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import posixpath
 import tempfile
@@ -40,6 +41,19 @@ FOLDER = "reference"
 PLACEHOLDER = f"{FOLDER}/index.md"
 # Packages that are installed but are no Python API: Alembic's migration scripts.
 SKIPPED = frozenset({"exitwise.migrations"})
+
+
+def _sibling(name: str) -> Any:
+    """Another file of ``docs/hooks`` (hooks are loaded by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location(f"exitwise_docs_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Summaries are read with ast, not griffe: give them the same Markdown reading as the docstrings.
+_rest = _sibling("griffe_rest_roles")
 
 
 @dataclass(frozen=True)
@@ -98,12 +112,12 @@ def _summary(path: Path) -> str:
     """The first sentence-line of the module docstring (its first paragraph, joined)."""
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
     first = doc.split("\n\n", 1)[0]
-    return " ".join(first.split())
+    return " ".join(_rest.rewrite(first).split())
 
 
 def page_markdown(module: ModuleDoc, modules: list[ModuleDoc]) -> str:
     """A module's page: a title and the mkdocstrings directive (a package also lists its modules)."""
-    lines = [f"# `{module.name}`", "", f"::: {module.name}", ""]
+    lines = [f"::: {module.name}", ""]  # the module's own heading is the page's title (h1)
     children = [m for m in modules if m.name.rpartition(".")[0] == module.name]
     if module.is_package and children:
         lines += ["## Modules", "", "| module | summary |", "|---|---|"]

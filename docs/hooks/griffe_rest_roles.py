@@ -9,6 +9,8 @@ know. Before mkdocstrings renders a docstring this extension rewrites, outside l
   ``~`` shows the last name only, and ``title <target>`` shows the title;
 - subscripts such as ``tau[s][k]``, which Markdown would read as a reference link, into
   escaped brackets;
+- "DESIGN.md", the design notes the docstrings were first written against, into "the design
+  contract": that is the site's Design contract page (``docs/design.md``), which replaces it;
 - a paragraph that ends in ``::`` (or a line that is only ``::``), which introduces an
   indented literal block in reST, into a plain ``:`` (Markdown already reads the indented
   block that follows as code).
@@ -41,6 +43,7 @@ class RestRoles(griffe.Extension):
 
 def rewrite(text: str, resolve_target: Callable[[str], str | None] | None = None) -> str:
     """The Markdown reading of one docstring; ``resolve_target(name)`` gives a full path or None."""
+    text = text.replace("DESIGN.md", "the design contract")
     out: list[str] = []
     opener_indent = 0  # indent of the line that ended in "::"
     pending = False  # the last paragraph ended in "::": an indented literal block may follow
