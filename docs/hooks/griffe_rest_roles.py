@@ -94,13 +94,15 @@ def _code(body: str, resolve_target: Callable[[str], str | None] | None) -> str:
 
 def resolve(obj: griffe.Object, target: str) -> str | None:
     """Full path of ``target`` as seen from ``obj``: an absolute ``exitwise.*`` name, or a member
-    of an enclosing class or module; None for anything else (shown as plain code)."""
+    of an enclosing class, module or package, up to ``exitwise`` itself (so a role written as
+    ``calibration.exceptions.ExitwiseError`` finds ``exitwise.calibration.exceptions``); None for
+    anything else (shown as plain code)."""
     if target.startswith("exitwise."):
         return target
     first = target.split(".", 1)[0]
     scope: Any = obj
     while scope is not None:
         if (scope.is_class or scope.is_module) and first in scope.members:
-            return f"{scope.path}.{target}"
+            return f"{scope.path}.{target}"  # at the top, ``calibration.x`` written before the namespace
         scope = scope.parent
     return None
