@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 export EXITWISE_DATA_DIR ?= $(CURDIR)/.exitwise
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
+# Material for MkDocs prints a banner about MkDocs 2.0 on every build; the docs build needs none of it.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install system-deps postgres demo test lint bench clean
+.PHONY: install system-deps postgres demo docs test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +30,15 @@ postgres:
 demo: install
 	bash scripts/demo.sh
 
-test: install system-deps postgres
+# The documentation site, built strictly (any warning, broken link or anchor fails) into site/.
+docs: install
+	$(BIN)/python -m mkdocs build --strict
+
+test: install system-deps postgres docs
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .exitwise .pytest_cache .hypothesis
+	rm -rf $(VENV) .exitwise .pytest_cache .hypothesis site
