@@ -15,7 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from exitwise.api.cli import stdout_console
+from exitwise.calibration.atomic import atomic_write_bytes
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.optional import require
 
 METHODS = ("temperature", "platt", "identity")
 TARGETS = ("auto", "labels", "final")
@@ -130,10 +132,10 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/reliability.png (one reliability panel per exit, before vs after).
         """
-        from exitwise.calibration.atomic import atomic_write_bytes
+        # imported here: the calibration job and the log readers (scipy, pyarrow) take ~450 ms to import
+        # (measured with -X importtime), which `exitwise --help` and the other commands do not need
         from exitwise.calibration.calibrate import calibrate_logs
         from exitwise.calibration.io import load_card, load_logs
-        from exitwise.calibration.plots import reliability_png
 
         if method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -151,6 +153,7 @@ def register(app: typer.Typer) -> None:
         _check_file(logs, "exit logs")
         if report_logs is not None:
             _check_file(report_logs, "report logs")
+        figures = require("exitwise.policies.figures", "reports", "the reliability diagram of exitwise calibrate")
 
         with _progress(True) as progress:
             task = progress.add_task("loading logs", total=None)
@@ -165,7 +168,7 @@ def register(app: typer.Typer) -> None:
                 n_bins=bins, progress=lambda stage, k: progress.advance(task), n_jobs=jobs,
             )
             task = progress.add_task("rendering reliability diagram", total=1)
-            png = reliability_png(
+            png = figures.reliability_png(
                 result.exit_names, result.before, result.after,
                 title=f"{model_card.model}: reliability before vs after {method} scaling (report split)",
                 label_after=f"{method}" if method != "identity" else "identity",
