@@ -202,42 +202,37 @@ _DECISION: tuple[tuple[str, Callable[[Doc], Any]], ...] = (
 
 def _reviewed_fields(a: Doc, b: Doc) -> list[FieldChange]:
     """The fields a reviewer reads, in reading order: structure, exits, guarantee, expected, decision, evidence."""
+
+    def at(group: str, *path: str) -> FieldChange:
+        return FieldChange(group, ".".join(path), _get(a, *path), _get(b, *path))
+
     out = [FieldChange(group, path, get(a), get(b)) for group, path, get in _STATIC]
     exits_a = dict(zip(_keyed(_names(a.get("exits"))), a.get("exits") or [], strict=True))
     exits_b = dict(zip(_keyed(_names(b.get("exits"))), b.get("exits") or [], strict=True))
     for key in (k for k in exits_b if k in exits_a):
-        ea, eb = exits_a[key], exits_b[key]
-        out.append(FieldChange("exits", f"exits.{key[0]}.cost", _get(ea, "cost"), _get(eb, "cost")))
-        out.append(FieldChange("exits", f"exits.{key[0]}.calibrator", _get(ea, "calibrator"), _get(eb, "calibrator")))
+        for item in ("cost", "calibrator"):
+            out.append(FieldChange("exits", f"exits.{key[0]}.{item}", _get(exits_a[key], item),
+                                   _get(exits_b[key], item)))
 
-    out += [FieldChange("guarantee", f"guarantee.{k}", _get(a, "guarantee", k), _get(b, "guarantee", k))
-            for k in _GUARANTEE]
-    out.append(FieldChange("guarantee", f"guarantee.segments.{ALL_SEGMENTS}.upper_bound",
-                           _get(a, "guarantee", "segments", ALL_SEGMENTS, "upper_bound"),
-                           _get(b, "guarantee", "segments", ALL_SEGMENTS, "upper_bound")))
+    out += [at("guarantee", "guarantee", k) for k in _GUARANTEE]
+    out.append(at("guarantee", "guarantee", "segments", ALL_SEGMENTS, "upper_bound"))
     out.append(FieldChange("guarantee", "guarantee.uncertified_segments",
                            _sorted(_get(a, "guarantee", "uncertified_segments") or []),
                            _sorted(_get(b, "guarantee", "uncertified_segments") or [])))
     segments = set(_section(_section(a, "guarantee"), "segments")) | set(_section(_section(b, "guarantee"), "segments"))
-    for seg in sorted(segments - {ALL_SEGMENTS}):
-        for k in ("eps", "upper_bound", "certified"):
-            out.append(FieldChange("guarantee", f"guarantee.segments.{seg}.{k}",
-                                   _get(a, "guarantee", "segments", seg, k), _get(b, "guarantee", "segments", seg, k)))
-    out.append(FieldChange("guarantee", "guarantee.split", _get(a, "guarantee", "split"),
-                           _get(b, "guarantee", "split")))
+    out += [at("guarantee", "guarantee", "segments", seg, k)
+            for seg in sorted(segments - {ALL_SEGMENTS}) for k in ("eps", "upper_bound", "certified")]
+    out.append(at("guarantee", "guarantee", "split"))
 
-    out.append(FieldChange("expected", "expected.compute_fraction", _get(a, "expected", "compute_fraction"),
-                           _get(b, "expected", "compute_fraction")))
-    ba, bb = _section(_section(a, "expected"), "batch_compute_fraction"), \
-        _section(_section(b, "expected"), "batch_compute_fraction")
-    out += [FieldChange("expected", f"expected.batch_compute_fraction.{bs}", ba.get(bs), bb.get(bs))
-            for bs in sorted(set(ba) | set(bb), key=lambda s: (len(str(s)), str(s)))]
-    out += [FieldChange("expected", f"expected.{k}", _get(a, "expected", k), _get(b, "expected", k))
-            for k in ("risk", "disagreement", "induced_error", "exit_rate")]
+    out.append(at("expected", "expected", "compute_fraction"))
+    batches = set(_section(_section(a, "expected"), "batch_compute_fraction")) | \
+        set(_section(_section(b, "expected"), "batch_compute_fraction"))
+    out += [at("expected", "expected", "batch_compute_fraction", bs)
+            for bs in sorted(batches, key=lambda s: (len(str(s)), str(s)))]
+    out += [at("expected", "expected", k) for k in ("risk", "disagreement", "induced_error", "exit_rate")]
 
     out += [FieldChange("decision", path, get(a), get(b)) for path, get in _DECISION]
-    out += [FieldChange("evidence", f"data.{k}", _get(a, "data", k), _get(b, "data", k))
-            for k in ("fingerprint", "rows", "time_window")]
+    out += [at("evidence", "data", k) for k in ("fingerprint", "rows", "time_window")]
     return out
 
 

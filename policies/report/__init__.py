@@ -13,8 +13,11 @@ The package, from pure to effectful:
   collects them from the store's services;
 - :mod:`~exitwise.policies.report.formatting`: how numbers, times and hashes are written;
 - :mod:`~exitwise.policies.report.view`: everything the template reads (plain-language summary,
-  threshold tables, the diff's rows, figures from :mod:`exitwise.policies.figures` as data URIs);
-- :mod:`~exitwise.policies.report.render`: Jinja renders the HTML, WeasyPrint prints it to PDF;
+  threshold tables, figures from :mod:`exitwise.policies.figures` as data URIs), with
+  :mod:`~exitwise.policies.report.changes` for the diff's rows;
+- :mod:`~exitwise.policies.report.render`: Jinja renders the HTML (:func:`~.render.render_html`, a
+  pure function of the context), WeasyPrint prints it to PDF (:func:`~.render.render_pdf`);
+- :mod:`~exitwise.policies.report.formats`: the output formats and their media types;
 - :mod:`~exitwise.policies.report.service`: the use cases the CLI, the REST API and MLflow call;
 - :mod:`~exitwise.policies.report.hook`: the approval hook that writes each approved version's report.
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import html as htmllib
+import json
 import math
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import uuid
@@ -25,12 +27,22 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
 
+from exitwise.api.cli import main, solve
+from exitwise.api.cli import report as report_cli
+from exitwise.calibration import io
 from exitwise.calibration.exceptions import InputError
-from exitwise.policies import figures
+from exitwise.calibration.rule import CompiledPolicy
+from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.policies import events, figures, lifecycle, store
 from exitwise.policies import report as rp
 from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.db import unit_of_work
 from exitwise.policies.diff import diff_documents
+from exitwise.policies.errors import NotFound
 from exitwise.policies.report.changes import diff_rows
 from exitwise.policies.report.formatting import fmt_pct, fmt_risk
 from exitwise.policies.report.render import render, render_html, render_pdf
@@ -276,8 +288,6 @@ def test_every_section_and_key_number_is_in_the_visible_text(html: str, context:
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
-    import struct
-
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
 
@@ -340,8 +350,6 @@ def test_wide_threshold_tables_are_split_by_exit() -> None:
 
 def test_diff_matches_the_compiled_decision_rule(context: rp.ReportContext) -> None:
     """Changed cells counted by the report agree with the rule's own threshold arrays."""
-    from exitwise.calibration.rule import CompiledPolicy
-
     parent = realistic_document(eps=0.015, parent=2, base=0.95)
     doc = context.document
     diff = context.diff
@@ -497,8 +505,6 @@ def pdf_pages(pdf: Path, prefix: Path, dpi: int = 40) -> list[Path]:
 
 def _margin_ink(png: Path, margin_mm: float) -> float:
     """Fraction of non-white pixels in the outer left/right ``margin_mm`` strips of a page image."""
-    from PIL import Image
-
     with Image.open(png) as im:
         img = np.asarray(im.convert("L"), dtype=np.int16)
     w = img.shape[1]
@@ -508,8 +514,6 @@ def _margin_ink(png: Path, margin_mm: float) -> float:
 
 
 def _assert_pages_fit(pages: list[Path]) -> None:
-    from PIL import Image
-
     assert pages
     for page in pages:
         with Image.open(page) as im:
@@ -545,8 +549,6 @@ def test_chromium_renders_the_report_with_the_key_numbers(rendered: Path, contex
     url = (rendered / "report.html").as_uri()
     shot = rendered / "chromium.png"
     chromium([f"--screenshot={shot}", "--window-size=1000,2600", url], rendered)
-    from PIL import Image
-
     with Image.open(shot) as im:
         assert im.size == (1000, 2600)
         grey = np.asarray(im.convert("L"))
@@ -595,8 +597,6 @@ def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.Re
 
 def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """v1 (parent) and v2 of fashion-cnn through the real lifecycle: approve, activate, kill."""
-    from exitwise.policies import lifecycle
-
     v1 = realistic_document(eps=0.015, parent=None, base=0.95)
     v2 = realistic_document(parent=1)
     lifecycle.create_version(v1, author=actors.author, session=session)
@@ -612,8 +612,6 @@ def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> None:
-    from exitwise.policies import store
-
     _v1, v2 = _populate(session, actors)
     ctx = rp.build_context(session, "fashion-cnn", 2)
     assert ctx.version == 2 and ctx.state == "active" and ctx.author == actors.author.name
@@ -645,8 +643,6 @@ def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> N
 
 
 def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
-    from exitwise.policies.errors import NotFound
-
     _populate(session, actors)
     with pytest.raises(NotFound):
         rp.build_context(session, "fashion-cnn", 9)
@@ -655,10 +651,6 @@ def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
 
 
 def _cli_app() -> Any:
-    import typer
-
-    from exitwise.api.cli import report as report_cli
-
     app = typer.Typer()
 
     @app.callback()
@@ -671,13 +663,6 @@ def _cli_app() -> Any:
 
 def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine: Any, make_actors: Any,
                                                     tmp_path: Path) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from exitwise.policies import events, lifecycle
-    from exitwise.policies.db import unit_of_work
-
     hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path / "data")
     try:
         with unit_of_work(fresh_engine) as s:
@@ -705,10 +690,6 @@ def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine
 
 
 def test_cli_renders_a_document_file(tmp_path: Path) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
     doc_path, parent_path = tmp_path / "policy.json", tmp_path / "parent.json"
     doc_path.write_text(json.dumps(realistic_document()), encoding="utf-8")
     parent_path.write_text(json.dumps(realistic_document(eps=0.015, parent=2, base=0.95)), encoding="utf-8")
@@ -733,10 +714,6 @@ def _without_the_reports_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_without_the_reports_extra_names_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
-    from exitwise.api.cli import main
-
     doc_path, out = tmp_path / "policy.json", tmp_path / "draft.html"
     doc_path.write_text(json.dumps(realistic_document()), encoding="utf-8")
     monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
@@ -752,9 +729,6 @@ def test_cli_without_the_reports_extra_names_the_pip_command(tmp_path: Path, mon
 def test_approval_hook_without_the_reports_extra_keeps_the_approval(fresh_engine: Any, make_actors: Any,
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from exitwise.policies import events, lifecycle, store
-    from exitwise.policies.db import unit_of_work
-
     _without_the_reports_extra(monkeypatch)
     hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path)  # installs without the extra
     try:
@@ -778,15 +752,6 @@ def test_approval_hook_without_the_reports_extra_keeps_the_approval(fresh_engine
 @pytest.fixture(scope="module")
 def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A policy solved by ``exitwise solve`` (policies/document.py) on small synthetic logs."""
-    import json
-
-    import typer
-    from typer.testing import CliRunner
-
-    from exitwise.api.cli import solve
-    from exitwise.calibration import io
-    from exitwise.calibration.synthetic import synthetic_logs
-
     d = tmp_path_factory.mktemp("solved")
     logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)
     io.write_logs(logs, d / "logs.npz", form="npz")
