@@ -189,13 +189,14 @@ class DiffOut(_Out):
 
     @classmethod
     def of(cls, d: store.VersionDiff) -> DiffOut:
+        x = d.diff
         return cls(
-            model=d.model, a=d.a, b=d.b, a_hash=d.a_hash, b_hash=d.b_hash, identical=d.identical,
+            model=d.model, a=d.a, b=d.b, a_hash=x.before_hash, b_hash=x.after_hash, identical=x.identical,
             thresholds=[ThresholdChangeOut(segment=t.segment, exit=t.exit, exit_name=t.exit_name, class_=t.class_,
-                                           before=t.before, after=t.after) for t in d.thresholds],
-            guarantee={k: list(v) for k, v in d.guarantee.items()},
-            expected={k: list(v) for k, v in d.expected.items()},
-            changed_fields=list(d.changed_fields),
+                                           before=t.before, after=t.after) for t in x.thresholds],
+            guarantee={k: list(v) for k, v in x.guarantee.items()},
+            expected={k: list(v) for k, v in x.expected.items()},
+            changed_fields=list(x.changed_fields),
         )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.db import translate_errors
+from exitwise.policies.diff import PolicyDiff, diff_documents
 from exitwise.policies.errors import NotFound
 from exitwise.policies.models import Activation, KillSwitch, Model
 from exitwise.policies.models import PolicyVersion as VersionRow
@@ -135,34 +136,13 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class ThresholdChange:
-    """One threshold that differs: ``exit`` index (and name), ``class_`` name; None = never exit."""
-
-    segment: str
-    exit: int
-    exit_name: str
-    class_: str | None
-    before: float | None
-    after: float | None
-
-
-@dataclass(frozen=True)
 class VersionDiff:
-    """Two versions side by side: changed thresholds, guarantee, headline expectations, other fields."""
+    """Two stored versions of ``model`` compared (``a`` before, ``b`` after; see :mod:`exitwise.policies.diff`)."""
 
     model: str
     a: int
     b: int
-    a_hash: str
-    b_hash: str
-    thresholds: tuple[ThresholdChange, ...]
-    guarantee: dict[str, tuple[Any, Any]]
-    expected: dict[str, tuple[Any, Any]]
-    changed_fields: tuple[str, ...]
-
-    @property
-    def identical(self) -> bool:
-        return self.a_hash == self.b_hash
+    diff: PolicyDiff
 
 
 # ---------------------------------------------------------------- row -> domain
@@ -288,46 +268,6 @@ def list_activations(model: str, environment: str | None = None, *, session: Ses
 
 
 def diff_versions(model: str, a: int, b: int, *, session: Session) -> VersionDiff:
-    """Thresholds and guarantee of versions ``a`` and ``b`` side by side."""
+    """Versions ``a`` and ``b`` of ``model`` compared (:func:`exitwise.policies.diff.diff_documents`)."""
     va, vb = get_version(model, a, session=session), get_version(model, b, session=session)
-    return diff_documents(va.document, vb.document, model=model, a=a, b=b)
-
-
-def _threshold_changes(da: dict[str, Any], db: dict[str, Any]) -> list[ThresholdChange]:
-    exits = [e.get("name", str(i)) for i, e in enumerate(db.get("exits") or da.get("exits") or [])]
-    classes = list(db.get("classes") or da.get("classes") or [])
-    ta, tb = da.get("thresholds") or {}, db.get("thresholds") or {}
-    n_rows = max(len(exits) - 1, 0)
-    out: list[ThresholdChange] = []
-
-    def cell(t: dict[str, Any], seg: str, k: int, c: int) -> float | None:
-        rows = t.get(seg, t.get("default"))
-        if rows is None or k >= len(rows) or rows[k] is None or c >= len(rows[k]):
-            return None
-        return rows[k][c]
-
-    for seg in sorted(set(ta) | set(tb), key=lambda s: (s != "default", s)):
-        for k in range(n_rows):
-            for c in range(max(len(classes), 1)):
-                before, after = cell(ta, seg, k, c), cell(tb, seg, k, c)
-                if before != after:
-                    out.append(ThresholdChange(seg, k, exits[k] if k < len(exits) else str(k),
-                                               classes[c] if c < len(classes) else None, before, after))
-    return out
-
-
-def diff_documents(da: dict[str, Any], db: dict[str, Any], *, model: str = "", a: int = 0, b: int = 0
-                   ) -> VersionDiff:
-    """Structured difference of two policy documents (used by ``diff_versions`` and reports)."""
-    from exitwise.policies.canonical import GOVERNANCE_FIELDS
-
-    ga, gb = da.get("guarantee") or {}, db.get("guarantee") or {}
-    guarantee = {k: (ga.get(k), gb.get(k)) for k in sorted(set(ga) | set(gb))}
-    ea, eb = da.get("expected") or {}, db.get("expected") or {}
-    headline = ("compute_fraction", "risk", "disagreement", "induced_error")
-    expected = {k: (ea.get(k), eb.get(k)) for k in headline if k in ea or k in eb}
-    changed = tuple(sorted(k for k in set(da) | set(db)
-                           if k not in GOVERNANCE_FIELDS and da.get(k) != db.get(k)))
-    return VersionDiff(model=model, a=a, b=b, a_hash=da.get("content_hash", ""), b_hash=db.get("content_hash", ""),
-                       thresholds=tuple(_threshold_changes(da, db)), guarantee=guarantee, expected=expected,
-                       changed_fields=changed)
+    return VersionDiff(model=model, a=a, b=b, diff=diff_documents(va.document, vb.document))

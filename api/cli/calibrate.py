@@ -14,8 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from exitwise.api.cli import stdout_console
+from exitwise.api.cli.output import stdout_console
+from exitwise.calibration.atomic import atomic_write_bytes
+from exitwise.calibration.calibrate import TARGETS, calibrate_logs
+from exitwise.calibration.calibrators import METHODS
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logfiles.cards import load_card
+from exitwise.calibration.logfiles.readers import load_logs
+from exitwise.calibration.optional import require
 
 FILES = ("calibrators.json", "metrics.json", "reliability.png")
 
@@ -128,16 +134,6 @@ def register(app: typer.Typer) -> None:
 
         Writes OUT/reliability.png (one reliability panel per exit, before vs after).
         """
-        # imported when the command runs, to keep CLI start-up fast: at the top, the calibration job
-        # (scipy) and the log readers (pyarrow) would add 0.52 s to the 0.28 s `exitwise --help` spends
-        # importing (python -X importtime, min of 15 runs); see api/cli/solve.py for wall times
-        from exitwise.calibration.atomic import atomic_write_bytes
-        from exitwise.calibration.calibrate import TARGETS, calibrate_logs
-        from exitwise.calibration.calibrators import METHODS
-        from exitwise.calibration.logfiles.cards import load_card
-        from exitwise.calibration.logfiles.readers import load_logs
-        from exitwise.calibration.plots import reliability_png
-
         if method not in METHODS:
             raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
         if target not in TARGETS:
@@ -154,6 +150,7 @@ def register(app: typer.Typer) -> None:
         _check_file(logs, "exit logs")
         if report_logs is not None:
             _check_file(report_logs, "report logs")
+        figures = require("exitwise.policies.figures", "reports", "the reliability diagram of exitwise calibrate")
 
         with _progress(True) as progress:
             task = progress.add_task("loading logs", total=None)
@@ -168,7 +165,7 @@ def register(app: typer.Typer) -> None:
                 n_bins=bins, progress=lambda stage, k: progress.advance(task), n_jobs=jobs,
             )
             task = progress.add_task("rendering reliability diagram", total=1)
-            png = reliability_png(
+            png = figures.reliability_png(
                 result.exit_names, result.before, result.after,
                 title=f"{model_card.model}: reliability before vs after {method} scaling (report split)",
                 label_after=f"{method}" if method != "identity" else "identity",

@@ -32,6 +32,15 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _value(x: Any) -> str:
+    """A diffed value in full (floats exactly as stored, lists and objects as JSON): no change is rounded away."""
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, dict | list):
+        return json.dumps(x, sort_keys=True)
+    return _fmt(x)
+
+
 def _version_summary(v: Any) -> str:
     where = f", active in {', '.join(v.active_in)}" if v.active_in else ""
     return f"{v.model} v{v.number} ({v.state}{where}) content_hash {v.content_hash[:12]}"
@@ -126,31 +135,35 @@ def register(app: typer.Typer) -> None:
         """Thresholds and guarantee of two versions side by side."""
         with reading() as session:
             d = store.diff_versions(model, a, b, session=session)
+        x = d.diff
         if as_json:
-            emit_json({"model": d.model, "a": d.a, "b": d.b, "a_hash": d.a_hash, "b_hash": d.b_hash,
-                       "identical": d.identical, "changed_fields": d.changed_fields,
+            emit_json({"model": d.model, "a": d.a, "b": d.b, "a_hash": x.before_hash, "b_hash": x.after_hash,
+                       "identical": x.identical, "changed_fields": x.changed_fields,
                        "thresholds": [{"segment": t.segment, "exit": t.exit, "exit_name": t.exit_name,
-                                       "class": t.class_, "a": t.before, "b": t.after} for t in d.thresholds],
-                       "guarantee": {k: {"a": x, "b": y} for k, (x, y) in d.guarantee.items()},
-                       "expected": {k: {"a": x, "b": y} for k, (x, y) in d.expected.items()}})
+                                       "class": t.class_, "a": t.before, "b": t.after} for t in x.thresholds],
+                       "guarantee": {k: {"a": v, "b": w} for k, (v, w) in x.guarantee.items()},
+                       "expected": {k: {"a": v, "b": w} for k, (v, w) in x.expected.items()}})
             return
-        if d.identical:
-            console.print(f"{model} v{a} and v{b} have identical content ({d.a_hash[:12]})")
+        if x.identical:
+            console.print(f"{model} v{a} and v{b} have identical content ({x.before_hash[:12]})")
             return
-        console.print(f"{model} v{a} ({d.a_hash[:12]}) vs v{b} ({d.b_hash[:12]}); "
-                      f"changed: {', '.join(d.changed_fields) or 'nothing'}")
-        g = Table("guarantee", f"v{a}", f"v{b}", "", title="guarantee")
-        for k, (x, y) in d.guarantee.items():
-            if isinstance(x, dict | list) or isinstance(y, dict | list):
-                x, y = json.dumps(x, sort_keys=True), json.dumps(y, sort_keys=True)
-            g.add_row(k, _fmt(x), _fmt(y), "changed" if x != y else "")
-        for k, (x, y) in d.expected.items():
-            g.add_row(f"expected.{k}", _fmt(x), _fmt(y), "changed" if x != y else "")
-        console.print(g)
-        t = Table("segment", "exit", "class", f"v{a}", f"v{b}", title=f"thresholds ({len(d.thresholds)} changed)")
-        for c in d.thresholds:
-            t.add_row(c.segment, f"{c.exit} {c.exit_name}", _fmt(c.class_), _fmt(c.before, 6), _fmt(c.after, 6))
-        console.print(t if d.thresholds else "thresholds: no change")
+        console.print(f"{model} v{a} ({x.before_hash[:12]}) vs v{b} ({x.after_hash[:12]}); "
+                      f"changed: {', '.join(x.changed_fields)}")
+        g = Table("field", f"v{a}", f"v{b}", title=f"changed fields ({len(x.changed)} of {len(x.fields)} reviewed)")
+        for f in x.changed:
+            g.add_row(f.path, _value(f.before), _value(f.after))
+        console.print(g if x.changed else "reviewed fields: no change")
+        u = x.unpaired
+        one_side = [f"{what} {', '.join(names)} only in v{v}" for what, names, v in (
+            ("exits", u.exits_before, a), ("exits", u.exits_after, b),
+            ("classes", u.classes_before, a), ("classes", u.classes_after, b)) if names]
+        if one_side:
+            console.print("thresholds not paired: " + "; ".join(one_side))
+        t = Table("segment", "exit", "class", f"v{a}", f"v{b}",
+                  title=f"thresholds ({len(x.thresholds)} of {x.cells_compared} paired cells changed)")
+        for c in x.thresholds:
+            t.add_row(c.segment, f"{c.exit} {c.exit_name}", _fmt(c.class_), _value(c.before), _value(c.after))
+        console.print(t if x.thresholds else "thresholds: no change")
 
     @grp.command("approve")
     def approve(

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from exitwise.api.cli import stdout_console
+from exitwise.api.cli.output import stdout_console
 from exitwise.calibration.exceptions import InputError
 
 _err = Console(stderr=True)

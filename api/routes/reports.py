@@ -1,4 +1,7 @@
-"""The audit report of one version (HTML or PDF, ``exitwise.policies.report``)."""
+"""The audit report of one version (HTML or PDF, ``exitwise.policies.report``).
+
+Rendering needs the ``[reports]`` extra; without it the answer is a 501 problem naming the extra.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from fastapi import APIRouter, Query, Response
 from exitwise.api.deps import ReaderDep, ReadSessionDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.routes.runtime import ModelPath, VersionPath
+from exitwise.policies.report import report_response
 
 router = APIRouter(tags=["reports"])
 
@@ -21,7 +25,7 @@ router = APIRouter(tags=["reports"])
     responses={200: {"description": "The report", "content": {
         "text/html": {"schema": {"type": "string"}},
         "application/pdf": {"schema": {"type": "string", "format": "binary"}}}},
-        **problem_responses(401, 404, 422, 503)},
+        **problem_responses(401, 404, 422, 501, 503)},
 )
 def get_report(
     model: ModelPath,
@@ -30,8 +34,6 @@ def get_report(
     session: ReadSessionDep,
     format: Annotated[Literal["html", "pdf"], Query(description="html or pdf")] = "html",
 ) -> Response:
-    from exitwise.policies.report import report_response  # matplotlib/jinja2/weasyprint: loaded on first use
-
     body, media_type = report_response(session, model, version, format)
     disposition = "inline" if format == "html" else "attachment"
     return Response(body, media_type=media_type,

@@ -6,7 +6,6 @@ Pure functions of the policy document (no MLflow, no database): the write path
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from exitwise.calibration.optional import require
 from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
 from exitwise.policies.mlflow.config import TAG_AUTHOR, TAG_CONTENT_HASH, TAG_FINGERPRINT, TAG_MODEL, TAG_STORE_VERSION
 
@@ -134,57 +134,23 @@ def run_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
 
 
 def curve_png(doc: Mapping[str, Any]) -> bytes | None:
-    """PNG of the solver's compute-vs-risk curve (``expected.curve``), the chosen point and eps."""
-    exp = doc.get("expected") or {}
-    pts = [p for p in exp.get("curve") or [] if _finite(p.get("risk")) and _finite(p.get("compute_fraction"))]
-    if not pts:
-        return None
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 3.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    pts = sorted(pts, key=lambda p: p["risk"])
-    ax.plot([p["risk"] for p in pts], [p["compute_fraction"] for p in pts], "-o", ms=3, label="solver curve")
-    if _finite(exp.get("risk")) and _finite(exp.get("compute_fraction")):
-        ax.plot([exp["risk"]], [exp["compute_fraction"]], "*", ms=14, color="#dc2626", label="this policy")
-    eps = (doc.get("guarantee") or {}).get("eps")
-    if _finite(eps):
-        ax.axvline(eps, ls="--", color="#dc2626", lw=1, label=f"eps = {eps:g}")
-    ax.set_xlabel(f"held-out {(doc.get('guarantee') or {}).get('risk', 'risk')}")
-    ax.set_ylabel("compute fraction")
-    ax.set_ylim(0, 1.05)
-    ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    """PNG of the compute-vs-risk figure (``expected.curve``, the chosen point, the baselines, eps)."""
+    figures = require("exitwise.policies.figures", "reports", "the plots of the MLflow mirror")
+    return figures.curve_png(doc)
 
 
 def reliability_pngs(doc: Mapping[str, Any]) -> dict[str, bytes]:
-    """Reliability diagram (before/after calibration) per exit that records bin data, as PNG bytes.
-
-    Drawn by the audit report's figure code (which uses ``exitwise.calibration.plots`` when present).
-    """
-    entries = (doc.get("calibration") or {}).get("exits") or []
-    if not entries:
-        return {}
-    try:
-        from exitwise.policies.report import reliability_figure
-    except ImportError:  # pragma: no cover - report module missing
-        return {}
+    """Reliability diagram (before/after calibration) per exit that records bin data, as PNG bytes."""
+    figures = require("exitwise.policies.figures", "reports", "the plots of the MLflow mirror")
     out: dict[str, bytes] = {}
-    for entry in entries:
+    for entry in (doc.get("calibration") or {}).get("exits") or []:
         try:
-            uri = reliability_figure(entry)
+            png = figures.exit_reliability_png(entry)
         except Exception as exc:  # a plot must never block a registration
             log.warning("reliability diagram of exit %s not drawn: %s", entry.get("name"), exc)
             continue
-        if uri and uri.startswith("data:image/png;base64,"):
-            out[_key(entry.get("name"))] = base64.b64decode(uri.split(",", 1)[1])
+        if png is not None:
+            out[_key(entry.get("name"))] = png
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -234,6 +235,21 @@ def test_report_route(api: httpx.Client, world: Any, read_model: str) -> None:
     assert api.get(path).status_code == 401
     assert api.get(f"/v1/models/{read_model}/versions/99/report", headers=world.auth("rita")).status_code == 404
     assert api.get(path, params={"format": "docx"}, headers=world.auth("rita")).status_code == 422
+
+
+def test_report_route_without_the_reports_extra_is_501(asgi_client: httpx.Client, world: Any, read_model: str,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if the [reports] extra were not installed
+    monkeypatch.delitem(sys.modules, "exitwise.policies.report.render", raising=False)
+    with caplog.at_level("ERROR", logger="exitwise.api"):
+        r = asgi_client.get(f"/v1/models/{read_model}/versions/1/report", headers=world.auth("rita"))
+    assert r.status_code == 501 and r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["title"] == "Optional dependency not installed" and body["type"].endswith("missing-dependency")
+    logged = "".join(str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info and body["error_id"] in
+                     rec.getMessage())
+    assert "pip install 'exitwise[reports]'" in logged  # the operator reads the fix in the log under error_id
 
 
 def test_report_route_pdf(asgi_client: httpx.Client, world: Any, read_model: str) -> None:

@@ -165,6 +165,15 @@ def test_console_script_bad_input_no_traceback(tmp_path, synth):
     assert not (tmp_path / "out").exists()
 
 
+def test_without_matplotlib_the_reports_extra_is_named_before_any_work(capsys, tmp_path, synth, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [reports] extra were not installed
+    monkeypatch.delitem(sys.modules, "exitwise.policies.figures", raising=False)
+    code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(tmp_path / "out"))
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and "'matplotlib'" in err and "pip install 'exitwise[reports]'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_explains_every_option(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
@@ -185,7 +194,7 @@ def test_unwritable_output_is_one_line_naming_the_path(capsys, tmp_path, synth):
 
 
 def test_tables_on_a_captured_stdout_are_not_cut_at_80_columns(capsys):
-    from exitwise.api.cli import stdout_console
+    from exitwise.api.cli.output import stdout_console
 
     assert stdout_console().width == 160
 

@@ -1,4 +1,4 @@
-"""Calibration metrics against straightforward per-sample loops; properties; the PNG."""
+"""Calibration metrics against straightforward per-sample loops; properties."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from exitwise.calibration.metrics import (
     metrics_from_probs,
     reliability_diagram,
 )
-from exitwise.calibration.plots import reliability_figure, reliability_png, save_reliability_png
 from exitwise.calibration.rule import softmax
 
 # ----------------------------------------------------------------------------- references
@@ -212,36 +211,3 @@ def test_miscalibrated_data_has_large_ece():
 def test_bad_input_is_named(call, match):
     with pytest.raises(InputError, match=match):
         call()
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def test_reliability_png(tmp_path):
-    z, y = _data(3000, 5, seed=4, scale=3.0)
-    before = [exit_metrics(z * s, y) for s in (0.5, 1.0, 2.0)]
-    after = [exit_metrics(z * s, y, {"type": "temperature", "temperature": 2.0}) for s in (0.5, 1.0, 2.0)]
-    data = reliability_png(["a", "b", "c"], before, after, title="t")
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    path = save_reliability_png(tmp_path / "sub" / "r.png", ["a", "b", "c"], before, after)
-    assert path.read_bytes()[:4] == b"\x89PNG"
-    assert [p.name for p in path.parent.iterdir()] == ["r.png"]  # no temp file left behind
-    fig = reliability_figure(["a", "b", "c"], [m.reliability for m in before], [m.reliability for m in after])
-    assert sum(ax.get_visible() for ax in fig.axes) == 3
-    with pytest.raises(InputError, match="one name"):
-        reliability_png(["a"], before, after)
-
-
-@pytest.mark.parametrize(("k", "cols"), [(1, None), (1, 2), (5, 2), (3, None)])
-def test_reliability_legend_stays_inside_the_figure(k, cols):
-    z, y = _data(2000, 5, seed=7, scale=3.0)
-    ms = [exit_metrics(z, y)] * k
-    fig = reliability_figure([f"e{i}" for i in range(k)], ms, ms, cols=cols)
-    renderer = fig.canvas.get_renderer()
-    box, frame = fig.legends[0].get_window_extent(renderer), fig.bbox
-    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0  # not cropped by the canvas
-    for ax in fig.axes:
-        if ax.get_visible():
-            assert box.y1 <= ax.get_tightbbox(renderer).y0 + 1  # nor drawn over a panel's axis labels
-    with pytest.raises(InputError, match="cols must be at least 1"):
-        reliability_figure(["a"], ms[:1], ms[:1], cols=0)

@@ -208,7 +208,9 @@ def test_diff_versions(session: Session, actors: Any, make_doc: Any) -> None:
     lifecycle.create_version(make_doc(), author=actors.author, session=session)
     doc2 = make_doc(variant=10, parent=1, guarantee={**make_doc()["guarantee"], "eps": 0.03})
     lifecycle.create_version(doc2, author=actors.author, session=session)
-    d = store.diff_versions("fashion-cnn", 1, 2, session=session)
+    v = store.diff_versions("fashion-cnn", 1, 2, session=session)
+    assert (v.model, v.a, v.b) == ("fashion-cnn", 1, 2)
+    d = v.diff
     assert not d.identical and set(d.changed_fields) == {"thresholds", "guarantee", "expected", "parent"}
     assert d.guarantee["eps"] == (0.02, 0.03)
     assert d.expected["compute_fraction"] == (pytest.approx(0.61), pytest.approx(0.62))
@@ -217,7 +219,7 @@ def test_diff_versions(session: Session, actors: Any, make_doc: Any) -> None:
     assert first.before == pytest.approx(0.9) and first.after == pytest.approx(0.91)
     assert {t.segment for t in d.thresholds} == {"default", "studio"}  # "phone" is null in both
     assert all(t.class_ != "Trouser" or t.exit != 1 for t in d.thresholds)  # null cell in both
-    same = store.diff_versions("fashion-cnn", 1, 1, session=session)
+    same = store.diff_versions("fashion-cnn", 1, 1, session=session).diff
     assert same.identical and not same.thresholds and not same.changed_fields
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import html as htmllib
+import json
 import math
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
+import sys
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,10 +27,27 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
 
+from exitwise.api.cli import main, solve
+from exitwise.api.cli import report as report_cli
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logfiles.cards import write_card
+from exitwise.calibration.logfiles.writers import write_logs
+from exitwise.calibration.rule import CompiledPolicy
+from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.policies import events, figures, lifecycle, store
 from exitwise.policies import report as rp
 from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.diff import diff_documents
+from exitwise.policies.errors import NotFound
+from exitwise.policies.report.changes import diff_rows
+from exitwise.policies.report.formatting import fmt_pct, fmt_risk
+from exitwise.policies.report.render import render, render_html, render_pdf
+from exitwise.policies.report.view import EXITS_PER_TABLE, plain_summary
 from exitwise.policies.schema import validate_document
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -221,9 +241,9 @@ def key_numbers(doc: dict[str, Any], version: int = 4) -> dict[str, str]:
     """The numbers a reviewer must find in the rendered report, formatted as the report shows them."""
     g = doc["guarantee"]
     return {
-        "compute fraction": rp.fmt_pct(doc["expected"]["compute_fraction"]),
-        "eps": rp.fmt_risk(g["eps"]),
-        "certified bound": rp.fmt_risk(g["segments"]["__all__"]["upper_bound"]),
+        "compute fraction": fmt_pct(doc["expected"]["compute_fraction"]),
+        "eps": fmt_risk(g["eps"]),
+        "certified bound": fmt_risk(g["segments"]["__all__"]["upper_bound"]),
         "version": f"version {version}",
         "content hash prefix": doc["content_hash"][:12],
     }
@@ -236,7 +256,7 @@ def context() -> rp.ReportContext:
 
 @pytest.fixture(scope="module")
 def html(context: rp.ReportContext) -> str:
-    return rp.render_html(context)
+    return render_html(context)
 
 
 def test_html_is_self_contained(html: str) -> None:
@@ -262,17 +282,14 @@ def test_every_section_and_key_number_is_in_the_visible_text(html: str, context:
     assert "20,000" in text and "2,200" in text  # certification rows, rows of segment scan
     assert "T = 1.310" in text and "w = [0.910, 1.420, 0.370], b = -0.218" in text
     for name, acc, _nll, ece in CAL_METRICS:
-        assert name in text and rp.fmt_pct(acc) in text and f"{ece:.4f}" in text and f"{ece / 4:.4f}" in text
+        assert name in text and fmt_pct(acc) in text and f"{ece:.4f}" in text and f"{ece / 4:.4f}" in text
     assert "bob" in text and "Bounds checked against the Q2 risk budget." in text
     assert "83.1%" in text and "97.3%" in text  # batch 8 and 32
     assert "Canary clean for 24 h" in text  # the audit timeline
 
 
-def _png_size(uri: str) -> tuple[int, int]:
-    import base64
-    import struct
-
-    data = base64.b64decode(uri.split(",", 1)[1])
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
 
 
@@ -280,23 +297,23 @@ def test_reliability_images_share_one_panel_size_and_skip_a_self_referencing_fin
     doc = realistic_document()
     five = dict(doc["calibration"]["exits"][0], name="extra")
     doc["calibration"] = {"exits": [*doc["calibration"]["exits"], five], "target": "labels"}
-    labelled = rp.reliability_images(doc)
+    labelled = figures.reliability_images(doc)
     assert len(labelled) == 2  # 5 exits against labels -> 4 + 1 panels
     assert _png_size(labelled[0])[0] == _png_size(labelled[1])[0]  # the lone panel is not blown up
     doc["calibration"]["target"] = "final"
-    final = rp.reliability_images(doc)
+    final = figures.reliability_images(doc)
     assert len(final) == 1  # the final exit agrees with itself: no diagram
-    html = rp.render_html(realistic_context(doc))
+    html = render_html(realistic_context(doc))
     assert "Agreement with final exit" in html and "has no diagram" in html
-    assert "Agreement with final exit" not in rp.render_html(realistic_context())
+    assert "Agreement with final exit" not in render_html(realistic_context())
 
 
 def test_plain_summary_states_what_the_policy_does_and_risks(context: rp.ReportContext) -> None:
-    text = _squash(re.sub(r"<[^>]+>", "", str(rp.plain_summary(context))))
+    text = _squash(re.sub(r"<[^>]+>", "", str(plain_summary(context))))
     doc = context.document
     early = 1 - doc["expected"]["exit_rate"][-1]
-    assert f"for {rp.fmt_pct(early)} of requests" in text
-    assert f"uses {rp.fmt_pct(doc['expected']['compute_fraction'])} of the full model's compute" in text
+    assert f"for {fmt_pct(early)} of requests" in text
+    assert f"uses {fmt_pct(doc['expected']['compute_fraction'])} of the full model's compute" in text
     assert "With 95% confidence" in text and "at most 0.87%" in text and "budget of 1.00%" in text
     assert "1 segment (scan) had too little data to certify and always runs at full depth" in text
     assert "Shirt always go to full depth" in text and "1.0% of traffic is also run at full depth" in text
@@ -323,44 +340,66 @@ def test_wide_threshold_tables_are_split_by_exit() -> None:
     doc["expected"] = {**doc["expected"], "exit_rate": [1 / k] * k, "segments": {}}
     doc = with_content_hash(doc)
     validate_document(doc)
-    html = rp.render_html(rp.make_context(doc, version=1, state="draft"))
+    html = render_html(rp.make_context(doc, version=1, state="draft"))
     parts = re.findall(r"exits (\d+)–(\d+) of 14", html)
     assert parts == [("1", "6"), ("7", "12"), ("13", "14")]
     for table in re.findall(r'<table class="grid thr">.*?</table>', html, flags=re.S):
-        assert table.count("<th class=\"n\">") <= rp.EXITS_PER_TABLE
+        assert table.count("<th class=\"n\">") <= EXITS_PER_TABLE
     assert html.count("(disabled by max_exit)") == 3  # exits 11, 12, 13 (0-based) are beyond max_exit=10
     assert html.count('class="n never"') == 4 * c  # rows 0, 4, 8, 12 are null
 
 
 def test_diff_matches_the_compiled_decision_rule(context: rp.ReportContext) -> None:
     """Changed cells counted by the report agree with the rule's own threshold arrays."""
-    from exitwise.calibration.rule import CompiledPolicy
-
     parent = realistic_document(eps=0.015, parent=2, base=0.95)
     doc = context.document
-    diff = rp.diff_policies(parent, doc, parent_version=3)
-    assert diff is not None and diff.comparable
+    diff = context.diff
+    assert diff is not None and not diff.unpaired and context.parent_version == 3
+    assert diff == diff_documents(parent, doc)
     a, b = CompiledPolicy.from_document(parent), CompiledPolicy.from_document(doc)
     expected = 0
     for seg in ["default", *sorted((set(parent["thresholds"]) | set(doc["thresholds"])) - {"default"})]:
         ta = a.thresholds[a.segment_index.get(seg, 0)]
         tb = b.thresholds[b.segment_index.get(seg, 0)]
-        same = (np.isnan(ta) & np.isnan(tb)) | (np.abs(np.nan_to_num(ta) - np.nan_to_num(tb)) <= 1e-12)
+        same = (np.isnan(ta) & np.isnan(tb)) | (ta == tb)  # exact, as the diff engine compares
         expected += int((~same).sum())
-    assert len(diff.threshold_changes) == expected > 0
+    assert len(diff.thresholds) == expected > 0
     assert diff.cells_compared == 4 * 3 * 10
-    changed = {f.label: (f.before, f.after) for f in diff.fields if f.changed}
+    changed = {r.label: (r.before, r.after) for r in diff_rows(diff) if r.changed}
     assert changed["budget ε"] == ("1.50%", "1.00%")
     assert "compute fraction" not in changed
-    assert rp.diff_policies(None, doc) is None
-    assert rp.diff_policies(doc, doc).threshold_changes == ()
+    assert rp.make_context(doc).diff is None
+    assert diff_documents(doc, doc).thresholds == () and diff_documents(doc, doc).identical
 
 
-def test_incomparable_parent_is_said_so() -> None:
+def test_a_renamed_class_is_a_field_change_and_the_other_cells_are_still_compared() -> None:
     doc = realistic_document()
     parent = dict(doc, classes=[*CLASSES[:-1], "Boot"])
-    diff = rp.diff_policies(parent, doc)
-    assert diff is not None and not diff.comparable and "not compared" in diff.note
+    diff = diff_documents(parent, doc)
+    assert (diff.unpaired.classes_before, diff.unpaired.classes_after) == (("Boot",), ("Ankle boot",))
+    assert diff.cells_compared == 4 * 3 * 9 and diff.thresholds == ()
+    assert [f.path for f in diff.changed] == ["classes"] and diff.changed_fields == ("classes",)
+    text = visible_text(render_html(rp.make_context(doc, parent_document=parent)))
+    assert "Content that differs from version 3: classes." in text
+    assert "classes Ankle boot" not in text  # one class on each side: singular
+    assert "class Boot (version 3); class Ankle boot (this version)" in text
+    assert "No paired threshold changed." in text
+
+
+def test_a_change_that_rounding_hides_is_still_shown() -> None:
+    doc = realistic_document()
+    parent = realistic_document()
+    parent["guarantee"]["eps"] += 1e-9
+    parent["thresholds"]["default"][0][0] += 1e-13
+    parent = with_content_hash(parent)
+    diff = diff_documents(parent, doc)
+    assert [(c.segment, c.exit_name, c.class_) for c in diff.thresholds] == [("default", "stage1", "T-shirt/top")]
+    rows = {r.label: r for r in diff_rows(diff)}
+    assert rows["budget ε"].changed and rows["budget ε"].before != rows["budget ε"].after
+    assert rows["budget ε"].after == repr(doc["guarantee"]["eps"])  # printed exactly, not as two equal "1.00%"
+    text = visible_text(render_html(rp.make_context(doc, parent_document=parent)))
+    assert "1 setting and 1 of 120 threshold cells changed" in text
+    assert f"{parent['thresholds']['default'][0][0]!r} {doc['thresholds']['default'][0][0]!r} -1.0e-13" in text
 
 
 def test_failures_are_visible(context: rp.ReportContext) -> None:
@@ -371,7 +410,7 @@ def test_failures_are_visible(context: rp.ReportContext) -> None:
     ctx = realistic_context(
         doc, chain=rp.ChainVerification(False, 17, "event 18: previous-hash mismatch", T0),
         environments=(rp.EnvironmentStatus("production", "active", True, T0, 4),), state="active")
-    text = visible_text(rp.render_html(ctx))
+    text = visible_text(render_html(ctx))
     assert "The policy is not certified" in text and "not certified" in text
     assert "FAILED event 18: previous-hash mismatch" in text
     assert "kill switch ON in production" in text and "ON — never exit" in text
@@ -382,25 +421,25 @@ def test_untrusted_strings_are_escaped() -> None:
     doc = realistic_document()
     doc["classes"] = [*CLASSES[:-1], "<script>alert(1)</script>"]
     doc = with_content_hash(doc)
-    html = rp.render_html(realistic_context(doc, author="<img src=x onerror=alert(1)>"))
+    html = render_html(realistic_context(doc, author="<img src=x onerror=alert(1)>"))
     assert "<script>alert" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
 def test_render_is_a_pure_function_of_the_context(context: rp.ReportContext, html: str) -> None:
-    rp._memo.cache_clear()  # draw every figure again: the bytes must not change
-    assert rp.render_html(context) == html
+    figures._memo.cache_clear()  # draw every figure again: the bytes must not change
+    assert render_html(context) == html
 
 
 def test_first_version_without_governance_facts_renders() -> None:
     doc = realistic_document(parent=None)
-    text = visible_text(rp.render_html(rp.make_context(doc)))
+    text = visible_text(render_html(rp.make_context(doc)))
     assert "This is the first version" in text and "No approvals yet" in text and "not checked" in text
 
 
 def test_format_and_atomic_write(tmp_path: Path, context: rp.ReportContext) -> None:
     with pytest.raises(InputError, match="report format must be one of html, pdf"):
-        rp.render(context, "docx")
+        render(context, "docx")
     out = tmp_path / "sub" / "r.html"
     rp.atomic_write(out, b"first")
     assert out.read_bytes() == b"first"
@@ -467,8 +506,6 @@ def pdf_pages(pdf: Path, prefix: Path, dpi: int = 40) -> list[Path]:
 
 def _margin_ink(png: Path, margin_mm: float) -> float:
     """Fraction of non-white pixels in the outer left/right ``margin_mm`` strips of a page image."""
-    from PIL import Image
-
     with Image.open(png) as im:
         img = np.asarray(im.convert("L"), dtype=np.int16)
     w = img.shape[1]
@@ -478,8 +515,6 @@ def _margin_ink(png: Path, margin_mm: float) -> float:
 
 
 def _assert_pages_fit(pages: list[Path]) -> None:
-    from PIL import Image
-
     assert pages
     for page in pages:
         with Image.open(page) as im:
@@ -515,8 +550,6 @@ def test_chromium_renders_the_report_with_the_key_numbers(rendered: Path, contex
     url = (rendered / "report.html").as_uri()
     shot = rendered / "chromium.png"
     chromium([f"--screenshot={shot}", "--window-size=1000,2600", url], rendered)
-    from PIL import Image
-
     with Image.open(shot) as im:
         assert im.size == (1000, 2600)
         grey = np.asarray(im.convert("L"))
@@ -546,7 +579,7 @@ def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.Re
                                        caplog: pytest.LogCaptureFixture) -> None:
     pdf = rendered / "report.pdf"
     with caplog.at_level("WARNING", logger="weasyprint"):
-        pdf.write_bytes(rp.render_pdf(html))
+        pdf.write_bytes(render_pdf(html))
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("weasyprint")]  # no ignored CSS
     assert pdf.read_bytes().startswith(b"%PDF-")
     text = pdf_text(pdf)
@@ -565,8 +598,6 @@ def test_weasyprint_pdf_pages_and_text(rendered: Path, html: str, context: rp.Re
 
 def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """v1 (parent) and v2 of fashion-cnn through the real lifecycle: approve, activate, kill."""
-    from exitwise.policies import lifecycle
-
     v1 = realistic_document(eps=0.015, parent=None, base=0.95)
     v2 = realistic_document(parent=1)
     lifecycle.create_version(v1, author=actors.author, session=session)
@@ -582,8 +613,6 @@ def _populate(session: Any, actors: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> None:
-    from exitwise.policies import store
-
     _v1, v2 = _populate(session, actors)
     ctx = rp.build_context(session, "fashion-cnn", 2)
     assert ctx.version == 2 and ctx.state == "active" and ctx.author == actors.author.name
@@ -597,12 +626,11 @@ def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> N
                                                     "killswitch.kill"]
     assert ctx.chain is not None and ctx.chain.ok and ctx.chain.checked >= 10
     # The diff agrees with the store's own diff of the two versions.
-    assert ctx.diff is not None and ctx.diff.parent_version == 1
+    assert ctx.diff is not None and ctx.parent_version == 1
     theirs = store.diff_versions("fashion-cnn", 1, 2, session=session)
-    assert {(c.segment, c.exit, c.cls) for c in ctx.diff.threshold_changes} == \
-        {(c.segment, c.exit_name, c.class_) for c in theirs.thresholds}
+    assert ctx.diff == theirs.diff and ctx.diff.thresholds  # one diff engine
 
-    text = visible_text(rp.render_html(ctx))
+    text = visible_text(render_html(ctx))
     for what, value in key_numbers(v2, version=2).items():
         assert value in text, what
     assert "kill switch ON in staging" in text and "“latency spike”" in text  # the kill is in the timeline
@@ -616,8 +644,6 @@ def test_build_context_collects_the_stored_facts(session: Any, actors: Any) -> N
 
 
 def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
-    from exitwise.policies.errors import NotFound
-
     _populate(session, actors)
     with pytest.raises(NotFound):
         rp.build_context(session, "fashion-cnn", 9)
@@ -626,10 +652,6 @@ def test_unknown_version_is_not_found(session: Any, actors: Any) -> None:
 
 
 def _cli_app() -> Any:
-    import typer
-
-    from exitwise.api.cli import report as report_cli
-
     app = typer.Typer()
 
     @app.callback()
@@ -642,13 +664,6 @@ def _cli_app() -> Any:
 
 def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine: Any, make_actors: Any,
                                                     tmp_path: Path) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from exitwise.policies import events, lifecycle
-    from exitwise.policies.db import unit_of_work
-
     hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path / "data")
     try:
         with unit_of_work(fresh_engine) as s:
@@ -676,10 +691,6 @@ def test_cli_and_approval_hook_on_a_committed_store(store_env: str, fresh_engine
 
 
 def test_cli_renders_a_document_file(tmp_path: Path) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
     doc_path, parent_path = tmp_path / "policy.json", tmp_path / "parent.json"
     doc_path.write_text(json.dumps(realistic_document()), encoding="utf-8")
     parent_path.write_text(json.dumps(realistic_document(eps=0.015, parent=2, base=0.95)), encoding="utf-8")
@@ -696,22 +707,52 @@ def test_cli_renders_a_document_file(tmp_path: Path) -> None:
     assert isinstance(res.exception, InputError) and "invalid policy document" in str(res.exception)
 
 
+def _without_the_reports_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import jinja2`` fail, as when the ``[reports]`` extra is not installed (restored afterwards)."""
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    monkeypatch.delitem(sys.modules, "exitwise.policies.report.render", raising=False)
+
+
+def test_cli_without_the_reports_extra_names_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    doc_path, out = tmp_path / "policy.json", tmp_path / "draft.html"
+    doc_path.write_text(json.dumps(realistic_document()), encoding="utf-8")
+    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
+    _without_the_reports_extra(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--document", str(doc_path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and not out.exists()
+    assert err.startswith("error: ") and "'jinja2'" in err and "pip install 'exitwise[reports]'" in err
+    assert "Traceback" not in err
+
+
+def test_approval_hook_without_the_reports_extra_keeps_the_approval(fresh_engine: Any, make_actors: Any,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    _without_the_reports_extra(monkeypatch)
+    hook = rp.install_approval_hook(fresh_engine, data_dir=tmp_path)  # installs without the extra
+    try:
+        with unit_of_work(fresh_engine) as s:
+            actors = make_actors(s)
+            lifecycle.create_version(realistic_document(parent=None), author=actors.author, session=s)
+        with caplog.at_level("WARNING", logger="exitwise.policies.report.hook"), unit_of_work(fresh_engine) as s:
+            lifecycle.approve("fashion-cnn", 1, approver=actors.approver, reason="ok", session=s)
+    finally:
+        events.remove(hook)
+    with unit_of_work(fresh_engine, readonly=True) as s:
+        assert store.get_version("fashion-cnn", 1, session=s).state == "approved"
+    assert not (tmp_path / "reports").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "exitwise.policies.report.hook"]
+    assert warnings and all("fashion-cnn v1 not written" in w and "exitwise[reports]" in w for w in warnings)
+
+
 # ----------------------------------------------------------------------------- a real solved policy
 
 
 @pytest.fixture(scope="module")
 def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A policy solved by ``exitwise solve`` (policies/document.py) on small synthetic logs."""
-    import json
-
-    import typer
-    from typer.testing import CliRunner
-
-    from exitwise.api.cli import solve
-    from exitwise.calibration.logfiles.cards import write_card
-    from exitwise.calibration.logfiles.writers import write_logs
-    from exitwise.calibration.synthetic import synthetic_logs
-
     d = tmp_path_factory.mktemp("solved")
     logs = synthetic_logs(5000, 4, 10, segments={"region": 3}, seed=1)
     write_logs(logs, d / "logs.npz", form="npz")
@@ -732,18 +773,18 @@ def solved_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_a_solved_policy_renders_and_fits(solved_doc: dict[str, Any], tmp_path: Path) -> None:
     ctx = rp.context_from_document(solved_doc, version=1)
-    html = rp.render_html(ctx)
+    html = render_html(ctx)
     text = visible_text(html)
     for what, value in key_numbers(solved_doc, version=1).items():
         assert value in text, what
     g = solved_doc["guarantee"]
     for seg, s in g["segments"].items():
         if seg != "__all__" and s.get("upper_bound") is not None:
-            assert f"{seg} {s['n']:,} {rp.fmt_risk(s['eps'])} {rp.fmt_risk(s['upper_bound'])}" in text
+            assert f"{seg} {s['n']:,} {fmt_risk(s['eps'])} {fmt_risk(s['upper_bound'])}" in text
     for b in solved_doc["expected"]["baselines"].values():
-        assert rp.fmt_pct(b["compute_fraction"]) in text
+        assert fmt_pct(b["compute_fraction"]) in text
     for bs, v in solved_doc["expected"]["batch_compute_fraction"].items():
-        assert f"{bs} {rp.fmt_pct(v)}" in text
+        assert f"{bs} {fmt_pct(v)}" in text
     assert html.count('<figure class="rel">') == 1  # 4 exits -> one 2x2 image of reliability diagrams
     assert "class3 full depth" in text  # the forbidden class is marked in every threshold table
     probe = tmp_path / "probe.html"
