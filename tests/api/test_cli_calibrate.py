@@ -213,7 +213,7 @@ def test_os_errors_without_a_path_stay_internal_errors(capsys, monkeypatch, tmp_
     def boom(*_a, **_k):
         raise ConnectionRefusedError(111, "Connection refused")  # an OSError that names no path
 
-    monkeypatch.setattr("exitwise.calibration.logfiles.cards.load_card", boom)
+    monkeypatch.setattr("exitwise.api.cli.calibrate.load_card", boom)
     code, out, err = run(capsys, str(synth["logs"]), "--card", str(synth["card"]), "--out", str(tmp_path / "o"))
     assert code == 1 and out == ""
     assert err.startswith("internal error: ConnectionRefusedError") and "cannot use" not in err

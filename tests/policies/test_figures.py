@@ -13,8 +13,9 @@ import pytest
 from exitwise.calibration.exceptions import InputError, MissingDependency
 from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.optional import require
-from exitwise.policies import figures, registry
+from exitwise.policies import figures
 from exitwise.policies.figures import reliability_figure, reliability_png, save_reliability_png
+from exitwise.policies.mlflow import payload as registry
 
 
 def _data(n, c, seed, scale=2.0):
