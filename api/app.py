@@ -25,8 +25,11 @@ from exitwise.api.middleware import BodySizeLimit
 from exitwise.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from exitwise.api.routes import audit, health, policies, principals, reports, runtime
 from exitwise.api.settings import ApiSettings
+from exitwise.policies import events
 from exitwise.policies.db import make_engine, open_store
 from exitwise.policies.errors import StoreUnavailable
+from exitwise.policies.mlflow.worker import install_hook
+from exitwise.policies.report import install_approval_hook
 from exitwise.policies.schema import PolicyDocument
 
 log = logging.getLogger("exitwise.api")
@@ -110,10 +113,6 @@ def _install_store_hooks(engine: Engine, settings: ApiSettings) -> list[Callable
     Returns the functions that remove them (events are process-wide; the app removes its own
     at shutdown). A mirror that fails never undoes or delays a committed change.
     """
-    from exitwise.policies import events
-    from exitwise.policies.mlflow.worker import install_hook
-    from exitwise.policies.report import install_approval_hook
-
     sync = install_hook(engine, background=True)
     approval = install_approval_hook(engine, data_dir=settings.data_dir, background=True)
     return [sync.close, lambda: events.remove(approval)]

@@ -23,13 +23,9 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exitwise.calibration.calibrate import calibrate_logs, map_exits
 from exitwise.calibration.calibrators import TemperatureScaler

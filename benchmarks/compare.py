@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from exitwise.calibration import baselines as bl  # noqa: E402
 from exitwise.calibration.logfiles.cards import load_card  # noqa: E402

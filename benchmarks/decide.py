@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exitwise.calibration.rule import CompiledPolicy
 from exitwise.policies.runtime import RuntimePolicy

@@ -14,7 +14,6 @@ risks, the violation count, wall time and peak memory (tracemalloc).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,8 +22,6 @@ import numpy as np
 from scipy.stats import binom
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare import SYNTHETIC  # noqa: E402
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,8 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        src = tmp / "src"  # setuptools writes build/ and *.egg-info next to the sources: build a copy
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".exitwise", ".hypothesis", ".pytest_cache", "site", "build", "*.egg-info", "__pycache__"))
         _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp),
-              str(ROOT)], tmp)
+              str(src)], tmp)
         (wheel,) = tmp.glob("exitwise-*.whl")
         rows = [measure(tmp, wheel, ""), measure(tmp, wheel, "all")]
     if args.json:

@@ -36,7 +36,6 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from exitwise.policies import lifecycle  # noqa: E402
 from exitwise.policies.canonical import with_content_hash  # noqa: E402

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import tracemalloc
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exitwise.calibration.pipeline import SolveSpec, parse_budgets, solve
 from exitwise.calibration.synthetic import synthetic_logs

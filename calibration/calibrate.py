@@ -1,6 +1,6 @@
 """Calibrating exit logs: one calibrator per exit (:func:`fit_exit_calibrators`), and the calibration job.
 
-The job (:func:`calibrate_logs`, ``exitwise calibrate``) follows DESIGN.md: "Calibration is
+The job (:func:`calibrate_logs`, ``exitwise calibrate``) follows the design contract: "Calibration is
 fitted on one split and reported on another." The split is a seeded random permutation
 (:func:`exitwise.calibration.splits.split_rows`; no stratification: with thousands of rows per
 exit the metrics do not need it); alternatively separate report logs can be given (e.g. a

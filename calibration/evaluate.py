@@ -2,7 +2,7 @@
 
 Given logs (or their per-exit scores, :class:`ScoredLogs`) and a compiled policy, the rule
 (:func:`exitwise.calibration.rule.first_exit`) routes every sample; this module turns the routing
-into the numbers DESIGN.md defines, vectorised over all samples:
+into the numbers the design contract defines, vectorised over all samples:
 
 * per-sample 0/1 losses, measured at the exit taken (e = exit, K-1 = last exit)::
 
@@ -185,7 +185,7 @@ class Evaluation:
     loss: np.ndarray
 
     def to_json(self) -> dict[str, Any]:
-        """The ``evaluate --json`` object (DESIGN.md): plain JSON types only."""
+        """The ``evaluate --json`` object (design contract): plain JSON types only."""
         return {
             "n": self.n,
             "risk_type": self.risk_type,

@@ -1,6 +1,6 @@
 """In-memory exit logs: the one structure every part of exitwise computes on.
 
-Loaders (``exitwise.calibration.logfiles``) turn the file forms of DESIGN.md into an :class:`ExitLogs`;
+Loaders (``exitwise.calibration.logfiles``) turn the file forms of the design contract into an :class:`ExitLogs`;
 the synthetic generator (``exitwise.calibration.synthetic``) builds one directly.
 """
 

@@ -1,4 +1,4 @@
-"""The one decision rule (DESIGN.md, "Scores and the decision rule").
+"""The one decision rule (design contract, "Scores and the decision rule").
 
 At exit k < K-1, for a sample with segment value s:
 

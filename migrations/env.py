@@ -10,7 +10,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from exitwise.policies.db import make_engine
 from exitwise.policies.models import Base  # every table is declared there (autogenerate sees them all)
+from exitwise.policies.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -36,8 +38,6 @@ def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from exitwise.policies.settings import get_settings
-
     return get_settings().resolved_database_url()
 
 
@@ -48,8 +48,6 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from exitwise.policies.db import make_engine
-
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:

@@ -1,6 +1,6 @@
 """Canonical JSON and the content hash of a policy document (standard library only).
 
-Canonical form (DESIGN.md): UTF-8, sorted keys, no insignificant whitespace. The content
+Canonical form (design contract): UTF-8, sorted keys, no insignificant whitespace. The content
 hash is the sha256 of the canonical form of the document without its governance fields,
 so approving, activating or numbering a policy never changes its hash.
 """

@@ -1,4 +1,4 @@
-"""Build, write and read the policy document (DESIGN.md, "The policy document").
+"""Build the policy document of a solved policy (see the design contract, "The policy document").
 
 The document is assembled from the solver's :class:`~exitwise.calibration.pipeline.Solution` (thresholds,
 calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
@@ -11,23 +11,21 @@ deterministic: the same logs and options give the same bytes and the same hash.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exitwise.calibration.atomic import atomic_write_text
+from exitwise.calibration.certify import METHOD, guarantee_segments
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.summaries import fingerprint, segment_counts, time_window
 from exitwise.policies.canonical import SCHEMA, with_content_hash
 from exitwise.policies.schema import validate_document
 
-__all__ = ["build_document", "calibration_section", "data_section", "read_document", "threshold_table",
-           "write_document"]
+__all__ = ["build_document", "calibration_section", "data_section", "threshold_table"]
 
 
 def _num(v: Any, digits: int | None = None) -> float | None:
@@ -86,8 +84,6 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
     Measured on ``rows`` (data not used to fit the calibrators), at most ``max_rows`` of them
     (evenly spaced), against ``target``: the labels or the final exit's answers.
     """
-    from exitwise.calibration.metrics import exit_metrics
-
     rows = np.asarray(rows)
     if rows.size > max_rows:
         rows = rows[np.linspace(0, rows.size - 1, max_rows).astype(np.int64)]
@@ -136,8 +132,6 @@ def build_document(
     held-out certify split; ``baselines`` maps a baseline name to ``{compute_fraction,
     risk, certified, ...}`` measured on the same split.
     """
-    from exitwise.calibration.certify import METHOD, guarantee_segments
-
     prep = solution.prepared
     spec = prep.spec
     logs = prep.logs
@@ -187,36 +181,4 @@ def build_document(
         doc["calibration"] = dict(calibration)
     doc = with_content_hash(doc)
     validate_document(doc)
-    return doc
-
-
-def write_document(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``doc`` as indented JSON atomically (temp file in the same folder, then replace)."""
-    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
-
-
-def read_json_object(path: str | os.PathLike[str], what: str = "policy document") -> dict[str, Any]:
-    """Parse a JSON file that must hold one object; InputError naming ``what``, the file and the cause."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} {p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} {p}: cannot be read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {p}: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what} {p}: a policy document is a JSON object")
-    return data
-
-
-def read_document(path: str | os.PathLike[str], *, check_hash: bool = True) -> dict[str, Any]:
-    """Load and validate a policy document file; InputError naming the file if it is not one."""
-    doc = read_json_object(path, "policy")
-    try:
-        validate_document(doc, check_hash=check_hash)
-    except InputError as exc:
-        raise InputError(f"policy {Path(path)}: {exc}") from None
     return doc

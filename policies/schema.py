@@ -1,4 +1,4 @@
-"""The policy document (DESIGN.md, "The policy document"), validated with pydantic.
+"""The policy document (design contract, "The policy document"), validated with pydantic.
 
 A policy is JSON, served as is. :func:`validate_document` checks structure and internal
 consistency (shapes agree with the exits and classes, costs increase, the hash matches) and

@@ -48,6 +48,7 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from exitwise.api.cli import hooks
 from exitwise.policies.canonical import with_content_hash
 from exitwise.policies.db import StoreSession, make_engine, unit_of_work, upgrade
 from exitwise.policies.models import Base
@@ -162,6 +163,14 @@ class DatabaseFactory:
         for name in list(self.created):
             _pg_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.created.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_store_mirrors() -> Iterator[None]:
+    """A test that runs the console script's write commands in-process installs its after-commit
+    mirrors (MLflow sync, approval reports); remove them so no later test's commits reach them."""
+    yield
+    hooks.uninstall()
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

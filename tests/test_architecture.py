@@ -166,3 +166,21 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     """The check above is only as good as this: a two-module and a three-module cycle are found."""
     graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
     assert sorted(_cycles(graph)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_function_local_imports_say_why() -> None:
+    """Imports go at the top of a module; one inside a function says why on the line above it
+    (``# lazy: <reason, with the measured cost>``), or it is an optional extra's import (``require``)."""
+    bad = []
+    for path in _package_modules().values():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines), filename=str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    above = lines[max(node.lineno - 4, 0):node.lineno - 1]
+                    if not any("# lazy:" in line for line in above):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert sorted(set(bad)) == []

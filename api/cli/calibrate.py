@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate(
         logs: Annotated[Path, typer.Argument(
-            help="Exit logs: wide/long Parquet, JSON Lines or NPZ (see DESIGN.md).", show_default=False)],
+            help="Exit logs: wide/long Parquet, JSON Lines or NPZ (see docs/formats.md).", show_default=False)],
         card: Annotated[Path, typer.Option(
             "--card", help="Model card (JSON or YAML): exit names, cumulative costs, classes, columns.",
             show_default=False)],

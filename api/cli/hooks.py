@@ -1,13 +1,18 @@
-"""The console script's after-commit hooks: the MLflow mirror and approval reports.
+"""Whether this process's write commands run the store's after-commit mirrors.
 
-:func:`want` is called by the console script (``exitwise.api.cli.main``); :func:`install` by
-the write commands, so reads and ``calibrate`` never import MLflow, and in-process test runners
-that call a command's function directly stay hook-free.
+The console script (``exitwise.api.cli.main``) asks for them with :func:`want`; in-process
+runners that call a command without it stay hook-free. The mirrors themselves (MLflow sync,
+approval reports) are installed by :func:`exitwise.api.cli.session.acting_principal`, the one
+place write commands pass through, so reads and ``calibrate`` never load them. Standard
+library only: the root command imports this module on every start.
 """
 
 from __future__ import annotations
 
-_state = {"wanted": False, "installed": False}
+from collections.abc import Callable
+
+_state: dict[str, bool] = {"wanted": False}
+_removers: list[Callable[[], None]] = []
 
 
 def want() -> None:
@@ -15,14 +20,18 @@ def want() -> None:
     _state["wanted"] = True
 
 
-def install() -> None:
-    """Install the hooks once, if :func:`want` was called (``EXITWISE_MLFLOW_SYNC=off`` turns the mirror off)."""
-    if not _state["wanted"] or _state["installed"]:
-        return
-    # lazy: mlflow and the report renderer are only needed by write commands
-    from exitwise.policies.mlflow.worker import install_hook
-    from exitwise.policies.report import install_approval_hook
+def wanted() -> bool:
+    """True when the mirrors are wanted and not installed yet."""
+    return _state["wanted"] and not _removers
 
-    install_hook()
-    install_approval_hook()
-    _state["installed"] = True
+
+def installed(remove: Callable[[], None]) -> None:
+    """Record how to remove one installed mirror (for :func:`uninstall`)."""
+    _removers.append(remove)
+
+
+def uninstall() -> None:
+    """Remove every installed mirror and forget :func:`want` (a long-lived process or a test)."""
+    while _removers:
+        _removers.pop()()
+    _state["wanted"] = False

@@ -12,7 +12,7 @@ from rich.table import Table
 from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json, jsonable
 from exitwise.api.cli.session import acting, reading
 from exitwise.policies import lifecycle, store
-from exitwise.policies.document import read_json_object
+from exitwise.policies.document_files import read_json_object
 from exitwise.policies.settings import get_settings
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]

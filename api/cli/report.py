@@ -10,6 +10,7 @@ import typer
 
 from exitwise.api.cli.session import store_engine
 from exitwise.calibration.exceptions import InputError
+from exitwise.policies import report as rp
 
 
 def register(app: typer.Typer) -> None:
@@ -29,10 +30,6 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object describing the file.")] = False,
     ) -> None:
         """Write the audit report of MODEL VERSION (from the policy store) to --out."""
-        # imported here: the report package loads the policy store's modules (~300 ms measured with -X importtime),
-        # which `exitwise --help` and the other commands do not need
-        from exitwise.policies import report as rp
-
         if document is not None:
             if model is not None or version is not None:
                 raise InputError("give either MODEL VERSION or --document, not both")

@@ -15,9 +15,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from exitwise.api.cli import hooks
+from exitwise.policies import events
 from exitwise.policies.db import open_store, unit_of_work
 from exitwise.policies.errors import AuthError
+from exitwise.policies.mlflow.worker import install_hook
 from exitwise.policies.principals import Principal, authenticate
+from exitwise.policies.report import install_approval_hook
 from exitwise.policies.settings import get_settings
 
 
@@ -52,7 +55,20 @@ def acting(token: str | None, action: str) -> Iterator[tuple[Session, Principal]
 
 def acting_principal(token: str | None, *, session: Session, action: str) -> Principal:
     """Authenticate the bearer token of a write command (no write without a principal)."""
-    hooks.install()
+    install_mirrors()
     if not token:
         raise AuthError(f"{action} changes the policy store: pass --token or set EXITWISE_TOKEN")
     return authenticate(token, session=session)
+
+
+def install_mirrors() -> None:
+    """The console script's after-commit mirrors, once per process: MLflow sync and approval reports.
+
+    ``EXITWISE_MLFLOW_SYNC=off`` turns the MLflow mirror off (see ``install_hook``).
+    """
+    if not hooks.wanted():
+        return
+    sync = install_hook()
+    approval = install_approval_hook()
+    hooks.installed(sync.close)
+    hooks.installed(lambda: events.remove(approval))

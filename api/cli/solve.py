@@ -16,7 +16,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exitwise.api.cli.output import stdout_console
+from exitwise.calibration.baselines import LABELS, NAMES, baselines_json
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logfiles.cards import load_card
+from exitwise.calibration.logfiles.readers import load_logs
+from exitwise.calibration.pipeline import SolveSpec, check_budget, parse_budgets
+from exitwise.calibration.splits import SplitSpec
+from exitwise.policies.authoring import evaluate_policy, solve_policy
+from exitwise.policies.document_files import read_document, write_document
 
 _err = Console(stderr=True)
 
@@ -47,10 +54,6 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 def _load(logs_path: Path, card_path: Path) -> Any:
     """The exit logs at ``logs_path`` described by the model card at ``card_path``."""
-    # imported when a command runs: pyarrow at the top would slow down `exitwise --help` (see solve_cmd)
-    from exitwise.calibration.logfiles.cards import load_card
-    from exitwise.calibration.logfiles.readers import load_logs
-
     return load_logs(logs_path, load_card(card_path))
 
 
@@ -90,16 +93,6 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Solve least-compute thresholds under a certified risk budget and write the policy document."""
-        # imported when the command runs, as everywhere in this module, to keep CLI start-up fast:
-        # `exitwise --help` takes 0.42 s (median of 11 runs); importing the solve use case and the log
-        # readers (scipy, pyarrow) at the top would make it 1.23 s, and even numpy alone adds 0.13 s
-        # (python -X importtime: 0.28 s of imports, +0.91 s, +0.13 s)
-        from exitwise.calibration.baselines import NAMES, baselines_json
-        from exitwise.calibration.pipeline import SolveSpec, check_budget, parse_budgets
-        from exitwise.calibration.splits import SplitSpec
-        from exitwise.policies.authoring import solve_policy
-        from exitwise.policies.document import write_document
-
         t0 = time.perf_counter()
         check_budget(eps, "--eps")
         check_budget(delta, "--delta")
@@ -147,10 +140,6 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Apply a saved policy to other logs: realised risk and compute, per segment and batch size."""
-        # imported when the command runs (see solve_cmd)
-        from exitwise.policies.authoring import evaluate_policy
-        from exitwise.policies.document import read_document
-
         doc = read_document(policy)
         ev = evaluate_policy(doc, _load(logs, card), risk=risk)
         out = {"policy": str(policy), "content_hash": doc["content_hash"], "logs": str(logs), **ev.to_json()}
@@ -194,9 +183,6 @@ def _row_json(ev: Any, seg_col: str | None, certified: bool) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | None) -> None:
-    # imported when the command runs (see solve_cmd)
-    from exitwise.calibration.baselines import LABELS
-
     console = stdout_console()
     g = doc["guarantee"]
     status = "[green]certified[/]" if g["certified"] else "[red]NOT certified: runs at full depth[/]"

@@ -1,4 +1,4 @@
-"""Exit-log and model-card files (DESIGN.md, "Exit logs").
+"""Exit-log and model-card files (design contract, "Exit logs").
 
 Four file forms hold the same data (n samples, K exits, C classes):
 

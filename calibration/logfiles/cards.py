@@ -1,4 +1,4 @@
-"""Model cards (DESIGN.md, "The model card"): load a JSON or YAML card, check every field, write one.
+"""Model cards (design contract, "The model card"): load a JSON or YAML card, check every field, write one.
 
 A card names the model, its exits with cumulative costs, the classes and the log columns
 (label, request id, segments). :func:`load_card` reads it, :func:`card_from_dict` checks it

@@ -292,9 +292,8 @@ def decode_timestamps(arr: pa.Array, src: str, where: Where) -> np.ndarray:
             raise LogFormatError(f"{src}: {where(int(bad[0]))}: column {TS_COLUMN!r} is not a finite time")
         return np.round(secs * 1e6).astype("int64").astype("datetime64[us]")
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        # imported here, for the start-up of the CLI commands that load logs: pandas adds 0.26 s of
-        # imports (python -X importtime, min of 11) and only ISO-8601 strings need it (logs without a
-        # time column never import it; pyarrow imports it anyway to convert native timestamps)
+        # lazy: pandas costs 0.26 s of imports (python -X importtime, min of 11) and only ISO-8601
+        # time strings need it; logs without a time column, or with native timestamps, never load it here
         import pandas as pd
 
         text = pd.Series(arr.to_numpy(zero_copy_only=False))

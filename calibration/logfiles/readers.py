@@ -33,7 +33,7 @@ __all__ = ["load_logs"]
 
 
 def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None = None) -> ExitLogs:
-    """Load exit logs in any form of DESIGN.md into dense float32 (n, K, C) :class:`ExitLogs`.
+    """Load exit logs in any form of the design contract into dense float32 (n, K, C) :class:`ExitLogs`.
 
     ``form`` overrides detection from the extension/contents. Raises :class:`LogFormatError`
     naming the file, the row (index and request id) or column, and the cause.

@@ -37,7 +37,7 @@ def write_logs(
     label_names: bool = False,
     compression: str = "zstd",
 ) -> Path:
-    """Write ``logs`` in one of the DESIGN.md forms, atomically (temp file + ``os.replace``).
+    """Write ``logs`` in one of the forms of the design contract, atomically (temp file + ``os.replace``).
 
     ``form`` defaults from the extension (.parquet -> wide, .jsonl, .npz); ``dtype`` is
     float32 or float16 for the stored logits; ``label_names`` writes labels as class names

@@ -1,6 +1,6 @@
 """Train a small multi-exit CNN on Fashion-MNIST and write real exit logs for exitwise.
 
-What it produces (DESIGN.md "Exit logs", wide Parquet form), in ``--out`` (default
+What it produces (design contract, "Exit logs", wide Parquet form), in ``--out`` (default
 ``examples/data/fashion_mnist``):
 
 - ``calibration.parquet`` -- 10,000 images held out from the Fashion-MNIST *train* set

@@ -38,6 +38,7 @@ class SyncHook:
     def __init__(self, engine: Engine | None = None, *, config: MlflowConfig | None = None,
                  background: bool = False, reports: bool = True, quiet: bool = True):
         self.engine = engine
+        self._owns_engine = engine is None  # opened on first use, disposed by close()
         self.config = config
         self.reports = reports
         self.quiet = quiet
@@ -135,13 +136,17 @@ class SyncHook:
             return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def close(self) -> None:
-        """Unregister from ``exitwise.policies.events`` and stop the worker after the queued syncs."""
+        """Unregister from ``exitwise.policies.events``, stop the worker after the queued syncs, and
+        dispose of the store engine the hook opened itself."""
         events.remove(self)
         with self._lock:
             self._closed = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._owns_engine and self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
 
 
 def install_hook(engine: Engine | None = None, *, config: MlflowConfig | None = None,

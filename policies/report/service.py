@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from exitwise.calibration.atomic import atomic_write_bytes
 from exitwise.calibration.optional import require
 from exitwise.policies.db import unit_of_work
-from exitwise.policies.document import read_json_object
+from exitwise.policies.document_files import read_json_object
 from exitwise.policies.report.context import build_context, context_from_document
 from exitwise.policies.report.formats import MEDIA_TYPES, check_format
 

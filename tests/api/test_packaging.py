@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -50,10 +51,14 @@ def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built from this checkout without build isolation (offline)."""
+    """The project's wheel, built without build isolation (offline) from a copy of this checkout
+    (setuptools writes build/ and *.egg-info next to the sources)."""
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".exitwise", ".hypothesis", ".pytest_cache", "site", "build", "*.egg-info", "__pycache__"))
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out),
-          str(ROOT)])
+          str(src)])
     (whl,) = out.glob("exitwise-*.whl")
     return whl
 

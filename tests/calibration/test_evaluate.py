@@ -1,4 +1,4 @@
-"""The evaluator against a straightforward per-sample loop written from DESIGN.md's wording."""
+"""The evaluator against a straightforward per-sample loop written from the design contract's wording."""
 
 from __future__ import annotations
 

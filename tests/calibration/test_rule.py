@@ -1,4 +1,4 @@
-"""The decision rule against a per-sample reference written from DESIGN.md's wording."""
+"""The decision rule against a per-sample reference written from the design contract's wording."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _doc(k: int, c: int, thresholds: dict, **extra) -> dict:
 
 
 def _reference_exit(doc: dict, logits: np.ndarray, segment: str) -> int:
-    """Per-sample reading of DESIGN.md's rule, with plain Python maths."""
+    """Per-sample reading of the design contract's rule, with plain Python maths."""
     k_total = len(doc["exits"])
     forced = doc.get("forced_full_depth") or {}
     for k in range(k_total - 1):

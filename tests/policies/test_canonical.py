@@ -1,4 +1,4 @@
-"""Canonical form, content hash and document validation (DESIGN.md, "The policy document")."""
+"""Canonical form, content hash and document validation (design contract, "The policy document")."""
 
 from __future__ import annotations
 

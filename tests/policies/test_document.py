@@ -15,7 +15,8 @@ from exitwise.calibration.pipeline import SolveSpec, parse_budgets, solve
 from exitwise.calibration.rule import CompiledPolicy, route
 from exitwise.calibration.synthetic import synthetic_logs
 from exitwise.policies.canonical import canonical_json, verify_content_hash
-from exitwise.policies.document import build_document, calibration_section, data_section, read_document, write_document
+from exitwise.policies.document import build_document, calibration_section, data_section
+from exitwise.policies.document_files import read_document, write_document
 from exitwise.policies.schema import validate_document
 
 

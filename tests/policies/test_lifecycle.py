@@ -1,4 +1,4 @@
-"""Lifecycle rules (DESIGN.md "Lifecycle and governance"), on SQLite and PostgreSQL."""
+"""Lifecycle rules (design contract, "Lifecycle and governance"), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
