@@ -21,7 +21,7 @@ Costs: multiply-accumulates per image (Linear layers), cumulative over the backb
 every head evaluated on the way.
 
 Re-run (CPU, ONE thread -- two threads spin on this tiny net, ten times slower --, deterministic;
-about a CPU-minute)::
+about 15 CPU-seconds)::
 
     .venv/bin/pip install -e '.[bench]'      # torch==2.13.0, scikit-learn
     .venv/bin/python examples/digits_mlp/train.py

@@ -34,10 +34,10 @@ Re-run (CPU, deterministic: fixed seed, ``torch.use_deterministic_algorithms``):
 
 ONE torch thread by default: on two cores shared with other work, two threads spend most
 of their time spinning at the barriers of these thin convolutions (measured: 1.7 ms of wall
-time per training image with one thread, 7.3 ms with two). 12 epochs of 40,000 images take
-about 10 CPU-minutes. ``--max-cpu-seconds`` (default 1800) stops training after the epoch
-that crosses that CPU budget; metadata.json then says how many epochs ran (``epochs_run``),
-and the files are no longer a pure function of the seed.
+time per training image with one thread, 7.3 ms with two). 12 epochs of 40,000 images took
+6 CPU-minutes (9 minutes of wall time). ``--max-cpu-seconds`` (default 1800) stops training
+after the epoch that crosses that CPU budget; metadata.json then says how many epochs ran
+(``epochs_run``), and the files are no longer a pure function of the seed.
 """
 
 from __future__ import annotations
