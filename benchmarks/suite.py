@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from exitwise.calibration import load_card, load_logs
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "suite.json"
-
-from exitwise.calibration import load_card, load_logs
 
 
 def entries(only: list[str] | None = None) -> list[dict[str, Any]]:
