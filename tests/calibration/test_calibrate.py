@@ -6,8 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
+from temperature_reference import T_RTOL, reference_temperature
 
 from exitwise.calibration.calibrate import calibrate_logs, fit_exit_calibrators
 from exitwise.calibration.calibrators import IdentityCalibrator, PlattScaler, TemperatureScaler
@@ -15,22 +14,6 @@ from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.splits import split_rows
 from exitwise.calibration.synthetic import synthetic_logs
-
-T_RTOL = 1e-4  # temperatures are exact to ~1e-5 relative (see test_calibrators.py)
-
-
-def _reference_temperature(z: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e2)) -> float:
-    """Independent float64 reference: bounded Brent on the mean NLL over log T."""
-    z = z.astype(np.float64)
-    rows = np.arange(len(y))
-
-    def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        return float(np.mean(logsumexp(s, axis=1) - s[rows, y]))
-
-    res = minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-9})
-    assert res.success
-    return float(np.exp(res.x))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +25,7 @@ def test_fit_exit_calibrators_recovers_per_exit_temperatures(logs):
     cals = fit_exit_calibrators(logs, "temperature")
     assert [type(c) for c in cals] == [TemperatureScaler] * 4
     for k, cal in enumerate(cals):
-        ref = _reference_temperature(logs.logits[:, k, :], logs.labels)
+        ref = reference_temperature(logs.logits[:, k, :], logs.labels)
         assert cal.temperature_ == pytest.approx(ref, rel=T_RTOL)
     # over-confident early exits need T > 1 (the generator's true temperatures fall with depth)
     temps = [c.temperature_ for c in cals]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize, minimize_scalar
-from scipy.special import expit, logsumexp
+from scipy.optimize import minimize
+from scipy.special import expit
+from temperature_reference import T_RTOL, reference_temperature
 
 from exitwise.calibration.calibrators import (
     IdentityCalibrator,
@@ -22,7 +23,6 @@ from exitwise.calibration.rule import calibrated_probs, platt_features, softmax
 # Tolerances. The temperature search evaluates NLL' in float32 (accumulated in float64) and
 # stops when the Newton step in log T is below 1e-6, so T is exact to ~1e-5 relative; we
 # compare with 1e-4.
-T_RTOL = 1e-4
 
 
 def _logits(n: int, c: int, scale: float, seed: int, margin: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -32,20 +32,6 @@ def _logits(n: int, c: int, scale: float, seed: int, margin: float = 1.5) -> tup
     z = rng.standard_normal((n, c))
     z[np.arange(n), y] += margin
     return (z * scale).astype(np.float32), y
-
-
-def _reference_temperature(z: np.ndarray, y: np.ndarray, bounds=(1e-2, 1e2)) -> float:
-    """Independent float64 reference: bounded Brent on the mean NLL over log T."""
-    z = z.astype(np.float64)
-    rows = np.arange(len(y))
-
-    def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        return float(np.mean(logsumexp(s, axis=1) - s[rows, y]))
-
-    res = minimize_scalar(nll, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-9})
-    assert res.success
-    return float(np.exp(res.x))
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
@@ -127,7 +113,7 @@ def test_temperature_recovered_on_perfectly_calibrated_data():
 def test_temperature_matches_scipy_reference(scale, c):
     z, y = _logits(5000, c, scale, seed=int(scale * 100) + c)
     ours = TemperatureScaler().fit(z, y).temperature_
-    assert ours == pytest.approx(_reference_temperature(z, y), rel=T_RTOL)
+    assert ours == pytest.approx(reference_temperature(z, y), rel=T_RTOL)
 
 
 def test_temperature_matches_scikit_learn_calibratedclassifiercv():
@@ -207,7 +193,7 @@ def test_temperature_stable_for_extreme_confidence(scale):
     z, y = _logits(3000, 10, scale, seed=7)
     cal = TemperatureScaler(bounds=(1e-5, 1e5)).fit(z, y)
     assert np.isfinite(cal.temperature_)
-    assert cal.temperature_ == pytest.approx(_reference_temperature(z, y, (1e-5, 1e5)), rel=T_RTOL)
+    assert cal.temperature_ == pytest.approx(reference_temperature(z, y, (1e-5, 1e5)), rel=T_RTOL)
     assert not cal.at_bound_
 
 
@@ -233,7 +219,7 @@ def test_temperature_large_n_uses_few_passes():
     z, y = _logits(70_000, 10, 3.0, seed=4)  # > 2 x 32768 rows: warm start on a subsample
     cal = TemperatureScaler().fit(z, y)
     assert cal.n_iter_ <= 4
-    assert cal.temperature_ == pytest.approx(_reference_temperature(z, y), rel=T_RTOL)
+    assert cal.temperature_ == pytest.approx(reference_temperature(z, y), rel=T_RTOL)
 
 
 def test_temperature_failure_quotes_the_optimiser():

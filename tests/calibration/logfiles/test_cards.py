@@ -7,29 +7,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from small_card import small_card
 
 from exitwise.calibration.exceptions import CardError
 from exitwise.calibration.logfiles.cards import card_from_dict, card_to_dict, load_card, write_card
-from exitwise.calibration.logs import ExitSpec, ModelCard
-
-K = 3
-CLASSES = ["cat", "dog", "emu", "fox"]
-
-
-def _card(**overrides) -> ModelCard:
-    fields = {
-        "model": "m",
-        "exits": tuple(ExitSpec(f"e{k}", float(k + 1)) for k in range(K)),
-        "classes": tuple(CLASSES),
-        "segment_columns": ("region",),
-    }
-    fields.update(overrides)
-    return ModelCard(**fields)
-
 
 
 def test_card_json_and_yaml_round_trip(tmp_path):
-    card = _card(version="3")
+    card = small_card(version="3")
     path = write_card(card, tmp_path / "card.json")
     assert load_card(path) == card
     (tmp_path / "card.yaml").write_text(yaml.safe_dump(card_to_dict(card)))

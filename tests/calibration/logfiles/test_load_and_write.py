@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from small_card import CLASSES, K, small_card
 
 from exitwise.calibration.exceptions import InputError, LogFormatError
 from exitwise.calibration.logfiles.cards import card_from_dict, card_to_dict, load_card
@@ -24,19 +25,7 @@ from exitwise.calibration.synthetic import synthetic_logs
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "digits"
 FORMS = [("wide", ".parquet"), ("long", ".parquet"), ("jsonl", ".jsonl"), ("npz", ".npz")]
-K, C = 3, 4
-CLASSES = ["cat", "dog", "emu", "fox"]
-
-
-def _card(**overrides) -> ModelCard:
-    fields = {
-        "model": "m",
-        "exits": tuple(ExitSpec(f"e{k}", float(k + 1)) for k in range(K)),
-        "classes": tuple(CLASSES),
-        "segment_columns": ("region",),
-    }
-    fields.update(overrides)
-    return ModelCard(**fields)
+C = len(CLASSES)
 
 
 def _rows(n: int = 6) -> list[dict]:
@@ -142,7 +131,7 @@ def test_form_detected_from_contents_without_extension(tmp_path, synth):
 def test_hand_written_files_load(tmp_path):
     """Files written by other tools (pyarrow from rows, plain JSON) load with names mapped."""
     rows = _rows()
-    card = _card()
+    card = small_card()
     wide = load_logs(_wide(tmp_path, rows), card)
     long = load_logs(_long(tmp_path, rows), card)
     jsonl = load_logs(_jsonl(tmp_path, rows), card)
@@ -161,8 +150,8 @@ def test_long_form_rows_in_any_order(tmp_path):
     table = pq.read_table(path)
     shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
     pq.write_table(shuffled, tmp_path / "shuffled.parquet")
-    a = load_logs(path, _card())
-    b = load_logs(tmp_path / "shuffled.parquet", _card())
+    a = load_logs(path, small_card())
+    b = load_logs(tmp_path / "shuffled.parquet", small_card())
     order = np.argsort(b.request_ids.astype(str))
     np.testing.assert_array_equal(a.logits, b.logits[order])
     np.testing.assert_array_equal(a.labels, b.labels[order])
@@ -179,7 +168,7 @@ def test_card_without_optional_fields_and_unlabelled_logs(tmp_path):
 
 
 def test_integer_labels_and_class_index_names(tmp_path):
-    card = _card(classes=None, segment_columns=())
+    card = small_card(classes=None, segment_columns=())
     rows = _rows()
     for i, row in enumerate(rows):
         row["label"] = i % C
@@ -193,10 +182,10 @@ def test_ts_column_parsed_and_time_window(tmp_path):
     rows = _rows(3)
     for i, row in enumerate(rows):
         row["ts"] = f"2024-03-0{i + 1}T12:00:00+01:00"
-    logs = load_logs(_jsonl(tmp_path, rows), _card())
+    logs = load_logs(_jsonl(tmp_path, rows), small_card())
     assert logs.ts.dtype == np.dtype("datetime64[us]")
     assert time_window(logs) == ("2024-03-01T11:00:00Z", "2024-03-03T11:00:00Z")
-    assert time_window(load_logs(_wide(tmp_path, _rows(3)), _card())) is None
+    assert time_window(load_logs(_wide(tmp_path, _rows(3)), small_card())) is None
 
 
 def test_digits_fixture_loads():
@@ -257,7 +246,7 @@ def test_non_finite_logit_names_sample_exit_class(tmp_path, bad, writer):
     rows = _rows()
     rows[4]["exit_2"][3] = bad
     rows[5]["exit_0"][0] = bad  # later sample: the first offending one is reported
-    message = _error(writer(tmp_path, rows), _card())
+    message = _error(writer(tmp_path, rows), small_card())
     what = "NaN" if bad != bad else ("+Inf" if bad > 0 else "-Inf")
     assert "request_id 'r4'" in message and f"logit is {what} at exit 2 (e2), class 3" in message
 
@@ -275,7 +264,7 @@ def test_non_finite_logit_npz(tmp_path, synth):
 def test_ragged_logits(tmp_path, writer):
     rows = _rows()
     rows[3]["exit_1"] = rows[3]["exit_1"][:-1]
-    message = _error(writer(tmp_path, rows), _card())
+    message = _error(writer(tmp_path, rows), small_card())
     assert "row 3" in message and "'r3'" in message and "ragged" in message
     assert "column 'exit_1' has 3 values, expected 4" in message
 
@@ -283,12 +272,12 @@ def test_ragged_logits(tmp_path, writer):
 def test_ragged_logits_without_card_classes(tmp_path):
     rows = _rows()
     rows[2]["exit_0"] = [*rows[2]["exit_0"], 1.0]
-    message = _error(_long(tmp_path, rows), _card(classes=None))
+    message = _error(_long(tmp_path, rows), small_card(classes=None))
     assert "row 6" in message and "'r2'" in message and "has 5 values, expected 4" in message
 
 
 def test_class_count_mismatch_with_card(tmp_path):
-    message = _error(_wide(tmp_path, _rows()), _card(classes=("a", "b", "c")))
+    message = _error(_wide(tmp_path, _rows()), small_card(classes=("a", "b", "c")))
     assert "row 0" in message and "expected 3 (the model card lists that many classes)" in message
 
 
@@ -297,24 +286,24 @@ def test_missing_exit_column(tmp_path):
     for row in rows:
         del row["exit_2"]
     for path in (_wide(tmp_path, rows), _jsonl(tmp_path, rows)):
-        message = _error(path, _card())
+        message = _error(path, small_card())
         assert "missing exit column 'exit_2'" in message and "lists 3 exits" in message
 
 
 def test_missing_exit_in_one_row(tmp_path):
     rows = _rows()
     rows[1]["exit_1"] = None
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 1 (request_id 'r1')" in message and "exit_1 is missing" in message
     del rows[1]["exit_1"]
-    message = _error(_jsonl(tmp_path, rows), _card())
+    message = _error(_jsonl(tmp_path, rows), small_card())
     assert "row 1 (line 2, request_id 'r1')" in message and "exit_1 is missing" in message
 
 
 def test_long_form_sample_missing_an_exit(tmp_path):
     rows = _rows()
     del rows[4]["exit_1"]
-    message = _error(_long(tmp_path, rows), _card())
+    message = _error(_long(tmp_path, rows), small_card())
     assert "request id 'r4' is missing exit 1 (e1)" in message and "has exits [0, 2]" in message
 
 
@@ -322,30 +311,30 @@ def test_more_exits_than_card(tmp_path):
     rows = _rows()
     for row in rows:
         row["exit_3"] = [0.0] * C
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "column 'exit_3'" in message and "the card lists 3 exits" in message
-    message = _error(_long(tmp_path, rows), _card())
+    message = _error(_long(tmp_path, rows), small_card())
     assert "exit 3 out of range" in message and "lists 3 exits" in message and "row 3" in message
 
 
 def test_npz_exit_and_class_mismatch(tmp_path):
     path = tmp_path / "x.npz"
     np.savez(path, logits=np.zeros((5, 2, C), dtype=np.float32))
-    message = _error(path, _card(segment_columns=()))
+    message = _error(path, small_card(segment_columns=()))
     assert "'logits' has 2 exits" in message and "card lists 3" in message and "missing exit" in message
     np.savez(path, logits=np.zeros((5, K, 7), dtype=np.float32))
-    assert "has 7 classes" in _error(path, _card(segment_columns=()))
+    assert "has 7 classes" in _error(path, small_card(segment_columns=()))
     np.savez(path, logits=np.zeros((5, K * C), dtype=np.float32))
-    assert "must have shape (n, K, C)" in _error(path, _card(segment_columns=()))
+    assert "must have shape (n, K, C)" in _error(path, small_card(segment_columns=()))
     np.savez(path, logits=np.zeros((5, K, C)), labels=np.zeros(4, dtype=int))
-    assert "array 'labels' has shape (4,), expected (5,)" in _error(path, _card(segment_columns=()))
+    assert "array 'labels' has shape (4,), expected (5,)" in _error(path, small_card(segment_columns=()))
 
 
 @pytest.mark.parametrize("writer", [_wide, _long, _jsonl])
 def test_unknown_label_name(tmp_path, writer):
     rows = _rows()
     rows[3]["label"] = "gnu"
-    message = _error(writer(tmp_path, rows), _card())
+    message = _error(writer(tmp_path, rows), small_card())
     assert "'r3'" in message and "unknown label 'gnu' in column 'label'" in message and "'cat'" in message
 
 
@@ -353,38 +342,38 @@ def test_label_index_out_of_range(tmp_path):
     rows = _rows()
     for i, row in enumerate(rows):
         row["label"] = i
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 4 (request_id 'r4')" in message and "unknown label 4" in message and "0..3" in message
     path = tmp_path / "x.npz"
     np.savez(path, logits=np.zeros((2, K, C)), labels=np.array([0, -1]), seg_region=np.array(["a", "b"]))
-    assert "row 1" in _error(path, _card()) and "unknown label -1" in _error(path, _card())
+    assert "row 1" in _error(path, small_card()) and "unknown label -1" in _error(path, small_card())
 
 
 def test_null_and_fractional_labels(tmp_path):
     rows = _rows()
     rows[2]["label"] = None
-    assert "row 2" in (m := _error(_wide(tmp_path, rows), _card())) and "label column 'label' is null" in m
+    assert "row 2" in (m := _error(_wide(tmp_path, rows), small_card())) and "label column 'label' is null" in m
     for i, row in enumerate(rows):
         row["label"] = i % C + (0.5 if i == 1 else 0.0)
-    assert "label 1.5" in (m := _error(_wide(tmp_path, rows), _card())) and "row 1" in m
+    assert "label 1.5" in (m := _error(_wide(tmp_path, rows), small_card())) and "row 1" in m
 
 
 @pytest.mark.parametrize("writer", [_wide, _jsonl])
 def test_duplicate_request_ids(tmp_path, writer):
     rows = _rows()
     rows[4]["request_id"] = "r1"
-    message = _error(writer(tmp_path, rows), _card())
+    message = _error(writer(tmp_path, rows), small_card())
     assert "duplicate request id 'r1'" in message and "rows 1 and 4" in message
 
 
 def test_duplicate_request_ids_long_and_npz(tmp_path):
     rows = _rows()
     rows[4]["request_id"] = "r1"
-    message = _error(_long(tmp_path, rows), _card())
+    message = _error(_long(tmp_path, rows), small_card())
     assert "duplicate request id 'r1' with exit 0 at rows 3 and 12" in message
     path = tmp_path / "x.npz"
     np.savez(path, logits=np.zeros((3, K, C)), request_id=np.array([7, 8, 7]), seg_region=np.array(["a"] * 3))
-    assert "duplicate request id 7" in (m := _error(path, _card())) and "rows 0 and 2" in m
+    assert "duplicate request id 7" in (m := _error(path, small_card())) and "rows 0 and 2" in m
 
 
 def test_long_form_inconsistent_per_sample_column(tmp_path):
@@ -393,79 +382,79 @@ def test_long_form_inconsistent_per_sample_column(tmp_path):
     labels = table.column("label").to_pylist()
     labels[4] = "fox"  # r1's exit-1 row
     pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array(labels)), path)
-    message = _error(path, _card())
+    message = _error(path, small_card())
     assert "row 4 (request_id 'r1')" in message and "column 'label' differs between the rows" in message
 
 
 @pytest.mark.parametrize("writer", [_wide, _jsonl])
 def test_empty_and_blank_files(tmp_path, writer):
     (tmp_path / "zero.parquet").write_bytes(b"")
-    assert "empty file" in _error(tmp_path / "zero.parquet", _card())
+    assert "empty file" in _error(tmp_path / "zero.parquet", small_card())
     empty = pa.Table.from_pylist(_rows()).slice(0, 0)
     pq.write_table(empty, tmp_path / "norows.parquet")
-    assert "empty file (no rows)" in _error(tmp_path / "norows.parquet", _card())
+    assert "empty file (no rows)" in _error(tmp_path / "norows.parquet", small_card())
     (tmp_path / "blank.jsonl").write_text("\n  \n")
-    assert "empty file (no rows)" in _error(tmp_path / "blank.jsonl", _card())
+    assert "empty file (no rows)" in _error(tmp_path / "blank.jsonl", small_card())
     np.savez(tmp_path / "none.npz", logits=np.zeros((0, K, C)))
-    assert "empty file" in _error(tmp_path / "none.npz", _card())
+    assert "empty file" in _error(tmp_path / "none.npz", small_card())
 
 
 def test_corrupt_and_unreadable_files(tmp_path, synth):
     (tmp_path / "junk.parquet").write_bytes(b"this is not parquet at all")
-    assert "cannot read Parquet file" in _error(tmp_path / "junk.parquet", _card())
+    assert "cannot read Parquet file" in _error(tmp_path / "junk.parquet", small_card())
     good = write_logs(synth, tmp_path / "good.parquet")
     data = good.read_bytes()
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
     assert "cannot read Parquet file" in _error(tmp_path / "cut.parquet", synth.card)
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 broken zip")
-    assert "cannot read NPZ file" in _error(tmp_path / "junk.npz", _card())
+    assert "cannot read NPZ file" in _error(tmp_path / "junk.npz", small_card())
     np.savez(tmp_path / "pickled.npz", logits=np.zeros((2, K, C)), seg_region=np.array(["a", None], dtype=object))
-    assert "object (pickled) arrays" in _error(tmp_path / "pickled.npz", _card())
+    assert "object (pickled) arrays" in _error(tmp_path / "pickled.npz", small_card())
     (tmp_path / "latin.jsonl").write_bytes(b'{"a": "\xff\xfe"}\n')
-    assert "not UTF-8" in _error(tmp_path / "latin.jsonl", _card())
-    assert "file not found" in _error(tmp_path / "missing.parquet", _card())
-    assert "is a directory" in _error(tmp_path, _card())
+    assert "not UTF-8" in _error(tmp_path / "latin.jsonl", small_card())
+    assert "file not found" in _error(tmp_path / "missing.parquet", small_card())
+    assert "is a directory" in _error(tmp_path, small_card())
 
 
 def test_jsonl_line_errors(tmp_path):
     path = tmp_path / "logs.jsonl"
     lines = [json.dumps(r) for r in _rows(3)]
     path.write_text("\n".join([lines[0], "", lines[1], "{not json"]) + "\n")
-    assert "line 4: invalid JSON" in _error(path, _card())
+    assert "line 4: invalid JSON" in _error(path, small_card())
     path.write_text("\n".join([lines[0], "[1, 2]"]) + "\n")
-    assert "line 2: expected a JSON object, got list" in _error(path, _card())
+    assert "line 2: expected a JSON object, got list" in _error(path, small_card())
     rows = _rows(3)
     rows[2]["exit_0"] = ["a", "b", "c", "d"]
-    message = _error(_jsonl(tmp_path, rows), _card())
+    message = _error(_jsonl(tmp_path, rows), small_card())
     assert "row 2 (line 3)" in message and "column 'exit_0' must be a list of numbers" in message
     rows = _rows(3)
     rows[1]["region"] = 5
-    message = _error(_jsonl(tmp_path, rows), _card())
+    message = _error(_jsonl(tmp_path, rows), small_card())
     assert "row 1 (line 2)" in message and "column 'region' mixes types (str in row 0, int here)" in message
 
 
 def test_unknown_format(tmp_path):
     path = tmp_path / "logs.txt"
     path.write_text("exit_0,exit_1\n1,2\n")
-    message = _error(path, _card())
+    message = _error(path, small_card())
     assert "unknown log format" in message and ".parquet" in message
     with pytest.raises(LogFormatError, match="unknown log form 'csv'"):
-        load_logs(path, _card(), form="csv")
+        load_logs(path, small_card(), form="csv")
 
 
 def test_missing_and_bad_segment_columns(tmp_path):
     rows = _rows()
-    message = _error(_wide(tmp_path, rows), _card(segment_columns=("region", "device")))
+    message = _error(_wide(tmp_path, rows), small_card(segment_columns=("region", "device")))
     assert "missing segment column 'device'" in message
     rows[3]["region"] = None
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 3 (request_id 'r3')" in message and "segment column 'region' is null" in message
     rows[3]["region"] = "eu|us"
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 3" in message and "contains '|'" in message
     path = tmp_path / "x.npz"
     np.savez(path, logits=np.zeros((2, K, C)))
-    assert "missing array 'seg_region'" in _error(path, _card())
+    assert "missing array 'seg_region'" in _error(path, small_card())
 
 
 def test_bad_ts_and_types(tmp_path):
@@ -473,26 +462,26 @@ def test_bad_ts_and_types(tmp_path):
     for row in rows:
         row["ts"] = "2024-01-01T00:00:00Z"
     rows[1]["ts"] = "yesterday"
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 1 (request_id 'r1')" in message and "'yesterday' is not an ISO-8601 time" in message
     rows = _rows(3)
     for row in rows:
         row["exit_1"] = ["x"] * C
-    assert "column 'exit_1' holds lists of string" in _error(_wide(tmp_path, rows), _card())
+    assert "column 'exit_1' holds lists of string" in _error(_wide(tmp_path, rows), small_card())
     rows = _rows(3)
     for row in rows:
         row["exit_1"] = 1.0
-    assert "column 'exit_1' must hold a list of C logits per row" in _error(_wide(tmp_path, rows), _card())
+    assert "column 'exit_1' must hold a list of C logits per row" in _error(_wide(tmp_path, rows), small_card())
     rows = _rows(3)
     for row in rows:
         row["request_id"] = 1.5
-    assert "request id column 'request_id' has type double" in _error(_wide(tmp_path, rows), _card())
+    assert "request id column 'request_id' has type double" in _error(_wide(tmp_path, rows), small_card())
 
 
 def test_null_logit_inside_list(tmp_path):
     rows = _rows()
     rows[2]["exit_1"][1] = None
-    message = _error(_wide(tmp_path, rows), _card())
+    message = _error(_wide(tmp_path, rows), small_card())
     assert "row 2 (request_id 'r2')" in message and "null logit at class 1" in message
 
 
@@ -556,10 +545,10 @@ def test_many_row_groups_keep_file_row_numbers(tmp_path, writer):
     path = (_wide if writer == "wide" else _long)(tmp_path, rows)
     pq.write_table(pq.read_table(path), path, row_group_size=2)
     assert pq.ParquetFile(path).metadata.num_row_groups > 2
-    good = load_logs(path, _card())
+    good = load_logs(path, small_card())
     np.testing.assert_allclose(good.logits[7, 2], np.float32(rows[7]["exit_2"]))
     rows[7]["exit_2"] = rows[7]["exit_2"][:2]
     path = (_wide if writer == "wide" else _long)(tmp_path, rows)
     pq.write_table(pq.read_table(path), path, row_group_size=2)
     row = 7 if writer == "wide" else 7 * K + 2
-    assert f"row {row} (request_id 'r7'): ragged logits" in _error(path, _card())
+    assert f"row {row} (request_id 'r7'): ragged logits" in _error(path, small_card())
