@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/compare.py --data synthetic-overconfident  # one segment's early exits over-confident
     .venv/bin/python benchmarks/compare.py --data fashion              # examples/data/fashion_mnist
     .venv/bin/python benchmarks/compare.py --data both --seeds 3 --out /tmp/compare.md
+    .venv/bin/python benchmarks/compare.py --suite                     # every data set of the suite, 5 seeds
 
 For each risk (disagreement, induced_error) and eps (0.005, 0.01, 0.02), at delta = 0.05:
 solve on the calibration logs (split fit / select / certify with ``--seeds`` different
@@ -146,12 +147,24 @@ def table(results: dict[float, list[dict[str, dict[str, Any]]]], key: str | None
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=("synthetic", "synthetic-overconfident", "fashion", "both"), default="both")
+    ap.add_argument("--suite", action="store_true", help="every data set of benchmarks/suite.json (suite_compare.py)")
+    ap.add_argument("--eps", type=float, default=0.01, help="risk budget of --suite")
+    ap.add_argument("--only", nargs="*", help="--suite: only these data sets")
     ap.add_argument("--seeds", type=int, default=1, help="split seeds to average over")
     ap.add_argument("--n-cal", type=int, default=40_000, help="synthetic calibration rows")
     ap.add_argument("--n-test", type=int, default=200_000, help="synthetic test rows")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     args = ap.parse_args(argv)
+    if args.suite:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from suite_compare import main as suite_main  # lazy: only --suite needs it
+
+        text = suite_main(args.eps, args.seeds if args.seeds > 1 else 5, args.only, args.json)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n", encoding="utf-8")
+        return
     datasets = ("synthetic", "fashion") if args.data == "both" else (args.data,)
     parts: list[str] = []
     raw: dict[str, Any] = {}

@@ -23,6 +23,7 @@ guarantee.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,10 +33,12 @@ import numpy as np
 from exitwise.calibration.certify import ALL, Constraint
 from exitwise.calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.families import FIXED_GRID, shared_threshold_curve
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.pipeline import Prepared, Solution, certify_candidates
 from exitwise.calibration.rule import CompiledPolicy, score_all_exits
 from exitwise.calibration.solver import Problem, compile_thresholds, solve_path
+from exitwise.calibration.splits import Splits
 
 # The registry of baselines, in the order comparison tables list them: the certified ones, the
 # uncertified global threshold, full depth, then the two oracles (not deployable).
@@ -102,43 +105,6 @@ def _shared(prepared: Prepared, t: float, score: str = "max_prob") -> CompiledPo
     return _uniform_policy(prepared, np.full((k1, c), float(t)), score)
 
 
-def shared_threshold_curve(scores: np.ndarray, loss: np.ndarray, allowed: np.ndarray,
-                           forced: np.ndarray | None = None, preds: np.ndarray | None = None,
-                           blocked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact risk of a shared threshold tau at every candidate tau (the distinct scores).
-
-    With M_ik = max_{j <= k} s_ij over allowed exits, a sample exits at k exactly for
-    tau in (M_{i,k-1}, M_ik]; so risk(tau) = (1/n) sum_{i,k} l_ik [M_{i,k-1} < tau <= M_ik],
-    a difference of two weighted counts, evaluated at all candidates with one sort.
-    ``forced`` classes (by ``preds``) and ``blocked`` rows never exit early.
-    Returns (candidates descending, risk at each).
-    """
-    n = scores.shape[0]
-    s = np.where(allowed[None, :], scores[:, :-1], -np.inf)
-    if forced is not None and preds is not None:
-        s = np.where(forced[preds[:, :-1]], -np.inf, s)
-    if blocked is not None:
-        s[blocked] = -np.inf
-    run = np.maximum.accumulate(s, axis=1)
-    prev = np.concatenate([np.full((n, 1), -np.inf), run[:, :-1]], axis=1)
-    opens = run > prev
-    w = loss[:, :-1].astype(np.float64) * opens
-    hi, lo = run[opens], prev[opens]
-    w = w[opens]
-    cand = np.unique(hi[np.isfinite(hi)])[::-1]
-    if cand.size == 0:
-        return cand, np.zeros(0)
-
-    def mass_at_least(edges: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        order = np.argsort(edges)
-        e, cw = edges[order], np.concatenate([[0.0], np.cumsum(weights[order])])
-        idx = np.searchsorted(e, cand, side="left")
-        return cw[-1] - cw[idx]
-
-    risk = (mass_at_least(hi, w) - mass_at_least(lo, w)) / max(n, 1)
-    return cand, risk
-
-
 def _blocked(prepared: Prepared, rows: np.ndarray) -> np.ndarray:
     """Rows in a forbidden segment (they never exit early, whatever the policy)."""
     return prepared.forced_segments[prepared.seg_codes[rows]]
@@ -147,7 +113,7 @@ def _blocked(prepared: Prepared, rows: np.ndarray) -> np.ndarray:
 def global_threshold(prepared: Prepared, max_prob: tuple[np.ndarray, np.ndarray]) -> tuple[float | None, bool]:
     """BranchyNet/DeeBERT: scan tau down from 1 on the select split; stop before risk > eps."""
     scores, preds = max_prob
-    sel = prepared.splits.select
+    sel = prepared.splits.choose
     cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
                                         prepared.forced_classes, preds[sel], _blocked(prepared, sel))
     bad = np.flatnonzero(risk > prepared.spec.eps)
@@ -159,35 +125,41 @@ def _baseline_constraints(solution: Solution) -> list[Constraint]:
     return list(solution.constraints)
 
 
-def calm(prepared: Prepared, solution: Solution, max_prob: tuple[np.ndarray, np.ndarray], *,
-         grid: int = 64) -> tuple[float | None, bool]:
-    """CALM: a shared threshold, LTT-certified over a grid fixed on the select split."""
-    scores, preds = max_prob
-    sel = prepared.splits.select
-    cand, risk = shared_threshold_curve(scores[sel], prepared.loss[sel], prepared.allowed_exits,
-                                        prepared.forced_classes, preds[sel], _blocked(prepared, sel))
-    if cand.size == 0:
-        return None, False
-    limit = np.flatnonzero(risk > 3 * prepared.spec.eps)
-    stop = limit[0] + 1 if limit.size else cand.size
-    taus = np.unique(np.quantile(cand[:stop], np.linspace(0, 1, grid)))[::-1]
-    policies = [_shared(prepared, t) for t in taus]
-    pre = _with_scores(prepared, max_prob, "max_prob")
-    cert, _, _ = certify_candidates(pre, policies, _baseline_constraints(solution))
-    return (None, False) if cert.chosen is None else (float(taus[cert.chosen]), True)
+def calm(prepared: Prepared, solution: Solution) -> tuple[float | None, bool, Prepared]:
+    """CALM as its authors run it: one shared threshold on the raw softmax score, a grid fixed
+    before seeing data (:data:`~exitwise.calibration.families.FIXED_GRID`), Learn-then-Test on
+    *every* calibration row (nothing else is fitted, so no row is spent on anything else).
+    Returns (tau, certified, the raw-score preparation whose splits certify every row).
+    """
+    raw = prepared.variant(False)
+    every = Splits(choose=np.zeros(0, dtype=np.int64), certify=np.arange(prepared.logs.n), seed=prepared.splits.seed)
+    pre = replace(raw, splits=every, variants={})
+    if prepared.spec.score != "max_prob":
+        scored = ScoredLogs.from_logs(prepared.logs, raw.calibrators, "max_prob")
+        pre = replace(pre, scored=scored, loss=scored.loss_matrix(prepared.spec.risk),
+                      spec=replace(prepared.spec, score="max_prob"))
+    constraints = _all_rows_constraints(pre, solution)
+    policies = [_shared(pre, t) for t in np.sort(FIXED_GRID)[::-1]]
+    cert, _, _ = certify_candidates(pre, policies, constraints)
+    tau = None if cert.chosen is None else float(np.sort(FIXED_GRID)[::-1][cert.chosen])
+    return tau, cert.chosen is not None, pre
 
 
-def _with_scores(prepared: Prepared, scored: tuple[np.ndarray, np.ndarray], score: str) -> Prepared:
-    scores, preds = scored
-    if score == prepared.spec.score:
-        return prepared
-    sc = replace(prepared.scored, scores=scores, preds=preds, score=score)
-    return replace(prepared, scored=sc, spec=replace(prepared.spec, score=score))
+def _all_rows_constraints(pre: Prepared, solution: Solution) -> list[Constraint]:
+    """The solver's constraints (all traffic and each certified segment budget) over every row."""
+    out = []
+    for con in solution.constraints:
+        if con.name == ALL:
+            out.append(Constraint(name=ALL, eps=con.eps, index=np.arange(pre.logs.n)))
+        else:
+            code = pre.seg_levels.index(con.name)
+            out.append(Constraint(name=con.name, eps=con.eps, index=np.flatnonzero(pre.seg_codes == code)))
+    return out
 
 
 def per_exit(prepared: Prepared, solution: Solution) -> tuple[np.ndarray | None, bool]:
     """One threshold per exit (all classes and segments pooled), Lagrangian path + LTT."""
-    sel = prepared.splits.select
+    sel = prepared.splits.choose
     settings = replace(prepared.spec.settings, min_cell=np.iinfo(np.int64).max, min_pool=1)
     sc = prepared.scored
     problem = Problem(  # segment 0: everyone; 1: forbidden segments (never exit)
@@ -254,17 +226,20 @@ def per_sample_oracle_exits(scored: ScoredLogs, risk: str, allowed: np.ndarray,
     return np.argmax(ok, axis=1)
 
 
-def evaluation_data(solution: Solution, test_logs: ExitLogs | None = None, score: str | None = None) -> ScoredLogs:
-    """The held-out data scored with the solver's calibrators: ``test_logs``, else the certify split."""
+def evaluation_data(solution: Solution, test_logs: ExitLogs | None = None, score: str | None = None,
+                    calibrators: Sequence[Mapping[str, Any]] | None = None) -> ScoredLogs:
+    """The held-out data scored with the solver's calibrators (or ``calibrators``): ``test_logs``,
+    else the certify split."""
     prepared = solution.prepared
     score = score or prepared.spec.score
+    cals = tuple(prepared.calibrators if calibrators is None else calibrators)
     if test_logs is None:
-        if score == prepared.spec.score:
+        if score == prepared.spec.score and cals == tuple(prepared.calibrators):
             return prepared.scored.take(prepared.splits.certify)
         rows = prepared.splits.certify
-        s, p = score_all_exits(prepared.logs.logits[rows], prepared.calibrators, score)
-        return replace(prepared.scored.take(rows), scores=s, preds=p, score=score)
-    return ScoredLogs.from_logs(test_logs, prepared.calibrators, score)
+        s, p = score_all_exits(prepared.logs.logits[rows], cals, score)
+        return replace(prepared.scored.take(rows), scores=s, preds=p, score=score, calibrators=cals)
+    return ScoredLogs.from_logs(test_logs, cals, score)
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,8 +295,9 @@ def choose_baselines(
                                                  False, "tau chosen on the select split, uncertified")
     if "calm" in names:
         note("calm")
-        t, ok = calm(prepared, solution, max_prob())
-        out["calm"] = ChosenBaseline("calm", _shared(prepared, np.nan if t is None else t), ok)
+        t, ok, raw = calm(prepared, solution)
+        out["calm"] = ChosenBaseline("calm", _shared(raw, np.nan if t is None else t), ok,
+                                     "raw softmax, fixed grid, certified on every calibration row")
     if "per_exit" in names:
         note("per_exit")
         tau, ok = per_exit(prepared, solution)
@@ -349,15 +325,20 @@ def run_baselines(
     spec = prepared.spec
     risk = spec.risk
     out: dict[str, BaselineResult] = {}
-    mp_eval: ScoredLogs | None = scored if spec.score == "max_prob" else None
+    rescored: dict[str, ScoredLogs] = {}
+
+    def scored_for(policy: CompiledPolicy) -> ScoredLogs:
+        """The held-out rows under the policy's own calibrators and score."""
+        if tuple(policy.calibrators) == tuple(scored.calibrators) and policy.score == scored.score:
+            return scored
+        key = json.dumps([list(policy.calibrators), policy.score], sort_keys=True)
+        if key not in rescored:
+            rescored[key] = evaluation_data(solution, test_logs, policy.score, policy.calibrators)
+        return rescored[key]
+
     for name, base in chosen.items():
-        if base.policy.score == "max_prob" and spec.score != "max_prob":
-            if mp_eval is None:
-                mp_eval = evaluation_data(solution, test_logs, "max_prob")
-            ev = evaluate_scored(base.policy, mp_eval, risk)
-        else:
-            ev = evaluate_scored(base.policy, scored, risk)
-        out[name] = BaselineResult(name, ev, base.policy, base.certified, base.note)
+        out[name] = BaselineResult(name, evaluate_scored(base.policy, scored_for(base.policy), risk), base.policy,
+                                   base.certified, base.note)
     if "oracle" in names:
         if progress is not None:
             progress("oracle")

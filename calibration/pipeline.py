@@ -1,11 +1,13 @@
-"""The solve pipeline, end to end: validate the request, split, calibrate, score, solve the path, certify.
+"""The solve pipeline, end to end: validate the request, split, calibrate, choose a family, solve, certify.
 
-:func:`prepare` checks a :class:`SolveSpec` against the logs, draws the fit / select /
-certify split (:class:`~exitwise.calibration.splits.Splits`), fits one calibrator per exit on
-the fit rows and scores every row once. :func:`solve_prepared` runs the path solver
-(:mod:`exitwise.calibration.solver`) on the select rows and walks the path with the
-fixed-sequence test (:mod:`exitwise.calibration.certify`) on the certify rows;
-:func:`solve` does both. The baselines reuse :class:`Prepared` and :func:`certify_candidates`.
+:func:`prepare` checks a :class:`SolveSpec` against the logs, draws the choose / certify
+split (:class:`~exitwise.calibration.splits.Splits`), fits one calibrator per exit on the
+choose rows and scores every row once. :func:`solve_prepared` chooses the policy family by
+cross-validation on the choose rows (:func:`choose_family`, :mod:`exitwise.calibration.selection`),
+fits the chosen family's path on them (:mod:`exitwise.calibration.families`) and walks it with
+the fixed-sequence test (:mod:`exitwise.calibration.certify`) on the certify rows, which
+nothing else touched; :func:`solve` does both. The baselines reuse :class:`Prepared` and
+:func:`certify_candidates`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -23,16 +25,20 @@ from exitwise.calibration.calibrators import Calibrator
 from exitwise.calibration.certify import ALL, Certification, Constraint, aim, fixed_sequence, min_rows, upper_bound
 from exitwise.calibration.evaluate import ScoredLogs, check_risk, composite_segments
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.families import FAMILIES, Family, candidate_families, family_path, fixed_shared_path
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
-from exitwise.calibration.solver import (
-    Problem,
-    ProgressFn,
-    SolverPath,
-    SolverSettings,
-    compile_thresholds,
-    solve_path,
+from exitwise.calibration.selection import (
+    CandidateScore,
+    FoldCurve,
+    Selection,
+    fold_ids,
+    operating_point,
+    pick,
+    pool,
+    strict_knobs,
 )
+from exitwise.calibration.solver import Problem, ProgressFn, SolverPath, SolverSettings, compile_thresholds
 from exitwise.calibration.splits import Splits, SplitSpec
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "SolveSpec",
     "certify_candidates",
     "check_budget",
+    "choose_family",
     "parse_budgets",
     "prepare",
     "solve",
@@ -65,6 +72,10 @@ class SolveSpec:
     seed: int = 0
     split: SplitSpec = field(default_factory=SplitSpec)
     settings: SolverSettings = field(default_factory=SolverSettings)
+    families: tuple[str, ...] = ()  # candidate families (empty: every applicable one)
+    folds: int = 5  # cross-validation folds for the family choice (3 when more than cv_large rows)
+    cv_rows: int = 24_000  # choose rows used by the cross-validation, at most
+    cv_large: int = 10_000
 
     @property
     def calibration_target(self) -> Literal["labels", "final"]:
@@ -73,14 +84,14 @@ class SolveSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "method": "lagrangian path: exact per-cell sweeps, backward coordinate passes",
+            "method": "family chosen by cross-validation; lagrangian or shared-threshold path",
             "risk": self.risk, "eps": self.eps, "delta": self.delta, "score": self.score,
             "calibrator": self.calibrator, "segment_keys": list(self.segment_keys),
             "segment_budgets": {k: v for k, v in self.segment_budgets},
             "forbid_classes": list(self.forbid_classes), "forbid_segments": list(self.forbid_segments),
             "max_exit": self.max_exit, "seed": self.seed,
-            "split": {"fit": self.split.fit, "select": self.split.select, "max_fit": self.split.max_fit,
-                      "max_select": self.split.max_select},
+            "split": self.split.to_json(), "families": list(self.families), "folds": self.folds,
+            "cv_rows": self.cv_rows,
             "min_cell": self.settings.min_cell, "min_pool": self.settings.min_pool,
             "passes": self.settings.passes, "order": "safe to aggressive",
         }
@@ -102,6 +113,24 @@ class Prepared:
     forced_classes: np.ndarray  # (C,)
     forced_segments: np.ndarray  # (S,) user-forbidden segments
     budgets: Mapping[int, float]  # constrained segment code -> eps
+    variants: dict[bool, Prepared] = field(default_factory=dict, repr=False)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scores come from fitted calibrators (False: every exit's is the identity)."""
+        return any(c.get("type") != "identity" for c in self.calibrators)
+
+    def variant(self, calibrated: bool) -> Prepared:
+        """This preparation on the fitted calibrators' scores (True) or the raw softmax's (False:
+        identity calibrators, scored once and cached)."""
+        if calibrated or not self.calibrated:
+            return self
+        if False not in self.variants:
+            raw = tuple({"type": "identity"} for _ in self.calibrators)
+            scored = ScoredLogs.from_logs(self.logs, raw, self.spec.score)
+            self.variants[False] = replace(self, calibrators=raw, calibrator_objects=(), scored=scored,
+                                           loss=scored.loss_matrix(self.spec.risk), variants={})
+        return self.variants[False]
 
     @property
     def allowed_exits(self) -> np.ndarray:
@@ -200,9 +229,15 @@ def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = No
         explicit[seg_levels.index(name)] = eps
     budgets.update(explicit)
     splits = Splits.draw(logs.n, spec.split, spec.seed)
+    if spec.folds < 2:
+        raise InputError(f"cross-validation needs at least 2 folds, got {spec.folds}")
+    candidate_families(segmented=bool(spec.segment_keys), calibrated=True, names=spec.families)  # names valid?
     if progress is not None:
         progress("fitting calibrators", 0.0)
-    cal_objects = fit_exit_calibrators(logs, spec.calibrator, target=spec.calibration_target, index=splits.fit)
+    # too few rows to choose from: nothing is fitted, the raw scores certify on every row
+    method = spec.calibrator if splits.choose.size else "identity"
+    cal_objects = fit_exit_calibrators(logs, method, target=spec.calibration_target,
+                                       index=splits.choose if splits.choose.size else None)  # identity: no fit
     cal_dicts = tuple(c.to_dict() for c in cal_objects)
     if progress is not None:
         progress("scoring exits", 0.0)
@@ -216,10 +251,16 @@ def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = No
 
 @dataclass(frozen=True, eq=False)
 class Solution:
-    """A solved and certified policy, with everything the document and the baselines need."""
+    """A solved and certified policy, with everything the document and the baselines need.
+
+    ``prepared`` is the preparation the chosen family's scores came from (the raw-softmax
+    variant for ``shared_raw``): its calibrators are the policy's.
+    """
 
     prepared: Prepared
     path: SolverPath
+    family: str
+    selection: Selection | None
     certification: Certification
     constraints: tuple[Constraint, ...]  # indices into the certify split
     uncertified: Mapping[str, tuple[float, int]]  # segment value -> (eps, certify rows)
@@ -309,27 +350,137 @@ def certify_candidates(
     return cert, stats, losses
 
 
+def _group_masks(prepared: Prepared, rows: np.ndarray, constraints: Sequence[Constraint]) -> np.ndarray:
+    """(G, len(rows)) membership of ``rows`` in each constraint (all traffic, or one segment value)."""
+    seg = prepared.seg_codes[rows]
+    masks = np.ones((len(constraints), rows.size), dtype=bool)
+    for g, con in enumerate(constraints):
+        if con.name != ALL:
+            masks[g] = seg == prepared.seg_levels.index(con.name)
+    return masks
+
+
+def _fold_curve(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.ndarray,
+                masks: np.ndarray) -> FoldCurve:
+    """Route ``rows`` (a held-out fold) through every point of ``path`` with the rule."""
+    sc = prepared.scored
+    scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
+    table_rows = prepared.policy_rows(rows)
+    loss_rows = prepared.loss[rows]
+    costs = sc.costs / sc.costs[-1]
+    at = np.arange(rows.size)
+    weights = masks.astype(np.float64)
+    p_total = len(path.points)
+    losses = np.zeros((p_total, masks.shape[0]))
+    cost = np.zeros(p_total)
+    for j, point in enumerate(path.points):
+        exit_at = first_exit(prepared.compile(point.tau, forced), scores, preds, table_rows).exit
+        loss = loss_rows[at, exit_at]
+        losses[j] = weights @ loss
+        cost[j] = costs[exit_at].sum()
+    return FoldCurve(knobs=strict_knobs([p.lam for p in path.points]), losses=losses, cost=cost,
+                     rows=masks.sum(axis=1), n=int(rows.size))
+
+
+@dataclass(frozen=True)
+class _PathRequest:
+    """What every family's path is fitted for: the risk resolution, certification target and segment floors."""
+
+    eps: float
+    target: float
+    aims: Mapping[int, float]
+    segment_eps: Mapping[int, float]
+
+    def path(self, family: Family, prepared: Prepared, rows: np.ndarray, forced: np.ndarray,
+             progress: ProgressFn | None = None) -> SolverPath:
+        if rows.size == 0:
+            return fixed_shared_path(prepared.problem(rows, forced_segments=forced))
+        return family_path(family, prepared.problem(rows, forced_segments=forced), eps=self.eps, target=self.target,
+                           segment_aims=self.aims, segment_eps=self.segment_eps, settings=prepared.spec.settings,
+                           progress=progress)
+
+
+def choose_family(
+    prepared: Prepared,
+    families: Sequence[Family],
+    constraints: Sequence[Constraint],
+    forced: np.ndarray,
+    request: _PathRequest,
+    *,
+    progress: ProgressFn | None = None,
+) -> Selection:
+    """K-fold cross-validation of ``families`` on the choose rows (see :mod:`exitwise.calibration.selection`).
+
+    Each fold's path is fitted on the other folds and scored on the fold; targets are the risks
+    the certify split is expected to pass (:func:`~exitwise.calibration.certify.aim`). At most
+    ``spec.cv_rows`` choose rows take part (a seeded subsample), in 3 folds above ``spec.cv_large``.
+    """
+    spec = prepared.spec
+    rows = prepared.splits.choose
+    if rows.size > spec.cv_rows:
+        rows = np.sort(np.random.default_rng(spec.seed + 1).choice(rows, spec.cv_rows, replace=False))
+    folds = spec.folds if rows.size <= spec.cv_large else min(spec.folds, 3)
+    ids = fold_ids(rows.size, folds, spec.seed)
+    masks = _group_masks(prepared, rows, constraints)
+    targets = np.array([aim(c.n, c.eps, spec.delta, spec.settings.floor_power) for c in constraints])
+    table: list[CandidateScore] = []
+    for f_idx, family in enumerate(families):
+        t0 = time.perf_counter()
+        variant = prepared.variant(family.calibrated)
+        curves = []
+        for j in range(folds):
+            train, held = rows[ids != j], rows[ids == j]
+            path = request.path(family, variant, train, forced)
+            curves.append(_fold_curve(variant, path, held, forced, masks[:, ids == j]))
+            if progress is not None:
+                progress(f"cross-validating {family.name}", (f_idx * folds + j + 1) / (len(families) * folds))
+        op = operating_point(*pool(curves), targets)
+        table.append(CandidateScore(
+            family=family.name, label=family.label, compute=op.compute, risk=float(op.risk[0]), knob=op.knob,
+            points=float(np.mean([c.knobs.size for c in curves])), seconds=time.perf_counter() - t0))
+    best = pick(table)
+    return Selection(
+        chosen=best.family, reason="least out-of-fold compute at the target risk (ties to the simpler family)",
+        folds=folds, rows=int(rows.size), targets={c.name: float(t) for c, t in zip(constraints, targets, strict=True)},
+        table=tuple(table))
+
+
 def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
                    curve_points: int = 6) -> Solution:
-    """Path on the select split, fixed-sequence certification on the certify split."""
+    """Choose the family on the choose rows, fit its path there, certify it on the certify rows."""
     spec = prepared.spec
     t0 = time.perf_counter()
     constraints, uncertified, forced, aims = _certify_constraints(prepared)
-    problem = prepared.problem(prepared.splits.select, forced_segments=forced)
-    target = aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power)
-    path = solve_path(problem, eps=min([spec.eps, *prepared.budgets.values()]), target=target, segment_aims=aims,
-                      segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims},
-                      settings=spec.settings,
-                      progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
+    request = _PathRequest(
+        eps=min([spec.eps, *prepared.budgets.values()]),
+        target=aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power),
+        aims=aims, segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims})
+    choose_rows = prepared.splits.choose
+    selection: Selection | None = None
+    if choose_rows.size == 0:
+        family = FAMILIES["shared_raw"]  # nothing to choose from: the path fixed before seeing any row
+    else:
+        families = candidate_families(segmented=bool(spec.segment_keys), calibrated=prepared.calibrated,
+                                      names=spec.families)
+        if len(families) > 1:
+            selection = choose_family(prepared, families, constraints, forced, request, progress=None if progress
+                                      is None else (lambda m, f: progress(m, 0.5 * f)))
+            family = FAMILIES[selection.chosen]
+        else:
+            family = families[0]
+    chosen_prep = prepared.variant(family.calibrated)
     t1 = time.perf_counter()
-    policies = [prepared.compile(p.tau, forced) for p in path.points]
+    path = request.path(family, chosen_prep, choose_rows, forced,
+                        progress=None if progress is None else (lambda m, f: progress(m, 0.5 + 0.35 * f)))
+    t2 = time.perf_counter()
+    policies = [chosen_prep.compile(p.tau, forced) for p in path.points]
     cert, stats, losses = certify_candidates(
-        prepared, policies, constraints,
+        chosen_prep, policies, constraints,
         progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
     )
     cert_rows = prepared.splits.certify
     n_pts = len(policies)
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
     if curve_points and n_pts > len(stats):
         rest = np.arange(len(stats), n_pts)
@@ -338,21 +489,22 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
             if int(j) not in stats:
                 losses(int(j))
     curve = tuple(
-        {"lambda": float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
+        {path.knob: float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
          "risk": stats[j][0], "compute_fraction": stats[j][1],
          "eps": upper_bound(round(stats[j][0] * cert_rows.size), int(cert_rows.size), spec.delta) or 1.0,
          "certified": cert.chosen is not None and j <= cert.chosen}
         for j in sorted(stats)
     )
-    t3 = time.perf_counter()
+    t4 = time.perf_counter()
     s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.scored.n_classes
     tau = path.points[cert.chosen].tau if cert.chosen is not None else np.full((s_total, k1, c), np.nan)
     if progress is not None:
         progress("done", 1.0)
     return Solution(
-        prepared=prepared, path=path, certification=cert, constraints=tuple(constraints), uncertified=uncertified,
-        forced_segments=forced, tau=tau, policy=prepared.compile(tau, forced), curve=curve,
-        timings={"path": t1 - t0, "certify": t2 - t1, "curve": t3 - t2},
+        prepared=chosen_prep, path=path, family=family.name, selection=selection, certification=cert,
+        constraints=tuple(constraints), uncertified=uncertified, forced_segments=forced, tau=tau,
+        policy=chosen_prep.compile(tau, forced), curve=curve,
+        timings={"choose": t1 - t0, "path": t2 - t1, "certify": t3 - t2, "curve": t4 - t3},
     )
 
 

@@ -418,6 +418,7 @@ class SolverPath:
     floors: np.ndarray  # (S,) lambda floor per segment (0 = none, inf = never exits)
     aims: Mapping[int, float] = field(default_factory=dict)
     solves: int = 0
+    knob: str = "lambda"  # what ``PathPoint.lam`` holds: the multiplier, or a shared threshold
 
 
 def _geometric(lo: float, hi: float, num: int) -> list[float]:

@@ -80,7 +80,8 @@ def solve_policy(
     report("writing policy", 0.95)
     document = build_document(
         solution, expected=certify.solver, baselines=baselines_json(certify.baselines, _segment_column(spec)),
-        calibration=calibration_section(logs, prepared.calibrators, prepared.splits.select, spec.calibration_target),
+        calibration=calibration_section(logs, solution.prepared.calibrators, prepared.splits.certify,
+                                        spec.calibration_target),
         data=data_section(logs, prepared.splits), shadow_rate=shadow_rate,
     )
     held_out = certify if test_logs is None else evaluate_held_out(solution, chosen, test_logs, names=baselines)

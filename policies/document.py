@@ -99,7 +99,7 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
             "after": {k2: _num(v) for k2, v in after.to_dict().items()},
             "reliability": {"before": before.reliability.to_dict(), "after": after.reliability.to_dict()},
         })
-    return {"target": target, "rows": int(rows.size), "split": "select", "exits": exits}
+    return {"target": target, "rows": int(rows.size), "split": "certify", "exits": exits}
 
 
 def data_section(logs: Any, splits: Any) -> dict[str, Any]:
@@ -172,7 +172,10 @@ def build_document(
         "solver": {
             **spec.to_json(),
             "path_length": len(path.points), "tested": len(cert.steps), "chosen_step": chosen,
-            "lambda": None if chosen is None else _num(path.points[chosen].lam),
+            "family": solution.family,
+            "knob": path.knob,
+            path.knob: None if chosen is None else _num(path.points[chosen].lam),
+            "selection": None if solution.selection is None else solution.selection.to_json(),
             "segment_floors": {prep.seg_levels[s]: _num(path.floors[s]) for s in path.aims},
         },
         "parent": parent,

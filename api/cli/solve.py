@@ -18,6 +18,7 @@ from rich.table import Table
 from exitwise.api.cli.output import stdout_console
 from exitwise.calibration.baselines import LABELS, NAMES, baselines_json
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.families import FAMILIES
 from exitwise.calibration.logfiles.cards import load_card
 from exitwise.calibration.logfiles.readers import load_logs
 from exitwise.calibration.pipeline import SolveSpec, check_budget, parse_budgets
@@ -79,13 +80,14 @@ def register(app: typer.Typer) -> None:
         max_exit: Annotated[int | None, typer.Option("--max-exit", help="Deepest exit that may answer early.")] = None,
         shadow_rate: Annotated[float, typer.Option(help="Fraction of traffic also run at full depth and logged.")]
         = 0.01,
-        seed: Annotated[int, typer.Option(help="Seed of the fit / select / certify split.")] = 0,
-        fit_fraction: Annotated[float | None, typer.Option(
-            help="Share of the rows that fit the calibrators (at most 50,000 rows). Default 0.1.",
+        seed: Annotated[int, typer.Option(help="Seed of the choose / certify split and the folds.")] = 0,
+        choose_fraction: Annotated[float | None, typer.Option(
+            help="Share of the rows that fit the calibrators, choose the family and solve its path (at most "
+                 "100,000 rows); the rest certify. Default: 0.3 up to 30,000 rows, less above.",
             show_default=False)] = None,
-        select_fraction: Annotated[float | None, typer.Option(
-            help="Share of the rows that choose the thresholds (at most 250,000 rows); the rest certify. "
-                 "Default 0.3.", show_default=False)] = None,
+        family: Annotated[list[str] | None, typer.Option(
+            "--family", help="Restrict the policy families to choose among (repeatable; default: all; "
+                             "one: no cross-validation). " + ", ".join(FAMILIES) + ".")] = None,
         test: Annotated[Path | None, typer.Option(
             "--test", help="Held-out test logs for the summary (default: the certify split).", dir_okay=False)] = None,
         no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines (faster).")] = False,
@@ -102,9 +104,7 @@ def register(app: typer.Typer) -> None:
             risk=risk, eps=eps, delta=delta, score=score, calibrator=calibrator,
             segment_keys=tuple(segment_key or ()), segment_budgets=parse_budgets(segment_budget or ()),
             forbid_classes=tuple(forbid_class or ()), forbid_segments=tuple(forbid_segment or ()),
-            max_exit=max_exit, seed=seed,
-            split=SplitSpec(fit=SplitSpec.fit if fit_fraction is None else fit_fraction,
-                            select=SplitSpec.select if select_fraction is None else select_fraction),
+            max_exit=max_exit, seed=seed, split=SplitSpec(choose=choose_fraction), families=tuple(family or ()),
         )
         with _progress(not as_json) as update:
             update("loading logs", 0.0)
@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
             "uncertified_segments": g["uncertified_segments"], "evaluated_on": held.evaluated_on,
             "solution": _row_json(held.solver, seg_col, g["certified"]),
             "baselines": baselines_json(held.baselines, seg_col),
-            "split": g["split"], "seconds": round(elapsed, 3),
+            "split": g["split"], "family": doc["solver"]["family"], "selection": doc["solver"]["selection"],
+            "seconds": round(elapsed, 3),
         }
         if as_json:
             typer.echo(json.dumps(summary, sort_keys=True, allow_nan=False, default=_json_default))
@@ -182,6 +183,22 @@ def _row_json(ev: Any, seg_col: str | None, certified: bool) -> dict[str, Any]:
             "batch_compute_fraction": {str(k): v for k, v in ev.batch_compute_fraction.items()}}
 
 
+def _print_selection(console: Any, solver: dict[str, Any]) -> None:
+    """The family choice: which family, and the cross-validation table behind it."""
+    sel = solver.get("selection")
+    if sel is None:
+        console.print(f"policy family: [bold]{solver['family']}[/] (no choice made from data)")
+        return
+    table = Table(title=f"policy family: {sel['chosen']} ({sel['folds']}-fold cross-validation on {sel['rows']:,} "
+                        f"choose rows; target risk {_risk(sel['targets'].get('__all__'))})")
+    for h in ("family", "out-of-fold compute", "out-of-fold risk", "seconds"):
+        table.add_column(h, justify="left" if h == "family" else "right")
+    for c in sel["candidates"]:
+        name = f"[bold]{c['family']}[/]" if c["family"] == sel["chosen"] else c["family"]
+        table.add_row(name, _pct(c["oof_compute_fraction"]), _risk(c["oof_risk"]), f"{c['seconds']:.2f}")
+    console.print(table)
+
+
 def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | None) -> None:
     console = stdout_console()
     g = doc["guarantee"]
@@ -189,8 +206,9 @@ def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | 
     console.print(f"wrote [bold]{summary['out']}[/] ({status}; content hash {summary['content_hash'][:12]})")
     console.print(f"{g['risk']} <= {g['eps']} with confidence {1 - g['delta']:.0%}; "
                   f"certified upper bound {_risk(summary['upper_bound'])} on {g['n']:,} certify rows; "
-                  f"split fit/select/certify = {g['split']['fit']:,}/{g['split']['select']:,}/"
-                  f"{g['split']['certify']:,} (seed {g['split']['seed']})")
+                  f"split choose/certify = {g['split']['choose']:,}/{g['split']['certify']:,} "
+                  f"(seed {g['split']['seed']})")
+    _print_selection(console, doc["solver"])
     if g["uncertified_segments"]:
         console.print(f"[yellow]segments too small to certify (run at full depth): "
                       f"{', '.join(g['uncertified_segments'])}[/]")

@@ -41,7 +41,7 @@ ACTION_LABELS: Mapping[str, str] = {
     "killswitch.kill": "kill switch turned ON", "killswitch.unkill": "kill switch turned OFF",
 }
 EXITS_PER_TABLE = 6  # threshold tables wider than this are split by exit so they fit A4 portrait
-_SPLIT_ORDER = ("fit", "select", "certify")
+_SPLIT_ORDER = ("choose", "certify")
 
 
 def _data_uri(data: bytes, mime: str) -> str:
