@@ -150,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--suite", action="store_true", help="every data set of benchmarks/suite.json (suite_compare.py)")
     ap.add_argument("--eps", type=float, default=0.01, help="risk budget of --suite")
     ap.add_argument("--only", nargs="*", help="--suite: only these data sets")
+    ap.add_argument("--choose-fraction", type=float, help="--suite: share of rows that choose (default: by n)")
+    ap.add_argument("--no-segments", action="store_true", help="--suite: skip the per-segment budget runs")
     ap.add_argument("--seeds", type=int, default=1, help="split seeds to average over")
     ap.add_argument("--n-cal", type=int, default=40_000, help="synthetic calibration rows")
     ap.add_argument("--n-test", type=int, default=200_000, help="synthetic test rows")
@@ -160,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from suite_compare import main as suite_main  # lazy: only --suite needs it
 
-        text = suite_main(args.eps, args.seeds if args.seeds > 1 else 5, args.only, args.json)
+        text = suite_main(args.eps, args.seeds if args.seeds > 1 else 5, args.only, args.json, args.choose_fraction,
+                         not args.no_segments)
         print(text)
         if args.out:
             args.out.write_text(text + "\n", encoding="utf-8")

@@ -29,6 +29,7 @@ import json
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from exitwise.calibration.logfiles.cards import load_card
 from exitwise.calibration.logfiles.readers import load_logs
 from exitwise.calibration.pipeline import Solution, SolveSpec, parse_budgets
 from exitwise.calibration.solver import Problem
+from exitwise.calibration.splits import SplitSpec
 from exitwise.policies.authoring import solve_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +86,8 @@ def _worst_segment(ev: Any, key: str) -> float:
     return max((s.risk for s in segs.values()), default=0.0)
 
 
-def run_dataset(entry: dict[str, Any], eps: float, seeds: int) -> dict[str, Any]:
+def run_dataset(entry: dict[str, Any], eps: float, seeds: int, choose: float | None = None,
+                segments: bool = True) -> dict[str, Any]:
     card = load_card(ROOT / entry["card"])
     cal = load_logs(ROOT / entry["calibration"], card)
     test = load_logs(ROOT / entry["test"], card)
@@ -92,8 +95,8 @@ def run_dataset(entry: dict[str, Any], eps: float, seeds: int) -> dict[str, Any]
     runs = []
     for seed in range(seeds):
         t0 = time.perf_counter()
-        outcome = solve_policy(cal, SolveSpec(eps=eps, delta=DELTA, seed=seed), test_logs=test,
-                               baselines=("calm", "per_exit"))
+        spec = SolveSpec(eps=eps, delta=DELTA, seed=seed, split=SplitSpec(choose=choose))
+        outcome = solve_policy(cal, spec, test_logs=test, baselines=("calm", "per_exit"))
         sol, held = outcome.solution, outcome.held_out
         row: dict[str, Any] = {
             "seed": seed, "family": sol.family, "seconds": time.perf_counter() - t0,
@@ -104,11 +107,10 @@ def run_dataset(entry: dict[str, Any], eps: float, seeds: int) -> dict[str, Any]
             "per_exit_risk": held.baselines["per_exit"].evaluation.risk,
         }
         row["oracle"] = _oracle(sol, test, held.solver.risk, seed)
-        if key:
-            glob = solve_policy(cal, SolveSpec(eps=eps, delta=DELTA, seed=seed, segment_keys=(key,)),
-                                test_logs=test, baselines=())
-            seg = solve_policy(cal, SolveSpec(eps=eps, delta=DELTA, seed=seed, segment_keys=(key,),
-                                              segment_budgets=parse_budgets([f"*={eps}"])), test_logs=test,
+        if key and segments:
+            keyed = replace(spec, segment_keys=(key,))
+            glob = solve_policy(cal, keyed, test_logs=test, baselines=())
+            seg = solve_policy(cal, replace(keyed, segment_budgets=parse_budgets([f"*={eps}"])), test_logs=test,
                                baselines=())
             row["global_keyed"] = glob.held_out.solver.compute_fraction
             row["global_keeps_segments"] = _worst_segment(glob.held_out.solver, key) <= eps
@@ -173,13 +175,14 @@ def _count(items: list[str]) -> dict[str, int]:
     return out
 
 
-def main(eps: float, seeds: int, only: list[str] | None, json_out: Path | None) -> str:
+def main(eps: float, seeds: int, only: list[str] | None, json_out: Path | None, choose: float | None = None,
+         segments: bool = True) -> str:
     suite = json.loads(SUITE.read_text())["datasets"]
     if only:
         suite = [d for d in suite if d["name"] in only]
     tracemalloc.start()
     t0 = time.perf_counter()
-    results = [run_dataset(entry, eps, seeds) for entry in suite]
+    results = [run_dataset(entry, eps, seeds, choose, segments) for entry in suite]
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -44,6 +44,23 @@ EXITS_PER_TABLE = 6  # threshold tables wider than this are split by exit so the
 _SPLIT_ORDER = ("choose", "certify")
 
 
+def _selection_view(sel: Any) -> dict[str, Any] | None:
+    """The family choice of the policy document (``solver.selection``) as report rows."""
+    if not isinstance(sel, Mapping):
+        return None
+    targets = sel.get("targets") or {}
+    return {
+        "chosen": str(sel.get("chosen", MISSING)), "folds": fmt_value(sel.get("folds")),
+        "rows": fmt_int(sel.get("rows")) if finite(sel.get("rows")) else MISSING,
+        "target": fmt_risk(targets.get("__all__")), "reason": str(sel.get("reason") or ""),
+        "rows_table": [
+            {"family": str(c.get("family")), "label": str(c.get("label") or ""), "chosen": c.get("family") == sel.get(
+                "chosen"), "compute": fmt_pct(c.get("oof_compute_fraction")), "risk": fmt_risk(c.get("oof_risk"))}
+            for c in sel.get("candidates") or [] if isinstance(c, Mapping)
+        ],
+    }
+
+
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -389,7 +406,8 @@ def build_view(ctx: ReportContext) -> dict[str, Any]:
         "segment_counts": _segment_counts(data),
         "data_extra": [(k, fmt_value(v)) for k, v in data.items()
                        if k not in {"fingerprint", "rows", "time_window", "segment_counts"}],
-        "solver": [(k, fmt_value(v)) for k, v in (doc.get("solver") or {}).items()],
+        "solver": [(k, fmt_value(v)) for k, v in (doc.get("solver") or {}).items() if k != "selection"],
+        "selection": _selection_view((doc.get("solver") or {}).get("selection")),
         "parent": ctx.parent_version if ctx.parent_version is not None else doc.get("parent"),
         "diff": diff_view(ctx.diff, ctx.parent_version) if ctx.diff is not None else None,
         "approvals": [{"principal": a.principal, "at": fmt_time(a.at), "comment": a.comment or ""}
