@@ -205,8 +205,8 @@ def test_solve_help_states_the_split_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["solve", "--help"])
     help_text = " ".join(capsys.readouterr().out.replace("│", " ").split())
-    assert f"Default {SplitSpec.fit}." in help_text and f"Default {SplitSpec.select}." in help_text
-    assert f"at most {SplitSpec.max_fit:,} rows" in help_text and f"at most {SplitSpec.max_select:,} rows" in help_text
+    assert f"at most {SplitSpec.max_choose:,} rows" in help_text
+    assert "Default: 0.3 up to 30,000 rows" in help_text and "--family" in help_text
 
 
 def test_os_errors_without_a_path_stay_internal_errors(capsys, monkeypatch, tmp_path, synth):

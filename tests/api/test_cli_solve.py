@@ -83,14 +83,22 @@ def test_solve_json_on_test_logs_then_evaluate(capsys, files, tmp_path):
     assert code == 0 and "compute fraction" in stdout
 
 
-def test_split_fractions_are_options_and_recorded(capsys, files, tmp_path):
+def test_split_fraction_and_families_are_options_and_recorded(capsys, files, tmp_path):
     out = tmp_path / "policy.json"
-    code, _, err = run(capsys, "solve", str(files["logs"]), "--card", str(files["card"]), "--eps", "0.03",
-                       "--fit-fraction", "0.25", "--select-fraction", "0.25", "--no-baselines", "--out", str(out))
+    code, stdout, err = run(capsys, "solve", str(files["logs"]), "--card", str(files["card"]), "--eps", "0.03",
+                            "--choose-fraction", "0.25", "--family", "shared", "--family", "per_exit",
+                            "--no-baselines", "--out", str(out))
     assert code == 0, err
-    split = json.loads(out.read_text())["guarantee"]["split"]
-    n = split["fit"] + split["select"] + split["certify"]
-    assert split["fit"] == split["select"] == round(0.25 * n) and split["certify"] == n - 2 * round(0.25 * n)
+    doc = json.loads(out.read_text())
+    split = doc["guarantee"]["split"]
+    n = split["choose"] + split["certify"]
+    assert split["choose"] == round(0.25 * n) and doc["data"]["rows"]["total"] == n
+    sel = doc["solver"]["selection"]
+    assert [c["family"] for c in sel["candidates"]] == ["shared", "per_exit"]
+    assert doc["solver"]["family"] == sel["chosen"] in {"shared", "per_exit"}
+    assert f"policy family: {sel['chosen']}" in " ".join(stdout.split())
+    best = min(c["oof_compute_fraction"] for c in sel["candidates"])
+    assert next(c for c in sel["candidates"] if c["family"] == sel["chosen"])["oof_compute_fraction"] == best
 
 
 @pytest.mark.parametrize(
@@ -105,8 +113,9 @@ def test_split_fractions_are_options_and_recorded(capsys, files, tmp_path):
         (["--forbid-class", "unicorn"], "--forbid-class 'unicorn' is not a class"),
         (["--max-exit", "7"], "--max-exit 7 is out of range"),
         (["--shadow-rate", "2"], "--shadow-rate must be in [0, 1]"),
-        (["--fit-fraction", "0.6", "--select-fraction", "0.5"], "split fractions must be in (0, 1) and sum below 1"),
-        (["--select-fraction", "0"], "split fractions must be in (0, 1)"),
+        (["--choose-fraction", "1.5"], "the choose fraction must be in (0, 1), got 1.5"),
+        (["--family", "per_neuron"], "unknown policy family 'per_neuron'"),
+        (["--family", "per_class_segment"], "policy family 'per_class_segment' needs --segment-key"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(capsys, files, tmp_path, args, message):
