@@ -74,7 +74,7 @@ class SolveSpec:
     settings: SolverSettings = field(default_factory=SolverSettings)
     families: tuple[str, ...] = ()  # candidate families (empty: every applicable one)
     folds: int = 5  # cross-validation folds for the family choice (3 when more than cv_large rows)
-    cv_rows: int = 24_000  # choose rows used by the cross-validation, at most
+    cv_rows: int = 12_000  # choose rows used by the cross-validation, at most
     cv_large: int = 10_000
 
     @property

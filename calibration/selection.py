@@ -123,7 +123,7 @@ class CandidateScore:
     def to_json(self) -> dict[str, object]:
         return {"family": self.family, "label": self.label, "oof_compute_fraction": round(self.compute, 6),
                 "oof_risk": round(self.risk, 6), "knob": None if self.knob is None else float(f"{self.knob:.6g}"),
-                "mean_path_points": round(self.points, 1), "seconds": round(self.seconds, 3)}
+                "mean_path_points": round(self.points, 1)}  # no timings: the document is deterministic
 
 
 @dataclass(frozen=True)

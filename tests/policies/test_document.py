@@ -31,7 +31,7 @@ def _build(logs, spec):
     expected = evaluate_scored(sol.policy, held, spec.risk)
     res = bl.run_baselines(sol, held, bl.choose_baselines(sol))
     doc = build_document(sol, expected=expected, baselines=bl.baselines_json(res, "region"),
-                         calibration=calibration_section(logs, sol.prepared.calibrators, sol.prepared.splits.select,
+                         calibration=calibration_section(logs, sol.prepared.calibrators, sol.prepared.splits.certify,
                                                          "final"),
                          data=data_section(logs, sol.prepared.splits))
     return sol, expected, doc
