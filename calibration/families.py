@@ -1,9 +1,9 @@
 """The policy families the solver chooses among; each gives a path of threshold tables, safe to aggressive.
 
+* ``per_exit`` — one threshold per exit (the Lagrangian path, every class pooled): the default;
 * ``shared_raw`` — one threshold on the raw softmax score for every exit and class: CALM's
   policy as its authors run it (identity calibrators);
 * ``shared`` — one threshold on the calibrated score;
-* ``per_exit`` — one threshold per exit (the Lagrangian path, every class pooled);
 * ``per_class`` — one per (exit, predicted class), sparse cells pooled (``min_cell``) and each
   cell's loss estimate shrunk towards its exit's trend with pseudo-count ``prior``;
   ``per_class_shrunk`` shrinks ten times harder and pools more cells;
@@ -54,9 +54,9 @@ class Family:
 
 
 FAMILIES: Mapping[str, Family] = {f.name: f for f in (
+    Family("per_exit", "per exit"),
     Family("shared_raw", "shared threshold, raw softmax", shared=True, calibrated=False),
     Family("shared", "shared threshold, calibrated", shared=True),
-    Family("per_exit", "per exit"),
     Family("per_class", "per exit x class", per_class=True),
     Family("per_class_shrunk", "per exit x class, strong shrinkage", per_class=True, min_cell=400, prior=100.0),
     Family("per_exit_segment", "per exit x segment", per_segment=True),
@@ -65,7 +65,11 @@ FAMILIES: Mapping[str, Family] = {f.name: f for f in (
 
 
 def candidate_families(*, segmented: bool, calibrated: bool, names: Sequence[str] | None = None) -> tuple[Family, ...]:
-    """The families to choose among, simplest first.
+    """The families to choose among: ``per_exit`` (the default) first, then the others, simplest first.
+
+    ``per_exit`` is the default because it contains both shared families (a threshold per exit
+    on any per-exit monotone calibration of the score, tied across exits, is a shared one):
+    it can lose to them only by estimation noise.
 
     ``segmented``: the policy has segment keys (else the per-segment families are the global
     ones and are left out); ``calibrated``: the calibrators are not the identity (else

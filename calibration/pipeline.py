@@ -29,11 +29,12 @@ from exitwise.calibration.families import FAMILIES, Family, candidate_families, 
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
 from exitwise.calibration.selection import (
+    TOLERANCE,
     CandidateScore,
     FoldCurve,
     Selection,
+    band_compute,
     fold_ids,
-    operating_point,
     pick,
     pool,
     strict_knobs,
@@ -119,6 +120,13 @@ class Prepared:
     def calibrated(self) -> bool:
         """Whether the scores come from fitted calibrators (False: every exit's is the identity)."""
         return any(c.get("type") != "identity" for c in self.calibrators)
+
+    def take(self, rows: np.ndarray) -> Prepared:
+        """The preparation of ``rows`` only (all of them in the choose split): a sample to cross-validate on."""
+        rows = np.asarray(rows)
+        every = Splits(choose=np.arange(rows.size), certify=np.zeros(0, dtype=np.int64), seed=self.splits.seed)
+        return replace(self, logs=self.logs.take(rows), splits=every, scored=self.scored.take(rows),
+                       loss=self.loss[rows], seg_codes=self.seg_codes[rows], variants={})
 
     def variant(self, calibrated: bool) -> Prepared:
         """This preparation on the fitted calibrators' scores (True) or the raw softmax's (False:
@@ -390,13 +398,15 @@ class _PathRequest:
     target: float
     aims: Mapping[int, float]
     segment_eps: Mapping[int, float]
+    settings: SolverSettings | None = None  # None: the spec's
 
     def path(self, family: Family, prepared: Prepared, rows: np.ndarray, forced: np.ndarray,
              progress: ProgressFn | None = None) -> SolverPath:
         if rows.size == 0:
             return fixed_shared_path(prepared.problem(rows, forced_segments=forced))
         return family_path(family, prepared.problem(rows, forced_segments=forced), eps=self.eps, target=self.target,
-                           segment_aims=self.aims, segment_eps=self.segment_eps, settings=prepared.spec.settings,
+                           segment_aims=self.aims, segment_eps=self.segment_eps,
+                           settings=self.settings or prepared.spec.settings,
                            progress=progress)
 
 
@@ -419,28 +429,35 @@ def choose_family(
     rows = prepared.splits.choose
     if rows.size > spec.cv_rows:
         rows = np.sort(np.random.default_rng(spec.seed + 1).choice(rows, spec.cv_rows, replace=False))
+    sample = prepared.take(rows)  # raw-softmax scores, if a family needs them, for these rows only
+    rows = np.arange(rows.size)
     folds = spec.folds if rows.size <= spec.cv_large else min(spec.folds, 3)
     ids = fold_ids(rows.size, folds, spec.seed)
-    masks = _group_masks(prepared, rows, constraints)
+    masks = _group_masks(sample, rows, constraints)
     targets = np.array([aim(c.n, c.eps, spec.delta, spec.settings.floor_power) for c in constraints])
+    # a coarser lambda path per fold: the pooled curve only has to rank the families
+    fold_request = replace(request, settings=replace(spec.settings, grid=12, max_points=28, max_points_large=28))
     table: list[CandidateScore] = []
     for f_idx, family in enumerate(families):
         t0 = time.perf_counter()
-        variant = prepared.variant(family.calibrated)
+        variant = sample.variant(family.calibrated)
         curves = []
         for j in range(folds):
             train, held = rows[ids != j], rows[ids == j]
-            path = request.path(family, variant, train, forced)
+            path = fold_request.path(family, variant, train, forced)
             curves.append(_fold_curve(variant, path, held, forced, masks[:, ids == j]))
             if progress is not None:
                 progress(f"cross-validating {family.name}", (f_idx * folds + j + 1) / (len(families) * folds))
-        op = operating_point(*pool(curves), targets)
+        score, op = band_compute(*pool(curves), targets)
         table.append(CandidateScore(
-            family=family.name, label=family.label, compute=op.compute, risk=float(op.risk[0]), knob=op.knob,
+            family=family.name, label=family.label, score=score, compute=op.compute, risk=float(op.risk[0]),
+            knob=op.knob,
             points=float(np.mean([c.knobs.size for c in curves])), seconds=time.perf_counter() - t0))
     best = pick(table)
     return Selection(
-        chosen=best.family, reason="least out-of-fold compute at the target risk (ties to the simpler family)",
+        chosen=best.family,
+        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} unless another "
+               f"is lower by more than {TOLERANCE:g}",
         folds=folds, rows=int(rows.size), targets={c.name: float(t) for c, t in zip(constraints, targets, strict=True)},
         table=tuple(table))
 

@@ -81,7 +81,7 @@ class SolverSettings:
     # loss estimates the sweeps optimise (see SegmentSolver._smoothed_loss):
     smoothing: str = "model"  # "model" (logistic, cell-corrected) | "window" (running means) | "raw" (0/1)
     cell_prior: float = 10.0  # pseudo-count of the cell correction (observed vs modelled losses)
-    smooth_window: int = 0  # half-window of a per-cell running mean blended in (0: none)
+    smooth_window: int = 50  # half-window of a per-cell running mean blended in (0: none)
     smooth_prior: float = 100.0  # pseudo-count of the parent estimate against that running mean
     parent_window: int = 100  # half-window of the parent running mean ("window" smoothing)
 
