@@ -34,6 +34,7 @@ from exitwise.calibration.selection import (
     FoldCurve,
     Selection,
     band_compute,
+    fold_computes,
     fold_ids,
     pick,
     pool,
@@ -449,15 +450,16 @@ def choose_family(
             if progress is not None:
                 progress(f"cross-validating {family.name}", (f_idx * folds + j + 1) / (len(families) * folds))
         score, op = band_compute(*pool(curves), targets)
+        per_fold = tuple(float(x) for x in fold_computes(curves, op.knob))
         table.append(CandidateScore(
             family=family.name, label=family.label, score=score, compute=op.compute, risk=float(op.risk[0]),
             knob=op.knob,
-            points=float(np.mean([c.knobs.size for c in curves])), seconds=time.perf_counter() - t0))
+            points=float(np.mean([c.knobs.size for c in curves])), seconds=time.perf_counter() - t0, folds=per_fold))
     best = pick(table)
     return Selection(
         chosen=best.family,
-        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} unless another "
-               f"is lower by more than {TOLERANCE:g}",
+        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} unless another is "
+               f"lower by more than {TOLERANCE:g} and twice the standard error of the paired fold differences",
         folds=folds, rows=int(rows.size), targets={c.name: float(t) for c, t in zip(constraints, targets, strict=True)},
         table=tuple(table))
 

@@ -28,6 +28,7 @@ __all__ = [
     "OperatingPoint",
     "Selection",
     "band_compute",
+    "fold_computes",
     "fold_ids",
     "operating_point",
     "pick",
@@ -115,6 +116,18 @@ def operating_point(knobs: np.ndarray, losses: np.ndarray, cost: np.ndarray, row
 BAND = (1.0,)
 
 
+def fold_computes(curves: Sequence[FoldCurve], knob: float | None) -> np.ndarray:
+    """Each fold's own compute fraction at the pooled operating knob (its last point at least as safe)."""
+    out = np.ones(len(curves))
+    if knob is None:
+        return out
+    for f, c in enumerate(curves):
+        taken = int(np.count_nonzero(c.knobs >= knob))
+        if taken:
+            out[f] = c.cost[taken - 1] / max(c.n, 1)
+    return out
+
+
 def band_compute(knobs: np.ndarray, losses: np.ndarray, cost: np.ndarray, rows: np.ndarray, n: int,
                  targets: np.ndarray, band: Sequence[float] = BAND) -> tuple[float, OperatingPoint]:
     """Mean out-of-fold compute at the operating points for ``targets`` scaled by each of ``band``,
@@ -140,6 +153,7 @@ class CandidateScore:
     knob: float | None
     points: float  # mean path length over folds
     seconds: float
+    folds: tuple[float, ...] = ()  # each fold's compute at the operating knob (paired across families)
 
     def to_json(self) -> dict[str, object]:
         return {"family": self.family, "label": self.label, "score": round(self.score, 6),
@@ -169,11 +183,19 @@ TOLERANCE = 0.01
 
 
 def pick(table: Sequence[CandidateScore], tolerance: float = TOLERANCE) -> CandidateScore:
-    """The lowest score; within ``tolerance`` of it, the first listed (the default family).
+    """The lowest score, unless the first listed (the default family) is within the noise of it.
 
     The default is replaced only by a family whose out-of-fold compute is lower by more than
-    ``tolerance`` (1 point of compute): at a few thousand choose rows that is about the spread of
-    the estimate over folds, and a smaller lead is as likely noise as a real gain.
+    ``tolerance`` (1 point) *and* by more than twice the standard error of the paired fold-by-fold
+    difference: the same folds score every family, so their differences show how much of a lead
+    is noise. At a few thousand choose rows a lead of 1-3 points often is.
     """
-    best = min(c.score for c in table)
-    return next(c for c in table if c.score <= best + tolerance)
+    default = table[0]
+    best = min(table, key=lambda c: c.score)
+    if best is default:
+        return default
+    margin = tolerance
+    if len(best.folds) == len(default.folds) > 1:
+        diff = np.asarray(best.folds) - np.asarray(default.folds)
+        margin = max(margin, 2.0 * float(np.std(diff, ddof=1)) / np.sqrt(diff.size))
+    return best if best.score < default.score - margin else default

@@ -108,3 +108,15 @@ def test_pick_takes_the_lowest_score_and_ties_go_to_the_simpler_family():
     table = [cand("shared", 0.40), cand("per_exit", 0.35), cand("per_class", 0.35)]
     assert pick(table).family == "per_exit"
     assert pick(table, tolerance=0.06).family == "shared"
+
+
+def test_a_lead_within_the_noise_of_the_paired_folds_keeps_the_default():
+    def cand(name, folds):
+        return CandidateScore(family=name, label=name, score=float(np.mean(folds)), compute=float(np.mean(folds)),
+                              risk=0.0, knob=None, points=1, seconds=0.0, folds=tuple(folds))
+
+    default = [0.50, 0.52, 0.48, 0.51, 0.49]
+    steady = cand("shared", [x - 0.03 for x in default])  # 3 points better on every fold
+    noisy = cand("shared", [0.40, 0.60, 0.38, 0.55, 0.42])  # 3 points better on average, by luck
+    assert pick([cand("per_exit", default), steady]).family == "shared"
+    assert pick([cand("per_exit", default), noisy]).family == "per_exit"
