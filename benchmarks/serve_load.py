@@ -71,7 +71,7 @@ def realistic_document(k: int = 4, c: int = 10, segments: tuple[str, ...] = ("st
                       "segments": {s: {"eps": 0.02, "n": 6000, "upper_bound": 0.0187, "certified": True}
                                    for s in ("__all__", *segments)},
                       "uncertified_segments": [],
-                      "split": {"fit": 20000, "select": 20000, "certify": 20000, "seed": 0}},
+                      "split": {"choose": 40000, "certify": 20000, "seed": 0}},
         "expected": {"compute_fraction": 0.58, "exit_rate": [0.5, 0.2, 0.1, 0.2], "risk": 0.011,
                      "disagreement": 0.011, "induced_error": 0.004,
                      "segments": {s: {"compute_fraction": 0.6, "risk": 0.012, "n": 6000} for s in segments},
@@ -81,7 +81,7 @@ def realistic_document(k: int = 4, c: int = 10, segments: tuple[str, ...] = ("st
                      "curve": [{"eps": round(0.005 * i, 4), "compute_fraction": round(1 - 0.03 * i, 4),
                                 "risk": round(0.004 * i, 4)} for i in range(1, 21)]},
         "calibration": {"exits": [{"name": f"stage{i + 1}", "before": metrics, "after": metrics} for i in range(k)]},
-        "data": {"fingerprint": "sha256:" + "cd" * 32, "rows": {"fit": 20000, "select": 20000, "certify": 20000},
+        "data": {"fingerprint": "sha256:" + "cd" * 32, "rows": {"choose": 40000, "certify": 20000},
                  "time_window": ["2025-01-01T00:00:00Z", "2025-01-31T23:59:59Z"],
                  "segment_counts": {s: 20000 for s in segments}, "source": "fashion_logs.parquet"},
         "solver": {"grid": 200, "seed": 0},

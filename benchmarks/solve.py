@@ -7,10 +7,10 @@
 Synthetic logs (``exitwise.calibration.synthetic``) are generated first (not timed). Timed: the whole
 of ``exitwise solve`` but reading files and writing the document — split, calibrator fits,
 scoring every exit, the family choice by cross-validation and the chosen family's path on the
-choose split, fixed-sequence certification on the certify split and the compute-vs-risk curve. Peak memory is measured with
-``tracemalloc`` (numpy reports its buffers to it) over a second, identical call (it slows the
-call it watches, so the timed one runs without it), on top of the logs already in memory, and
-compared with the size of the logits array. Targets: n = 10^6,
+choose split, fixed-sequence certification on the certify split and the compute-vs-risk curve.
+Peak memory is measured with ``tracemalloc`` (numpy reports its buffers to it) over a second,
+identical call (it slows the call it watches, so the timed one runs without it), on top of the
+logs already in memory, and compared with the size of the logits array. Targets: n = 10^6,
 K = 12, C = 10 under 30 s and under 3x the logits; n = 10^5, C = 1000 under 60 s.
 """
 

@@ -323,7 +323,7 @@ def _doc(model: str = "fashion-cnn", variant: int = 0, parent: int | None = None
                       "segments": {"__all__": {"eps": 0.02, "n": 4000, "upper_bound": 0.0183, "certified": True},
                                    "studio": {"eps": 0.02, "n": 2500, "upper_bound": 0.0191, "certified": True}},
                       "uncertified_segments": ["phone"],
-                      "split": {"fit": 4000, "select": 4000, "certify": 4000, "seed": 0}},
+                      "split": {"choose": 8000, "certify": 4000, "seed": 0}},
         "expected": {"compute_fraction": round(0.61 + shift, 6), "exit_rate": [0.55, 0.2, 0.25], "risk": 0.012,
                      "disagreement": 0.012, "induced_error": None,
                      "segments": {"studio": {"compute_fraction": 0.58, "risk": 0.011, "n": 2500}}},

@@ -191,11 +191,11 @@ def _print_selection(console: Any, solver: dict[str, Any]) -> None:
         return
     table = Table(title=f"policy family: {sel['chosen']} ({sel['folds']}-fold cross-validation on {sel['rows']:,} "
                         f"choose rows; target risk {_risk(sel['targets'].get('__all__'))})")
-    for h in ("family", "score", "out-of-fold compute", "out-of-fold risk", "path points"):
+    for h in ("family", "out-of-fold compute", "out-of-fold risk", "path points"):
         table.add_column(h, justify="left" if h == "family" else "right")
     for c in sel["candidates"]:
         name = f"[bold]{c['family']}[/]" if c["family"] == sel["chosen"] else c["family"]
-        table.add_row(name, _pct(c["score"]), _pct(c["oof_compute_fraction"]), _risk(c["oof_risk"]), f"{c['mean_path_points']:g}")
+        table.add_row(name, _pct(c["oof_compute_fraction"]), _risk(c["oof_risk"]), f"{c['mean_path_points']:g}")
     console.print(table)
 
 

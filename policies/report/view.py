@@ -41,7 +41,7 @@ ACTION_LABELS: Mapping[str, str] = {
     "killswitch.kill": "kill switch turned ON", "killswitch.unkill": "kill switch turned OFF",
 }
 EXITS_PER_TABLE = 6  # threshold tables wider than this are split by exit so they fit A4 portrait
-_SPLIT_ORDER = ("choose", "certify")
+_SPLIT_ORDER = ("fit", "select", "choose", "certify")  # fit / select: documents before the two-way split
 
 
 def _selection_view(sel: Any) -> dict[str, Any] | None:
