@@ -33,9 +33,9 @@ from exitwise.calibration.selection import (
     CandidateScore,
     FoldCurve,
     Selection,
-    band_compute,
     fold_computes,
     fold_ids,
+    operating_point,
     pick,
     pool,
     strict_knobs,
@@ -449,10 +449,10 @@ def choose_family(
             curves.append(_fold_curve(variant, path, held, forced, masks[:, ids == j]))
             if progress is not None:
                 progress(f"cross-validating {family.name}", (f_idx * folds + j + 1) / (len(families) * folds))
-        score, op = band_compute(*pool(curves), targets)
+        op = operating_point(*pool(curves), targets)
         per_fold = tuple(float(x) for x in fold_computes(curves, op.knob))
         table.append(CandidateScore(
-            family=family.name, label=family.label, score=score, compute=op.compute, risk=float(op.risk[0]),
+            family=family.name, label=family.label, compute=op.compute, risk=float(op.risk[0]),
             knob=op.knob,
             points=float(np.mean([c.knobs.size for c in curves])), seconds=time.perf_counter() - t0, folds=per_fold))
     best = pick(table)

@@ -7,9 +7,8 @@ are pooled on one knob grid (the union of their knobs; at knob x each fold contr
 most aggressive point that is at least as safe as x), and the pooled curve is walked from safe
 to aggressive the way the certification walks the final path: it stops before the first point
 whose out-of-fold risk exceeds a constraint's *target* (the risk the certify split is expected
-to pass). The family's score is the out-of-fold compute where the walk stops
-(:func:`band_compute` can average it over a band of targets; the default band is the target
-alone). The lowest wins, unless the default family, listed first, is within ``tolerance``.
+to pass). The family's score is the out-of-fold compute where the walk stops. The lowest wins,
+unless the default family, listed first, is within the noise of it (:func:`pick`).
 Only the chosen family's path, refitted on the whole choose split, is certified — on rows none
 of this touched.
 """
@@ -27,7 +26,6 @@ __all__ = [
     "FoldCurve",
     "OperatingPoint",
     "Selection",
-    "band_compute",
     "fold_computes",
     "fold_ids",
     "operating_point",
@@ -113,9 +111,6 @@ def operating_point(knobs: np.ndarray, losses: np.ndarray, cost: np.ndarray, row
     return OperatingPoint(index=j, knob=float(knobs[j]), compute=float(cost[j] / max(n, 1)), risk=risk[j])
 
 
-BAND = (1.0,)
-
-
 def fold_computes(curves: Sequence[FoldCurve], knob: float | None) -> np.ndarray:
     """Each fold's own compute fraction at the pooled operating knob (its last point at least as safe)."""
     out = np.ones(len(curves))
@@ -128,26 +123,12 @@ def fold_computes(curves: Sequence[FoldCurve], knob: float | None) -> np.ndarray
     return out
 
 
-def band_compute(knobs: np.ndarray, losses: np.ndarray, cost: np.ndarray, rows: np.ndarray, n: int,
-                 targets: np.ndarray, band: Sequence[float] = BAND) -> tuple[float, OperatingPoint]:
-    """Mean out-of-fold compute at the operating points for ``targets`` scaled by each of ``band``,
-    and the operating point at the full targets.
-
-    Where the certification stops varies with the certify rows; averaging over a band of risks up
-    to the target ranks the families by more than one noisy crossing of the pooled curve.
-    """
-    points = [operating_point(knobs, losses, cost, rows, n, targets * m) for m in band]
-    return float(np.mean([p.compute for p in points])), points[-1]
-
-
 @dataclass(frozen=True)
 class CandidateScore:
-    """One family's cross-validated score: mean out-of-fold compute over the risk band (the score),
-    and out-of-fold compute and risk at the full target."""
+    """One family's cross-validated score: out-of-fold compute and risk where the walk stopped."""
 
     family: str
     label: str
-    score: float
     compute: float
     risk: float
     knob: float | None
@@ -156,8 +137,7 @@ class CandidateScore:
     folds: tuple[float, ...] = ()  # each fold's compute at the operating knob (paired across families)
 
     def to_json(self) -> dict[str, object]:
-        return {"family": self.family, "label": self.label, "score": round(self.score, 6),
-                "oof_compute_fraction": round(self.compute, 6),
+        return {"family": self.family, "label": self.label, "oof_compute_fraction": round(self.compute, 6),
                 "oof_risk": round(self.risk, 6), "knob": None if self.knob is None else float(f"{self.knob:.6g}"),
                 "mean_path_points": round(self.points, 1)}  # no timings: the document is deterministic
 
@@ -183,7 +163,7 @@ TOLERANCE = 0.01
 
 
 def pick(table: Sequence[CandidateScore], tolerance: float = TOLERANCE) -> CandidateScore:
-    """The lowest score, unless the first listed (the default family) is within the noise of it.
+    """The least out-of-fold compute, unless the first listed (the default family) is within the noise of it.
 
     The default is replaced only by a family whose out-of-fold compute is lower by more than
     ``tolerance`` (1 point) *and* by more than twice the standard error of the paired fold-by-fold
@@ -191,11 +171,11 @@ def pick(table: Sequence[CandidateScore], tolerance: float = TOLERANCE) -> Candi
     is noise. At a few thousand choose rows a lead of 1-3 points often is.
     """
     default = table[0]
-    best = min(table, key=lambda c: c.score)
+    best = min(table, key=lambda c: c.compute)
     if best is default:
         return default
     margin = tolerance
     if len(best.folds) == len(default.folds) > 1:
         diff = np.asarray(best.folds) - np.asarray(default.folds)
         margin = max(margin, 2.0 * float(np.std(diff, ddof=1)) / np.sqrt(diff.size))
-    return best if best.score < default.score - margin else default
+    return best if best.compute < default.compute - margin else default

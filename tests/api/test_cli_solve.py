@@ -97,7 +97,7 @@ def test_split_fraction_and_families_are_options_and_recorded(capsys, files, tmp
     assert [c["family"] for c in sel["candidates"]] == ["per_exit", "shared"]
     assert doc["solver"]["family"] == sel["chosen"] in {"shared", "per_exit"}
     assert f"policy family: {sel['chosen']}" in " ".join(stdout.split())
-    scores = {c["family"]: c["score"] for c in sel["candidates"]}
+    scores = {c["family"]: c["oof_compute_fraction"] for c in sel["candidates"]}
     assert sel["chosen"] == ("shared" if scores["shared"] < scores["per_exit"] - 0.01 else "per_exit")
 
 

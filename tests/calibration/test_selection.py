@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from exitwise.calibration.selection import (
     CandidateScore,
     FoldCurve,
-    band_compute,
     fold_ids,
     operating_point,
     pick,
@@ -74,9 +73,8 @@ def test_the_walk_stops_before_the_first_point_above_a_target(curves, t0, t1):
         assert op.compute == pytest.approx(cost[op.index] / n) and op.knob == knobs[op.index]
     # a looser target never stops earlier
     assert operating_point(knobs, losses, cost, rows, n, targets + 0.1).index >= op.index
-    score, full = band_compute(knobs, losses, cost, rows, n, targets, band=(0.5, 1.0))
-    assert full.index == op.index
-    assert score >= op.compute - 1e-12  # a tighter target stops no later, at no less compute
+    tighter = operating_point(knobs, losses, cost, rows, n, targets * 0.5)
+    assert tighter.index <= op.index and tighter.compute >= op.compute - 1e-12
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,8 +100,7 @@ def test_strict_knobs_are_strictly_decreasing_and_keep_strict_steps(values):
 
 def test_pick_takes_the_lowest_score_and_ties_go_to_the_simpler_family():
     def cand(name, score):
-        return CandidateScore(family=name, label=name, score=score, compute=score, risk=0.0, knob=None, points=1,
-                              seconds=0.0)
+        return CandidateScore(family=name, label=name, compute=score, risk=0.0, knob=None, points=1, seconds=0.0)
 
     table = [cand("shared", 0.40), cand("per_exit", 0.35), cand("per_class", 0.35)]
     assert pick(table).family == "per_exit"
@@ -112,8 +109,8 @@ def test_pick_takes_the_lowest_score_and_ties_go_to_the_simpler_family():
 
 def test_a_lead_within_the_noise_of_the_paired_folds_keeps_the_default():
     def cand(name, folds):
-        return CandidateScore(family=name, label=name, score=float(np.mean(folds)), compute=float(np.mean(folds)),
-                              risk=0.0, knob=None, points=1, seconds=0.0, folds=tuple(folds))
+        return CandidateScore(family=name, label=name, compute=float(np.mean(folds)), risk=0.0, knob=None, points=1,
+                              seconds=0.0, folds=tuple(folds))
 
     default = [0.50, 0.52, 0.48, 0.51, 0.49]
     steady = cand("shared", [x - 0.03 for x in default])  # 3 points better on every fold
