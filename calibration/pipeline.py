@@ -458,8 +458,9 @@ def choose_family(
     best = pick(table)
     return Selection(
         chosen=best.family,
-        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} unless another is "
-               f"lower by more than {TOLERANCE:g} and twice the standard error of the paired fold differences",
+        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} stays unless another "
+               f"is lower by more than {100 * TOLERANCE:g} point(s) of compute and twice the standard error of the "
+               "paired fold differences",
         folds=folds, rows=int(rows.size), targets={c.name: float(t) for c, t in zip(constraints, targets, strict=True)},
         table=tuple(table))
 

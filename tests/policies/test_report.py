@@ -787,6 +787,11 @@ def test_a_solved_policy_renders_and_fits(solved_doc: dict[str, Any], tmp_path: 
         assert f"{bs} {fmt_pct(v)}" in text
     assert html.count('<figure class="rel">') == 1  # 4 exits -> one 2x2 image of reliability diagrams
     assert "class3 full depth" in text  # the forbidden class is marked in every threshold table
+    sel = solved_doc["solver"]["selection"]  # the family choice and its cross-validation table
+    assert f"Chosen: {sel['chosen']}" in text
+    assert f"by {sel['folds']}-fold cross-validation on {sel['rows']:,} rows" in text
+    for c in sel["candidates"]:
+        assert f"{c['family']} {c['label']} {fmt_pct(c['oof_compute_fraction'])} {fmt_risk(c['oof_risk'])}" in text
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", OVERFLOW_PROBE + "</body>"), encoding="utf-8")
     res = chromium(["--window-size=794,1123", "--virtual-time-budget=2000", "--dump-dom", probe.as_uri()], tmp_path)
