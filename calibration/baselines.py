@@ -33,7 +33,7 @@ import numpy as np
 from exitwise.calibration.certify import ALL, Constraint
 from exitwise.calibration.evaluate import Evaluation, ScoredLogs, composite_segments, evaluate_scored, summarise
 from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.families import FIXED_GRID, shared_threshold_curve
+from exitwise.calibration.families import FAMILIES, FIXED_GRID, pooled_problem, shared_threshold_curve
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.pipeline import Prepared, Solution, certify_candidates
 from exitwise.calibration.rule import CompiledPolicy, score_all_exits
@@ -131,17 +131,18 @@ def calm(prepared: Prepared, solution: Solution) -> tuple[float | None, bool, Pr
     *every* calibration row (nothing else is fitted, so no row is spent on anything else).
     Returns (tau, certified, the raw-score preparation whose splits certify every row).
     """
-    raw = prepared.variant(False)
     every = Splits(choose=np.zeros(0, dtype=np.int64), certify=np.arange(prepared.logs.n), seed=prepared.splits.seed)
-    pre = replace(raw, splits=every, variants={})
-    if prepared.spec.score != "max_prob":
-        scored = ScoredLogs.from_logs(prepared.logs, raw.calibrators, "max_prob")
-        pre = replace(pre, scored=scored, loss=scored.loss_matrix(prepared.spec.risk),
-                      spec=replace(prepared.spec, score="max_prob"))
-    constraints = _all_rows_constraints(pre, solution)
-    policies = [_shared(pre, t) for t in np.sort(FIXED_GRID)[::-1]]
-    cert, _, _ = certify_candidates(pre, policies, constraints)
-    tau = None if cert.chosen is None else float(np.sort(FIXED_GRID)[::-1][cert.chosen])
+    if prepared.spec.score == "max_prob":
+        pre = replace(prepared.variant(False), splits=every, variants={})  # the solver may already have scored it
+    else:
+        raw = tuple({"type": "identity"} for _ in prepared.calibrators)
+        scored = ScoredLogs.from_logs(prepared.logs, raw, "max_prob")
+        pre = replace(prepared, splits=every, calibrators=raw, calibrator_objects=(), scored=scored,
+                      loss=scored.loss_matrix(prepared.spec.risk), spec=replace(prepared.spec, score="max_prob"),
+                      variants={})
+    grid = np.sort(FIXED_GRID)[::-1]
+    cert, _, _ = certify_candidates(pre, [_shared(pre, t) for t in grid], _all_rows_constraints(pre, solution))
+    tau = None if cert.chosen is None else float(grid[cert.chosen])
     return tau, cert.chosen is not None, pre
 
 
@@ -160,14 +161,8 @@ def _all_rows_constraints(pre: Prepared, solution: Solution) -> list[Constraint]
 def per_exit(prepared: Prepared, solution: Solution) -> tuple[np.ndarray | None, bool]:
     """One threshold per exit (all classes and segments pooled), Lagrangian path + LTT."""
     sel = prepared.splits.choose
-    settings = replace(prepared.spec.settings, min_cell=np.iinfo(np.int64).max, min_pool=1)
-    sc = prepared.scored
-    problem = Problem(  # segment 0: everyone; 1: forbidden segments (never exit)
-        scores=sc.scores[sel], preds=sc.preds[sel], loss=prepared.loss[sel],
-        seg=_blocked(prepared, sel).astype(np.int64), costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes,
-        n_segments=2, allowed_exits=prepared.allowed_exits, forced_classes=prepared.forced_classes,
-        forced_segments=np.array([False, True]),
-    )
+    settings = FAMILIES["per_exit"].settings(prepared.spec.settings)
+    problem = pooled_problem(prepared.problem(sel))  # segment 0: everyone; 1: forbidden segments (never exit)
     path = solve_path(problem, eps=prepared.spec.eps, settings=settings)
     policies = [_uniform_policy(prepared, p.tau[0], prepared.spec.score) for p in path.points]
     cert, _, _ = certify_candidates(prepared, policies, _baseline_constraints(solution))

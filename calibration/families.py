@@ -24,8 +24,8 @@ import numpy as np
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.solver import NEVER, PathPoint, Problem, ProgressFn, SolverPath, SolverSettings, solve_path
 
-__all__ = ["FAMILIES", "FIXED_GRID", "Family", "candidate_families", "family_path", "fixed_shared_path", "shared_path",
-           "shared_threshold_curve"]
+__all__ = ["FAMILIES", "FIXED_GRID", "Family", "candidate_families", "family_path", "fixed_shared_path",
+           "pooled_problem", "shared_path", "shared_threshold_curve"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,6 @@ class Family:
     per_segment: bool = False  # a table per segment value
     min_cell: int = 100
     prior: float = 10.0
-
-    @property
-    def knob(self) -> str:
-        """What moves along the path: the shared threshold, or the Lagrange multiplier."""
-        return "threshold" if self.shared else "lambda"
 
     def settings(self, base: SolverSettings) -> SolverSettings:
         """The Lagrangian solver's settings for this family."""
@@ -176,7 +171,7 @@ def _within(path: SolverPath, eps: float) -> SolverPath:
     return replace(path, points=path.points[:keep])
 
 
-def _pooled(problem: Problem) -> Problem:
+def pooled_problem(problem: Problem) -> Problem:
     """The problem with every (non-forbidden) segment value in one segment 0; forbidden ones in 1."""
     blocked = problem.forced_segments[problem.seg]
     return replace(problem, seg=blocked.astype(np.int64), n_segments=2,
@@ -208,7 +203,7 @@ def family_path(
         return _within(solve_path(
             problem, eps=eps, target=target, segment_aims=segment_aims if family.per_segment else None,
             segment_eps=segment_eps if family.per_segment else None, settings=fam_settings, progress=progress), eps)
-    pooled = _within(solve_path(_pooled(problem), eps=eps, target=target, settings=fam_settings,
+    pooled = _within(solve_path(pooled_problem(problem), eps=eps, target=target, settings=fam_settings,
                                 progress=progress), eps)
     pick = problem.forced_segments.astype(np.intp)  # segment s takes row 0 of the pooled table, forbidden ones row 1
     points = tuple(

@@ -133,7 +133,6 @@ class CandidateScore:
     risk: float
     knob: float | None
     points: float  # mean path length over folds
-    seconds: float
     folds: tuple[float, ...] = ()  # each fold's compute at the operating knob (paired across families)
 
     def to_json(self) -> dict[str, object]:

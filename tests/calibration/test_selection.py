@@ -100,7 +100,7 @@ def test_strict_knobs_are_strictly_decreasing_and_keep_strict_steps(values):
 
 def test_pick_takes_the_lowest_score_and_ties_go_to_the_simpler_family():
     def cand(name, score):
-        return CandidateScore(family=name, label=name, compute=score, risk=0.0, knob=None, points=1, seconds=0.0)
+        return CandidateScore(family=name, label=name, compute=score, risk=0.0, knob=None, points=1)
 
     table = [cand("shared", 0.40), cand("per_exit", 0.35), cand("per_class", 0.35)]
     assert pick(table).family == "per_exit"
@@ -110,7 +110,7 @@ def test_pick_takes_the_lowest_score_and_ties_go_to_the_simpler_family():
 def test_a_lead_within_the_noise_of_the_paired_folds_keeps_the_default():
     def cand(name, folds):
         return CandidateScore(family=name, label=name, compute=float(np.mean(folds)), risk=0.0, knob=None, points=1,
-                              seconds=0.0, folds=tuple(folds))
+                              folds=tuple(folds))
 
     default = [0.50, 0.52, 0.48, 0.51, 0.49]
     steady = cand("shared", [x - 0.03 for x in default])  # 3 points better on every fold
