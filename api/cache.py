@@ -1,13 +1,17 @@
 """In-process caches of the runtime read path: served policies as bytes, and bearer tokens.
 
 Every replica keeps its own cache and learns about changes from the store's one-row
-generation counter (``store_state.generation``, bumped by every change in the same
-transaction, whichever replica or CLI made it):
+stamp (:class:`~exitwise.policies.db.StoreStamp`: the generation counter bumped by every
+change in the same transaction, whichever replica or CLI made it, the audit chain's head
+and the store identity stamped by ``exitwise db upgrade``):
 
-- at most every ``ttl`` seconds a request reads the counter (one primary-key read, run in
-  the thread pool, one reader at a time); if it moved, every cached entry is dropped;
-- each entry records the generation read *before* its data, in the same transaction, so an
-  entry loaded while a change landed is never kept past the next check;
+- at most every ``ttl`` seconds a request reads the stamp (one primary-key read, run in
+  the thread pool, one reader at a time); if it changed in any way — the counter going
+  *back* after a restore or a failover to a replica that was behind included — every cached
+  entry is dropped;
+- each entry records the stamp read *before* its data, in the same transaction, so an
+  entry loaded while a change landed is never kept past the next check, and an answer read
+  from another stamp than the current one is served once but never cached;
 - a change made through this replica calls :meth:`StoreCache.invalidate`, so its own next
   read re-checks at once.
 
@@ -33,7 +37,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from exitwise.policies import store
-from exitwise.policies.db import current_generation, unit_of_work
+from exitwise.policies.db import StoreStamp, current_stamp, unit_of_work
 from exitwise.policies.errors import NotFound
 from exitwise.policies.principals import Principal, authenticate, hash_token
 
@@ -92,12 +96,18 @@ class StoreCache:
         self.ttl = ttl_ms / 1000.0
         self.cache_control = cache_control
         self._clock = clock
-        self.generation: int | None = None
+        self.stamp: StoreStamp | None = None
         self._checked_at = float("-inf")
         self._checking = False
-        self._policies: dict[tuple[str, str], tuple[int, ServedPolicy | NotFound]] = {}
-        self._tokens: dict[str, tuple[int, Principal]] = {}
-        self.checks = 0  # counter reads, for tests and metrics
+        self._policies: dict[tuple[str, str], tuple[StoreStamp, ServedPolicy | NotFound]] = {}
+        self._tokens: dict[str, tuple[StoreStamp, Principal]] = {}
+        self.checks = 0  # stamp reads, for tests and metrics
+        self.resets = 0  # times the stamp changed and everything was dropped
+
+    @property
+    def generation(self) -> int | None:
+        """The store generation the cache currently describes (None before the first read)."""
+        return None if self.stamp is None else self.stamp.generation
 
     # ---------------------------------------------------------------- generation
 
@@ -106,7 +116,7 @@ class StoreCache:
         self._checked_at = float("-inf")
 
     async def refresh_generation(self) -> None:
-        """Read the counter if the last read is older than ``ttl``; drop everything if it moved.
+        """Read the stamp if the last read is older than ``ttl``; drop everything if it changed.
 
         One read at a time: requests that arrive while it is in flight do not queue behind it
         (they are served from the cache as it stands, at most one database round trip older).
@@ -116,42 +126,54 @@ class StoreCache:
         self._checking = True
         try:
             started = self._clock()
-            generation = await run_in_threadpool(self._read_generation)
-            self._observe(generation)
+            stamp = await run_in_threadpool(self._read_stamp)
+            self.checks += 1
+            self._observe(stamp)
             self._checked_at = started
         finally:
             self._checking = False
 
-    def _read_generation(self) -> int:
+    def _read_stamp(self) -> StoreStamp:
         with unit_of_work(self.engine, readonly=True) as session:
-            return current_generation(session)
+            return current_stamp(session)
 
-    def _observe(self, generation: int) -> None:
-        self.checks += 1
-        if self.generation is None or generation > self.generation:
-            self.generation = generation
+    def _observe(self, stamp: StoreStamp) -> None:
+        """Adopt ``stamp``; any difference from the current one drops every entry."""
+        if stamp != self.stamp:
+            if self.stamp is not None:
+                self.resets += 1
+            self.stamp = stamp
             self._policies.clear()
             self._tokens.clear()
 
-    def _keep(self, generation: int) -> bool:
-        """Whether data read at ``generation`` may be cached (and note a newer generation)."""
-        if self.generation is None or generation > self.generation:
-            self._observe(generation)
-        return generation == self.generation
+    def _keep(self, stamp: StoreStamp) -> bool:
+        """Whether data read at ``stamp`` may be cached.
+
+        A newer generation of the same store is adopted at once. Any other difference (an
+        older generation: a slow load that started before a change, or a store that went
+        back) is not cached, and the next request re-reads the stamp.
+        """
+        current = self.stamp
+        if current is None or (stamp.store_id == current.store_id and stamp.generation > current.generation):
+            self._observe(stamp)
+        if stamp == self.stamp:
+            return True
+        self.invalidate()
+        return False
 
     # ---------------------------------------------------------------- hits only (the fast path)
 
     def peek_policy(self, model: str, env: str) -> ServedPolicy | None:
         """The cached answer for (model, env) if it is current; None on a miss or a cached 404."""
         hit = self._policies.get((model, env))
-        if hit is None or hit[0] != self.generation or isinstance(hit[1], NotFound):
+        if hit is None or hit[0] != self.stamp or isinstance(hit[1], NotFound):
             return None
         return hit[1]
 
     def peek_principal(self, token: str) -> Principal | None:
         """The cached principal of ``token`` if current; None on a miss."""
         hit = self._tokens.get(hash_token(token))
-        if hit is None or hit[0] != self.generation:
+        if hit is None or hit[0] != self.stamp:
             return None
         return hit[1]
 
@@ -166,27 +188,27 @@ class StoreCache:
         await self.refresh_generation()
         key = (model, env)
         hit = self._policies.get(key)
-        if hit is None or hit[0] != self.generation:
-            generation, answer = await run_in_threadpool(self._load_active, model, env)
-            if self._keep(generation):
+        if hit is None or hit[0] != self.stamp:
+            stamp, answer = await run_in_threadpool(self._load_active, model, env)
+            if self._keep(stamp):
                 if len(self._policies) >= MAX_POLICIES:
                     self._policies.clear()
-                self._policies[key] = (generation, answer)
+                self._policies[key] = (stamp, answer)
         else:
             answer = hit[1]
         if isinstance(answer, NotFound):
             raise NotFound(str(answer))
         return answer
 
-    def _load_active(self, model: str, env: str) -> tuple[int, ServedPolicy | NotFound]:
-        """Read (generation, answer); a missing model/activation is an answer too (cached 404)."""
+    def _load_active(self, model: str, env: str) -> tuple[StoreStamp, ServedPolicy | NotFound]:
+        """Read (stamp, answer); a missing model/activation is an answer too (cached 404)."""
         with unit_of_work(self.engine, readonly=True) as session:
-            generation = current_generation(session)
+            stamp = current_stamp(session)
             try:
                 active = store.get_active(model, env, session=session)
             except NotFound as exc:
-                return generation, exc
-        return generation, ServedPolicy.build(
+                return stamp, exc
+        return stamp, ServedPolicy.build(
             serialise(active.served_document()),
             etag=policy_etag(active.content_hash, active.version, active.killed),
             version=active.version,
@@ -202,16 +224,16 @@ class StoreCache:
         await self.refresh_generation()
         digest = hash_token(token)
         hit = self._tokens.get(digest)
-        if hit is not None and hit[0] == self.generation:
+        if hit is not None and hit[0] == self.stamp:
             return hit[1]
-        generation, principal = await run_in_threadpool(self._load_principal, token)
-        if self._keep(generation):
+        stamp, principal = await run_in_threadpool(self._load_principal, token)
+        if self._keep(stamp):
             if len(self._tokens) >= MAX_TOKENS:
                 self._tokens.clear()
-            self._tokens[digest] = (generation, principal)
+            self._tokens[digest] = (stamp, principal)
         return principal
 
-    def _load_principal(self, token: str) -> tuple[int, Principal]:
+    def _load_principal(self, token: str) -> tuple[StoreStamp, Principal]:
         with unit_of_work(self.engine, readonly=True) as session:
-            generation = current_generation(session)
-            return generation, authenticate(token, session=session)
+            stamp = current_stamp(session)
+            return stamp, authenticate(token, session=session)

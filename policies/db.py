@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config
@@ -143,21 +144,27 @@ def _engine(engine_or_url: Engine | str) -> tuple[Engine, bool]:
     return make_engine(engine_or_url), True
 
 
-def _run(engine_or_url: Engine | str, fn: Any, revision: str) -> None:
+def _run(engine_or_url: Engine | str, fn: Any, revision: str, *, stamp: bool = False) -> None:
     engine, owned = _engine(engine_or_url)
     try:
         with translate_errors(), engine.begin() as conn:
             cfg = alembic_config()
             cfg.attributes["connection"] = conn
             fn(cfg, revision)
+            if stamp and MigrationContext.configure(conn).get_current_revision() == head_revision():
+                conn.execute(update(StoreState).where(StoreState.id == 1).values(store_id=str(uuid.uuid4())))
     finally:
         if owned:
             engine.dispose()
 
 
 def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
-    """Migrate the database to ``revision`` (the only way the schema is created)."""
-    _run(engine_or_url, command.upgrade, revision)
+    """Migrate the database to ``revision`` (the only way the schema is created).
+
+    At head it also stamps a new store identity (``store_state.store_id``): running
+    ``exitwise db upgrade`` after a restore or a failover makes every replica drop its cache.
+    """
+    _run(engine_or_url, command.upgrade, revision, stamp=True)
 
 
 def downgrade(engine_or_url: Engine | str, revision: str = "base") -> None:
@@ -281,6 +288,27 @@ def change(session: Session) -> Iterator[int]:
 
 def in_change(session: Session) -> bool:
     return session.info.get(IN_CHANGE, 0) > 0
+
+
+class StoreStamp(NamedTuple):
+    """What replicas compare to know whether their caches still describe the store.
+
+    Any difference, in either direction, means "drop everything": the generation can go back
+    (restore, failover to a replica that was behind) and the audit head and identity tell two
+    stores with an equal counter apart.
+    """
+
+    store_id: str
+    generation: int
+    audit_hash: str
+
+
+def current_stamp(session: Session) -> StoreStamp:
+    """The store's :class:`StoreStamp`, in one primary-key read."""
+    with translate_errors():
+        row = session.execute(select(StoreState.store_id, StoreState.generation, StoreState.audit_hash)
+                              .where(StoreState.id == 1)).one()
+    return StoreStamp(row[0], row[1], row[2])
 
 
 def current_generation(session: Session) -> int:

@@ -214,7 +214,9 @@ class StoreState(Base):
     """The single row (id = 1) every change updates first, in its own transaction.
 
     ``generation`` counts committed changes (replicas compare it to drop their caches);
-    ``audit_seq``/``audit_hash`` are the head of the audit chain, so a deleted tail shows.
+    ``audit_seq``/``audit_hash`` are the head of the audit chain, so a deleted tail shows;
+    ``store_id`` is the store's identity, stamped anew by every ``exitwise db upgrade`` (run it
+    after a restore or a failover) so that replica caches never take a restored store for theirs.
     Updating this row first is also the write lock that serialises changes (a row lock on
     PostgreSQL; ``BEGIN IMMEDIATE`` already serialises writers on SQLite).
     """
@@ -226,6 +228,7 @@ class StoreState(Base):
     generation: Mapped[int] = mapped_column(BigInteger)
     audit_seq: Mapped[int] = mapped_column(BigInteger)
     audit_hash: Mapped[str] = mapped_column(String(64))
+    store_id: Mapped[str] = mapped_column(String(36), server_default="")
 
 
 class MlflowSync(Base):
