@@ -15,7 +15,9 @@ from exitwise.policies.principals import Principal
 Environment = Annotated[str, Field(
     min_length=1, max_length=ENVIRONMENT_MAX, pattern=ENVIRONMENT_PATTERN,
     description="Deployment environment, e.g. production, staging", examples=["production"])]
-Reason = Annotated[str, Field(min_length=1, max_length=2000, description="Why (recorded in the audit trail)")]
+Reason = Annotated[str, Field(min_length=1, max_length=2000, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$",
+                                description="Why (recorded in the audit trail); no control characters "
+                                            "other than tab and line breaks")]
 ModelName = Annotated[str, Field(min_length=1, max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN)]
 
 

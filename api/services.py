@@ -34,7 +34,7 @@ def decode_cursor(cursor: str | None) -> int:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = raw.partition(":")
         seq = int(value)
-        if kind != "seq" or seq < 0:
+        if kind != "seq" or not 0 <= seq < 2**63:
             raise ValueError(raw)
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InputError(f"invalid cursor {cursor!r}: pass back the next_cursor of a previous page") from None

@@ -49,6 +49,8 @@ HASHED_FIELDS = ("seq", "ts", "actor", "action", "model", "version", "environmen
 EXPORT_FIELDS = (*HASHED_FIELDS, "hash")
 INT_FIELDS = frozenset({"seq", "version"})
 Format = Literal["jsonl", "csv"]
+REASON_MAX = 2000
+_REASON_CONTROL = frozenset(chr(c) for c in range(32)) - {"\t", "\n", "\r"}
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,28 @@ def _row_to_event(row: AuditEvent) -> Event:
                  prev_hash=row.prev_hash, hash=row.hash)
 
 
+def check_reason(reason: str | None) -> str | None:
+    """``reason`` if it can be recorded: at most ``REASON_MAX`` characters, no NUL or other
+    control characters but tab and line breaks (PostgreSQL refuses NUL; the others hide text)."""
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise InputError(f"a reason is text, got {type(reason).__name__}")
+    if len(reason) > REASON_MAX:
+        raise InputError(f"reason is {len(reason)} characters long; at most {REASON_MAX}")
+    bad = next((ch for ch in reason if ch in _REASON_CONTROL), None)
+    if bad is not None:
+        raise InputError(f"reason contains the control character U+{ord(bad):04X}")
+    return reason
+
+
 def append(session: Session, *, actor: str, action: str, model: str | None = None, version: int | None = None,
            environment: str | None = None, reason: str | None = None, before_hash: str | None = None,
            after_hash: str | None = None, details: Mapping[str, Any] | None = None) -> Event:
     """Append one event to the chain; must run inside ``exitwise.policies.db.change`` (which holds the lock)."""
     if not in_change(session):
         raise RuntimeError("audit.append must be called inside policies.db.change(session)")
+    check_reason(reason)
     head_seq, head_hash = session.execute(
         select(StoreState.audit_seq, StoreState.audit_hash).where(StoreState.id == 1)).one()
     fields: dict[str, Any] = {

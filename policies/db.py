@@ -30,9 +30,18 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoResultFound,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
+from exitwise.calibration.exceptions import InputError
 from exitwise.policies import events
 from exitwise.policies.errors import Conflict, ImmutableContent, PolicyError, SchemaOutOfDate, StoreUnavailable
 from exitwise.policies.models import StoreState
@@ -214,9 +223,15 @@ def translate_errors() -> Iterator[None]:
                 raise Conflict("another version is already active for this model and environment "
                                f"(refused by the database: {msg})") from exc
             raise Conflict(f"refused by the database: {msg}") from exc
+        if isinstance(exc, DataError):  # a value the database cannot hold: NUL in text, a number out of range
+            raise InputError(f"a value cannot be stored: {msg}") from exc
         if exc.connection_invalidated or isinstance(exc, OperationalError):
             raise StoreUnavailable(f"policy database unavailable: {msg}") from exc
         raise StoreUnavailable(f"policy database error: {msg}") from exc
+    except StatementError as exc:
+        if isinstance(exc.orig, OverflowError | ValueError):  # raised while binding a parameter (SQLite)
+            raise InputError(f"a value cannot be stored: {exc.orig}") from exc
+        raise StoreUnavailable(f"policy database error: {exc}") from exc
     except NoResultFound as exc:
         raise StoreUnavailable("store_state row missing: the database was not created by "
                                "'exitwise db upgrade'") from exc

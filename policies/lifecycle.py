@@ -66,7 +66,7 @@ def _reason(reason: str | None, action: str, *, required: bool) -> str | None:
     reason = (reason or "").strip() or None
     if required and reason is None:
         raise InputError(f"a reason is required to {action}")
-    return reason
+    return audit.check_reason(reason)
 
 
 def _stored_content(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:

@@ -1,12 +1,27 @@
 """The policy document (design contract, "The policy document"), validated with pydantic.
 
-A policy is JSON, served as is. :func:`validate_document` checks structure and internal
-consistency (shapes agree with the exits and classes, costs increase, the hash matches) and
-returns the parsed :class:`PolicyDocument`; ``.to_json_dict()`` gives back plain JSON.
+A policy is JSON, served as is. :func:`validate_document` checks every value against its
+meaning and returns the parsed :class:`PolicyDocument`; ``.to_json_dict()`` gives back plain
+JSON. In order:
+
+1. the JSON itself (:func:`check_json_values`): nesting at most ``MAX_DEPTH`` deep, at most
+   ``MAX_NODES`` values, finite numbers, integers a JSON reader keeps exactly (|x| < 2**53),
+   no NUL or other control characters in strings or keys — anything else would reach the
+   database or a runtime and fail there;
+2. the fields, strictly typed (no ``"0.5"`` for a number, no ``true`` for a threshold):
+   thresholds in [0, 1] or null, temperatures positive and finite within
+   [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``], costs positive and increasing, version
+   numbers within the store's range;
+3. internal consistency: shapes agree with the exits and classes, forced classes exist;
+4. the content hash.
+
+``certified`` in a document is what its author claims; the service re-runs the
+certification at approval when it can (:mod:`exitwise.policies.reverify`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,10 +33,18 @@ from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN
 Score = Literal["max_prob", "margin", "entropy"]
 Risk = Literal["disagreement", "induced_error"]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+VersionNumber = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+MAX_DEPTH = 32
+MAX_NODES = 2_000_000
+MAX_SAFE_INT = 2**53 - 1
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+_CONTROL = frozenset(chr(c) for c in range(32)) - {"\t", "\n", "\r"}
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
 
 class ModelRef(_Open):
@@ -31,7 +54,7 @@ class ModelRef(_Open):
 
 class Calibrator(_Open):
     type: Literal["identity", "temperature", "platt"]
-    temperature: Annotated[float, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)] | None = None
     coef: list[float] | None = None
     intercept: float | None = None
 
@@ -72,7 +95,7 @@ class Guarantee(_Open):
     segments: dict[str, SegmentGuarantee] = {}
 
 
-ThresholdRow = list[float | None] | None
+ThresholdRow = list[Unit | None] | None
 
 
 class PolicyDocument(_Open):
@@ -91,14 +114,16 @@ class PolicyDocument(_Open):
     guarantee: Guarantee
     expected: dict[str, Any]
     data: dict[str, Any]
-    parent: Annotated[int, Field(ge=1)] | None = None
+    parent: VersionNumber | None = None
     content_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyDocument:
         k, c = len(self.exits), len(self.classes)
+        if len(set(self.classes)) != c:
+            raise ValueError("classes must be unique")
         costs = [e.cost for e in self.exits]
         for i in range(1, k):
             if costs[i] <= costs[i - 1]:
@@ -134,10 +159,55 @@ class DocumentError(InputError):
         super().__init__("invalid policy document: " + "; ".join(f"{loc}: {msg}" for loc, msg in errors))
 
 
+def check_json_values(doc: Any, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
+    """Raise :class:`DocumentError` for JSON a policy document must not hold (see the module docstring).
+
+    Iterative, so a document nested thousands deep is refused instead of exhausting the stack.
+    """
+    stack: list[tuple[Any, str, int]] = [(doc, "$", 0)]
+    nodes = 0
+    while stack:
+        value, path, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise DocumentError([("$", f"more than {max_nodes} JSON values; a policy document is far smaller")])
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise DocumentError([(path, "non-finite number (NaN or Infinity); use null for 'never exit'")])
+        elif isinstance(value, int):
+            if abs(value) > MAX_SAFE_INT:
+                raise DocumentError([(path, f"integer out of range (|x| must be at most 2**53 - 1, got "
+                                            f"{len(str(abs(value)))} digits)")])
+        elif isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict | list):
+            if depth >= max_depth:
+                raise DocumentError([(path, f"nested deeper than {max_depth} levels")])
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise DocumentError([(path, f"object key {key!r} is not a string")])
+                    _check_text(key, f"{path}.{key[:40]}")
+                    stack.append((item, f"{path}.{key}", depth + 1))
+            else:
+                stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        else:
+            raise DocumentError([(path, f"{type(value).__name__} is not a JSON value")])
+
+
+def _check_text(text: str, path: str) -> None:
+    bad = next((ch for ch in text if ch in _CONTROL), None)
+    if bad is not None:
+        raise DocumentError([(path, f"control character U+{ord(bad):04X} in a string")])
+
+
 def validate_document(doc: Any, *, check_hash: bool = True) -> PolicyDocument:
     """Parse and check a policy document; raise :class:`DocumentError` naming every problem."""
     if not isinstance(doc, dict):
         raise DocumentError([("$", f"a policy document is a JSON object, got {type(doc).__name__}")])
+    check_json_values(doc)
     if doc.get("schema") != SCHEMA:
         raise DocumentError([("schema", f"expected {SCHEMA!r}, got {doc.get('schema')!r}")])
     try:

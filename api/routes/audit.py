@@ -15,6 +15,7 @@ from exitwise.api.deps import ReaderDep, ReadSessionDep
 from exitwise.api.problems import problem_responses
 from exitwise.api.schemas import AuditEventOut, AuditPage, ChainReportOut
 from exitwise.policies import audit
+from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN, PRINCIPAL_NAME_MAX, PRINCIPAL_NAME_PATTERN
 
 router = APIRouter(tags=["audit"])
 
@@ -26,9 +27,12 @@ MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 def list_audit_events(
     principal: ReaderDep,
     session: ReadSessionDep,
-    model: Annotated[str | None, Query(max_length=200, description="Only events of this model")] = None,
-    action: Annotated[str | None, Query(max_length=64, description="e.g. version.activate, killswitch.kill")] = None,
-    actor: Annotated[str | None, Query(max_length=200, description="Only events by this principal")] = None,
+    model: Annotated[str | None, Query(max_length=MODEL_NAME_MAX, pattern=MODEL_NAME_PATTERN,
+                                       description="Only events of this model")] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=r"^[a-z]+(\.[a-z_]+)*$",
+                                        description="e.g. version.activate, killswitch.kill")] = None,
+    actor: Annotated[str | None, Query(max_length=PRINCIPAL_NAME_MAX, pattern=PRINCIPAL_NAME_PATTERN,
+                                       description="Only events by this principal")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=100, description="next_cursor of the previous page")] = None,
 ) -> AuditPage:
