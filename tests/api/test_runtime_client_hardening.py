@@ -66,7 +66,7 @@ class _Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def serve(self, body: bytes | dict, status: int = 200, content_type: str = "application/json",
@@ -127,15 +127,16 @@ def _client(url: str, cache_dir: Any, **kw: Any) -> rt.PolicyClient:
 # ---------------------------------------------------------------- 1. the body cap
 
 
-@pytest.mark.parametrize("declare", [False, True], ids=["streamed", "content-length"])
+@pytest.mark.parametrize(("declare", "limit"), [(False, None), (True, 1 * MiB)], ids=["streamed", "content-length"])
 def test_a_huge_body_is_refused_without_reading_it(server: _Server, make_doc: Callable[..., dict], tmp_path: Path,
-                                                   declare: bool) -> None:
-    """50 MB (a valid policy padded with spaces, which json.loads would accept) is refused past 1 MiB.
+                                                   declare: bool, limit: int | None) -> None:
+    """50 MB (a valid policy padded with spaces, which json.loads accepts) is refused past the cap.
 
-    Memory stays bounded (tracemalloc peak well under the body) and the client stops reading:
-    the server gets out only what the socket buffers held before the client hung up.
+    Without a Content-Length the client stops at the default 8 MiB; with one above the cap
+    (here 1 MiB) it reads nothing. Memory stays bounded (tracemalloc peak well under the body)
+    and the server gets out only what the socket buffers held before the client hung up.
     """
-    client = _client(server.url, tmp_path, max_body_bytes=1 * MiB)
+    client = _client(server.url, tmp_path, **({} if limit is None else {"max_body_bytes": limit}))
     good = _served(make_doc)
     server.serve(good)
     assert client.refresh().outcome == "updated"
@@ -151,10 +152,10 @@ def test_a_huge_body_is_refused_without_reading_it(server: _Server, make_doc: Ca
     finally:
         tracemalloc.stop()
     assert result.outcome == "rejected" and result.reason == "too_large", result
-    assert "max_body_bytes=1048576" in (result.detail or "")
+    assert f"max_body_bytes={limit or 8 * MiB}" in (result.detail or "")
     assert ("Content-Length" in (result.detail or "")) == declare
     assert client.policy.version == 1 and client.policy.source == "server"  # the previous policy is kept
-    assert peak < 6 * MiB, f"peak {peak / MiB:.1f} MiB for a {total / 1e6:.0f} MB body"
+    assert peak < 3 * (limit or 8 * MiB), f"peak {peak / MiB:.1f} MiB for a {total / 1e6:.0f} MB body"
     assert server.done.wait(10)
     assert server.sent < total / 2, f"the server got {server.sent / 1e6:.1f} MB out: the client kept reading"
     assert elapsed < 5, elapsed
@@ -216,9 +217,8 @@ def test_runtime_fields_are_validated(server: _Server, make_doc: Callable[..., d
 # ---------------------------------------------------------------- 3. the disk cache
 
 
-def _cache(client: rt.PolicyClient) -> tuple[Path, dict[str, Any]]:
-    path = client.cache_file
-    assert path is not None
+def _cache(cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    path = cache_dir / f"{MODEL}@{ENV}.json"
     return path, json.loads(path.read_text())
 
 
@@ -238,9 +238,7 @@ def test_disk_cache_is_checked_against_model_env_digest_and_etag(server: _Server
     client = _client(server.url, tmp_path)
     assert client.refresh().outcome == "updated" and client.policy.killed
     client.close()
-    path, cached = _cache(client)
-    assert {"model": MODEL, "env": ENV, "etag": policy_etag(killed["content_hash"], 1, True)}.items() <= cached.items()
-    assert cached["body_sha256"] == hashlib.sha256(cached["body"].encode()).hexdigest()
+    path, cached = _cache(tmp_path)
 
     def reload(env: str = ENV) -> rt.RuntimePolicy:
         c = rt.PolicyClient(server.url, MODEL, env, "t", cache_dir=tmp_path)
@@ -255,6 +253,9 @@ def test_disk_cache_is_checked_against_model_env_digest_and_etag(server: _Server
     caplog.clear()
     assert reload("staging").is_fallback
     assert "written for 'fashion-cnn'@'production'" in caplog.text
+
+    assert {"model": MODEL, "env": ENV, "etag": policy_etag(killed["content_hash"], 1, True)}.items() <= cached.items()
+    assert cached["body_sha256"] == hashlib.sha256(cached["body"].encode()).hexdigest()
     # ... even when the file's own env field is edited: the document's environment disagrees
     _write(staging, {**cached, "env": "staging"})
     assert reload("staging").is_fallback and "environment 'production', expected 'staging'" in caplog.text
@@ -277,10 +278,11 @@ def test_an_answer_without_an_exitwise_etag_is_not_cached(server: _Server, make_
                                                           tmp_path: Path) -> None:
     client = _client(server.url, tmp_path)
     server.serve(_served(make_doc))
-    assert client.refresh().outcome == "updated" and client.cache_file is not None and client.cache_file.exists()
+    cache_file = tmp_path / f"{MODEL}@{ENV}.json"
+    assert client.refresh().outcome == "updated" and cache_file.exists()
     server.serve(_served(make_doc, variant=1), etag='"proxy-tag"')
     assert client.refresh().outcome == "updated" and client.policy.version == 2
-    assert not client.cache_file.exists()  # not v1 either: a restart must not bring back a superseded policy
+    assert not cache_file.exists()  # not v1 either: a restart must not bring back a superseded policy
     client.close()
 
 
@@ -294,6 +296,10 @@ def test_cache_dir_defaults_to_a_per_user_directory_or_is_off(server: _Server, m
     for var in ("EXITWISE_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = rt.PolicyClient(server.url, MODEL, ENV, "t")  # no cache_dir: the per-user default
+    assert home.refresh().outcome == "updated"
+    assert (tmp_path / "home" / ".cache" / "exitwise" / f"{MODEL}@{ENV}.json").exists()
+    home.close()
     assert rt.default_cache_dir() == tmp_path / "home" / ".cache" / "exitwise"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     assert rt.default_cache_dir() == tmp_path / "home" / ".cache" / "exitwise"
