@@ -4,20 +4,24 @@ Depends on numpy, httpx and the standard library only (plus :mod:`exitwise.calib
 decision rule, and :mod:`exitwise.policies.canonical`, both numpy/stdlib), so a model server can embed
 it without the service's dependencies (no fastapi, sqlalchemy, mlflow, pandas or scipy)::
 
-    client = PolicyClient("http://policies:8000", "fashion-cnn", "production", token,
-                          cache_dir="/var/cache/exitwise")
-    client.start()                       # optional background polling; or call client.refresh()
+    client = PolicyClient("http://policies:8000", "fashion-cnn", "production", token)
+    client.start()                       # poll now (PolicyAuthError on a refused token), then in the background
     policy = client.policy               # an immutable snapshot, safe to use from any thread
     mask = policy.decide(k, logits_k)    # (n,) bool: which samples stop at exit k
     if policy.shadow(): ...              # also run this request at full depth and log it
+    client.status()                      # source, version, age, fallback time, failures: for health checks
 
 Safety properties, in order of precedence:
 
-- A policy is used only after its ``content_hash`` matches its content and it compiles with
-  :meth:`exitwise.calibration.rule.CompiledPolicy.from_document`; a corrupted or malformed body is
-  rejected and the previous policy is kept.
+- A policy is used only after its ``content_hash`` matches its content, its runtime fields
+  (``shadow_rate``, ``killed``, ``version``, ``environment``) are well-typed and its own, and it
+  compiles with :meth:`exitwise.calibration.rule.CompiledPolicy.from_document`; a corrupted,
+  malformed or oversized body (``max_body_bytes``) is rejected and the previous policy is kept.
 - The last good policy is kept on disk (atomic write) and reloaded at start-up, so a server
-  outage, at start-up or later, never changes what the runtime does.
+  outage, at start-up or later, never changes what the runtime does. The cache file records
+  the model, the environment, the served bytes, their sha256 and the ETag; a file that
+  disagrees with any of them is ignored. That detects corruption, misconfiguration and naive
+  edits, not a forger who can write the cache directory: it must be writable by the runtime only.
 - With no valid policy at all (never fetched, nothing on disk, or the server says no version
   is active), every early exit is refused: the model runs at full depth.
 - The kill switch is part of the served document (``"killed": true``); it makes every early
@@ -27,12 +31,16 @@ Safety properties, in order of precedence:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,58 +55,118 @@ from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies.canonical import SCHEMA, content_hash
 from exitwise.policies.names import NOT_FOUND_PROBLEM
 
-__all__ = ["PolicyClient", "RefreshResult", "RuntimePolicy", "verify_policy_document"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "ClientStatus",
+    "PolicyAuthError",
+    "PolicyClient",
+    "PolicyClientError",
+    "PolicyRejected",
+    "RefreshResult",
+    "RuntimePolicy",
+    "default_cache_dir",
+    "verify_policy_document",
+]
 
 log = logging.getLogger("exitwise.runtime")
 
 Source = Literal["server", "disk", "fallback"]
-Outcome = Literal["updated", "not_modified", "unavailable", "rejected", "no_active_policy"]
+Outcome = Literal["updated", "not_modified", "unavailable", "unauthorized", "rejected", "no_active_policy"]
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only stops a runaway body
+ERROR_BODY_BYTES = 64 * 1024  # how much of a non-200 answer is read, for its problem detail
+CACHE_FORMAT = "exitwise.policy-cache/v2"
+# The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
+_POLICY_ETAG = re.compile(r'^(?:W/)?"([0-9a-f]{64})\.v([0-9]+)\.(live|killed)"$')
 
 
-class PolicyRejected(ValueError):
-    """A policy body that must not be used (bad JSON, hash mismatch, wrong model, malformed)."""
+class PolicyClientError(Exception):
+    """Base class of the errors the runtime client raises to its caller."""
 
 
-def verify_policy_document(doc: Any, model: str | None = None, *, n_exits: int | None = None,
-                           n_classes: int | None = None) -> CompiledPolicy:
+class PolicyAuthError(PolicyClientError):
+    """The policy server refused the client's token (401/403) and the client has no policy to keep."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PolicyRejected(PolicyClientError, ValueError):
+    """A policy body that must not be used; ``reason`` is a short code (for counters and logs)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
+def _check_runtime_fields(doc: Mapping[str, Any], env: str | None) -> None:
+    """The fields the runtime acts on beyond the thresholds must be what the rule expects."""
+    rate = doc.get("shadow_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) \
+            or not 0.0 <= rate <= 1.0:
+        raise PolicyRejected(f"policy field shadow_rate must be a number in [0, 1], got {_short(rate)}", "field")
+    if "killed" in doc and not isinstance(doc["killed"], bool):
+        raise PolicyRejected(f"policy field killed must be true or false, got {_short(doc['killed'])}", "field")
+    version = doc.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PolicyRejected(f"policy field version must be a positive integer, got {_short(version)}", "field")
+    if env is not None and "environment" in doc and doc["environment"] != env:
+        raise PolicyRejected(f"policy is for environment {_short(doc['environment'])}, expected {env!r}",
+                             "environment")
+
+
+def verify_policy_document(doc: Any, model: str | None = None, *, env: str | None = None,
+                           n_exits: int | None = None, n_classes: int | None = None) -> CompiledPolicy:
     """Check a served policy document and compile it; raise :class:`PolicyRejected` if unusable.
 
     Checks: a JSON object with the v1 schema, the model asked for, a ``content_hash`` equal to
-    the hash of its content (governance fields excluded, see :mod:`exitwise.policies.canonical`), a
-    shape the decision rule accepts and, when given, the runtime's own number of exits and
-    classes (a policy solved for another architecture is never applied).
+    the hash of its content (governance fields excluded, see :mod:`exitwise.policies.canonical`),
+    the runtime fields (``shadow_rate`` a finite number in [0, 1]; ``killed`` a bool, ``version``
+    a positive int and ``environment`` equal to ``env`` when present), a shape the decision rule
+    accepts and, when given, the runtime's own number of exits and classes (a policy solved for
+    another architecture is never applied).
     """
     if not isinstance(doc, dict):
-        raise PolicyRejected(f"policy body is not a JSON object ({type(doc).__name__})")
+        raise PolicyRejected(f"policy body is not a JSON object ({type(doc).__name__})", "not_object")
     if doc.get("schema") != SCHEMA:
-        raise PolicyRejected(f"policy schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+        raise PolicyRejected(f"policy schema is {_short(doc.get('schema'))}, expected {SCHEMA!r}", "schema")
     name = (doc.get("model") or {}).get("name") if isinstance(doc.get("model"), dict) else None
     if model is not None and name != model:
-        raise PolicyRejected(f"policy is for model {name!r}, expected {model!r}")
+        raise PolicyRejected(f"policy is for model {_short(name)}, expected {model!r}", "model")
     claimed = doc.get("content_hash")
     try:
         actual = content_hash(doc)
     except (TypeError, ValueError) as exc:
-        raise PolicyRejected(f"policy cannot be hashed: {exc}") from None
+        raise PolicyRejected(f"policy cannot be hashed: {exc}", "hash") from None
     if claimed != actual:
-        raise PolicyRejected(f"content_hash mismatch: body claims {claimed!r}, content hashes to {actual!r}")
+        raise PolicyRejected(f"content_hash mismatch: body claims {_short(claimed, 80)}, content hashes to {actual!r}",
+                             "hash")
+    _check_runtime_fields(doc, env)
     try:
         compiled = CompiledPolicy.from_document(doc)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise PolicyRejected(f"policy does not compile: {type(exc).__name__}: {exc}") from None
+        raise PolicyRejected(f"policy does not compile: {type(exc).__name__}: {exc}", "compile") from None
     if n_exits is not None and compiled.n_exits != n_exits:
-        raise PolicyRejected(f"policy has {compiled.n_exits} exits, this runtime's model has {n_exits}")
+        raise PolicyRejected(f"policy has {compiled.n_exits} exits, this runtime's model has {n_exits}", "shape")
     if n_classes is not None and compiled.n_classes != n_classes:
-        raise PolicyRejected(f"policy has {compiled.n_classes} classes, this runtime's model has {n_classes}")
+        raise PolicyRejected(f"policy has {compiled.n_classes} classes, this runtime's model has {n_classes}", "shape")
     return compiled
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class RuntimePolicy:
     """One verified policy (or the full-depth fallback) as the runtime applies it.
 
     Immutable: the client swaps whole snapshots, so a request that took ``client.policy``
     decides every exit with the same policy even if a refresh lands meanwhile.
+    ``fetched_at``: epoch seconds when the server served this copy (for a disk copy, when it
+    was served and saved); None for the fallback.
     """
 
     compiled: CompiledPolicy | None
@@ -106,13 +174,21 @@ class RuntimePolicy:
     source: Source
     etag: str | None = None
     n_exits: int | None = None  # the runtime's model, when known: the fallback's last exit answers
-    _rng: random.Random = field(default_factory=random.Random, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    fetched_at: float | None = None
+    _rng: random.Random = field(default_factory=random.Random)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def full_depth(cls, rng: random.Random | None = None, n_exits: int | None = None) -> RuntimePolicy:
         """The fallback: never exit early, no shadow traffic."""
         return cls(compiled=None, document=None, source="fallback", n_exits=n_exits, _rng=rng or random.Random())
+
+    def __repr__(self) -> str:
+        digest = self.content_hash
+        if isinstance(digest, str) and len(digest) > 12:
+            digest = f"{digest[:12]}…"
+        return (f"RuntimePolicy(source={self.source!r}, version={self.version!r}, killed={self.killed!r}, "
+                f"content_hash={digest!r})")
 
     @property
     def is_fallback(self) -> bool:
@@ -169,24 +245,66 @@ class RuntimePolicy:
 
 @dataclass(frozen=True)
 class RefreshResult:
-    """What one poll did: ``outcome``, the HTTP status if any, and a message when it failed."""
+    """What one poll did: ``outcome``, the HTTP status if any, a message when it failed and,
+    for a rejected body, a short ``reason`` code (``too_large``, ``hash``, ``field``, ...)."""
 
     outcome: Outcome
     status: int | None = None
     detail: str | None = None
+    reason: str | None = None
 
     @property
     def changed(self) -> bool:
         return self.outcome in ("updated", "no_active_policy")
 
 
+@dataclass(frozen=True)
+class ClientStatus:
+    """What the client is doing now, for health checks and dashboards (:meth:`PolicyClient.status`).
+
+    ``policy_age_s``: seconds since the policy in use was served (a disk copy: served and saved),
+    None on the fallback. ``on_fallback_since``: epoch seconds since when every early exit is
+    refused, None while a policy is in use. ``last_success``: epoch seconds of the last poll the
+    server answered (200, 304 or "no active policy"). ``consecutive_failures``: polls in a row
+    that were unavailable, unauthorized or rejected.
+    """
+
+    source: Source
+    version: int | None
+    killed: bool
+    content_hash: str | None
+    policy_age_s: float | None
+    on_fallback_since: float | None
+    last_outcome: Outcome | None
+    last_status: int | None
+    last_detail: str | None
+    last_success: float | None
+    consecutive_failures: int
+
+
+def default_cache_dir() -> Path:
+    """``$EXITWISE_CACHE_DIR``, else ``$XDG_CACHE_HOME/exitwise``, else ``~/.cache/exitwise``."""
+    explicit = os.environ.get("EXITWISE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is ignored
+        return Path(xdg) / "exitwise"
+    return Path.home() / ".cache" / "exitwise"
+
+
 class PolicyClient:
     """Polls ``GET /v1/models/{model}/policy?env=`` and keeps the last good policy.
 
-    ``poll_interval`` (seconds) applies to the background thread started by :meth:`start`
-    (with +-10% jitter so replicas do not poll in lock-step); :meth:`refresh` polls once, now.
-    ``seed`` makes :meth:`RuntimePolicy.shadow` reproducible. ``n_exits`` / ``n_classes``
-    (optional, recommended): the runtime model's shape; a policy of another shape is rejected.
+    ``cache_dir``: where the last good policy is kept; None (default) is
+    :func:`default_cache_dir`, False disables the disk cache (a restart then runs at full depth
+    until the server answers). ``poll_interval`` (seconds) applies to the background thread
+    started by :meth:`start` (with +-10% jitter so replicas do not poll in lock-step);
+    :meth:`refresh` polls once, now. ``seed`` makes :meth:`RuntimePolicy.shadow` reproducible.
+    ``n_exits`` / ``n_classes`` (optional, recommended): the runtime model's shape; a policy of
+    another shape is rejected. ``max_body_bytes``: a larger answer is rejected without being
+    read past the limit. ``fallback_alarm_after`` (seconds, None for never): once the client
+    has run at full depth that long, every poll logs an ERROR saying so.
     """
 
     def __init__(
@@ -196,32 +314,54 @@ class PolicyClient:
         env: str,
         token: str | None,
         *,
-        cache_dir: str | os.PathLike[str],
+        cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
         poll_interval: float = 10.0,
         timeout: float = 5.0,
         seed: int | None = None,
         n_exits: int | None = None,
         n_classes: int | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        fallback_alarm_after: float | None = 300.0,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+        if fallback_alarm_after is not None and not fallback_alarm_after >= 0:
+            raise ValueError(f"fallback_alarm_after must be >= 0 seconds or None, got {fallback_alarm_after!r}")
+        if cache_dir is True:
+            raise ValueError("cache_dir=True is not a directory: pass a path, None (the default directory) "
+                             "or False (no disk cache)")
+        self.base_url = base_url.rstrip("/")
         self.model = model
         self.env = env
         self.poll_interval = float(poll_interval)
         self.n_exits, self.n_classes = n_exits, n_classes
+        self.max_body_bytes = max_body_bytes
+        self.fallback_alarm_after = fallback_alarm_after
         self._path = f"/v1/models/{quote(model, safe='')}/policy"
-        self._cache_file = Path(cache_dir) / f"{_safe_name(model)}@{_safe_name(env)}.json"
-        headers = {"Accept": "application/json", "User-Agent": "exitwise-runtime/1"}
+        self._cache_file: Path | None = None
+        if cache_dir is not False:
+            root = default_cache_dir() if cache_dir is None else Path(cache_dir)
+            self._cache_file = root / f"{_safe_name(model)}@{_safe_name(env)}.json"
+        # identity: the body is read raw, so max_body_bytes bounds what is held (no decompression bomb)
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "exitwise-runtime/1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one poll at a time
+        self._state_lock = threading.Lock()  # the policy, the last result and the counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_result: RefreshResult | None = None
         self.last_success: float | None = None
-        self._policy = self._load_disk() or self._fallback()
+        self._failures = 0
+        self._polls: Counter[str] = Counter()
+        self._refusals: Counter[str] = Counter()
+        self._fallback_since: tuple[float, float] | None = None  # (epoch, monotonic)
+        self._policy = self._fallback()
+        self._install(self._load_disk() or self._fallback())
 
     # ------------------------------------------------------------------ public API
 
@@ -230,23 +370,45 @@ class PolicyClient:
         """The current snapshot (never None: the full-depth fallback when nothing is valid)."""
         return self._policy
 
+    @property
+    def cache_file(self) -> Path | None:
+        """The file the last good policy is kept in (None: the disk cache is off)."""
+        return self._cache_file
+
     def refresh(self) -> RefreshResult:
         """Poll the server once with ``If-None-Match``; never raises for server or body problems."""
         if self._http.is_closed:
             raise RuntimeError("PolicyClient is closed")
         with self._lock:
             result = self._refresh_locked()
-        self.last_result = result
-        if result.outcome in ("unavailable", "rejected"):
-            log.warning("exitwise policy %s@%s: %s (%s); keeping %s policy",
-                        self.model, self.env, result.outcome, result.detail, self._policy.source)
+        with self._state_lock:
+            self.last_result = result
+            self._polls[result.outcome] += 1
+            if result.outcome in ("unavailable", "unauthorized", "rejected"):
+                self._failures += 1
+            else:
+                self._failures = 0
+                self.last_success = time.time()
+            if result.outcome == "rejected":
+                self._refusals[result.reason or "invalid"] += 1
+        self._log(result)
         return result
 
     def start(self) -> PolicyClient:
-        """Poll once now, then every ``poll_interval`` seconds in a daemon thread."""
+        """Poll once now, then every ``poll_interval`` seconds in a daemon thread.
+
+        Raises :class:`PolicyAuthError` when the server refuses the token (401/403) and the
+        client has no policy to keep (nothing valid on disk): a wrong token must not leave the
+        runtime at full depth unnoticed. With a disk policy it logs an ERROR and keeps that.
+        """
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
-            self.refresh()
+            result = self.refresh()
+            if result.outcome == "unauthorized" and self._policy.is_fallback:
+                raise PolicyAuthError(
+                    f"policy server {self.base_url} refused the token for {self.model}@{self.env} "
+                    f"(HTTP {result.status}: {result.detail}) and no cached policy exists; check the token "
+                    "(a reader's, from `exitwise principal add NAME --role reader`)", result.status)
             self._thread = threading.Thread(target=self._loop, name=f"exitwise-poll-{self.model}", daemon=True)
             self._thread.start()
         return self
@@ -263,6 +425,29 @@ class PolicyClient:
         self.stop()
         self._http.close()
 
+    def status(self) -> ClientStatus:
+        """A consistent snapshot of the policy in use, its age, the fallback time and the last poll."""
+        with self._state_lock:
+            policy, since, result = self._policy, self._fallback_since, self.last_result
+            failures, success = self._failures, self.last_success
+        return ClientStatus(
+            source=policy.source, version=policy.version, killed=policy.killed, content_hash=policy.content_hash,
+            policy_age_s=None if policy.fetched_at is None else max(0.0, time.time() - policy.fetched_at),
+            on_fallback_since=None if since is None else since[0],
+            last_outcome=None if result is None else result.outcome,
+            last_status=None if result is None else result.status,
+            last_detail=None if result is None else result.detail,
+            last_success=success, consecutive_failures=failures,
+        )
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Totals since construction: ``polls`` by outcome, ``refusals`` (rejected bodies) by reason."""
+        with self._state_lock:
+            return {"polls": dict(self._polls), "refusals": dict(self._refusals)}
+
+    def __repr__(self) -> str:
+        return f"PolicyClient({self.base_url!r}, model={self.model!r}, env={self.env!r}, policy={self._policy!r})"
+
     def __enter__(self) -> PolicyClient:
         return self
 
@@ -278,84 +463,211 @@ class PolicyClient:
             except Exception:  # the poller must survive anything; decisions keep the last good policy
                 log.exception("exitwise policy poll failed")
 
+    def _log(self, result: RefreshResult) -> None:
+        where, kept = f"{self.model}@{self.env}", self._policy.source
+        if result.outcome == "unauthorized":
+            log.error("exitwise policy %s: the server %s refused the token (HTTP %s: %s); keeping the %s policy "
+                      "until the token is fixed", where, self.base_url, result.status, result.detail, kept)
+        elif result.outcome in ("unavailable", "rejected"):
+            log.warning("exitwise policy %s: %s (%s); keeping the %s policy", where, result.outcome, result.detail,
+                        kept)
+        since = self._fallback_since
+        if since is not None and self.fallback_alarm_after is not None:
+            waited = time.monotonic() - since[1]
+            if waited >= self.fallback_alarm_after:
+                log.error("exitwise policy %s: FULL DEPTH for %.0f s (fallback_alarm_after=%g s): no early exit is "
+                          "taken; last poll: %s (%s)", where, waited, self.fallback_alarm_after, result.outcome,
+                          result.detail or result.status)
+
+    def _install(self, policy: RuntimePolicy) -> None:
+        with self._state_lock:
+            if not policy.is_fallback:
+                self._fallback_since = None
+            elif self._fallback_since is None:
+                self._fallback_since = (time.time(), time.monotonic())
+            self._policy = policy
+
     def _refresh_locked(self) -> RefreshResult:
         headers = {}
         current = self._policy
         if current.etag and current.source != "fallback":
             headers["If-None-Match"] = current.etag
         try:
-            resp = self._http.get(self._path, params={"env": self.env}, headers=headers)
-            body = resp.content
+            with self._http.stream("GET", self._path, params={"env": self.env}, headers=headers) as resp:
+                status, resp_headers = resp.status_code, resp.headers
+                body = _read_body(resp, self.max_body_bytes) if status == 200 else _read_prefix(resp)
+        except PolicyRejected as exc:
+            return RefreshResult("rejected", 200, str(exc), exc.reason)
         except httpx.HTTPError as exc:
             return RefreshResult("unavailable", None, f"{type(exc).__name__}: {exc}")
-        if resp.status_code == 304:
-            self.last_success = time.time()
+        if status == 304:
             return RefreshResult("not_modified", 304)
-        if resp.status_code == 404 and _problem_type(resp) == NOT_FOUND_PROBLEM:
+        if status in (401, 403):
+            return RefreshResult("unauthorized", status, _problem_detail(resp_headers, body, resp.reason_phrase))
+        if status == 404 and _problem_type(resp_headers, body) == NOT_FOUND_PROBLEM:
             # The server says no version is active here (or no such model): stop using any older one.
-            self._policy = self._fallback()
-            with contextlib.suppress(FileNotFoundError):
-                self._cache_file.unlink()
-            self.last_success = time.time()
-            return RefreshResult("no_active_policy", 404, _problem_detail(resp))
-        if resp.status_code != 200:
-            return RefreshResult("unavailable", resp.status_code, _problem_detail(resp))
+            self._install(self._fallback())
+            if self._cache_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._cache_file.unlink()
+            return RefreshResult("no_active_policy", 404, _problem_detail(resp_headers, body, resp.reason_phrase))
+        if status != 200:
+            return RefreshResult("unavailable", status, _problem_detail(resp_headers, body, resp.reason_phrase))
         try:
-            doc = json.loads(body)
+            doc = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            return RefreshResult("rejected", 200, f"policy body is not UTF-8 JSON: {type(exc).__name__}: {exc}",
+                                 "json")
+        etag = resp_headers.get("etag")
+        try:
             compiled = self._verify(doc)
-        except (ValueError, PolicyRejected) as exc:
-            return RefreshResult("rejected", 200, str(exc))
-        etag = resp.headers.get("etag")
-        self._policy = RuntimePolicy(compiled=compiled, document=doc, source="server", etag=etag, _rng=self._rng)
-        self.last_success = time.time()
-        try:
-            self._save_disk(doc, etag)
-        except OSError as exc:  # a read-only cache dir must not stop decisions
-            log.warning("exitwise: cannot write policy cache %s: %s", self._cache_file, exc)
+            exitwise_etag = _check_etag(etag, doc)
+        except PolicyRejected as exc:
+            return RefreshResult("rejected", 200, str(exc), exc.reason)
+        fetched_at = time.time()
+        self._install(RuntimePolicy(compiled=compiled, document=doc, source="server", etag=etag,
+                                    n_exits=self.n_exits, fetched_at=fetched_at, _rng=self._rng))
+        self._save_disk(body, etag, fetched_at, exitwise_etag)
         return RefreshResult("updated", 200)
 
     def _fallback(self) -> RuntimePolicy:
         return RuntimePolicy.full_depth(self._rng, self.n_exits)
 
     def _verify(self, doc: Any) -> CompiledPolicy:
-        return verify_policy_document(doc, self.model, n_exits=self.n_exits, n_classes=self.n_classes)
+        return verify_policy_document(doc, self.model, env=self.env, n_exits=self.n_exits, n_classes=self.n_classes)
 
     def _load_disk(self) -> RuntimePolicy | None:
+        """The cached policy, or None (with a warning naming the reason when the file is unusable)."""
+        if self._cache_file is None:
+            return None
         try:
-            saved = json.loads(self._cache_file.read_bytes())
-            doc = saved["policy"]
-            compiled = self._verify(doc)
+            return self._parse_cache(self._cache_file.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, PolicyRejected) as exc:
-            log.warning("exitwise: ignoring unusable policy cache %s: %s", self._cache_file, exc)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            log.warning("exitwise: ignoring the policy cache %s: %s; full depth until the server answers",
+                        self._cache_file, exc)
             return None
-        return RuntimePolicy(compiled=compiled, document=doc, source="disk", etag=saved.get("etag"), _rng=self._rng)
 
-    def _save_disk(self, doc: Mapping[str, Any], etag: str | None) -> None:
-        """Write the cache file atomically: temp file in the same directory, fsync, rename."""
-        payload = json.dumps({"etag": etag, "saved_at": time.time(), "policy": doc}, separators=(",", ":"))
-        atomic_write_text(self._cache_file, payload)
+    def _parse_cache(self, raw: bytes) -> RuntimePolicy:
+        saved = json.loads(raw)
+        if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
+            raise ValueError(f"not an {CACHE_FORMAT} file")
+        if (saved.get("model"), saved.get("env")) != (self.model, self.env):
+            raise ValueError(f"written for {_short(saved.get('model'))}@{_short(saved.get('env'))}, "
+                             f"this client is {self.model!r}@{self.env!r}")
+        body = saved["body"].encode("utf-8")
+        if hashlib.sha256(body).hexdigest() != saved.get("body_sha256"):
+            raise ValueError("body_sha256 does not match the stored body (edited or corrupted)")
+        doc = json.loads(body)
+        compiled = self._verify(doc)
+        etag = saved.get("etag")
+        if not _check_etag(etag, doc):
+            raise PolicyRejected(f"stored ETag {_short(etag)} is not an exitwise policy ETag", "etag")
+        saved_at = saved.get("saved_at")
+        fetched_at = float(saved_at) if isinstance(saved_at, int | float) and not isinstance(saved_at, bool) else None
+        return RuntimePolicy(compiled=compiled, document=doc, source="disk", etag=etag, n_exits=self.n_exits,
+                             fetched_at=fetched_at, _rng=self._rng)
+
+    def _save_disk(self, body: bytes, etag: str | None, fetched_at: float, exitwise_etag: bool) -> None:
+        """Write the served bytes, their sha256, model, env and ETag atomically; never raises.
+
+        A body served without an exitwise ETag could not be checked at load, so it is not kept
+        (and an older copy is removed: a restart must not bring back a superseded policy).
+        """
+        if self._cache_file is None:
+            return
+        try:
+            if not exitwise_etag:
+                log.warning("exitwise: not caching the policy of %s@%s: the answer has no exitwise ETag (%s)",
+                            self.model, self.env, _short(etag))
+                with contextlib.suppress(FileNotFoundError):
+                    self._cache_file.unlink()
+                return
+            self._cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            payload = {"format": CACHE_FORMAT, "model": self.model, "env": self.env, "etag": etag,
+                       "saved_at": fetched_at, "body_sha256": hashlib.sha256(body).hexdigest(),
+                       "body": body.decode("utf-8")}
+            atomic_write_text(self._cache_file, json.dumps(payload, separators=(",", ":")))
+        except OSError as exc:  # a read-only cache dir must not stop decisions
+            log.warning("exitwise: cannot write the policy cache %s: %s", self._cache_file, exc)
+
+
+def _check_etag(etag: str | None, doc: Mapping[str, Any]) -> bool:
+    """Whether ``etag`` is an exitwise policy ETag; raise :class:`PolicyRejected` if it contradicts ``doc``.
+
+    The ETag carries the content hash, the version and the kill state (``.killed``/``.live``,
+    see ``exitwise.api.cache.policy_etag``); the body carries them too, and they must agree.
+    """
+    match = _POLICY_ETAG.match(etag) if isinstance(etag, str) else None
+    if match is None:
+        return False
+    digest, version, state = match.groups()
+    killed = doc.get("killed", False)
+    if digest != doc.get("content_hash") or int(version) != doc.get("version", int(version)) \
+            or (state == "killed") != killed:
+        raise PolicyRejected(f"ETag {etag} disagrees with the body (content_hash "
+                             f"{_short(doc.get('content_hash'), 20)}, version {doc.get('version')!r}, "
+                             f"killed {killed!r})", "etag")
+    return True
+
+
+def _read_body(resp: httpx.Response, limit: int) -> bytes:
+    """The raw body, at most ``limit`` bytes; raise :class:`PolicyRejected` past it (nothing more is read)."""
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise PolicyRejected(f"policy body has Content-Encoding {encoding!r}; the client asked for identity",
+                             "encoding")
+    declared = resp.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise PolicyRejected(f"policy body is {int(declared)} bytes (Content-Length), over max_body_bytes={limit}; "
+                             "not read", "too_large")
+    body = bytearray()
+    for chunk in resp.iter_raw():
+        body += chunk
+        if len(body) > limit:
+            raise PolicyRejected(f"policy body exceeds max_body_bytes={limit}; stopped reading after "
+                                 f"{len(body)} bytes", "too_large")
+    return bytes(body)
+
+
+def _read_prefix(resp: httpx.Response, limit: int = ERROR_BODY_BYTES) -> bytes:
+    """At most ``limit`` bytes of a non-200 answer (enough for a problem detail); the rest is not read."""
+    body = bytearray()
+    for chunk in resp.iter_raw():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
 
 
 def _safe_name(value: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in value)
 
 
-def _problem_type(resp: httpx.Response) -> str | None:
-    """The ``type`` of a problem+json answer (None otherwise, e.g. a proxy's plain 404 page)."""
-    if not resp.headers.get("content-type", "").startswith("application/problem+json"):
+def _problem_json(headers: httpx.Headers, body: bytes) -> dict[str, Any] | None:
+    """The body of a problem+json answer (None otherwise, e.g. a proxy's plain 404 page)."""
+    if not headers.get("content-type", "").startswith("application/problem+json"):
         return None
     try:
-        body = resp.json()
-    except ValueError:
+        parsed = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
         return None
-    return body.get("type") if isinstance(body, dict) else None
+    return parsed if isinstance(parsed, dict) else None
 
 
-def _problem_detail(resp: httpx.Response) -> str:
+def _problem_type(headers: httpx.Headers, body: bytes) -> str | None:
+    problem = _problem_json(headers, body)
+    return None if problem is None else problem.get("type")
+
+
+def _problem_detail(headers: httpx.Headers, body: bytes, reason: str) -> str:
+    """The ``detail`` (or ``title``) of a JSON error answer, else the HTTP reason phrase."""
     try:
-        body = resp.json()
-        return str(body.get("detail") or body.get("title") or resp.reason_phrase)
-    except ValueError:
-        return resp.reason_phrase
+        problem = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return reason
+    if not isinstance(problem, dict):
+        return reason
+    text = str(problem.get("detail") or problem.get("title") or reason)
+    return text if len(text) <= 300 else f"{text[:300]}…"

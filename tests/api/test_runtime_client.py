@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from exitwise.api.cache import policy_etag
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies import lifecycle
 from exitwise.policies.canonical import with_content_hash
@@ -132,6 +133,9 @@ class _Tamper:
 
     def serve(self, body: bytes | dict, status: int = 200, content_type: str = "application/json",
               etag: str | None = None) -> None:
+        """Answer ``body``; a policy dict gets the exitwise server's ETag unless ``etag`` is given."""
+        if isinstance(body, dict) and etag is None and isinstance(body.get("content_hash"), str):
+            etag = policy_etag(body["content_hash"], body.get("version", 1), body.get("killed", False))
         self.body = json.dumps(body).encode() if isinstance(body, dict) else body
         self.status, self.headers = status, {"Content-Type": content_type, **({"ETag": etag} if etag else {})}
 
@@ -156,7 +160,7 @@ def test_corrupted_bodies_are_rejected_and_the_previous_policy_kept(tamper: _Tam
                                                                     tmp_path: Path) -> None:
     good = _served_doc(make_doc)
     client = PolicyClient(tamper.url, "fashion-cnn", "production", "token", cache_dir=tmp_path, timeout=5)
-    tamper.serve(good, etag='"good"')
+    tamper.serve(good)
     assert client.refresh().outcome == "updated" and client.policy.version == 1
     logits = _logits()
     before = client.policy.decide(0, logits)
@@ -183,10 +187,10 @@ def test_corrupted_bodies_are_rejected_and_the_previous_policy_kept(tamper: _Tam
 
     # the disk copy is the last good policy, and a tampered disk copy is ignored at start-up
     saved = next(tmp_path.glob("*.json"))
-    assert json.loads(saved.read_text())["policy"]["content_hash"] == good["content_hash"]
+    assert json.loads(json.loads(saved.read_text())["body"])["content_hash"] == good["content_hash"]
     assert PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.version == 1
     cached = json.loads(saved.read_text())
-    cached["policy"]["shadow_rate"] = 1.0
+    cached["body"] = json.dumps({**json.loads(cached["body"]), "shadow_rate": 1.0})
     saved.write_text(json.dumps(cached))
     assert PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.is_fallback
     saved.write_text("{truncated")
