@@ -31,6 +31,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import Engine
@@ -73,13 +74,18 @@ class ServedPolicy:
                                 (b"content-type", b"application/json")))
 
 
-def policy_etag(content_hash: str, version: int, killed: bool) -> str:
-    """Strong ETag: the content hash, the version number and the kill-switch state.
+def policy_etag(content_hash: str, version: int, killed: bool, activated_at: datetime | None = None) -> str:
+    """Strong ETag: the content hash, the version number, the kill-switch state and the activation.
 
     The version is included because the body carries it (a rollback to equal content under
-    another number is a different body); the kill state because it changes what runtimes do.
+    another number is a different body); the kill state because it changes what runtimes do;
+    the activation time (microseconds, hex) because a rollback to the *same* version is a new
+    activation whose body carries a new ``activated_at``.
     """
-    return f'"{content_hash}.v{version}.{"killed" if killed else "live"}"'
+    tag = f"{content_hash}.v{version}.{'killed' if killed else 'live'}"
+    if activated_at is not None:
+        tag += f".a{round(activated_at.timestamp() * 1_000_000):x}"
+    return f'"{tag}"'
 
 
 def serialise(doc: dict) -> bytes:
@@ -210,7 +216,7 @@ class StoreCache:
                 return stamp, exc
         return stamp, ServedPolicy.build(
             serialise(active.served_document()),
-            etag=policy_etag(active.content_hash, active.version, active.killed),
+            etag=policy_etag(active.content_hash, active.version, active.killed, active.activated_at),
             version=active.version,
             content_hash=active.content_hash,
             killed=active.killed,

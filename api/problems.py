@@ -141,9 +141,12 @@ def internal_problem(request: Request, exc: BaseException, *, status: int = 500,
               exc_info=(type(exc), exc, exc.__traceback__))
     detail = ("The service is not available right now; retry later." if status == 503
               else "An unexpected error occurred.")
+    # A 503 says when to retry; after a 500 the server closes the connection (Starlette re-raises
+    # unhandled errors to the server), so the answer says so instead of leaving the client guessing.
+    headers = {"Retry-After": "5"} if status == 503 else {"Connection": "close"}
     return problem(status, title=title if status != 500 else None, type_=type_, instance=request.url.path,
                    detail=f"{detail} The server log has the details under error_id {error_id}.", error_id=error_id,
-                   headers={"Retry-After": "5"} if status == 503 else None)
+                   headers=headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

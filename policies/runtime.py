@@ -77,7 +77,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only s
 ERROR_BODY_BYTES = 64 * 1024  # how much of a non-200 answer is read, for its problem detail
 CACHE_FORMAT = "exitwise.policy-cache/v2"
 # The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
-_POLICY_ETAG = re.compile(r'^(?:W/)?"([0-9a-f]{64})\.v([0-9]+)\.(live|killed)"$')
+_POLICY_ETAG = re.compile(r'^(?:W/)?"([0-9a-f]{64})\.v([0-9]+)\.(live|killed)(?:\.a[0-9a-f]{1,16})?"$')
 
 
 class PolicyClientError(Exception):

@@ -38,7 +38,7 @@ def test_body_is_preserialised_canonical_json_with_validators(api: httpx.Client,
     assert verify_content_hash(body) and body["content_hash"] == doc["content_hash"]
     assert {k: body[k] for k in ("version", "environment", "killed", "state")} == {
         "version": 1, "environment": "production", "killed": False, "state": "active"}
-    assert resp.headers["etag"] == f'"{doc["content_hash"]}.v1.live"'
+    assert resp.headers["etag"].startswith(f'"{doc["content_hash"]}.v1.live.a')
 
 
 def test_if_none_match_304_and_etag_follows_kill_state(api: httpx.Client, world: Any,
@@ -58,13 +58,28 @@ def test_if_none_match_304_and_etag_follows_kill_state(api: httpx.Client, world:
                     headers=world.auth("alice")).status_code == 200
     killed = _served(api, world, m, **{"If-None-Match": etag})
     assert killed.status_code == 200 and killed.json()["killed"] is True
-    assert killed.headers["etag"] != etag and killed.headers["etag"].endswith('.killed"')
+    assert killed.headers["etag"] != etag and ".killed.a" in killed.headers["etag"]
     assert _served(api, world, m, **{"If-None-Match": killed.headers["etag"]}).status_code == 304
 
     exact = api.get(f"/v1/models/{m}/versions/1/policy", headers=world.auth("rita"))
     assert exact.status_code == 200
     assert api.get(f"/v1/models/{m}/versions/1/policy", headers={**world.auth("rita"),
                    "If-None-Match": exact.headers["etag"]}).status_code == 304
+
+
+def test_rollback_to_the_same_version_changes_the_etag(api: httpx.Client, world: Any,
+                                                        make_doc: Callable[..., dict]) -> None:
+    """Same content, number and kill state, but a new activation (and ``activated_at``): a new body."""
+    m = world.model("reactivated")
+    world.seed(make_doc, m, versions=2, approve=2, activate={"production": 1})
+    first = _served(api, world, m)
+    world.activate(m, 2, "production")
+    assert api.post(f"/v1/models/{m}/rollback", json={"env": "production", "to": 1, "reason": "back"},
+                    headers=world.auth("bob")).status_code == 200
+    again = _served(api, world, m, **{"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 200, "a stale ETag must not answer 304 after a re-activation"
+    assert again.json()["version"] == 1 and again.json()["activated_at"] != first.json()["activated_at"]
+    assert again.headers["etag"] != first.headers["etag"]
 
 
 def test_etag_matching_rules() -> None:
