@@ -68,7 +68,7 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
-def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
         raise AuthError("missing bearer token (send 'Authorization: Bearer <token>')")
     return credentials.credentials
@@ -78,7 +78,7 @@ def require_cached(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """Dependency: the caller's principal, checked for ``role``, via the token cache (reads)."""
 
     async def dependency(credentials: Credentials, cache: CacheDep) -> Principal:
-        principal = await cache.principal(_token(credentials))
+        principal = await cache.principal(bearer_token(credentials))
         return require(principal, role, f"call this endpoint (role {role})")
 
     dependency.__name__ = f"require_{role}"
@@ -89,7 +89,7 @@ def require_fresh(role: str) -> Callable[..., Principal]:
     """Dependency: the caller's principal authenticated in the request's transaction (writes)."""
 
     def dependency(credentials: Credentials, session: SessionDep) -> Principal:
-        principal = authenticate(_token(credentials), session=session)
+        principal = authenticate(bearer_token(credentials), session=session)
         return require(principal, role, f"call this endpoint (role {role})")
 
     dependency.__name__ = f"require_{role}_fresh"

@@ -33,6 +33,9 @@ class _Out(BaseModel):
 
 class ApproveRequest(_In):
     reason: Reason
+    accept_weaker: Reason | None = Field(
+        None, description="Approve a version that drops or loosens promises of its parent or of an active "
+                          "version (higher eps or delta, a per-segment budget dropped, ...): why (audited)")
 
 
 class ActivateRequest(_In):
@@ -68,6 +71,10 @@ class ApprovalOut(_Out):
     approver: str
     reason: str | None
     created_at: datetime
+    certificate: Literal["reverified", "not_reverified"] | None = Field(
+        None, description="reverified: the service re-ran the certification from the version's evidence; "
+                          "not_reverified: approved as claimed by the author; null: approved before this was recorded")
+    certificate_detail: str | None = None
 
 
 class VersionOut(_Out):
@@ -97,7 +104,8 @@ class VersionOut(_Out):
             parent=v.parent, author=v.author, created_at=v.created_at, data_fingerprint=v.data_fingerprint,
             compute_fraction=v.compute_fraction, risk=v.risk, risk_type=v.risk_type, eps=v.eps, delta=v.delta,
             certified=v.certified, active_in=list(v.active_in),
-            approvals=[ApprovalOut(approver=a.approver, reason=a.reason, created_at=a.created_at)
+            approvals=[ApprovalOut(approver=a.approver, reason=a.reason, created_at=a.created_at,
+                                   certificate=a.certificate, certificate_detail=a.certificate_detail)  # type: ignore[arg-type]
                        for a in v.approvals],
         )
 
@@ -177,6 +185,13 @@ class ThresholdChangeOut(_Out):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class WeakeningOut(_Out):
+    what: str = Field(description="the promise, as a path into the document")
+    before: Any
+    after: Any
+    message: str
+
+
 class DiffOut(_Out):
     model: str
     a: int
@@ -188,6 +203,8 @@ class DiffOut(_Out):
     guarantee: dict[str, list[Any]] = Field(description="field -> [value in a, value in b]")
     expected: dict[str, list[Any]] = Field(description="headline expectation -> [value in a, value in b]")
     changed_fields: list[str]
+    weakened: list[WeakeningOut] = Field(
+        description="promises of a that b drops or loosens (approving such a version needs accept_weaker)")
 
     @classmethod
     def of(cls, d: store.VersionDiff) -> DiffOut:
@@ -199,6 +216,8 @@ class DiffOut(_Out):
             guarantee={k: list(v) for k, v in x.guarantee.items()},
             expected={k: list(v) for k, v in x.expected.items()},
             changed_fields=list(x.changed_fields),
+            weakened=[WeakeningOut(what=w.what, before=w.before, after=w.after, message=w.message)
+                      for w in x.weakened],
         )
 
 

@@ -5,12 +5,17 @@
   scanning, with a scan budget per page so a rare filter never makes one request unbounded
   (the page then comes back short with a cursor to continue).
 - :func:`readiness` — database reachable and migrations at head.
+- :func:`reverify_version` — the certificate of a draft recomputed from its evidence, one at a
+  time per process, outside any write transaction (it reads logs: seconds, not milliseconds).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -18,6 +23,8 @@ from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
 from exitwise.policies.db import check_schema, head_revision
 from exitwise.policies.errors import StoreUnavailable
+from exitwise.policies.reverify import Reverification, not_reverified
+from exitwise.policies.reverify import reverify_version as reverify_stored
 
 CHUNK = 500
 SCAN_BUDGET = 5_000
@@ -76,3 +83,19 @@ def readiness(engine: Engine) -> tuple[str, str]:
     if not head:
         raise StoreUnavailable("no migrations found")
     return engine.dialect.name, head
+
+
+_REVERIFY = threading.BoundedSemaphore(1)
+REVERIFY_WAIT_S = 120.0
+
+
+def reverify_version(engine: Engine, model: str, number: int, roots: Sequence[Path]) -> Reverification:
+    """Re-verify a draft's certificate from its evidence under ``roots`` (nothing read when empty)."""
+    if not roots:
+        return not_reverified("this service re-verifies no evidence (EXITWISE_EVIDENCE_ROOTS is not set)")
+    if not _REVERIFY.acquire(timeout=REVERIFY_WAIT_S):
+        raise StoreUnavailable("another certificate is being re-verified; retry later")
+    try:
+        return reverify_stored(engine, model, number, roots=roots)
+    finally:
+        _REVERIFY.release()

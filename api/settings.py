@@ -16,9 +16,16 @@ rules) with the serving knobs:
   MLflow (``exitwise.policies.mlflow``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
   (``exitwise.policies.report``, in a background thread). Requests never wait for either.
+- ``EXITWISE_EVIDENCE_ROOTS`` (default: none): directories, separated by ``:``, under which the
+  service may read the calibration logs a policy names (``data.evidence``) to re-verify its
+  certificate at approval. Outside them (or unset) approvals record "as claimed by the
+  author, not re-verified": an author must not make the service read arbitrary files.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -36,3 +43,8 @@ class ApiSettings(StoreSettings):
     policy_cache_control: str = "no-cache"
     store_hooks: bool = True
     title: str = "exitwise"
+    evidence_roots: str = ""
+
+    def evidence_paths(self) -> list[Path]:
+        """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""
+        return [Path(p).resolve() for p in self.evidence_roots.split(os.pathsep) if p.strip()]

@@ -60,12 +60,14 @@ def solve_policy(
     baselines: Sequence[str] = NAMES,
     shadow_rate: float = 0.01,
     progress: ProgressFn | None = None,
+    evidence: Mapping[str, str] | None = None,
 ) -> SolveOutcome:
     """Solve and certify least-compute thresholds on ``logs``, document them, compare them.
 
     ``baselines`` are names from :data:`~exitwise.calibration.baselines.NAMES` (``()``: the
     solver alone); ``test_logs`` (same exits and classes) give the held-out comparison,
     otherwise it is the certify split. ``progress(message, fraction)`` follows the stages.
+    ``evidence`` (where the logs and card are) is recorded for re-verification at approval.
     """
     report: ProgressFn = progress or (lambda message, fraction: None)
     if test_logs is not None and (test_logs.n_exits != logs.n_exits or test_logs.n_classes != logs.n_classes):
@@ -82,7 +84,7 @@ def solve_policy(
         solution, expected=certify.solver, baselines=baselines_json(certify.baselines, _segment_column(spec)),
         calibration=calibration_section(logs, solution.prepared.calibrators, prepared.splits.certify,
                                         spec.calibration_target),
-        data=data_section(logs, prepared.splits), shadow_rate=shadow_rate,
+        data=data_section(logs, prepared.splits, evidence), shadow_rate=shadow_rate,
     )
     held_out = certify if test_logs is None else evaluate_held_out(solution, chosen, test_logs, names=baselines)
     return SolveOutcome(document=document, solution=solution, certify=certify, held_out=held_out)

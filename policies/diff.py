@@ -35,7 +35,7 @@ from typing import Any
 from exitwise.policies.canonical import GOVERNANCE_FIELDS
 
 __all__ = ["ALL_SEGMENTS", "DEFAULT_SEGMENT", "FieldChange", "PolicyDiff", "ThresholdChange", "Unpaired",
-           "diff_documents", "same", "segment_rows"]
+           "Weakening", "diff_documents", "same", "segment_rows", "weakenings"]
 
 ALL_SEGMENTS = "__all__"  # the guarantee's entry for all traffic
 DEFAULT_SEGMENT = "default"  # the threshold table of every segment without its own
@@ -110,6 +110,7 @@ class PolicyDiff:
     thresholds: tuple[ThresholdChange, ...]  # paired cells that differ
     cells_compared: int  # paired cells, changed or not
     unpaired: Unpaired = Unpaired()
+    weakened: tuple[Weakening, ...] = ()  # promises the second document no longer makes
 
     @property
     def identical(self) -> bool:
@@ -139,7 +140,75 @@ def diff_documents(before: Doc, after: Doc) -> PolicyDiff:
         thresholds=tuple(thresholds),
         cells_compared=compared,
         unpaired=unpaired,
+        weakened=weakenings(before, after),
     )
+
+
+# ---------------------------------------------------------------- weaker promises
+
+
+@dataclass(frozen=True)
+class Weakening:
+    """One promise of ``before`` that ``after`` drops or loosens (``what`` names it)."""
+
+    what: str
+    before: Any
+    after: Any
+    message: str
+
+
+def _budgets(guarantee: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    segments = guarantee.get("segments") or {}
+    return {str(k): v for k, v in segments.items() if k != ALL_SEGMENTS and isinstance(v, Mapping)}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def weakenings(before: Doc, after: Doc) -> tuple[Weakening, ...]:
+    """Every promise of ``before`` that ``after`` drops or loosens.
+
+    A higher eps or delta, another risk, a certificate lost, a per-segment budget dropped,
+    loosened or no longer certified, a class or segment no longer forced to full depth.
+    Approving such a version needs an explicit, audited acceptance
+    (:func:`exitwise.policies.lifecycle.approve`).
+    """
+    gb, ga = _section(before, "guarantee"), _section(after, "guarantee")
+    out: list[Weakening] = []
+    for key, word in (("eps", "ε"), ("delta", "δ")):
+        b, a = _number(gb.get(key)), _number(ga.get(key))
+        if b is not None and (a is None or a > b):
+            shown = "none" if a is None else f"{a:g}"
+            out.append(Weakening(f"guarantee.{key}", b, a, f"{word} raised from {b:g} to {shown}"))
+    if gb.get("risk") is not None and ga.get("risk") != gb.get("risk"):
+        out.append(Weakening("guarantee.risk", gb.get("risk"), ga.get("risk"),
+                             f"risk changed from {gb.get('risk')} to {ga.get('risk')}: the budgets bound another loss"))
+    if gb.get("certified") is True and ga.get("certified") is not True:
+        out.append(Weakening("guarantee.certified", True, ga.get("certified"), "the policy is no longer certified"))
+    bb, ba = _budgets(gb), _budgets(ga)
+    for name, budget in sorted(bb.items()):
+        new = ba.get(name)
+        eps_b = _number(budget.get("eps"))
+        if new is None:
+            out.append(Weakening(f"guarantee.segments.{name}", eps_b, None,
+                                 f"the per-segment budget of {name!r} (ε {eps_b:g}) was dropped"
+                                 if eps_b is not None else f"the per-segment budget of {name!r} was dropped"))
+            continue
+        eps_a = _number(new.get("eps"))
+        if eps_b is not None and (eps_a is None or eps_a > eps_b):
+            out.append(Weakening(f"guarantee.segments.{name}.eps", eps_b, eps_a,
+                                 f"the budget of segment {name!r} loosened from ε {eps_b:g} to {eps_a}"))
+        elif budget.get("certified") is True and new.get("certified") is not True:
+            out.append(Weakening(f"guarantee.segments.{name}.certified", True, new.get("certified"),
+                                 f"segment {name!r} is no longer certified"))
+    for key, noun in (("classes", "class"), ("segments", "segment")):
+        fb = set(_get(before, "forced_full_depth", key) or [])
+        fa = set(_get(after, "forced_full_depth", key) or [])
+        for name in sorted(fb - fa):
+            out.append(Weakening(f"forced_full_depth.{key}", name, None,
+                                 f"{noun} {name!r} is no longer forced to full depth"))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- reviewed fields

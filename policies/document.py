@@ -102,10 +102,15 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
     return {"target": target, "rows": int(rows.size), "split": "certify", "exits": exits}
 
 
-def data_section(logs: Any, splits: Any) -> dict[str, Any]:
-    """``data``: fingerprint, row counts per split, time window, segment counts, source file name."""
+def data_section(logs: Any, splits: Any, evidence: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``data``: fingerprint, row counts per split, time window, segment counts, source file name.
+
+    ``evidence`` (``{"logs": path or URI, "card": ...}``) says where the calibration logs are,
+    so the service can re-verify the certificate at approval (:mod:`exitwise.policies.reverify`).
+    """
     window = time_window(logs)
-    return {
+    extra = {"evidence": dict(evidence)} if evidence else {}
+    return {**extra,
         "fingerprint": fingerprint(logs),
         "rows": {"total": int(logs.n), "labelled": int(logs.n) if logs.labels is not None else 0,
                  "skipped": 0, **{k: v for k, v in splits.to_json().items() if k != "seed"}},

@@ -7,6 +7,8 @@ the CLI (1 for every failure here; usage/input errors are ``InputError`` with 2)
     └── PolicyError                                           500 / 1
         ├── NotFound(LookupError)           no such model/version/principal        404
         ├── InvalidTransition(ValueError)   lifecycle forbids it (draft -> active)  409
+        │   ├── WeakerPolicy                weaker promises, not accepted           409
+        │   └── CertificateMismatch         re-verification contradicts the claim   409
         ├── Conflict                        clashes with stored state              409
         │   ├── DuplicateContent            same content already stored            409
         │   └── ImmutableContent            policy content/audit rows never change 409
@@ -40,6 +42,25 @@ class NotFound(PolicyError, LookupError):
 class InvalidTransition(PolicyError, ValueError):
     http_status = 409
     title = "Invalid lifecycle transition"
+
+
+class WeakerPolicy(InvalidTransition):
+    """The version drops or loosens promises of the versions it replaces; ``weakened`` names them.
+
+    Approving it anyway needs an explicit, audited reason (``--accept-weaker``).
+    """
+
+    title = "Weaker policy"
+
+    def __init__(self, message: str, *, weakened: list[str]):
+        super().__init__(message)
+        self.errors = [("guarantee", w) for w in weakened]
+
+
+class CertificateMismatch(InvalidTransition):
+    """The service re-ran the certification from the version's evidence and it does not hold."""
+
+    title = "Certificate does not hold"
 
 
 class Conflict(PolicyError):
@@ -91,6 +112,7 @@ class AuditChainBroken(PolicyError):
 
 
 ALL_ERRORS: tuple[type[PolicyError], ...] = (
-    PolicyError, NotFound, InvalidTransition, Conflict, DuplicateContent, ImmutableContent, AuthError,
+    PolicyError, NotFound, InvalidTransition, WeakerPolicy, CertificateMismatch, Conflict, DuplicateContent,
+    ImmutableContent, AuthError,
     Forbidden, FourEyesViolation, StoreUnavailable, SchemaOutOfDate, AuditChainBroken,
 )

@@ -26,6 +26,7 @@ Functions take ``*, session``, never commit, and return domain objects from
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +38,19 @@ from exitwise.calibration.exceptions import InputError
 from exitwise.policies import audit
 from exitwise.policies.canonical import GOVERNANCE_FIELDS, canonical_json
 from exitwise.policies.db import change
-from exitwise.policies.errors import DuplicateContent, FourEyesViolation, InvalidTransition
+from exitwise.policies.diff import weakenings
+from exitwise.policies.errors import (
+    CertificateMismatch,
+    DuplicateContent,
+    FourEyesViolation,
+    InvalidTransition,
+    WeakerPolicy,
+)
 from exitwise.policies.models import Activation, KillSwitch, Model, utcnow
 from exitwise.policies.models import Approval as ApprovalRow
 from exitwise.policies.models import PolicyVersion as VersionRow
 from exitwise.policies.principals import Principal, require
+from exitwise.policies.reverify import Reverification, not_reverified
 from exitwise.policies.schema import DocumentError, validate_document
 from exitwise.policies.settings import GovernanceRules
 from exitwise.policies.store import (
@@ -144,10 +153,21 @@ def store_document(doc: Mapping[str, Any], *, author: Principal, session: Sessio
         return Stored(get_version(exc.model, exc.existing, session=session), created=False)
 
 
-def approve(model: str, number: int, *, approver: Principal, reason: str | None, session: Session) -> PolicyVersion:
-    """Approve a draft; the approver must not be its author."""
+def approve(model: str, number: int, *, approver: Principal, reason: str | None, session: Session,
+            verification: Reverification | None = None, accept_weaker: str | None = None) -> PolicyVersion:
+    """Approve a draft; the approver must not be its author.
+
+    ``verification`` is the service's re-verification of the certificate
+    (:func:`exitwise.policies.reverify.reverify`, run *before* this transaction: it reads the
+    logs); it is recorded with the approval, and a failed one refuses it. None records
+    "as claimed by the author, not re-verified". A version that drops or loosens promises of
+    its parent or of a version active anywhere (:func:`exitwise.policies.diff.weakenings`) is
+    refused unless ``accept_weaker`` gives the reason, which is audited.
+    """
     require(approver, "approver", "approve policy versions")
     reason = _reason(reason, "approve a version", required=True)
+    accept_weaker = audit.check_reason((accept_weaker or "").strip() or None)
+    verification = verification or not_reverified("approved without re-verification by the service")
     with change(session):
         row = version_row(session, model, number)
         if row.state != "draft":
@@ -155,13 +175,42 @@ def approve(model: str, number: int, *, approver: Principal, reason: str | None,
         if row.author_id == approver.id:
             raise FourEyesViolation(f"{approver.name!r} authored {model} v{number} and cannot approve it "
                                     "(four-eyes rule: another approver must)")
-        session.add(ApprovalRow(version_id=row.id, approver_id=approver.id, reason=reason))
+        if verification.status == "failed":
+            raise CertificateMismatch(f"{model} v{number}: the service re-ran the certification from the "
+                                      f"version's evidence and it does not hold: {verification.detail}")
+        weaker = _weaker_than_references(session, row)
+        if weaker and accept_weaker is None:
+            raise WeakerPolicy(f"{model} v{number} is weaker than what it replaces: {'; '.join(weaker)}. "
+                               "Approve with --accept-weaker REASON (API: accept_weaker) to accept it",
+                               weakened=weaker)
+        session.add(ApprovalRow(version_id=row.id, approver_id=approver.id, reason=reason,
+                                certificate=verification.status, certificate_detail=verification.detail))
         row.state = "approved"
         session.flush()
         session.refresh(row, ["approvals"])
+        details: dict[str, Any] = {"certificate": verification.status, "certificate_detail": verification.detail}
+        if weaker:
+            details.update(weaker_than=weaker, accepted_weaker=accept_weaker)
         audit.append(session, actor=approver.name, action="version.approve", model=model, version=number,
-                     reason=reason, before_hash=row.content_hash, after_hash=row.content_hash)
+                     reason=reason, before_hash=row.content_hash, after_hash=row.content_hash, details=details)
         return version_domain(row, session)
+
+
+def _weaker_than_references(session: Session, row: VersionRow) -> list[str]:
+    """What ``row`` weakens relative to its parent and to every version active in any environment."""
+    references: dict[int, tuple[VersionRow, list[str]]] = {}
+    if row.parent is not None:
+        references[row.parent.id] = (row.parent, ["parent"])
+    for act in session.scalars(select(Activation).where(Activation.model_id == row.model_id, Activation.active)
+                               .order_by(Activation.environment)):
+        if act.version_id != row.id:
+            references.setdefault(act.version_id, (act.version, []))[1].append(f"active in {act.environment}")
+    after = json.loads(row.content)
+    out = []
+    for ref, roles in references.values():
+        for w in weakenings(json.loads(ref.content), after):
+            out.append(f"vs v{ref.number} ({', '.join(roles)}): {w.message}")
+    return out
 
 
 def _refresh_state(session: Session, row: VersionRow) -> None:

@@ -146,6 +146,10 @@ class Approval(Base):
     approver_id: Mapped[int] = mapped_column(ForeignKey("principals.id"))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # what the approver saw (migration 0003): the service's re-verification of the certificate
+    # ("reverified" | "not_reverified"; NULL for approvals made before it existed) and why
+    certificate: Mapped[str | None] = mapped_column(String(16))
+    certificate_detail: Mapped[str | None] = mapped_column(Text)
 
     version: Mapped[PolicyVersion] = relationship(back_populates="approvals")
     approver: Mapped[Principal] = relationship()

@@ -30,6 +30,8 @@ class Approval:
     approver: str
     reason: str | None
     created_at: datetime
+    certificate: str | None = None  # "reverified" | "not_reverified" | None (before migration 0003)
+    certificate_detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class VersionInfo:
             "version": self.number,
             "state": self.state,
             "created_at": self.created_at.isoformat(),
-            "approvals": [{"by": a.approver, "reason": a.reason, "at": a.created_at.isoformat()}
+            "approvals": [{"by": a.approver, "reason": a.reason, "at": a.created_at.isoformat(),
+                           "certificate": a.certificate, "certificate_detail": a.certificate_detail}
                           for a in self.approvals],
             "environments": list(self.active_in),
         }
@@ -162,7 +165,8 @@ def _info_fields(row: VersionRow, session: Session) -> dict[str, Any]:
         parent=row.parent.number if row.parent is not None else None, author=row.author.name,
         created_at=row.created_at, data_fingerprint=row.data_fingerprint, compute_fraction=row.compute_fraction,
         risk=row.risk, risk_type=row.risk_type, eps=row.eps, delta=row.delta, certified=row.certified,
-        approvals=tuple(Approval(a.approver.name, a.reason, a.created_at) for a in row.approvals),
+        approvals=tuple(Approval(a.approver.name, a.reason, a.created_at, a.certificate, a.certificate_detail)
+                        for a in row.approvals),
         active_in=active_in,
     )
 

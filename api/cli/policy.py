@@ -10,9 +10,12 @@ import typer
 from rich.table import Table
 
 from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json, jsonable
-from exitwise.api.cli.session import acting, reading
+from exitwise.api.cli.session import acting, acting_principal, reading, store_engine
 from exitwise.policies import lifecycle, store
+from exitwise.policies.db import unit_of_work
 from exitwise.policies.document_files import read_json_object
+from exitwise.policies.principals import require
+from exitwise.policies.reverify import reverify_version
 from exitwise.policies.settings import get_settings
 
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="Environment, e.g. staging or production.")]
@@ -170,13 +173,32 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Argument(help="Model name.")],
         version: Annotated[int, typer.Argument(help="Version number.", min=1)],
         reason: Annotated[str, _reason()] = "",
+        accept_weaker: Annotated[str | None, typer.Option(
+            "--accept-weaker", metavar="REASON",
+            help="Approve a version that drops or loosens promises of its parent or of an active version "
+                 "(higher eps/delta, a per-segment budget dropped or loosened, ...); the reason is audited.")] = None,
         token: TokenOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Approve a draft (role approver; not its author)."""
-        with acting(token, "policy approve") as (session, actor):
-            v = lifecycle.approve(model, version, approver=actor, reason=reason, session=session)
-        emit_json(jsonable(v)) if as_json else console.print(f"approved {_version_summary(v)} by {actor.name}")
+        """Approve a draft (role approver; not its author), re-verifying its certificate from its evidence.
+
+        The calibration logs the document names (data.evidence) are read when reachable and their
+        fingerprint matches; the approval records whether the certificate was re-verified.
+        """
+        with store_engine() as engine:
+            with unit_of_work(engine, readonly=True) as session:  # refuse a wrong token before reading logs
+                require(acting_principal(token, session=session, action="policy approve"), "approver",
+                        "approve policy versions")
+            verification = reverify_version(engine, model, version, roots=None)
+            with unit_of_work(engine) as session:
+                actor = acting_principal(token, session=session, action="policy approve")
+                v = lifecycle.approve(model, version, approver=actor, reason=reason, session=session,
+                                      verification=verification, accept_weaker=accept_weaker)
+        if as_json:
+            emit_json({**jsonable(v), "certificate": verification.to_json()})
+            return
+        console.print(f"approved {_version_summary(v)} by {actor.name}")
+        console.print(f"{verification.label}: {verification.detail}")
 
     @grp.command("activate")
     def activate(

@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
             data = _load(logs, card)
             test_logs = _load(test, card) if test is not None else None
             outcome = solve_policy(data, spec, test_logs=test_logs, baselines=() if no_baselines else NAMES,
-                                   shadow_rate=shadow_rate, progress=update)
+                                   shadow_rate=shadow_rate, progress=update,
+                                   evidence={"logs": str(logs.resolve()), "card": str(card.resolve())})
             path = write_document(outcome.document, out)
         elapsed = time.perf_counter() - t0
         doc, held, seg_col = outcome.document, outcome.held_out, outcome.segment_column

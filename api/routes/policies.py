@@ -10,8 +10,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
+from starlette.concurrency import run_in_threadpool
 
-from exitwise.api.deps import ApproverDep, AuthorDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep
+from exitwise.api import services
+from exitwise.api.deps import (
+    ApproverDep,
+    AuthorDep,
+    CacheDep,
+    Credentials,
+    EngineDep,
+    ReaderDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    bearer_token,
+)
 from exitwise.api.problems import problem_responses
 from exitwise.api.routes.runtime import ModelPath, VersionPath
 from exitwise.api.schemas import (
@@ -29,6 +42,8 @@ from exitwise.api.schemas import (
     VersionOut,
 )
 from exitwise.policies import lifecycle, store
+from exitwise.policies.db import unit_of_work
+from exitwise.policies.principals import authenticate, require
 
 router = APIRouter(tags=["policies"])
 
@@ -90,11 +105,27 @@ def diff_versions(
 
 
 @router.post("/v1/models/{model}/versions/{version}/approve", operation_id="approve_version",
-             summary="Approve a draft (four eyes: not by its author)", response_model=VersionDetail,
-             responses=WRITE)
-def approve_version(model: ModelPath, version: VersionPath, body: ApproveRequest, approver: ApproverDep,
-                    session: SessionDep) -> VersionDetail:
-    return VersionDetail.of(lifecycle.approve(model, version, approver=approver, reason=body.reason, session=session))
+             summary="Approve a draft (four eyes: not by its author); the certificate is re-verified when "
+                     "its evidence is reachable", response_model=VersionDetail, responses=WRITE)
+async def approve_version(model: ModelPath, version: VersionPath, body: ApproveRequest, credentials: Credentials,
+                          cache: CacheDep, engine: EngineDep, settings: SettingsDep) -> VersionDetail:
+    # who asks is checked before anything expensive: only approvers make the service read logs
+    token = bearer_token(credentials)
+    require(await cache.principal(token), "approver", "approve policy versions")
+    verification = await run_in_threadpool(services.reverify_version, engine, model, version,
+                                           settings.evidence_paths())
+
+    def write() -> VersionDetail:
+        with unit_of_work(engine) as session:
+            approver = require(authenticate(token, session=session), "approver", "approve policy versions")
+            return VersionDetail.of(lifecycle.approve(model, version, approver=approver, reason=body.reason,
+                                                      session=session, verification=verification,
+                                                      accept_weaker=body.accept_weaker))
+
+    try:
+        return await run_in_threadpool(write)
+    finally:
+        cache.invalidate()
 
 
 @router.post("/v1/models/{model}/versions/{version}/activate", operation_id="activate_version",
