@@ -28,6 +28,8 @@ class Approval:
     principal: str
     at: dt.datetime | str | None = None
     comment: str | None = None
+    certificate: str | None = None  # "reverified" | "not_reverified" | None (approved before it was recorded)
+    certificate_detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def build_context(session: Session, model: str, version: int) -> ReportContext:
         state=v.state,
         author=v.author,
         created_at=v.created_at,
-        approvals=tuple(Approval(a.approver, a.created_at, a.reason) for a in v.approvals),
+        approvals=tuple(Approval(a.approver, a.created_at, a.reason, a.certificate, a.certificate_detail)
+                        for a in v.approvals),
         environments=_environments(session, model, number),
         audit_events=tuple(
             AuditEvent(at=e.timestamp, actor=e.actor, action=e.action, reason=e.reason, environment=e.environment,

@@ -34,6 +34,7 @@ from exitwise.policies.report.formatting import (
     fmt_value,
     short_hash,
 )
+from exitwise.policies.reverify import LABELS
 
 ACTION_LABELS: Mapping[str, str] = {
     "version.create": "created", "version.approve": "approved", "version.activate": "activated",
@@ -410,7 +411,10 @@ def build_view(ctx: ReportContext) -> dict[str, Any]:
         "selection": _selection_view((doc.get("solver") or {}).get("selection")),
         "parent": ctx.parent_version if ctx.parent_version is not None else doc.get("parent"),
         "diff": diff_view(ctx.diff, ctx.parent_version) if ctx.diff is not None else None,
-        "approvals": [{"principal": a.principal, "at": fmt_time(a.at), "comment": a.comment or ""}
+        "approvals": [{"principal": a.principal, "at": fmt_time(a.at), "comment": a.comment or "",
+                       "certificate": LABELS.get(a.certificate or "", "not recorded (approved before re-verification "
+                                                                        "existed)"),
+                       "certificate_detail": a.certificate_detail or ""}
                       for a in ctx.approvals],
         "environments": [{"name": e.environment, "state": e.state, "killed": e.killed, "since": fmt_time(e.since),
                           "active_version": e.active_version} for e in ctx.environments],

@@ -178,7 +178,10 @@ def realistic_context(doc: dict[str, Any] | None = None, **over: Any) -> rp.Repo
     parent = realistic_document(eps=0.015, parent=2, base=0.95)
     facts: dict[str, Any] = dict(
         version=4, state="active", author="alice", created_at=T0,
-        approvals=(rp.Approval("bob", T0 + dt.timedelta(hours=3), "Bounds checked against the Q2 risk budget."),),
+        approvals=(rp.Approval("bob", T0 + dt.timedelta(hours=3), "Bounds checked against the Q2 risk budget.",
+                               "reverified", "2 constraint(s) recomputed on 20000 certify rows: all pass"),
+                   rp.Approval("carol", T0 + dt.timedelta(hours=3), "Second pair of eyes.", "not_reverified",
+                               "evidence file s3://lake/may.parquet is not reachable")),
         environments=(rp.EnvironmentStatus("staging", "active", False, T0 + dt.timedelta(hours=4), 4),
                       rp.EnvironmentStatus("production", "active", False, T0 + dt.timedelta(days=1), 4)),
         audit_events=(
@@ -284,6 +287,8 @@ def test_every_section_and_key_number_is_in_the_visible_text(html: str, context:
     for name, acc, _nll, ece in CAL_METRICS:
         assert name in text and fmt_pct(acc) in text and f"{ece:.4f}" in text and f"{ece / 4:.4f}" in text
     assert "bob" in text and "Bounds checked against the Q2 risk budget." in text
+    assert "certificate re-verified by the service" in text and "recomputed on 20000 certify rows" in text
+    assert "certificate as claimed by the author, not re-verified" in text and "s3://lake/may.parquet" in text
     assert "83.1%" in text and "97.3%" in text  # batch 8 and 32
     assert "Canary clean for 24 h" in text  # the audit timeline
 
