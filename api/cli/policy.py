@@ -145,13 +145,19 @@ def register(app: typer.Typer) -> None:
                        "thresholds": [{"segment": t.segment, "exit": t.exit, "exit_name": t.exit_name,
                                        "class": t.class_, "a": t.before, "b": t.after} for t in x.thresholds],
                        "guarantee": {k: {"a": v, "b": w} for k, (v, w) in x.guarantee.items()},
-                       "expected": {k: {"a": v, "b": w} for k, (v, w) in x.expected.items()}})
+                       "expected": {k: {"a": v, "b": w} for k, (v, w) in x.expected.items()},
+                       "weakened": [{"what": w.what, "a": w.before, "b": w.after, "message": w.message}
+                                    for w in x.weakened]})
             return
         if x.identical:
             console.print(f"{model} v{a} and v{b} have identical content ({x.before_hash[:12]})")
             return
         console.print(f"{model} v{a} ({x.before_hash[:12]}) vs v{b} ({x.after_hash[:12]}); "
                       f"changed: {', '.join(x.changed_fields)}")
+        for w in x.weakened:
+            console.print(f"[bold red]WEAKER[/] in v{b}: {w.message}")
+        if x.weakened:
+            console.print(f"approving v{b} after v{a} needs --accept-weaker REASON")
         g = Table("field", f"v{a}", f"v{b}", title=f"changed fields ({len(x.changed)} of {len(x.fields)} reviewed)")
         for f in x.changed:
             g.add_row(f.path, _value(f.before), _value(f.after))

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from exitwise.api.cli import main
 from exitwise.policies.canonical import with_content_hash
-
-EXITWISE = Path(sys.executable).with_name("exitwise")
 
 
 def _raw(doc: dict[str, Any], **replace: str) -> bytes:
@@ -129,16 +125,21 @@ def test_nul_bytes_and_huge_cursors_are_4xx(api: httpx.Client, world: Any, make_
     assert ok.status_code == 200, ok.text
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(EXITWISE), *args], env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_refuses_bad_values_with_exit_2_and_stores_nothing(tmp_path: Path, store_env: str,
-                                                                make_doc: Callable[..., dict]) -> None:
-    env = {**os.environ, "EXITWISE_STORE_HOOKS": "false"}
-    boot = _cli(["principal", "add", "admin", "--role", "admin", "--quiet"], env)
-    assert boot.returncode == 0, boot.stderr
-    env["EXITWISE_TOKEN"] = boot.stdout.strip()
+                                                                make_doc: Callable[..., dict],
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
+    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return int(done.value.code or 0), out, err
+
+    token = run("principal", "add", "admin", "--role", "admin", "--quiet")[1].strip()
     cases = {
         "nan": _raw({**make_doc(model="cli-bad"), "expected": {"compute_fraction": "@@X@@"}}, **{"@@X@@": "NaN"}),
         "huge": _raw({**make_doc(model="cli-bad"), "expected": {"compute_fraction": "@@X@@"}},
@@ -148,9 +149,8 @@ def test_cli_refuses_bad_values_with_exit_2_and_stores_nothing(tmp_path: Path, s
     for name, body in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_bytes(body)
-        done = _cli(["policy", "create", str(path)], env)
-        assert done.returncode == 2, (name, done.returncode, done.stdout, done.stderr)
-        assert done.stderr.startswith("error: ") and "internal error" not in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr
-    listed = _cli(["policy", "list", "--json"], env)
-    assert listed.returncode == 0 and "cli-bad" not in listed.stdout
+        code, out, err = run("policy", "create", str(path), "--token", token)
+        assert code == 2, (name, code, out, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "internal error" not in err, err
+    code, out, _ = run("policy", "list", "--json")
+    assert code == 0 and "cli-bad" not in out
