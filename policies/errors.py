@@ -52,7 +52,7 @@ class WeakerPolicy(InvalidTransition):
 
     title = "Weaker policy"
 
-    def __init__(self, message: str, *, weakened: list[str]):
+    def __init__(self, message: str, *, weakened: list[str] | tuple[str, ...] = ()):
         super().__init__(message)
         self.errors = [("guarantee", w) for w in weakened]
 
