@@ -16,6 +16,12 @@ rules) with the serving knobs:
   MLflow (``exitwise.policies.mlflow``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
   (``exitwise.policies.report``, in a background thread). Requests never wait for either.
+- ``EXITWISE_REPORT_RENDER_WORKERS`` (default 1): report render processes per server process;
+  ``EXITWISE_REPORT_RENDER_QUEUE`` (default 2): distinct reports that may wait for one; a request
+  that would start one more render is answered 503 with ``Retry-After``.
+- ``EXITWISE_REPORT_CACHE_BYTES`` (default 64 MiB): rendered reports kept in memory (LRU);
+  ``EXITWISE_REPORT_CACHE_DISK_BYTES`` (default 512 MiB, 0 = off): kept under
+  ``<data dir>/report-cache`` (oldest removed first). See docs/reports.md.
 """
 
 from __future__ import annotations
@@ -36,3 +42,7 @@ class ApiSettings(StoreSettings):
     policy_cache_control: str = "no-cache"
     store_hooks: bool = True
     title: str = "exitwise"
+    report_render_workers: int = Field(1, ge=1, le=16)
+    report_render_queue: int = Field(2, ge=0, le=64)
+    report_cache_bytes: int = Field(64 << 20, ge=0)
+    report_cache_disk_bytes: int = Field(512 << 20, ge=0)
