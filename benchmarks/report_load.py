@@ -42,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import MODEL, free_port, realistic_document, wait_http
+from serve_load import MODEL, free_port, realistic_document
 
 from exitwise.policies import lifecycle
 from exitwise.policies.canonical import with_content_hash
@@ -79,6 +79,18 @@ def code_checkout(ref: str, tmp: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target / "exitwise")], input=archive, check=True)
     return target
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers; RuntimeError if ``proc`` exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer (exit code {proc.poll()})")
 
 
 def _rss_peak_kb(pid: int) -> int:
@@ -119,7 +131,12 @@ class Server:
         self.peak_kb = {"server": 0, "render": 0}
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._sample, daemon=True)
-        wait_http(self.base + "/healthz")
+        self.log_path = tmp / f"server-{self.port}.log"
+        try:
+            wait_http(self.base + "/healthz", self.proc)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"server did not start: {self.log_path.read_text()[-2000:]}") from None
         self._watch.start()
 
     def _sample(self) -> None:
@@ -130,7 +147,8 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
-        self._watch.join()
+        if self._watch.is_alive():
+            self._watch.join()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -151,8 +169,10 @@ def _pct(values: list[float], q: float) -> float:
 def run_phase(server: Server, token: str, *, duration: float, readers: list[int]) -> dict[str, Any]:
     """Poll (2 clients) for ``duration`` s while one reader per entry of ``readers`` asks for that version's PDF."""
     auth = {"Authorization": f"Bearer {token}"}
-    end = time.monotonic() + duration
+    start = time.monotonic()
+    end = start + duration
     polls: list[float] = []
+    slow: list[tuple[float, float]] = []  # (seconds into the phase, ms) of polls over 250 ms
     poll_errors = Counter[int]()
     reports: list[tuple[int, float, str]] = []
     lock = threading.Lock()
@@ -166,6 +186,8 @@ def run_phase(server: Server, token: str, *, duration: float, readers: list[int]
                 with lock:
                     if r.status_code == 200:
                         polls.append(dt * 1e3)
+                        if dt > 0.25:
+                            slow.append((round(time.monotonic() - start, 1), round(dt * 1e3)))
                     else:
                         poll_errors.update([r.status_code])
                 time.sleep(0.01)
@@ -196,6 +218,7 @@ def run_phase(server: Server, token: str, *, duration: float, readers: list[int]
     return {
         "polls": len(polls), "poll_p50_ms": _pct(polls, 0.50), "poll_p99_ms": _pct(polls, 0.99),
         "poll_max_ms": max(polls, default=float("nan")), "poll_errors": dict(poll_errors),
+        "slow_polls": sorted(slow),
         "reports_200": len(ok), "reports_503": sum(1 for code, _, _ in reports if code == 503),
         "reports_other": sum(1 for code, _, _ in reports if code not in (200, 503)),
         "report_median_s": statistics.median(ok) if ok else float("nan"), "report_max_s": max(ok, default=float("nan")),
@@ -250,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:9} {r['polls']:6d} {r['poll_p50_ms']:7.1f} {r['poll_p99_ms']:8.1f} {r['poll_max_ms']:8.1f} "
               f"{r['reports_200']:8d} {r['reports_503']:4d} {r['report_median_s']:12.2f}  "
               f"{', '.join(f'{k} {v}' for k, v in sorted(r['sources'].items())) or '-'}")
+    for name, r in results.items():
+        if r["slow_polls"]:
+            print(f"{name}: polls over 250 ms (s into the phase, ms): "
+                  + ", ".join(f"{t:.1f} s {ms:.0f}" for t, ms in r["slow_polls"][:12]))
     mem = summary["peak_rss_mb"]
     print(f"wall {summary['wall_s']:.1f} s; peak RSS: server {mem['server']:.0f} MB, render processes "
           f"{mem['render_processes']:.0f} MB, benchmark {mem['benchmark']:.0f} MB")

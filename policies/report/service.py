@@ -16,6 +16,7 @@ any store work is done.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from exitwise.calibration.atomic import atomic_write_bytes
+from exitwise.calibration.exceptions import MissingDependency
 from exitwise.calibration.optional import require
 from exitwise.policies.db import unit_of_work
 from exitwise.policies.document_files import read_json_object
@@ -49,6 +51,23 @@ class WrittenReport:
 def renderer() -> ModuleType:
     """:mod:`exitwise.policies.report.render`, or MissingDependency naming the ``[reports]`` extra."""
     return require("exitwise.policies.report.render", "reports", "the audit report")
+
+
+# what the renderer imports from the [reports] extra, per format
+RENDER_DEPENDENCIES = {"html": ("jinja2", "matplotlib"), "pdf": ("jinja2", "matplotlib", "weasyprint")}
+
+
+def check_renderer(format: str) -> None:
+    """MissingDependency naming the ``[reports]`` extra if the renderer of ``format`` could not import.
+
+    Looks the modules up without importing them: a server checks here and renders in a worker
+    process, so its own process never loads matplotlib or WeasyPrint (about 1.5 s of import that
+    would otherwise stall the event loop on the first report).
+    """
+    for module in RENDER_DEPENDENCIES[check_format(format)]:
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependency(f"the audit report needs {module!r}, part of the optional extra 'reports': "
+                                    "pip install 'exitwise[reports]'")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -85,7 +104,7 @@ async def serve_report(engine: Engine, reports: ReportRenderer, model: str, vers
     renderer is full. The read transaction has ended before the render starts.
     """
     fmt = check_format(format)
-    renderer()
+    check_renderer(fmt)
     context, key = await asyncio.to_thread(stored_facts, engine, model, version, fmt)
     return await reports.get(key, context, fmt)
 
