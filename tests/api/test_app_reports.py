@@ -21,7 +21,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from exitwise.api.app import create_app
-from exitwise.api.routes.reports import CACHE_DIR
 
 pytest.importorskip("weasyprint", reason="the [reports] extra renders the reports")
 
@@ -85,7 +84,15 @@ def _report(served: Served, world: World, model: str, version: int = 1, fmt: str
 
 
 def _cache_files(data_dir: Path) -> list[Path]:
-    return sorted((data_dir / CACHE_DIR).glob("*.html"))
+    return sorted((data_dir / "report-cache").glob("*.html"))
+
+
+def _wait_until_rendering(served: Served) -> None:
+    """Until the app has a render in flight (30 s at most)."""
+    reports = getattr(served.app.state, "reports", None)
+    deadline = time.monotonic() + 30
+    while (reports is None or reports.in_flight == 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_a_second_request_is_served_from_the_cache_without_rendering(
@@ -94,10 +101,11 @@ def test_a_second_request_is_served_from_the_cache_without_rendering(
     world.seed(make_doc, model, versions=1)
     served = serve()
     first = _report(served, world, model)
-    assert (first.headers["x-report-cache"], served.renders) == ("rendered", 1)
+    time.sleep(1.1)  # a new render would carry a new render time (to the second)
     second = _report(served, world, model)
-    assert (second.headers["x-report-cache"], served.renders) == ("memory", 1)
-    assert second.content == first.content  # the same bytes, timestamps included
+    assert second.content == first.content  # the same bytes, render time included: not rendered again
+    assert (first.headers["x-report-cache"], second.headers["x-report-cache"], served.renders) == (
+        "rendered", "memory", 1)
     assert len(_cache_files(tmp_path)) == 1
     served.stop()
     restarted = serve()  # a new process's memory is empty; the disk cache under the data dir is not
@@ -145,9 +153,11 @@ def test_a_corrupted_cache_file_is_rendered_again_never_served(
         path.write_bytes(b"")
     restarted = serve()  # empty memory: the next answer has to come from disk or a render
     again = _report(restarted, world, model)
-    assert (again.headers["x-report-cache"], restarted.renders) == ("rendered", 1)
-    assert again.content == good and restarted.app.state.reports.disk.corrupt == 1
-    assert path.read_bytes() == raw  # rewritten whole
+    reports = restarted.app.state.reports
+    assert (again.headers["x-report-cache"], restarted.renders, reports.disk.corrupt) == ("rendered", 1, 1)
+    assert again.content.rstrip().endswith(b"</html>") and model.encode() in again.content
+    assert len(again.content) == len(good)  # a whole report (only its render time may differ)
+    assert reports.disk.get(path.stem, "html") == again.content  # the file was rewritten whole, digest and all
 
 
 def test_renders_are_bounded_and_shared(world: World, make_doc: Callable[..., dict[str, Any]],
@@ -157,13 +167,9 @@ def test_renders_are_bounded_and_shared(world: World, make_doc: Callable[..., di
     model = world.model("rep")
     world.seed(make_doc, model, versions=1)
     served = serve(report_render_workers=1, report_render_queue=0)
-    reports = served.app.state.reports
     with ThreadPoolExecutor(3) as pool:  # three readers want the PDF at once: one render, shared
         pdfs = [pool.submit(_report, served, world, model, 1, "pdf") for _ in range(3)]
-        deadline = time.monotonic() + 30
-        while reports.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert reports.in_flight == 1
+        _wait_until_rendering(served)
         # the single slot is taken and no queue: a different report is refused, not piled up
         busy = served.client.get(f"/v1/models/{model}/versions/1/report", params={"format": "html"},
                                  headers=world.auth("rita"))
@@ -175,7 +181,7 @@ def test_renders_are_bounded_and_shared(world: World, make_doc: Callable[..., di
     assert all(a.content.startswith(b"%PDF") and a.content == answers[0].content for a in answers)
     assert sorted(a.headers["x-report-cache"] for a in answers) in (
         ["joined", "joined", "rendered"], ["joined", "memory", "rendered"], ["memory", "memory", "rendered"])
-    assert served.renders == 1 and reports.rejected == 1
+    assert served.renders == 1 and served.app.state.reports.rejected == 1
     assert _report(served, world, model).headers["x-report-cache"] == "rendered"  # the slot is free again
 
 
@@ -190,11 +196,9 @@ def test_the_policy_read_path_does_not_wait_for_a_render(world: World, make_doc:
     assert served.client.get(poll, params={"env": "production"}, headers=world.auth("rita")).status_code == 200
     with ThreadPoolExecutor(1) as pool:
         pdf = pool.submit(_report, served, world, model, 1, "pdf")
-        deadline = time.monotonic() + 30
-        while served.app.state.reports.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_until_rendering(served)
         latencies = []
-        while served.app.state.reports.in_flight:  # polls while the PDF renders in the worker process
+        while not pdf.done():  # polls while the PDF renders
             t0 = time.perf_counter()
             assert served.client.get(poll, params={"env": "production"},
                                      headers=world.auth("rita")).status_code == 200
