@@ -88,8 +88,11 @@ def _cache_files(data_dir: Path) -> list[Path]:
 
 
 def _wait_until_rendering(served: Served) -> None:
-    """Until the app has a render in flight (30 s at most)."""
+    """Until the app has a render in flight (30 s at most; 1 s for an app without a renderer)."""
     reports = getattr(served.app.state, "reports", None)
+    if reports is None:
+        time.sleep(1)
+        return
     deadline = time.monotonic() + 30
     while (reports is None or reports.in_flight == 0) and time.monotonic() < deadline:
         time.sleep(0.01)
