@@ -188,8 +188,9 @@ def test_renders_are_bounded_and_shared(world: World, make_doc: Callable[..., di
     assert _report(served, world, model).headers["x-report-cache"] == "rendered"  # the slot is free again
 
 
-def test_the_policy_read_path_does_not_wait_for_a_render(world: World, make_doc: Callable[..., dict[str, Any]],
-                                                        serve: Callable[..., Served]) -> None:
+def test_the_api_process_does_not_render(world: World, make_doc: Callable[..., dict[str, Any]],
+                                         serve: Callable[..., Served]) -> None:
+    """The server runs in this process: a PDF render must cost it next to no CPU (the GIL stays free for polls)."""
     if world.backend != "sqlite":
         pytest.skip("checked once, on SQLite")
     model = world.model("rep")
@@ -197,15 +198,17 @@ def test_the_policy_read_path_does_not_wait_for_a_render(world: World, make_doc:
     served = serve()
     poll = f"/v1/models/{model}/policy"
     assert served.client.get(poll, params={"env": "production"}, headers=world.auth("rita")).status_code == 200
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
         pdf = pool.submit(_report, served, world, model, 1, "pdf")
-        _wait_until_rendering(served)
-        latencies = []
-        while not pdf.done():  # polls while the PDF renders
-            t0 = time.perf_counter()
+        polls = 0
+        while not pdf.done():  # the policy is answered while the PDF renders
             assert served.client.get(poll, params={"env": "production"},
                                      headers=world.auth("rita")).status_code == 200
-            latencies.append(time.perf_counter() - t0)
-        pdf.result()
-    assert latencies, "the render finished before any poll"
-    assert max(latencies) < 0.25, f"a poll waited {max(latencies):.3f} s behind the render"
+            polls += 1
+            time.sleep(0.5)
+        assert pdf.result().content.startswith(b"%PDF")
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    assert polls > 0
+    # this process served the polls (a few ms each) and the request; the render (>1 s of CPU) ran elsewhere
+    assert cpu < 0.5, f"the API process used {cpu:.2f} s of CPU in {wall:.2f} s while one PDF was rendered"
