@@ -160,6 +160,7 @@ class ReportRenderer:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        # the executor has no public handle on its processes; a render in progress would otherwise run to its end
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
