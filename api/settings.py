@@ -20,6 +20,12 @@ rules) with the serving knobs:
   service may read the calibration logs a policy names (``data.evidence``) to re-verify its
   certificate at approval. Outside them (or unset) approvals record "as claimed by the
   author, not re-verified": an author must not make the service read arbitrary files.
+- ``EXITWISE_REPORT_RENDER_WORKERS`` (default 1): report render processes per server process;
+  ``EXITWISE_REPORT_RENDER_QUEUE`` (default 2): distinct reports that may wait for one; a request
+  that would start one more render is answered 503 with ``Retry-After``.
+- ``EXITWISE_REPORT_CACHE_BYTES`` (default 64 MiB): rendered reports kept in memory (LRU);
+  ``EXITWISE_REPORT_CACHE_DISK_BYTES`` (default 512 MiB, 0 = off): kept under
+  ``<data dir>/report-cache`` (oldest removed first). See docs/reports.md.
 """
 
 from __future__ import annotations
@@ -48,3 +54,8 @@ class ApiSettings(StoreSettings):
     def evidence_paths(self) -> list[Path]:
         """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""
         return [Path(p).resolve() for p in self.evidence_roots.split(os.pathsep) if p.strip()]
+
+    report_render_workers: int = Field(1, ge=1, le=16)
+    report_render_queue: int = Field(2, ge=0, le=64)
+    report_cache_bytes: int = Field(64 << 20, ge=0)
+    report_cache_disk_bytes: int = Field(512 << 20, ge=0)

@@ -19,6 +19,10 @@ The package, from pure to effectful:
   pure function of the context), WeasyPrint prints it to PDF (:func:`~.render.render_pdf`);
 - :mod:`~exitwise.policies.report.formats`: the output formats and their media types;
 - :mod:`~exitwise.policies.report.service`: the use cases the CLI, the REST API and MLflow call;
+- :mod:`~exitwise.policies.report.cache`: the cache key (what the report shows), a byte-bounded
+  memory LRU and digest-checked files under the data directory;
+- :mod:`~exitwise.policies.report.pool`: the server's renderer: cached, single-flight, bounded,
+  in a separate process (503 with ``Retry-After`` when full);
 - :mod:`~exitwise.policies.report.hook`: the approval hook that writes each approved version's report.
 
 Importing this package does not need the ``[reports]`` extra; rendering does, and without it
