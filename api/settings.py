@@ -50,12 +50,11 @@ class ApiSettings(StoreSettings):
     store_hooks: bool = True
     title: str = "exitwise"
     evidence_roots: str = ""
-
-    def evidence_paths(self) -> list[Path]:
-        """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""
-        return [Path(p).resolve() for p in self.evidence_roots.split(os.pathsep) if p.strip()]
-
     report_render_workers: int = Field(1, ge=1, le=16)
     report_render_queue: int = Field(2, ge=0, le=64)
     report_cache_bytes: int = Field(64 << 20, ge=0)
     report_cache_disk_bytes: int = Field(512 << 20, ge=0)
+
+    def evidence_paths(self) -> list[Path]:
+        """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""
+        return [Path(p).resolve() for p in self.evidence_roots.split(os.pathsep) if p.strip()]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -57,10 +58,12 @@ def _plain(value: Any) -> Any:
 
 
 @lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def renderer_fingerprint() -> str:
     """SHA-256 of the exitwise version and the renderer's sources and templates.
 
-    Part of every key, so an upgrade (or a template edit) never serves reports rendered by older code.
+    Part of every key, so an upgrade never serves reports rendered by older code. Read once
+    per process (the code a process runs does not change under it).
     """
     h = hashlib.sha256()
     try:
