@@ -233,7 +233,7 @@ def check_checkpoints(records: Sequence[Mapping[str, Any]], checkpoints: Sequenc
     """
     if not checkpoints:
         return report
-    latest = max(checkpoints, key=lambda c: c.seq)
+    latest = max(checkpoints, key=lambda c: (c.seq, c.ts))
 
     def broken(cp: Anchored, message: str) -> ChainReport:
         return ChainReport(False, report.events, report.head_seq, report.head_hash, cp.seq, "anchor", message,
