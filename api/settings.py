@@ -16,6 +16,8 @@ rules) with the serving knobs:
   MLflow (``exitwise.policies.mlflow``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
   (``exitwise.policies.report``, in a background thread). Requests never wait for either.
+  With ``EXITWISE_ANCHOR_KEY`` set it also appends a signed checkpoint of the audit head
+  after every commit (``exitwise.policies.anchor``; settings in ``exitwise.policies.settings``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ Hash formula (what an external auditor recomputes)::
 object, the other fields are strings or null; ``ts`` is UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``
 stored as text so it round-trips exactly. :func:`verify_export` checks an exported file
 with nothing but this module's standard-library code.
+
+:func:`verify` also compares the chain with signed checkpoints kept outside the database
+(``exitwise.policies.anchor``; the in-database head alone cannot reveal a rewritten chain) and
+replays it against the tables that decide what is served (``exitwise.policies.replay``).
 """
 
 from __future__ import annotations
