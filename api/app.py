@@ -26,6 +26,7 @@ from exitwise.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from exitwise.api.routes import audit, health, policies, principals, reports, runtime
 from exitwise.api.settings import ApiSettings
 from exitwise.policies import events
+from exitwise.policies.anchor import install_anchor_hook
 from exitwise.policies.db import make_engine, open_store
 from exitwise.policies.errors import StoreUnavailable
 from exitwise.policies.mlflow.worker import install_hook
@@ -108,14 +109,19 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
 
 
 def _install_store_hooks(engine: Engine, settings: ApiSettings) -> list[Callable[[], None]]:
-    """The after-commit mirrors, in background threads: MLflow sync and approval reports.
+    """The after-commit mirrors: signed audit checkpoints (file written inline, POST in a thread;
+    only with ``EXITWISE_ANCHOR_KEY``), MLflow sync and approval reports (background threads).
 
     Returns the functions that remove them (events are process-wide; the app removes its own
-    at shutdown). A mirror that fails never undoes or delays a committed change.
+    at shutdown). A mirror that fails never undoes a committed change.
     """
+    checkpoint = install_anchor_hook(settings, background=True)
     sync = install_hook(engine, background=True)
     approval = install_approval_hook(engine, data_dir=settings.data_dir, background=True)
-    return [sync.close, lambda: events.remove(approval)]
+    removers = [sync.close, lambda: events.remove(approval)]
+    if checkpoint is not None:
+        removers.append(lambda: events.remove(checkpoint))
+    return removers
 
 
 def _prepare(settings: ApiSettings) -> None:

@@ -252,7 +252,7 @@ class ChainReportOut(_Out):
     head_seq: int
     head_hash: str
     broken_seq: int | None
-    problem: Literal["edited", "deleted", "reordered", "truncated", "unrecorded"] | None
+    problem: Literal["edited", "deleted", "reordered", "truncated", "unrecorded", "anchor", "state"] | None
     message: str
     details: dict[str, Any]
 

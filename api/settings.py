@@ -16,6 +16,8 @@ rules) with the serving knobs:
   MLflow (``exitwise.policies.mlflow``, in a background thread; ``EXITWISE_MLFLOW_SYNC=off`` turns the
   mirror off) and write the audit report of every approved version under the data directory
   (``exitwise.policies.report``, in a background thread). Requests never wait for either.
+  With ``EXITWISE_ANCHOR_KEY`` set it also appends a signed checkpoint of the audit head
+  after every commit (``exitwise.policies.anchor``; settings in ``exitwise.policies.settings``).
 - ``EXITWISE_EVIDENCE_ROOTS`` (default: none): directories, separated by ``:``, under which the
   service may read the calibration logs a policy names (``data.evidence``) to re-verify its
   certificate at approval. Outside them (or unset) approvals record "as claimed by the

@@ -16,6 +16,10 @@ Hash formula (what an external auditor recomputes)::
 object, the other fields are strings or null; ``ts`` is UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``
 stored as text so it round-trips exactly. :func:`verify_export` checks an exported file
 with nothing but this module's standard-library code.
+
+:func:`verify` also compares the chain with signed checkpoints kept outside the database
+(``exitwise.policies.anchor``; the in-database head alone cannot reveal a rewritten chain) and
+replays it against the tables that decide what is served (``exitwise.policies.replay``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -42,6 +46,7 @@ from exitwise.policies.canonical import canonical_json
 from exitwise.policies.db import in_change, translate_errors
 from exitwise.policies.errors import AuditChainBroken
 from exitwise.policies.models import AuditEvent, StoreState
+from exitwise.policies.replay import check_state
 
 GENESIS_HASH = "0" * 64
 HASHED_FIELDS = ("seq", "ts", "actor", "action", "model", "version", "environment", "reason",
@@ -88,7 +93,7 @@ class ChainReport:
     head_seq: int
     head_hash: str
     broken_seq: int | None = None
-    problem: Literal["edited", "deleted", "reordered", "truncated", "unrecorded"] | None = None
+    problem: Literal["edited", "deleted", "reordered", "truncated", "unrecorded", "anchor", "state"] | None = None
     message: str = "audit chain verifies"
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -231,11 +236,72 @@ def check_chain(records: Iterable[Mapping[str, Any]], head: tuple[int, str] | No
     return ChainReport(True, count, expected - 1, prev)
 
 
-def verify(*, session: Session) -> ChainReport:
-    """Walk the stored chain and compare its end with the recorded head."""
+class Anchored(Protocol):
+    """A signed (seq, hash) kept outside the database (see ``exitwise.policies.anchor.Checkpoint``)."""
+
+    seq: int
+    hash: str
+    ts: str
+
+    def label(self) -> str: ...
+
+
+def check_checkpoints(records: Sequence[Mapping[str, Any]], checkpoints: Sequence[Anchored],
+                      report: ChainReport) -> ChainReport:
+    """Compare a verified chain (``report`` ok) with signed checkpoints, latest first.
+
+    The chain must reach every checkpoint's seq and hold exactly its hash there: a cut
+    tail with a rewritten head, an emptied table or a chain re-hashed after an edit all fail.
+    """
+    if not checkpoints:
+        return report
+    latest = max(checkpoints, key=lambda c: (c.seq, c.ts))
+
+    def broken(cp: Anchored, message: str) -> ChainReport:
+        return ChainReport(False, report.events, report.head_seq, report.head_hash, cp.seq, "anchor", message,
+                           {"checkpoint": cp.label(), "checkpoint_seq": cp.seq, "checkpoint_hash": cp.hash})
+
+    for cp in (latest, *checkpoints):
+        if cp.seq > report.head_seq:
+            return broken(cp, f"{cp.label()} recorded seq={cp.seq} hash={cp.hash[:16]}…, but the chain ends at "
+                              f"seq={report.head_seq}: events seq {report.head_seq + 1}..{cp.seq} were deleted "
+                              "and the stored head rewritten")
+        stored = GENESIS_HASH if cp.seq == 0 else records[cp.seq - 1]["hash"]
+        if stored != cp.hash:
+            return broken(cp, f"{cp.label()} recorded seq={cp.seq} hash={cp.hash[:16]}…, but the chain holds "
+                              f"hash={stored[:16]}… at seq={cp.seq}: events up to seq={cp.seq} were rewritten "
+                              "(hashes recomputed)")
+    return ChainReport(True, report.events, report.head_seq, report.head_hash,
+                       message=f"audit chain verifies against {len(checkpoints)} signed checkpoint(s); the latest, "
+                               f"{latest.label()}, is seq={latest.seq}",
+                       details={"checkpoints": len(checkpoints), "anchored_seq": latest.seq,
+                                "checkpoint": latest.label()})
+
+
+def verify(*, session: Session, checkpoints: Sequence[Anchored] | None = None) -> ChainReport:
+    """Walk the stored chain, compare it with the recorded head (and signed ``checkpoints``), then replay it.
+
+    Order: chain links, then the checkpoints, then the tables (activations, versions, kill
+    switches) against the replayed events (``exitwise.policies.replay``).
+    """
     with translate_errors():
         head = session.execute(select(StoreState.audit_seq, StoreState.audit_hash).where(StoreState.id == 1)).one()
-        return check_chain(_records(session), (head[0], head[1]))
+        recs = list(_records(session))
+        report = check_chain(recs, (head[0], head[1]))
+        if not report.ok:
+            return report
+        if checkpoints is not None:
+            report = check_checkpoints(recs, checkpoints, report)
+            if not report.ok:
+                return report
+        problems = check_state(session, recs)
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return ChainReport(False, report.events, report.head_seq, report.head_hash, first.seq, "state",
+                           f"the tables disagree with the audit trail: {first.message}{more}",
+                           {**report.details, "problems": [p.message for p in problems]})
+    return report
 
 
 # ---------------------------------------------------------------- export
@@ -323,11 +389,13 @@ def read_export(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def verify_export(path: str | os.PathLike[str], *, head_hash: str | None = None) -> ChainReport:
+def verify_export(path: str | os.PathLike[str], *, head_hash: str | None = None,
+                  checkpoints: Sequence[Anchored] | None = None) -> ChainReport:
     """Check an exported trail independently of the database.
 
     ``head_hash`` (optional): the last hash published by the store (``audit verify``
-    prints it), so a deleted tail in the file is detected as well.
+    prints it), so a deleted tail in the file is detected as well; ``checkpoints``
+    (optional, signatures already checked): the anchor's signed heads.
     """
     recs = read_export(path)
     report = check_chain(recs)
@@ -335,4 +403,6 @@ def verify_export(path: str | os.PathLike[str], *, head_hash: str | None = None)
         return ChainReport(False, report.events, report.head_seq, report.head_hash, report.head_seq + 1,
                            "truncated", f"the export ends at seq={report.head_seq} with a hash different from the "
                                         "published head (rows missing at the end or altered)")
+    if report.ok and checkpoints is not None:
+        return check_checkpoints(recs, checkpoints, report)
     return report

@@ -4,6 +4,14 @@
 ``EXITWISE_DATABASE_URL`` selects any other database (PostgreSQL in production, e.g.
 ``postgresql+psycopg://user@host/db``). The data directory is created only when the
 default SQLite URL is actually resolved.
+
+Audit anchor (``exitwise.policies.anchor``), all optional: ``EXITWISE_ANCHOR_KEY`` (the Ed25519
+private key file that signs checkpoints; keep it away from the database's owner),
+``EXITWISE_ANCHOR_FILE`` (the append-only JSONL file of checkpoints), ``EXITWISE_ANCHOR_URL``
+(also POST each checkpoint there, best effort, ``EXITWISE_ANCHOR_TIMEOUT_S``, default 2),
+``EXITWISE_ANCHOR_STORE`` (a name for this store, signed into each checkpoint) and
+``EXITWISE_ANCHOR_PUBLIC_KEY`` (what ``audit verify`` checks signatures with when no private
+key is at hand).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SQLITE_FILE = "exitwise.db"
@@ -35,6 +44,12 @@ class StoreSettings(BaseSettings):
     require_staging_before_production: bool = False
     staging_env: str = "staging"
     production_env: str = "production"
+    anchor_key: Path | None = None
+    anchor_file: Path | None = None
+    anchor_url: str | None = None
+    anchor_store: str | None = None
+    anchor_public_key: Path | None = None
+    anchor_timeout_s: float = Field(2.0, gt=0, le=60)
 
     def resolved_database_url(self) -> str:
         """``database_url`` or the SQLite file under ``data_dir`` (directory created on demand)."""

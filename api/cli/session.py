@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from exitwise.api.cli import hooks
 from exitwise.policies import events
+from exitwise.policies.anchor import install_anchor_hook
 from exitwise.policies.db import open_store, unit_of_work
 from exitwise.policies.errors import AuthError
 from exitwise.policies.mlflow.worker import install_hook
@@ -62,12 +63,16 @@ def acting_principal(token: str | None, *, session: Session, action: str) -> Pri
 
 
 def install_mirrors() -> None:
-    """The console script's after-commit mirrors, once per process: MLflow sync and approval reports.
+    """The console script's after-commit mirrors, once per process: signed audit checkpoints (when
+    ``EXITWISE_ANCHOR_KEY`` is set), MLflow sync and approval reports.
 
     ``EXITWISE_MLFLOW_SYNC=off`` turns the MLflow mirror off (see ``install_hook``).
     """
     if not hooks.wanted():
         return
+    checkpoint = install_anchor_hook()
+    if checkpoint is not None:
+        hooks.installed(lambda: events.remove(checkpoint))
     sync = install_hook()
     approval = install_approval_hook()
     hooks.installed(sync.close)
