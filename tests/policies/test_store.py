@@ -83,7 +83,8 @@ def test_unreachable_database_is_store_unavailable() -> None:
 
 
 def test_every_store_error_knows_how_it_is_shown() -> None:
-    expected = {"NotFound": 404, "InvalidTransition": 409, "Conflict": 409, "DuplicateContent": 409,
+    expected = {"NotFound": 404, "InvalidTransition": 409, "WeakerPolicy": 409, "CertificateMismatch": 409,
+                "Conflict": 409, "DuplicateContent": 409,
                 "ImmutableContent": 409, "AuthError": 401, "Forbidden": 403, "FourEyesViolation": 403,
                 "StoreUnavailable": 503, "SchemaOutOfDate": 503, "AuditChainBroken": 500, "PolicyError": 500}
     for cls in ALL_ERRORS:
