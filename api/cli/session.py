@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from exitwise.api.cli import hooks
+from exitwise.api.cli.mirror import DetachedSync, sync_mode
 from exitwise.policies import events
 from exitwise.policies.db import open_store, unit_of_work
 from exitwise.policies.errors import AuthError
@@ -64,11 +65,18 @@ def acting_principal(token: str | None, *, session: Session, action: str) -> Pri
 def install_mirrors() -> None:
     """The console script's after-commit mirrors, once per process: MLflow sync and approval reports.
 
-    ``EXITWISE_MLFLOW_SYNC=off`` turns the MLflow mirror off (see ``install_hook``).
+    The MLflow mirror runs in a detached child process (:mod:`exitwise.api.cli.mirror`): no write
+    waits for MLflow. ``EXITWISE_MLFLOW_SYNC=wait`` mirrors inline instead, ``off`` not at all.
     """
     if not hooks.wanted():
         return
-    sync = install_hook()
+    mode = sync_mode()
+    if mode == "wait":
+        sync = install_hook()
+        hooks.installed(sync.close)
+    elif mode == "on":
+        detached = DetachedSync()
+        events.on_commit(detached)
+        hooks.installed(lambda: events.remove(detached))
     approval = install_approval_hook()
-    hooks.installed(sync.close)
     hooks.installed(lambda: events.remove(approval))
