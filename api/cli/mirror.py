@@ -105,6 +105,8 @@ def sync_lock(data_dir: Path) -> Iterator[IO[str]]:
 
 def run_pending() -> int:
     """The child: sync every pending model under the lock; 0 when MLflow is up to date, else 1."""
+    if hasattr(os, "nice"):
+        os.nice(10)  # background work: the operator's next command comes first on a busy machine
     logging.basicConfig(format="%(asctime)s exitwise mlflow mirror [%(process)d] %(levelname)s %(message)s",
                         level=logging.WARNING)
     with sync_lock(Path(get_settings().data_dir)):
