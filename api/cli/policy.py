@@ -102,19 +102,26 @@ def register(app: typer.Typer) -> None:
             emit_json({"versions": [{**jsonable(v), "figures_from": "certify split",
                                      "held_out": held[(v.model, v.number)]} for v in versions]})
             return
-        table = Table("model", "v", "state", "active in", "author", "approved by",
-                      caption="certify: on the certify split of the calibration logs; held out: on the test file "
-                              "given to 'solve --test'; compute: share of full-depth cost; risk: the guarantee's "
-                              "risk type; all in %")
+        tested = any(h is not None for h in held.values())  # the held-out column only when there is one
+        table = Table("model", "v", caption="certify: on the certify split of the calibration logs; "
+                      + ("held out: on the test file given to 'solve --test'; " if tested else "")
+                      + "compute: share of full-depth cost; risk: the guarantee's risk type; all in %")
+        table.add_column("state", no_wrap=True)
+        for name in ("active in", "author", "approved by"):
+            table.add_column(name)
         table.add_column("created", no_wrap=True)
-        for name in ("certify compute", "certify risk", "eps", "cert.", "hash"):
-            table.add_column(name, justify="right" if name not in ("cert.", "hash") else "left")
-        table.add_column("held-out compute / risk (file)", no_wrap=True)
+        for name in ("certify compute", "certify risk", "eps"):
+            table.add_column(name, justify="right")
+        table.add_column("cert.")
+        table.add_column("hash", no_wrap=True)
+        if tested:
+            table.add_column("held-out compute / risk (file)", no_wrap=True)
         for v in versions:
-            table.add_row(v.model, str(v.number), v.state, ", ".join(v.active_in), v.author,
-                          ", ".join(a.approver for a in v.approvals), v.created_at.strftime("%Y-%m-%d %H:%M"),
-                          percent(v.compute_fraction), percent(v.risk, 3), percent(v.eps, 3), _fmt(v.certified),
-                          v.content_hash[:12], _held_out_cell(held[(v.model, v.number)]))
+            cells = [v.model, str(v.number), v.state, ", ".join(v.active_in), v.author,
+                     ", ".join(a.approver for a in v.approvals), v.created_at.strftime("%Y-%m-%d %H:%M"),
+                     percent(v.compute_fraction), percent(v.risk, 3), percent(v.eps, 3), _fmt(v.certified),
+                     v.content_hash[:12]]
+            table.add_row(*cells, *([_held_out_cell(held[(v.model, v.number)])] if tested else []))
         console.print(table if versions else "no policy versions stored")
 
     @grp.command("show")
