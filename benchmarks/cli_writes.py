@@ -11,8 +11,8 @@ process start, imports and one transaction), ``on`` (the default: a detached chi
 the commit) and ``wait`` (the mirror inline: the behaviour before issue 15). Modes take turns
 within each round, so a shared machine's load falls on all of them. For each command: the wall
 time of its process, start to exit, then how long until the store marks nothing pending for
-MLflow (polled every 0.1 s in this process) before the next command starts. Median and max
-over the rounds.
+MLflow (polled every 0.1 s in this process), then 2 s more for the mirror child to exit,
+before the next command starts. Median and max over the rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from exitwise.policies.mlflow.sync import pending_models
 
 EXE = str(Path(sys.executable).with_name("exitwise"))
 STEPS = ("create", "approve", "activate", "kill", "unkill")
+SETTLE = 2.0  # seconds between a command (and its mirror) and the next command
 
 
 def _run(env: dict[str, str], *args: str) -> tuple[float, str]:
@@ -98,6 +99,7 @@ class Store:
         for step, command in commands.items():
             wall = _run(self.env, *command)[0]
             out[step] = (wall, self.caught_up())
+            time.sleep(SETTLE)  # the mirror child exits after recording its sync: let it go before the next
         return out
 
 
