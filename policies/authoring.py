@@ -6,8 +6,8 @@ options, calls one of these, prints and writes), also run by the benchmarks:
 * :func:`solve_policy` — prepare, solve the path and certify it
   (:mod:`exitwise.calibration.pipeline`), choose the baselines of the registry
   (:data:`exitwise.calibration.baselines.NAMES`), measure everything on the certify split
-  for the document's ``expected`` section, build the validated policy document and measure
-  again on held-out test logs when given;
+  for the document's ``expected`` section, measure again on held-out test logs when given
+  (recorded as ``expected.held_out``) and build the validated policy document;
 * :func:`evaluate_policy` — apply a saved policy document to other logs of the same model.
 """
 
@@ -22,9 +22,9 @@ from exitwise.calibration.evaluate import Evaluation, evaluate
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.pipeline import Solution, SolveSpec, prepare, solve_prepared
-from exitwise.policies.document import build_document, calibration_section, data_section
+from exitwise.policies.document import build_document, calibration_section, data_section, held_out_section
 
-__all__ = ["SolveOutcome", "evaluate_policy", "solve_policy"]
+__all__ = ["SolveOutcome", "check_same_model", "evaluate_policy", "solve_policy"]
 
 ProgressFn = Callable[[str, float], None]
 
@@ -79,25 +79,49 @@ def solve_policy(
                               progress=lambda name: report(f"baseline: {name}", 0.75))
     certify = evaluate_held_out(solution, chosen, names=baselines,
                                 progress=lambda name: report(f"baseline: {name}", 0.85))
+    held_out = certify if test_logs is None else evaluate_held_out(solution, chosen, test_logs, names=baselines)
     report("writing policy", 0.95)
+    column = _segment_column(spec)
     document = build_document(
-        solution, expected=certify.solver, baselines=baselines_json(certify.baselines, _segment_column(spec)),
+        solution, expected=certify.solver, baselines=baselines_json(certify.baselines, column),
         calibration=calibration_section(logs, solution.prepared.calibrators, prepared.splits.certify,
                                         spec.calibration_target),
         data=data_section(logs, prepared.splits, evidence), shadow_rate=shadow_rate,
+        held_out=None if test_logs is None else held_out_section(
+            test_logs, held_out.solver, baselines_json(held_out.baselines, column), column),
     )
-    held_out = certify if test_logs is None else evaluate_held_out(solution, chosen, test_logs, names=baselines)
     return SolveOutcome(document=document, solution=solution, certify=certify, held_out=held_out)
 
 
 def evaluate_policy(document: Mapping[str, Any], logs: ExitLogs, *, risk: str | None = None) -> Evaluation:
     """Apply a saved policy document to ``logs`` of the same model: realised risk and compute.
 
-    ``risk`` defaults to the one the policy was certified for; the logs' exits (names, in
-    order) must be the policy's.
+    ``risk`` defaults to the one the policy was certified for; the logs' model (by name),
+    classes and exits (names, in order) must be the policy's: thresholds solved for one model
+    say nothing about another, and the realised figures would look valid.
     """
+    check_same_model(document, logs)
+    return evaluate(document, logs, risk=risk)
+
+
+def check_same_model(document: Mapping[str, Any], logs: ExitLogs) -> None:
+    """Refuse logs (and their card) of another model than ``document``'s: name, classes, exits."""
+    where = f"{logs.source}"
+    policy_model = (document.get("model") or {}).get("name")
+    if policy_model != logs.card.model:
+        raise InputError(f"{where}: the card names model {logs.card.model!r}, the policy is for {policy_model!r}")
+    policy_classes = [str(c) for c in document.get("classes", [])]
+    log_classes = [str(c) for c in logs.class_names]
+    if policy_classes != log_classes:
+        raise InputError(f"{where}: the logs' classes {_short(log_classes)} differ from the policy's "
+                         f"{_short(policy_classes)}")
     policy_exits = [e["name"] for e in document["exits"]]
     card_exits = [e.name for e in logs.card.exits]
     if policy_exits != card_exits:
-        raise InputError(f"{logs.source}: the card's exits {card_exits} differ from the policy's {policy_exits}")
-    return evaluate(document, logs, risk=risk)
+        raise InputError(f"{where}: the card's exits {card_exits} differ from the policy's {policy_exits}")
+
+
+def _short(names: Sequence[str], limit: int = 8) -> str:
+    """A list of names for an error message, cut after ``limit`` (with the count)."""
+    shown = ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+    return f"[{shown}]"

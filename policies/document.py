@@ -1,8 +1,9 @@
 """Build the policy document of a solved policy (see the design contract, "The policy document").
 
 The document is assembled from the solver's :class:`~exitwise.calibration.pipeline.Solution` (thresholds,
-calibrators, guarantee), its evaluation on the held-out certify split (``expected``), the
-baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
+calibrators, guarantee), its evaluation on the held-out certify split (``expected``; with
+``solve --test FILE`` also on that file, ``expected.held_out``, named by file name, rows and
+fingerprint), the baselines, calibration metrics per exit and a description of the logs (fingerprint, rows,
 time window). Thresholds are JSON floats, ``null`` for "never exit". The content hash is set
 with :func:`exitwise.policies.canonical.with_content_hash` and the result is validated with
 :func:`exitwise.policies.schema.validate_document` before anyone sees it. Documents are
@@ -25,7 +26,7 @@ from exitwise.calibration.summaries import fingerprint, segment_counts, time_win
 from exitwise.policies.canonical import SCHEMA, with_content_hash
 from exitwise.policies.schema import validate_document
 
-__all__ = ["build_document", "calibration_section", "data_section", "threshold_table"]
+__all__ = ["build_document", "calibration_section", "data_section", "held_out_section", "threshold_table"]
 
 
 def _num(v: Any, digits: int | None = None) -> float | None:
@@ -75,6 +76,21 @@ def _evaluation_json(ev: Any, segment_column: str | None) -> dict[str, Any]:
                      for k, v in segs.items()},
         "batch_compute_fraction": {str(b): _num(v) for b, v in ev.batch_compute_fraction.items()},
     }
+
+
+def held_out_section(logs: Any, evaluation: Any, baselines: Mapping[str, Mapping[str, Any]] | None,
+                     segment_column: str | None) -> dict[str, Any]:
+    """``expected.held_out``: the policy measured on test logs other than the calibration logs.
+
+    Names its source by file name (not path: the document is content-hashed and must not
+    depend on where the file sat), its row count and its fingerprint, so every figure quoted
+    from it can say where it comes from. Fractions, like the rest of the document.
+    """
+    out = {"source": Path(str(logs.source)).name, "rows": int(logs.n), "fingerprint": fingerprint(logs),
+           **_evaluation_json(evaluation, segment_column)}
+    out["baselines"] = {k: {kk: (_num(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                        for k, v in (baselines or {}).items()}
+    return out
 
 
 def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], rows: np.ndarray, target: str,
@@ -130,12 +146,15 @@ def build_document(
     shadow_rate: float = 0.01,
     parent: int | None = None,
     model_version: str | None = None,
+    held_out: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The policy document of a solved and certified policy, with its content hash, validated.
 
     ``expected`` is the chosen policy's :class:`~calibration.evaluate.Evaluation` on the
     held-out certify split; ``baselines`` maps a baseline name to ``{compute_fraction,
-    risk, certified, ...}`` measured on the same split.
+    risk, certified, ...}`` measured on the same split. ``held_out`` (see
+    :func:`held_out_section`) is recorded as ``expected.held_out`` when the policy was also
+    measured on test logs.
     """
     prep = solution.prepared
     spec = prep.spec
@@ -151,6 +170,8 @@ def build_document(
     exp["baselines"] = {k: {kk: (_num(vv) if isinstance(vv, float) else vv) for kk, vv in v.items()}
                         for k, v in (baselines or {}).items()}
     exp["curve"] = [{k: (_num(v, 6) if isinstance(v, float) else v) for k, v in p.items()} for p in solution.curve]
+    if held_out is not None:
+        exp["held_out"] = dict(held_out)
     chosen = cert.chosen
     path = solution.path
     doc: dict[str, Any] = {

@@ -7,8 +7,10 @@ runs (or its own ``--help`` is asked for): ``exitwise --help`` lists every comma
 command module takes 1.6 s (2-core development machine, best of 5).
 
 Errors derived from :class:`~exitwise.calibration.exceptions.ExitwiseError` print one line on
-stderr and exit with the error's ``exit_code``; nothing prints a traceback unless
-``EXITWISE_DEBUG=1``.
+stderr and exit with the error's ``exit_code``; usage errors (an unknown command, a bad option
+value) print one line too and exit 2. Under ``--json`` the same errors are one JSON object on
+stdout, ``{"error": {"type", "message", "exit_code"}}``, with the same exit codes. Nothing prints a
+traceback unless ``EXITWISE_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ import sys
 from typing import Any
 
 import typer
-from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from exitwise.api.cli import hooks
-from exitwise.api.cli.output import err_console, stdout_console
+from exitwise.api.cli.output import print_error, stdout_console, wants_json
 from exitwise.calibration.exceptions import ExitwiseError
 
 __all__ = ["COMMANDS", "build_app", "load_command", "main", "stdout_console"]
@@ -96,27 +97,46 @@ def build_app() -> LazyGroup:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, map errors to one line and an exit code."""
+    """Console-script entry point: run the app, map errors to one line (JSON under --json) and an exit code."""
     app = build_app()
     hooks.want()
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = wants_json(args)
+    debug = os.environ.get("EXITWISE_DEBUG") == "1"
     try:
-        app.main(args=argv, prog_name="exitwise", standalone_mode=True)
+        code = app.main(args=args, prog_name="exitwise", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's click errors: bad option values, unknown commands
+        if type(exc).__name__ != "NoArgsIsHelpError":  # (that one's help page is already printed)
+            print_error(_usage_message(exc), kind=type(exc).__name__, exit_code=exc.exit_code, as_json=as_json)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print_error("aborted", kind="Abort", exit_code=1, as_json=as_json)
+        sys.exit(1)
     except ExitwiseError as exc:
-        if os.environ.get("EXITWISE_DEBUG") == "1":
+        if debug:
             raise
-        err_console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
+        print_error(str(exc), kind=type(exc).__name__, exit_code=exc.exit_code, as_json=as_json)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
+        print_error("interrupted", kind="KeyboardInterrupt", exit_code=130, as_json=as_json)
         sys.exit(130)
     except Exception as exc:  # the last line of defence: never a traceback for users
-        if os.environ.get("EXITWISE_DEBUG") == "1":
+        if debug:
             raise
         if isinstance(exc, OSError) and exc.filename is not None:  # a path the user named: read or write failed
-            message = Text("error: ", style="bold red") + Text(f"cannot use {exc.filename}: {exc.strerror or exc}")
+            print_error(f"cannot use {exc.filename}: {exc.strerror or exc}", kind=type(exc).__name__,
+                        exit_code=1, as_json=as_json)
         else:
-            message = (Text("internal error: ", style="bold red")
-                       + Text(f"{type(exc).__name__}: {exc} (set EXITWISE_DEBUG=1 for a traceback)"))
-        err_console.print(message, highlight=False, soft_wrap=True)
+            print_error(f"{type(exc).__name__}: {exc} (set EXITWISE_DEBUG=1 for a traceback)", kind="InternalError",
+                        exit_code=1, as_json=as_json, label="internal error")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """One line for a click error: the command, click's message, and where the options are explained."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see '{ctx.command_path} --help')"

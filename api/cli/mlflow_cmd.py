@@ -1,7 +1,9 @@
 """``exitwise mlflow``: mirror the policy store into MLflow and find the models to load.
 
 - ``exitwise mlflow sync [MODEL]`` — reconcile MLflow with the policy database (register
-  missing versions, move aliases to the active versions, kill-switch tags); idempotent.
+  missing versions, move aliases to the active versions, kill-switch tags); idempotent. Write
+  commands start the same sync of pending models in a detached child (``exitwise.api.cli.mirror``);
+  both hold ``<data dir>/mlflow-sync.lock`` while they talk to MLflow.
 - ``exitwise mlflow status`` — what the database records: which models are pending and why.
 - ``exitwise mlflow uri MODEL --env production`` — the ``models:/`` URI to load.
 
@@ -15,16 +17,19 @@ Importing this module does not import mlflow: the commands that need it load it 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from exitwise.api.cli.mirror import sync_lock
 from exitwise.api.cli.session import store_engine
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.db import unit_of_work
 from exitwise.policies.mlflow.config import TAG_STALE, mlflow_config, model_uri, quiet_mlflow_logs, redact_uri
 from exitwise.policies.mlflow.lookup import alias_version, find_version
 from exitwise.policies.mlflow.sync import SyncOutcome, sync_all, sync_model, sync_status
+from exitwise.policies.settings import get_settings
 
 mlflow_app = typer.Typer(
     name="mlflow",
@@ -49,7 +54,8 @@ def sync(
     """Bring MLflow up to date with the policy database; exit 1 if MLflow could not be reached."""
     quiet_mlflow_logs()  # loads mlflow (MissingDependency without the extra), keeps its INFO logs off stderr
     config = mlflow_config()
-    with store_engine() as engine:
+    # in turn with the mirror children that write commands start (never two registrations of a version)
+    with sync_lock(Path(get_settings().data_dir)), store_engine() as engine:
         if model is not None:
             if pending_only:
                 raise InputError("--pending applies when syncing every model, not one MODEL")

@@ -1,4 +1,4 @@
-"""Command output: consoles, ``--json`` (exactly one JSON object on stdout) and shared options.
+"""Command output: consoles, ``--json`` (exactly one JSON object on stdout), errors and shared options.
 
 Light on purpose (typer and rich only): the root command imports it for every invocation.
 """
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 TokenOption = Annotated[str | None, typer.Option(
     "--token", envvar="EXITWISE_TOKEN", show_envvar=True, show_default=False,
@@ -49,3 +51,32 @@ def jsonable(obj: Any) -> Any:
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as one line of JSON (keys sorted) on stdout."""
     typer.echo(json.dumps(jsonable(obj), sort_keys=True, ensure_ascii=False))
+
+
+def percent(value: Any, digits: int = 1) -> str:
+    """A fraction as a percentage with its sign (``0.4123`` -> ``41.2%``), ``—`` when missing.
+
+    Human output shows every compute and risk figure this way; ``--json`` keeps fractions.
+    """
+    if value is None or isinstance(value, bool):
+        return "—"
+    x = float(value)
+    return "—" if not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def wants_json(args: list[str]) -> bool:
+    """True when the command line asks for ``--json`` (before any ``--``): its errors are JSON too."""
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def print_error(message: str, *, kind: str, exit_code: int, as_json: bool, label: str = "error") -> None:
+    """Report a failed command: one line on stderr, or under ``--json`` one JSON object on stdout.
+
+    ``{"error": {"type": kind, "message": message, "exit_code": exit_code}}`` — the exit code is the
+    same either way, so scripts can rely on it and read the message from the object.
+    """
+    if as_json:
+        typer.echo(json.dumps({"error": {"type": kind, "message": message, "exit_code": exit_code}},
+                              sort_keys=True, ensure_ascii=False))
+        return
+    err_console.print(Text(f"{label}: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)

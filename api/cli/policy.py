@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json, jsonable
+from exitwise.api.cli.output import JsonOption, TokenOption, console, emit_json, jsonable, percent
 from exitwise.api.cli.session import acting, acting_principal, reading, store_engine
 from exitwise.policies import lifecycle, store
 from exitwise.policies.db import unit_of_work
@@ -42,6 +42,22 @@ def _value(x: Any) -> str:
     if isinstance(x, dict | list):
         return json.dumps(x, sort_keys=True)
     return _fmt(x)
+
+
+def _held_out(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """``expected.held_out`` of a document (``solve --test FILE``): source, rows, fingerprint, figures."""
+    h = (doc.get("expected") or {}).get("held_out")
+    if not isinstance(h, dict):
+        return None
+    return {k: h.get(k) for k in ("source", "rows", "fingerprint", "compute_fraction", "risk")}
+
+
+def _held_out_cell(h: dict[str, Any] | None) -> str:
+    """``41.2% / 0.812% on test.parquet (3,000 rows)``, or ``—`` when the policy was not tested on a file."""
+    if h is None:
+        return "—"
+    rows = f", {h['rows']:,} rows" if isinstance(h.get("rows"), int) else ""
+    return f"{percent(h.get('compute_fraction'))} / {percent(h.get('risk'), 3)} ({h.get('source')}{rows})"
 
 
 def _version_summary(v: Any) -> str:
@@ -83,16 +99,32 @@ def register(app: typer.Typer) -> None:
         """List policy versions (all models, or one)."""
         with reading() as session:
             versions = store.list_versions(model, session=session)
-        if as_json:
-            emit_json({"versions": [jsonable(v) for v in versions]})
+            held = {(v.model, v.number): _held_out(store.get_version(v.model, v.number, session=session).document)
+                    for v in versions}
+        if as_json:  # fractions; compute_fraction and risk are the certify split's, held_out the test file's
+            emit_json({"versions": [{**jsonable(v), "figures_from": "certify split",
+                                     "held_out": held[(v.model, v.number)]} for v in versions]})
             return
-        table = Table("model", "v", "state", "active in", "author", "approved by", "created", "compute", "risk",
-                      "eps", "cert.", "hash")
+        tested = any(h is not None for h in held.values())  # the held-out column only when there is one
+        table = Table("model", "v", caption="certify: on the certify split of the calibration logs; "
+                      + ("held out: on the test file given to 'solve --test'; " if tested else "")
+                      + "compute: share of full-depth cost; risk: the guarantee's risk type; all in %")
+        table.add_column("state", no_wrap=True)
+        for name in ("active in", "author", "approved by"):
+            table.add_column(name)
+        table.add_column("created", no_wrap=True)
+        for name in ("certify compute", "certify risk", "eps"):
+            table.add_column(name, justify="right")
+        table.add_column("cert.")
+        table.add_column("hash", no_wrap=True)
+        if tested:
+            table.add_column("held-out compute / risk (file)", no_wrap=True)
         for v in versions:
-            table.add_row(v.model, str(v.number), v.state, ", ".join(v.active_in), v.author,
-                          ", ".join(a.approver for a in v.approvals), v.created_at.strftime("%Y-%m-%d %H:%M"),
-                          _fmt(v.compute_fraction), _fmt(v.risk), _fmt(v.eps), _fmt(v.certified),
-                          v.content_hash[:12])
+            cells = [v.model, str(v.number), v.state, ", ".join(v.active_in), v.author,
+                     ", ".join(a.approver for a in v.approvals), v.created_at.strftime("%Y-%m-%d %H:%M"),
+                     percent(v.compute_fraction), percent(v.risk, 3), percent(v.eps, 3), _fmt(v.certified),
+                     v.content_hash[:12]]
+            table.add_row(*cells, *([_held_out_cell(held[(v.model, v.number)])] if tested else []))
         console.print(table if versions else "no policy versions stored")
 
     @grp.command("show")
@@ -119,11 +151,18 @@ def register(app: typer.Typer) -> None:
             ("exits", ", ".join(e.get("name", "?") for e in doc.get("exits", []))),
             ("classes", str(len(doc.get("classes", [])))), ("score", str(doc.get("score"))),
             ("segments", ", ".join(k for k in doc.get("thresholds", {}) if k != "default") or "—"),
-            ("guarantee", f"{g.get('risk')} <= {g.get('eps')} with confidence {1 - g.get('delta', 0):.3g}, "
-                          f"certified {_fmt(g.get('certified'))} (n={g.get('n')})"),
-            ("compute fraction", _fmt(v.compute_fraction)), ("risk (held out)", _fmt(v.risk)),
-            ("data", _fmt(v.data_fingerprint)),
+            ("guarantee", f"{g.get('risk')} <= {percent(g.get('eps'), 3)} with confidence "
+                          f"{percent(1 - g.get('delta', 0))}, certified {_fmt(g.get('certified'))} "
+                          f"(n={g.get('n')})"),
+            (f"compute (certify split, {g.get('n')} rows)", percent(v.compute_fraction)),
+            (f"risk (certify split, {g.get('n')} rows)", percent(v.risk, 3)),
         ]
+        h = _held_out(doc)
+        if h is not None:
+            where = f"held-out file {h['source']}, {h['rows']} rows"
+            rows += [(f"compute ({where})", percent(h["compute_fraction"])),
+                     (f"risk ({where})", percent(h["risk"], 3)), ("held-out data", _fmt(h["fingerprint"]))]
+        rows.append(("data", _fmt(v.data_fingerprint)))
         for k, val in rows:
             table.add_row(k, val)
         console.print(table)

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from exitwise.api.cli import hooks
+from exitwise.api.cli.mirror import DetachedSync, sync_mode
 from exitwise.policies import events
 from exitwise.policies.anchor import install_anchor_hook
 from exitwise.policies.db import open_store, unit_of_work
@@ -66,14 +67,21 @@ def install_mirrors() -> None:
     """The console script's after-commit mirrors, once per process: signed audit checkpoints (when
     ``EXITWISE_ANCHOR_KEY`` is set), MLflow sync and approval reports.
 
-    ``EXITWISE_MLFLOW_SYNC=off`` turns the MLflow mirror off (see ``install_hook``).
+    The MLflow mirror runs in a detached child process (:mod:`exitwise.api.cli.mirror`): no write
+    waits for MLflow. ``EXITWISE_MLFLOW_SYNC=wait`` mirrors inline instead, ``off`` not at all.
     """
     if not hooks.wanted():
         return
     checkpoint = install_anchor_hook()
     if checkpoint is not None:
         hooks.installed(lambda: events.remove(checkpoint))
-    sync = install_hook()
+    mode = sync_mode()
+    if mode == "wait":
+        sync = install_hook()
+        hooks.installed(sync.close)
+    elif mode == "on":
+        detached = DetachedSync()
+        events.on_commit(detached)
+        hooks.installed(lambda: events.remove(detached))
     approval = install_approval_hook()
-    hooks.installed(sync.close)
     hooks.installed(lambda: events.remove(approval))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from exitwise.api.cli.output import stdout_console
+from exitwise.api.cli.output import percent, stdout_console
 from exitwise.calibration.baselines import LABELS, NAMES, baselines_json
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.families import FAMILIES
@@ -30,11 +29,11 @@ _err = Console(stderr=True)
 
 
 def _pct(v: Any, digits: int = 1) -> str:
-    return "—" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.{digits}f}%"
+    return percent(v, digits)
 
 
 def _risk(v: Any) -> str:
-    return "—" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.3f}%"
+    return percent(v, 3)
 
 
 @contextmanager
@@ -122,6 +121,9 @@ def register(app: typer.Typer) -> None:
             "out": str(path), "content_hash": doc["content_hash"], "certified": g["certified"],
             "risk_type": spec.risk, "eps": spec.eps, "delta": spec.delta, "upper_bound": overall,
             "uncertified_segments": g["uncertified_segments"], "evaluated_on": held.evaluated_on,
+            "figures_from": _source(test_logs, outcome.certify.solver.n),
+            "certify_split": {"rows": outcome.certify.solver.n,
+                              **_row_json(outcome.certify.solver, seg_col, g["certified"])},
             "solution": _row_json(held.solver, seg_col, g["certified"]),
             "baselines": baselines_json(held.baselines, seg_col),
             "split": g["split"], "family": doc["solver"]["family"], "selection": doc["solver"]["selection"],
@@ -169,6 +171,20 @@ def register(app: typer.Typer) -> None:
             console.print(st)
 
 
+def _source(test_logs: Any, certify_rows: int) -> dict[str, Any]:
+    """Where the summary's ``solution`` and ``baselines`` figures were measured: a file, or the certify split."""
+    if test_logs is None:
+        return {"split": "certify", "source": None, "rows": certify_rows}
+    return {"split": "test", "source": Path(str(test_logs.source)).name, "rows": int(test_logs.n)}
+
+
+def _where(source: dict[str, Any]) -> str:
+    """The human label of :func:`_source`: ``test file test.parquet (3,000 rows)`` or ``certify split (…)``."""
+    if source["split"] == "certify":
+        return f"certify split ({source['rows']:,} rows)"
+    return f"test file {source['source']} ({source['rows']:,} rows)"
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -213,7 +229,12 @@ def _print_summary(summary: dict[str, Any], doc: dict[str, Any], seg_col: str | 
     if g["uncertified_segments"]:
         console.print(f"[yellow]segments too small to certify (run at full depth): "
                       f"{', '.join(g['uncertified_segments'])}[/]")
-    table = Table(title=f"held-out: {summary['evaluated_on']}")
+    where = _where(summary["figures_from"])
+    if summary["figures_from"]["split"] != "certify":  # the document's expected section holds both
+        c = summary["certify_split"]
+        console.print(f"on the certify split ({c['rows']:,} rows): compute {_pct(c['compute_fraction'])}, "
+                      f"{g['risk']} {_risk(c['risk'])} (what 'policy list' shows under 'certify split')")
+    table = Table(title=f"held out: {where}")
     table.add_column("policy")
     table.add_column("compute", justify="right")
     table.add_column(f"risk ({g['risk']})", justify="right")

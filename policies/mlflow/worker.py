@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 class SyncHook:
     """``exitwise.policies.events`` callback: after a committed change, sync the changed model to MLflow.
 
-    Inline by default (the CLI: the command returns once MLflow is up to date); with
-    ``background=True`` a single worker thread does it (the API: requests never wait on
-    MLflow). A failed sync is recorded and stays pending; after a successful one, the hook
-    also retries the other pending models, so the next successful operation catches up.
+    Inline by default (the CLI with ``EXITWISE_MLFLOW_SYNC=wait``: the command returns once
+    MLflow is up to date; by default the CLI mirrors in a detached process instead, see
+    ``exitwise.api.cli.mirror``); with ``background=True`` a single worker thread does it
+    (the API: requests never wait on MLflow). A failed sync is recorded and stays pending;
+    after a successful one, the hook also retries the other pending models, so the next
+    successful operation catches up.
     ``EXITWISE_MLFLOW_SYNC=off`` disables it; so does a missing ``mlflow`` extra (one warning).
     """
 

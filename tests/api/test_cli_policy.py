@@ -36,8 +36,12 @@ def built_app() -> Any:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
-    """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` (error mapping included), in-process."""
+    """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` (error mapping included), in-process.
+
+    The MLflow mirror is off (it would start a detached child per test; its own tests are in
+    test_cli_guardrails.py and tests/policies/test_registry.py)."""
     monkeypatch.setenv("COLUMNS", "220")
+    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
     monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
     monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
 
