@@ -35,6 +35,7 @@ Principals and documents:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -48,7 +49,8 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from exitwise.api.cli import hooks
+from exitwise.api import cli as cli_pkg
+from exitwise.api.cli import hooks, main
 from exitwise.policies.canonical import with_content_hash
 from exitwise.policies.db import StoreSession, make_engine, unit_of_work, upgrade
 from exitwise.policies.models import Base
@@ -368,3 +370,51 @@ def table_dump() -> Callable[[Engine | Session], dict[str, list[tuple[Any, ...]]
     """``table_dump(engine_or_session)`` -> {table: sorted rows} of every store table."""
     return _dump
 
+
+
+# ---------------------------------------------------------------- the console script, in-process
+
+@dataclass
+class CliResult:
+    """What one ``exitwise`` invocation did; unpacks as ``code, out, err``."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.code, self.out, self.err))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.code, self.out, self.err)[index]
+
+
+@pytest.fixture(scope="module")
+def built_app() -> Any:
+    """The root command group, built once per module (its commands are loaded on first use)."""
+    return cli_pkg.build_app()
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
+    """``cli(*args) -> CliResult``: the real ``exitwise.api.cli.main`` (error mapping included), in-process.
+
+    The MLflow mirror is off (it would start a detached child per test; its own tests are in
+    tests/api/test_cli_guardrails.py and tests/policies/test_registry.py)."""
+    monkeypatch.setenv("COLUMNS", "220")
+    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
+    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
+    monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
+
+    def run(*args: Any) -> CliResult:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        code = exc.value.code
+        return CliResult(code if isinstance(code, int) else (0 if code is None else 1), out, err)
+
+    return run

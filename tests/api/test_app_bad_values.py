@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from exitwise.api.cli import main
 from exitwise.policies.canonical import with_content_hash
 
 
@@ -127,18 +126,8 @@ def test_nul_bytes_and_huge_cursors_are_4xx(api: httpx.Client, world: Any, make_
 
 def test_cli_refuses_bad_values_with_exit_2_and_stores_nothing(tmp_path: Path, store_env: str,
                                                                 make_doc: Callable[..., dict],
-                                                                capsys: pytest.CaptureFixture[str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
-    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as done:
-            main(list(args))
-        out, err = capsys.readouterr()
-        return int(done.value.code or 0), out, err
-
+                                                                cli: Callable[..., Any]) -> None:
+    run = cli
     token = run("principal", "add", "admin", "--role", "admin", "--quiet")[1].strip()
     cases = {
         "nan": _raw({**make_doc(model="cli-bad"), "expected": {"compute_fraction": "@@X@@"}}, **{"@@X@@": "NaN"}),

@@ -11,35 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from exitwise.api import cli as cli_pkg
 from exitwise.api.app import create_app
-from exitwise.api.cli import main
 from exitwise.policies import audit, events
 from exitwise.policies.db import make_engine
-
-
-@pytest.fixture(scope="module")
-def built_app() -> Any:
-    return cli_pkg.build_app()
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
-    """``cli(*args) -> (code, out, err)``: the real console entry point, in-process."""
-    monkeypatch.setenv("COLUMNS", "220")
-    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
-    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
-    monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
-
-    def run(*args: Any) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exc.value.code
-        return (code if isinstance(code, int) else (0 if code is None else 1)), out, err
-
-    return run
 
 
 def _rehash_after_editing_seq3(url: str) -> None:

@@ -12,51 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exitwise.api import cli as cli_pkg
-from exitwise.api.cli import main
 from exitwise.calibration.logfiles.cards import write_card
 from exitwise.calibration.logfiles.writers import write_logs
 from exitwise.calibration.synthetic import synthetic_logs
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@pytest.fixture(scope="module")
-def built_app() -> Any:
-    return cli_pkg.build_app()
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
-    """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` in-process (no MLflow mirror)."""
-    monkeypatch.setenv("COLUMNS", "220")
-    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
-    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
-    monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
-
-    def run(*args: Any) -> Result:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exc.value.code
-        return Result(code if isinstance(code, int) else (0 if code is None else 1), out, err)
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -6,57 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from exitwise.api import cli as cli_pkg
-from exitwise.api.cli import main
 from exitwise.policies.db import make_engine
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@pytest.fixture(scope="module")
-def built_app() -> Any:
-    """The root command group, built once per module (its commands are loaded on first use)."""
-    return cli_pkg.build_app()
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, built_app: Any) -> Any:
-    """``cli(*args) -> Result``: the real ``exitwise.api.cli.main`` (error mapping included), in-process.
-
-    The MLflow mirror is off (it would start a detached child per test; its own tests are in
-    test_cli_guardrails.py and tests/policies/test_registry.py)."""
-    monkeypatch.setenv("COLUMNS", "220")
-    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
-    monkeypatch.delenv("EXITWISE_DEBUG", raising=False)
-    monkeypatch.setattr(cli_pkg, "build_app", lambda: built_app)
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        code = exc.value.code
-        return Result(code if isinstance(code, int) else (0 if code is None else 1), out, err)
-
-    return run
-
-
-def _one_line_error(r: Result, code: int, *needles: str) -> None:
+def _one_line_error(r: Any, code: int, *needles: str) -> None:
     assert r.code == code, (r.code, r.out, r.err)
     assert r.err.startswith("error: ") and r.err.count("\n") == 1, r.err
     assert "Traceback" not in r.err + r.out

@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from exitwise.api.app import create_app
-from exitwise.api.cli import main
 from exitwise.api.settings import ApiSettings
 from exitwise.policies import audit, lifecycle, store
 from exitwise.policies.canonical import with_content_hash
@@ -115,27 +114,19 @@ def test_api_refuses_then_accepts_a_weaker_version(fresh_engine: Engine, fresh_u
 
 
 def test_cli_diff_and_approve_call_out_the_weakening(store_env: str, tmp_path: Path, make_doc: Callable[..., dict],
-                                                     capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EXITWISE_MLFLOW_SYNC", "off")
-    monkeypatch.setenv("COLUMNS", "200")
+                                                     cli: Callable[..., Any]) -> None:
+    def run(*args: str, token: str | None = None) -> Any:
+        return cli(*args, *(["--token", token] if token else []))
 
-    def run(*args: str, token: str | None = None) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as done:
-            main([*args, *(["--token", token] if token else [])])
-        out, err = capsys.readouterr()
-        return int(done.value.code or 0), out, err
-
-    admin = run("principal", "add", "admin", "--role", "admin", "--quiet")[1].strip()
-    alice = run("principal", "add", "alice", "--role", "author", "--quiet", token=admin)[1].strip()
-    bob = run("principal", "add", "bob", "--role", "approver", "--quiet", token=admin)[1].strip()
+    admin = run("principal", "add", "admin", "--role", "admin", "--quiet").out.strip()
+    alice = run("principal", "add", "alice", "--role", "author", "--quiet", token=admin).out.strip()
+    bob = run("principal", "add", "bob", "--role", "approver", "--quiet", token=admin).out.strip()
     for i, doc in enumerate((make_doc(model=MODEL), _variant(make_doc(model=MODEL, variant=1, parent=1),
                                                               _drop_studio))):
         path = tmp_path / f"v{i + 1}.json"
         path.write_text(json.dumps(doc))
-        assert run("policy", "create", str(path), token=alice)[0] == 0
-    assert run("policy", "approve", MODEL, "1", "--reason", "ok", token=bob)[0] == 0
+        assert run("policy", "create", str(path), token=alice).code == 0
+    assert run("policy", "approve", MODEL, "1", "--reason", "ok", token=bob).code == 0
     code, out, _ = run("policy", "diff", MODEL, "1", "2")
     assert code == 0 and "WEAKER in v2: the per-segment budget of 'studio'" in out, out
     code, _, err = run("policy", "approve", MODEL, "2", "--reason", "ok", token=bob)
