@@ -30,8 +30,6 @@ Safety properties, in order of precedence:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -50,10 +48,12 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from exitwise.calibration.atomic import atomic_write_text
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies.canonical import SCHEMA, content_hash
 from exitwise.policies.names import NOT_FOUND_PROBLEM
+from exitwise.policies.runtime_cache import PolicyCacheFile, default_cache_dir
+from exitwise.policies.runtime_errors import PolicyAuthError, PolicyClientError, PolicyRejected
+from exitwise.policies.runtime_http import problem_detail, problem_type, read_body, read_prefix
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -74,30 +74,8 @@ Source = Literal["server", "disk", "fallback"]
 Outcome = Literal["updated", "not_modified", "unavailable", "unauthorized", "rejected", "no_active_policy"]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only stops a runaway body
-ERROR_BODY_BYTES = 64 * 1024  # how much of a non-200 answer is read, for its problem detail
-CACHE_FORMAT = "exitwise.policy-cache/v2"
 # The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
 _POLICY_ETAG = re.compile(r'^(?:W/)?"([0-9a-f]{64})\.v([0-9]+)\.(live|killed)(?:\.a[0-9a-f]{1,16})?"$')
-
-
-class PolicyClientError(Exception):
-    """Base class of the errors the runtime client raises to its caller."""
-
-
-class PolicyAuthError(PolicyClientError):
-    """The policy server refused the client's token (401/403) and the client has no policy to keep."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class PolicyRejected(PolicyClientError, ValueError):
-    """A policy body that must not be used; ``reason`` is a short code (for counters and logs)."""
-
-    def __init__(self, message: str, reason: str = "invalid") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -282,17 +260,6 @@ class ClientStatus:
     consecutive_failures: int
 
 
-def default_cache_dir() -> Path:
-    """``$EXITWISE_CACHE_DIR``, else ``$XDG_CACHE_HOME/exitwise``, else ``~/.cache/exitwise``."""
-    explicit = os.environ.get("EXITWISE_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is ignored
-        return Path(xdg) / "exitwise"
-    return Path.home() / ".cache" / "exitwise"
-
-
 class PolicyClient:
     """Polls ``GET /v1/models/{model}/policy?env=`` and keeps the last good policy.
 
@@ -340,10 +307,9 @@ class PolicyClient:
         self.max_body_bytes = max_body_bytes
         self.fallback_alarm_after = fallback_alarm_after
         self._path = f"/v1/models/{quote(model, safe='')}/policy"
-        self._cache_file: Path | None = None
+        self._cache: PolicyCacheFile | None = None
         if cache_dir is not False:
-            root = default_cache_dir() if cache_dir is None else Path(cache_dir)
-            self._cache_file = root / f"{_safe_name(model)}@{_safe_name(env)}.json"
+            self._cache = PolicyCacheFile(default_cache_dir() if cache_dir is None else Path(cache_dir), model, env)
         # identity: the body is read raw, so max_body_bytes bounds what is held (no decompression bomb)
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "exitwise-runtime/1"}
         if token:
@@ -373,7 +339,7 @@ class PolicyClient:
     @property
     def cache_file(self) -> Path | None:
         """The file the last good policy is kept in (None: the disk cache is off)."""
-        return self._cache_file
+        return None if self._cache is None else self._cache.path
 
     def refresh(self) -> RefreshResult:
         """Poll the server once with ``If-None-Match``; never raises for server or body problems."""
@@ -495,7 +461,7 @@ class PolicyClient:
         try:
             with self._http.stream("GET", self._path, params={"env": self.env}, headers=headers) as resp:
                 status, resp_headers = resp.status_code, resp.headers
-                body = _read_body(resp, self.max_body_bytes) if status == 200 else _read_prefix(resp)
+                body = read_body(resp, self.max_body_bytes) if status == 200 else read_prefix(resp)
         except PolicyRejected as exc:
             return RefreshResult("rejected", 200, str(exc), exc.reason)
         except httpx.HTTPError as exc:
@@ -503,16 +469,15 @@ class PolicyClient:
         if status == 304:
             return RefreshResult("not_modified", 304)
         if status in (401, 403):
-            return RefreshResult("unauthorized", status, _problem_detail(resp_headers, body, resp.reason_phrase))
-        if status == 404 and _problem_type(resp_headers, body) == NOT_FOUND_PROBLEM:
+            return RefreshResult("unauthorized", status, problem_detail(resp_headers, body, resp.reason_phrase))
+        if status == 404 and problem_type(resp_headers, body) == NOT_FOUND_PROBLEM:
             # The server says no version is active here (or no such model): stop using any older one.
             self._install(self._fallback())
-            if self._cache_file is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self._cache_file.unlink()
-            return RefreshResult("no_active_policy", 404, _problem_detail(resp_headers, body, resp.reason_phrase))
+            if self._cache is not None:
+                self._cache.remove()
+            return RefreshResult("no_active_policy", 404, problem_detail(resp_headers, body, resp.reason_phrase))
         if status != 200:
-            return RefreshResult("unavailable", status, _problem_detail(resp_headers, body, resp.reason_phrase))
+            return RefreshResult("unavailable", status, problem_detail(resp_headers, body, resp.reason_phrase))
         try:
             doc = json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError) as exc:
@@ -538,59 +503,39 @@ class PolicyClient:
 
     def _load_disk(self) -> RuntimePolicy | None:
         """The cached policy, or None (with a warning naming the reason when the file is unusable)."""
-        if self._cache_file is None:
+        if self._cache is None:
             return None
         try:
-            return self._parse_cache(self._cache_file.read_bytes())
-        except FileNotFoundError:
-            return None
+            cached = self._cache.load()
+            if cached is None:
+                return None
+            compiled = self._verify(cached.document)
+            if not _check_etag(cached.etag, cached.document):
+                raise PolicyRejected(f"stored ETag {_short(cached.etag)} is not an exitwise policy ETag", "etag")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.warning("exitwise: ignoring the policy cache %s: %s; full depth until the server answers",
-                        self._cache_file, exc)
+                        self._cache.path, exc)
             return None
-
-    def _parse_cache(self, raw: bytes) -> RuntimePolicy:
-        saved = json.loads(raw)
-        if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
-            raise ValueError(f"not an {CACHE_FORMAT} file")
-        if (saved.get("model"), saved.get("env")) != (self.model, self.env):
-            raise ValueError(f"written for {_short(saved.get('model'))}@{_short(saved.get('env'))}, "
-                             f"this client is {self.model!r}@{self.env!r}")
-        body = saved["body"].encode("utf-8")
-        if hashlib.sha256(body).hexdigest() != saved.get("body_sha256"):
-            raise ValueError("body_sha256 does not match the stored body (edited or corrupted)")
-        doc = json.loads(body)
-        compiled = self._verify(doc)
-        etag = saved.get("etag")
-        if not _check_etag(etag, doc):
-            raise PolicyRejected(f"stored ETag {_short(etag)} is not an exitwise policy ETag", "etag")
-        saved_at = saved.get("saved_at")
-        fetched_at = float(saved_at) if isinstance(saved_at, int | float) and not isinstance(saved_at, bool) else None
-        return RuntimePolicy(compiled=compiled, document=doc, source="disk", etag=etag, n_exits=self.n_exits,
-                             fetched_at=fetched_at, _rng=self._rng)
+        return RuntimePolicy(compiled=compiled, document=cached.document, source="disk", etag=cached.etag,
+                             n_exits=self.n_exits, fetched_at=cached.saved_at, _rng=self._rng)
 
     def _save_disk(self, body: bytes, etag: str | None, fetched_at: float, exitwise_etag: bool) -> None:
-        """Write the served bytes, their sha256, model, env and ETag atomically; never raises.
+        """Keep the served bytes on disk; never raises.
 
         A body served without an exitwise ETag could not be checked at load, so it is not kept
         (and an older copy is removed: a restart must not bring back a superseded policy).
         """
-        if self._cache_file is None:
+        if self._cache is None:
             return
         try:
             if not exitwise_etag:
                 log.warning("exitwise: not caching the policy of %s@%s: the answer has no exitwise ETag (%s)",
                             self.model, self.env, _short(etag))
-                with contextlib.suppress(FileNotFoundError):
-                    self._cache_file.unlink()
+                self._cache.remove()
                 return
-            self._cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            payload = {"format": CACHE_FORMAT, "model": self.model, "env": self.env, "etag": etag,
-                       "saved_at": fetched_at, "body_sha256": hashlib.sha256(body).hexdigest(),
-                       "body": body.decode("utf-8")}
-            atomic_write_text(self._cache_file, json.dumps(payload, separators=(",", ":")))
+            self._cache.save(body, etag, fetched_at)
         except OSError as exc:  # a read-only cache dir must not stop decisions
-            log.warning("exitwise: cannot write the policy cache %s: %s", self._cache_file, exc)
+            log.warning("exitwise: cannot write the policy cache %s: %s", self._cache.path, exc)
 
 
 def _check_etag(etag: str | None, doc: Mapping[str, Any]) -> bool:
@@ -612,62 +557,3 @@ def _check_etag(etag: str | None, doc: Mapping[str, Any]) -> bool:
     return True
 
 
-def _read_body(resp: httpx.Response, limit: int) -> bytes:
-    """The raw body, at most ``limit`` bytes; raise :class:`PolicyRejected` past it (nothing more is read)."""
-    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise PolicyRejected(f"policy body has Content-Encoding {encoding!r}; the client asked for identity",
-                             "encoding")
-    declared = resp.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
-        raise PolicyRejected(f"policy body is {int(declared)} bytes (Content-Length), over max_body_bytes={limit}; "
-                             "not read", "too_large")
-    body = bytearray()
-    for chunk in resp.iter_raw():
-        body += chunk
-        if len(body) > limit:
-            raise PolicyRejected(f"policy body exceeds max_body_bytes={limit}; stopped reading after "
-                                 f"{len(body)} bytes", "too_large")
-    return bytes(body)
-
-
-def _read_prefix(resp: httpx.Response, limit: int = ERROR_BODY_BYTES) -> bytes:
-    """At most ``limit`` bytes of a non-200 answer (enough for a problem detail); the rest is not read."""
-    body = bytearray()
-    for chunk in resp.iter_raw():
-        body += chunk
-        if len(body) >= limit:
-            break
-    return bytes(body[:limit])
-
-
-def _safe_name(value: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in value)
-
-
-def _problem_json(headers: httpx.Headers, body: bytes) -> dict[str, Any] | None:
-    """The body of a problem+json answer (None otherwise, e.g. a proxy's plain 404 page)."""
-    if not headers.get("content-type", "").startswith("application/problem+json"):
-        return None
-    try:
-        parsed = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def _problem_type(headers: httpx.Headers, body: bytes) -> str | None:
-    problem = _problem_json(headers, body)
-    return None if problem is None else problem.get("type")
-
-
-def _problem_detail(headers: httpx.Headers, body: bytes, reason: str) -> str:
-    """The ``detail`` (or ``title``) of a JSON error answer, else the HTTP reason phrase."""
-    try:
-        problem = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return reason
-    if not isinstance(problem, dict):
-        return reason
-    text = str(problem.get("detail") or problem.get("title") or reason)
-    return text if len(text) <= 300 else f"{text[:300]}…"

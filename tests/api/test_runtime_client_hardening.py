@@ -25,6 +25,7 @@ import pytest
 import exitwise.policies.runtime as rt
 from exitwise.api.cache import policy_etag
 from exitwise.policies.canonical import with_content_hash
+from exitwise.policies.runtime_cache import CACHE_FORMAT
 
 MODEL, ENV = "fashion-cnn", "production"
 MiB = 1024 * 1024
@@ -269,7 +270,7 @@ def test_disk_cache_is_checked_against_model_env_digest_and_etag(server: _Server
     _write(path, {**cached, "model": "other"})
     assert reload().is_fallback
     path.write_text(json.dumps({"etag": cached["etag"], "saved_at": 0, "policy": killed}))  # the old format
-    assert reload().is_fallback and rt.CACHE_FORMAT in caplog.text
+    assert reload().is_fallback and CACHE_FORMAT in caplog.text
     _write(path, cached)
     assert (reload().source, reload().killed) == ("disk", True)  # untouched: used
 
