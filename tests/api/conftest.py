@@ -13,14 +13,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from exitwise.api.app import create_app
+from exitwise.api.cache import policy_etag
 from exitwise.api.settings import ApiSettings
 from exitwise.policies import lifecycle
 from exitwise.policies.db import make_engine, unit_of_work
@@ -220,3 +224,90 @@ def live_client(live_server: LiveServer) -> Iterator[httpx.Client]:
 def api(request: pytest.FixtureRequest) -> httpx.Client:
     """The API through FastAPI's TestClient and through a real uvicorn process."""
     return request.getfixturevalue(f"{request.param}_client")
+
+
+# ---------------------------------------------------------------- a policy server the test scripts
+
+class PolicyStub:
+    """A real loopback HTTP server answering every GET with what the test set.
+
+    ``huge(total, declare)``: a 200 whose body is a valid policy padded with spaces to ``total``
+    bytes, generated lazily (64 KiB at a time, one reused buffer); ``sent`` counts what got out.
+    """
+
+    def __init__(self) -> None:
+        self.status, self.body, self.headers = 200, b"", {"Content-Type": "application/json"}
+        self.huge_total: int | None = None
+        self.declare_length = True
+        self.sent = 0
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.done.clear()
+                try:
+                    if outer.huge_total is None:
+                        self.send_response(outer.status)
+                        for k, v in outer.headers.items():
+                            self.send_header(k, v)
+                        self.send_header("Content-Length", str(len(outer.body)))
+                        self.end_headers()
+                        self.wfile.write(outer.body)
+                    else:
+                        outer._send_huge(self)
+                finally:
+                    outer.done.set()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def serve(self, body: bytes | dict, status: int = 200, content_type: str = "application/json",
+              etag: str | None = None) -> None:
+        """Answer ``body``; a policy dict gets the exitwise server's ETag unless ``etag`` is given."""
+        if isinstance(body, dict) and etag is None and isinstance(body.get("content_hash"), str):
+            etag = policy_etag(body["content_hash"], body.get("version", 1), body.get("killed", False))
+        self.huge_total = None
+        self.body = json.dumps(body).encode() if isinstance(body, dict) else body
+        self.status, self.headers = status, {"Content-Type": content_type, **({"ETag": etag} if etag else {})}
+
+    def huge(self, doc: dict, total: int, *, declare: bool) -> None:
+        self.serve(doc)
+        self.huge_total, self.declare_length, self.sent = total, declare, 0
+
+    def _send_huge(self, handler: BaseHTTPRequestHandler) -> None:
+        head = self.body
+        total = self.huge_total or 0
+        handler.send_response(200)
+        for k, v in self.headers.items():
+            handler.send_header(k, v)
+        if self.declare_length:
+            handler.send_header("Content-Length", str(total))
+        handler.end_headers()  # HTTP/1.0 without a length: the body ends when the server closes
+        pad = b" " * (64 * 1024)
+        try:
+            handler.wfile.write(head)
+            self.sent = len(head)
+            while self.sent < total:
+                n = min(len(pad), total - self.sent)
+                handler.wfile.write(pad if n == len(pad) else pad[:n])
+                self.sent += n
+        except OSError:  # the client hung up: what we want
+            pass
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def policy_stub() -> Iterator[PolicyStub]:
+    """A :class:`PolicyStub` on a free loopback port, shut down after the test."""
+    stub = PolicyStub()
+    yield stub
+    stub.close()

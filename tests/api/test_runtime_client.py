@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 
-from exitwise.api.cache import policy_etag
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies import lifecycle
 from exitwise.policies.canonical import with_content_hash
@@ -107,60 +104,16 @@ def test_client_follows_a_real_server(world: Any, make_doc: Callable[..., dict],
     never.close()
 
 
-class _Tamper:
-    """A tiny real HTTP server answering the policy path with whatever the test sets."""
-
-    def __init__(self) -> None:
-        self.status, self.body, self.headers = 200, b"", {"Content-Type": "application/json"}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(outer.status)
-                for k, v in outer.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(outer.body)))
-                self.end_headers()
-                self.wfile.write(outer.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def serve(self, body: bytes | dict, status: int = 200, content_type: str = "application/json",
-              etag: str | None = None) -> None:
-        """Answer ``body``; a policy dict gets the exitwise server's ETag unless ``etag`` is given."""
-        if isinstance(body, dict) and etag is None and isinstance(body.get("content_hash"), str):
-            etag = policy_etag(body["content_hash"], body.get("version", 1), body.get("killed", False))
-        self.body = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.status, self.headers = status, {"Content-Type": content_type, **({"ETag": etag} if etag else {})}
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def tamper() -> Iterator[_Tamper]:
-    server = _Tamper()
-    yield server
-    server.close()
-
-
 def _served_doc(make_doc: Callable[..., dict], model: str = "fashion-cnn", variant: int = 0) -> dict[str, Any]:
     return {**make_doc(model=model, variant=variant), "version": variant + 1, "environment": "production",
             "killed": False, "state": "active"}
 
 
-def test_corrupted_bodies_are_rejected_and_the_previous_policy_kept(tamper: _Tamper, make_doc: Callable[..., dict],
+def test_corrupted_bodies_are_rejected_and_the_previous_policy_kept(policy_stub: Any, make_doc: Callable[..., dict],
                                                                     tmp_path: Path) -> None:
     good = _served_doc(make_doc)
-    client = PolicyClient(tamper.url, "fashion-cnn", "production", "token", cache_dir=tmp_path, timeout=5)
-    tamper.serve(good)
+    client = PolicyClient(policy_stub.url, "fashion-cnn", "production", "token", cache_dir=tmp_path, timeout=5)
+    policy_stub.serve(good)
     assert client.refresh().outcome == "updated" and client.policy.version == 1
     logits = _logits()
     before = client.policy.decide(0, logits)
@@ -173,35 +126,35 @@ def test_corrupted_bodies_are_rejected_and_the_previous_policy_kept(tamper: _Tam
     for body, why in ((edited, "content_hash mismatch"), (b'{"schema": "exitwise.pol', "JSON"),
                       (other_model, "model"), (malformed, "does not compile"), (b"[1, 2]", "not a JSON object"),
                       (wrong_schema, "schema")):
-        tamper.serve(body)
+        policy_stub.serve(body)
         result = client.refresh()
         assert result.outcome == "rejected", why
         assert why.split()[0].lower() in (result.detail or "").lower() or why == "JSON", result.detail
         assert client.policy.version == 1 and client.policy.source == "server"
         np.testing.assert_array_equal(client.policy.decide(0, logits), before)
 
-    tamper.serve(b"oops", status=500, content_type="text/plain")
+    policy_stub.serve(b"oops", status=500, content_type="text/plain")
     assert client.refresh().outcome == "unavailable" and client.policy.version == 1
-    tamper.serve(b"<html>not found</html>", status=404, content_type="text/html")  # a proxy, not the API
+    policy_stub.serve(b"<html>not found</html>", status=404, content_type="text/html")  # a proxy, not the API
     assert client.refresh().outcome == "unavailable" and client.policy.version == 1
 
     # the disk copy is the last good policy, and a tampered disk copy is ignored at start-up
     saved = next(tmp_path.glob("*.json"))
     assert json.loads(json.loads(saved.read_text())["body"])["content_hash"] == good["content_hash"]
-    assert PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.version == 1
+    assert PolicyClient(policy_stub.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.version == 1
     cached = json.loads(saved.read_text())
     cached["body"] = json.dumps({**json.loads(cached["body"]), "shadow_rate": 1.0})
     saved.write_text(json.dumps(cached))
-    assert PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.is_fallback
+    assert PolicyClient(policy_stub.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.is_fallback
     saved.write_text("{truncated")
-    assert PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.is_fallback
+    assert PolicyClient(policy_stub.url, "fashion-cnn", "production", "t", cache_dir=tmp_path).policy.is_fallback
 
     # the API says no policy is active: full depth, and no stale copy survives a restart
-    tamper.serve({"type": "urn:exitwise:problem:not-found", "title": "Not found", "status": 404}, status=404,
+    policy_stub.serve({"type": "urn:exitwise:problem:not-found", "title": "Not found", "status": 404}, status=404,
                  content_type="application/problem+json")
     assert client.refresh().outcome == "no_active_policy"
     assert client.policy.is_fallback and not list(tmp_path.glob("*.json"))
-    tamper.serve(_served_doc(make_doc, variant=1))
+    policy_stub.serve(_served_doc(make_doc, variant=1))
     assert client.refresh().outcome == "updated" and client.policy.version == 2
     client.close()
 
@@ -234,15 +187,15 @@ def test_client_arguments_and_fallback_shapes(tmp_path: Path) -> None:
         known.decide(3, np.zeros((2, 5)))
 
 
-def test_policy_for_another_architecture_is_rejected(tamper: _Tamper, make_doc: Callable[..., dict],
+def test_policy_for_another_architecture_is_rejected(policy_stub: Any, make_doc: Callable[..., dict],
                                                      tmp_path: Path) -> None:
-    tamper.serve(_served_doc(make_doc))  # 3 exits, 4 classes
+    policy_stub.serve(_served_doc(make_doc))  # 3 exits, 4 classes
     for shape, why in (({"n_exits": 4, "n_classes": 4}, "3 exits"), ({"n_exits": 3, "n_classes": 10}, "4 classes")):
-        client = PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, **shape)
+        client = PolicyClient(policy_stub.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, **shape)
         result = client.refresh()
         assert result.outcome == "rejected" and why in (result.detail or ""), result.detail
         assert client.policy.is_fallback and client.policy.n_exits == shape["n_exits"]
         client.close()
-    fits = PolicyClient(tamper.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, n_exits=3, n_classes=4)
+    fits = PolicyClient(policy_stub.url, "fashion-cnn", "production", "t", cache_dir=tmp_path, n_exits=3, n_classes=4)
     assert fits.refresh().outcome == "updated" and fits.policy.version == 1
     fits.close()

@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import stat
-import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,90 +27,6 @@ from exitwise.policies.runtime_cache import CACHE_FORMAT
 
 MODEL, ENV = "fashion-cnn", "production"
 MiB = 1024 * 1024
-
-
-class _Server:
-    """A real loopback HTTP server answering every GET with what the test set.
-
-    ``huge(total, declare)``: a 200 whose body is a valid policy padded with spaces to ``total``
-    bytes, generated lazily (64 KiB at a time, one reused buffer); ``sent`` counts what got out.
-    """
-
-    def __init__(self) -> None:
-        self.status, self.body, self.headers = 200, b"", {"Content-Type": "application/json"}
-        self.huge_total: int | None = None
-        self.declare_length = True
-        self.sent = 0
-        self.done = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.done.clear()
-                try:
-                    if outer.huge_total is None:
-                        self.send_response(outer.status)
-                        for k, v in outer.headers.items():
-                            self.send_header(k, v)
-                        self.send_header("Content-Length", str(len(outer.body)))
-                        self.end_headers()
-                        self.wfile.write(outer.body)
-                    else:
-                        outer._send_huge(self)
-                finally:
-                    outer.done.set()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def serve(self, body: bytes | dict, status: int = 200, content_type: str = "application/json",
-              etag: str | None = None) -> None:
-        """Answer ``body``; a policy dict gets the exitwise server's ETag unless ``etag`` is given."""
-        if isinstance(body, dict) and etag is None and isinstance(body.get("content_hash"), str):
-            etag = policy_etag(body["content_hash"], body.get("version", 1), body.get("killed", False))
-        self.huge_total = None
-        self.body = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.status, self.headers = status, {"Content-Type": content_type, **({"ETag": etag} if etag else {})}
-
-    def huge(self, doc: dict, total: int, *, declare: bool) -> None:
-        self.serve(doc)
-        self.huge_total, self.declare_length, self.sent = total, declare, 0
-
-    def _send_huge(self, handler: BaseHTTPRequestHandler) -> None:
-        head = self.body
-        total = self.huge_total or 0
-        handler.send_response(200)
-        for k, v in self.headers.items():
-            handler.send_header(k, v)
-        if self.declare_length:
-            handler.send_header("Content-Length", str(total))
-        handler.end_headers()  # HTTP/1.0 without a length: the body ends when the server closes
-        pad = b" " * (64 * 1024)
-        try:
-            handler.wfile.write(head)
-            self.sent = len(head)
-            while self.sent < total:
-                n = min(len(pad), total - self.sent)
-                handler.wfile.write(pad if n == len(pad) else pad[:n])
-                self.sent += n
-        except OSError:  # the client hung up: what we want
-            pass
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server() -> Iterator[_Server]:
-    s = _Server()
-    yield s
-    s.close()
 
 
 def _served(make_doc: Callable[..., dict], variant: int = 0, **governance: Any) -> dict[str, Any]:
@@ -129,7 +43,7 @@ def _client(url: str, cache_dir: Any, **kw: Any) -> rt.PolicyClient:
 
 
 @pytest.mark.parametrize(("declare", "limit"), [(False, None), (True, 1 * MiB)], ids=["streamed", "content-length"])
-def test_a_huge_body_is_refused_without_reading_it(server: _Server, make_doc: Callable[..., dict], tmp_path: Path,
+def test_a_huge_body_is_refused_without_reading_it(policy_stub: Any, make_doc: Callable[..., dict], tmp_path: Path,
                                                    declare: bool, limit: int | None) -> None:
     """50 MB (a valid policy padded with spaces, which json.loads accepts) is refused past the cap.
 
@@ -137,13 +51,13 @@ def test_a_huge_body_is_refused_without_reading_it(server: _Server, make_doc: Ca
     (here 1 MiB) it reads nothing. Memory stays bounded (tracemalloc peak well under the body)
     and the server gets out only what the socket buffers held before the client hung up.
     """
-    client = _client(server.url, tmp_path, **({} if limit is None else {"max_body_bytes": limit}))
+    client = _client(policy_stub.url, tmp_path, **({} if limit is None else {"max_body_bytes": limit}))
     good = _served(make_doc)
-    server.serve(good)
+    policy_stub.serve(good)
     assert client.refresh().outcome == "updated"
 
     total = 50_000_000
-    server.huge(_served(make_doc, variant=1), total, declare=declare)
+    policy_stub.huge(_served(make_doc, variant=1), total, declare=declare)
     tracemalloc.start()
     try:
         started = time.monotonic()
@@ -157,26 +71,26 @@ def test_a_huge_body_is_refused_without_reading_it(server: _Server, make_doc: Ca
     assert ("Content-Length" in (result.detail or "")) == declare
     assert client.policy.version == 1 and client.policy.source == "server"  # the previous policy is kept
     assert peak < 3 * (limit or 8 * MiB), f"peak {peak / MiB:.1f} MiB for a {total / 1e6:.0f} MB body"
-    assert server.done.wait(10)
-    assert server.sent < total / 2, f"the server got {server.sent / 1e6:.1f} MB out: the client kept reading"
+    assert policy_stub.done.wait(10)
+    assert policy_stub.sent < total / 2, f"the server got {policy_stub.sent / 1e6:.1f} MB out: the client kept reading"
     assert elapsed < 5, elapsed
 
-    server.serve(_served(make_doc, variant=1))  # the connection pool still works afterwards
+    policy_stub.serve(_served(make_doc, variant=1))  # the connection pool still works afterwards
     assert client.refresh().outcome == "updated" and client.policy.version == 2
     assert client.counters()["refusals"] == {"too_large": 1}
     client.close()
 
 
-def test_compressed_and_deeply_nested_bodies_are_rejected(server: _Server, make_doc: Callable[..., dict],
+def test_compressed_and_deeply_nested_bodies_are_rejected(policy_stub: Any, make_doc: Callable[..., dict],
                                                           tmp_path: Path) -> None:
-    client = _client(server.url, tmp_path)
-    server.serve(_served(make_doc))
+    client = _client(policy_stub.url, tmp_path)
+    policy_stub.serve(_served(make_doc))
     assert client.refresh().outcome == "updated"
-    server.serve(b"[" * 100_000)  # json.loads raises RecursionError, not ValueError: refresh must not raise
+    policy_stub.serve(b"[" * 100_000)  # json.loads raises RecursionError, not ValueError: refresh must not raise
     result = client.refresh()
     assert (result.outcome, result.reason) == ("rejected", "json"), result
-    server.serve(b"\x1f\x8b" + b"\0" * 20)
-    server.headers["Content-Encoding"] = "gzip"  # the client asks for identity; a compressed body is not decoded
+    policy_stub.serve(b"\x1f\x8b" + b"\0" * 20)
+    policy_stub.headers["Content-Encoding"] = "gzip"  # the client asks for identity; a compressed body is not decoded
     result = client.refresh()
     assert (result.outcome, result.reason) == ("rejected", "encoding"), result
     assert client.policy.version == 1
@@ -186,9 +100,9 @@ def test_compressed_and_deeply_nested_bodies_are_rejected(server: _Server, make_
 # ---------------------------------------------------------------- 2. runtime fields
 
 
-def test_runtime_fields_are_validated(server: _Server, make_doc: Callable[..., dict], tmp_path: Path) -> None:
-    client = _client(server.url, tmp_path)
-    server.serve(_served(make_doc))
+def test_runtime_fields_are_validated(policy_stub: Any, make_doc: Callable[..., dict], tmp_path: Path) -> None:
+    client = _client(policy_stub.url, tmp_path)
+    policy_stub.serve(_served(make_doc))
     assert client.refresh().outcome == "updated"
     bad_rate = [{**_served(make_doc), **with_content_hash({**make_doc(model=MODEL), "shadow_rate": rate})}
                 for rate in ("abc", 1.5, -0.1, None, True)]  # shadow_rate is hashed: these hashes are valid
@@ -200,13 +114,13 @@ def test_runtime_fields_are_validated(server: _Server, make_doc: Callable[..., d
         (_served(make_doc, environment="staging"), "environment 'staging'"),
     ]
     for doc, why in cases:
-        server.serve(doc, etag='"x"')
+        policy_stub.serve(doc, etag='"x"')
         result = client.refresh()
         assert result.outcome == "rejected" and why in (result.detail or ""), (why, result)
         assert client.policy.version == 1 and not client.policy.killed
         client.policy.shadow()  # still the good policy: never raises
     # the ETag the exitwise server sends carries the kill state; a body that contradicts it is not used
-    server.serve(_served(make_doc, variant=1), etag=policy_etag(_served(make_doc, 1)["content_hash"], 2, True))
+    policy_stub.serve(_served(make_doc, variant=1), etag=policy_etag(_served(make_doc, 1)["content_hash"], 2, True))
     result = client.refresh()
     assert (result.outcome, result.reason) == ("rejected", "etag"), result
     assert client.counters()["refusals"] == {"field": 9, "environment": 1, "etag": 1}
@@ -231,18 +145,18 @@ def _write(path: Path, cached: dict[str, Any], body: dict[str, Any] | None = Non
     path.write_text(json.dumps(cached))
 
 
-def test_disk_cache_is_checked_against_model_env_digest_and_etag(server: _Server, make_doc: Callable[..., dict],
+def test_disk_cache_is_checked_against_model_env_digest_and_etag(policy_stub: Any, make_doc: Callable[..., dict],
                                                                  tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     killed = _served(make_doc, killed=True)
-    server.serve(killed)
-    client = _client(server.url, tmp_path)
+    policy_stub.serve(killed)
+    client = _client(policy_stub.url, tmp_path)
     assert client.refresh().outcome == "updated" and client.policy.killed
     client.close()
     path, cached = _cache(tmp_path)
 
     def reload(env: str = ENV) -> rt.RuntimePolicy:
-        c = rt.PolicyClient(server.url, MODEL, env, "t", cache_dir=tmp_path)
+        c = rt.PolicyClient(policy_stub.url, MODEL, env, "t", cache_dir=tmp_path)
         c.close()
         return c.policy
 
@@ -275,13 +189,13 @@ def test_disk_cache_is_checked_against_model_env_digest_and_etag(server: _Server
     assert (reload().source, reload().killed) == ("disk", True)  # untouched: used
 
 
-def test_an_answer_without_an_exitwise_etag_is_not_cached(server: _Server, make_doc: Callable[..., dict],
+def test_an_answer_without_an_exitwise_etag_is_not_cached(policy_stub: Any, make_doc: Callable[..., dict],
                                                           tmp_path: Path) -> None:
-    client = _client(server.url, tmp_path)
-    server.serve(_served(make_doc))
+    client = _client(policy_stub.url, tmp_path)
+    policy_stub.serve(_served(make_doc))
     cache_file = tmp_path / f"{MODEL}@{ENV}.json"
     assert client.refresh().outcome == "updated" and cache_file.exists()
-    server.serve(_served(make_doc, variant=1), etag='"proxy-tag"')
+    policy_stub.serve(_served(make_doc, variant=1), etag='"proxy-tag"')
     assert client.refresh().outcome == "updated" and client.policy.version == 2
     assert not cache_file.exists()  # not v1 either: a restart must not bring back a superseded policy
     client.close()
@@ -290,14 +204,14 @@ def test_an_answer_without_an_exitwise_etag_is_not_cached(server: _Server, make_
 # ---------------------------------------------------------------- 4. the default cache directory
 
 
-def test_cache_dir_defaults_to_a_per_user_directory_or_is_off(server: _Server, make_doc: Callable[..., dict],
+def test_cache_dir_defaults_to_a_per_user_directory_or_is_off(policy_stub: Any, make_doc: Callable[..., dict],
                                                               tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    server.serve(_served(make_doc))
+    policy_stub.serve(_served(make_doc))
     for var in ("EXITWISE_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    home = rt.PolicyClient(server.url, MODEL, ENV, "t")  # no cache_dir: the per-user default
+    home = rt.PolicyClient(policy_stub.url, MODEL, ENV, "t")  # no cache_dir: the per-user default
     assert home.refresh().outcome == "updated"
     assert (tmp_path / "home" / ".cache" / "exitwise" / f"{MODEL}@{ENV}.json").exists()
     home.close()
@@ -308,32 +222,32 @@ def test_cache_dir_defaults_to_a_per_user_directory_or_is_off(server: _Server, m
     assert rt.default_cache_dir() == tmp_path / "xdg" / "exitwise"
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path / "explicit"))
 
-    client = rt.PolicyClient(server.url, MODEL, ENV, "t")  # no cache_dir
+    client = rt.PolicyClient(policy_stub.url, MODEL, ENV, "t")  # no cache_dir
     assert client.cache_file == tmp_path / "explicit" / f"{MODEL}@{ENV}.json"
     assert not (tmp_path / "explicit").exists()  # created on first save, not before
     assert client.refresh().outcome == "updated" and client.cache_file.exists()
     assert stat.S_IMODE(os.stat(tmp_path / "explicit").st_mode) == 0o700  # writable by the runtime only
     client.close()
-    assert rt.PolicyClient(server.url, MODEL, ENV, "t").policy.source == "disk"
+    assert rt.PolicyClient(policy_stub.url, MODEL, ENV, "t").policy.source == "disk"
 
-    off = rt.PolicyClient(server.url, MODEL, ENV, "t", cache_dir=False)
+    off = rt.PolicyClient(policy_stub.url, MODEL, ENV, "t", cache_dir=False)
     assert off.cache_file is None and off.policy.is_fallback  # the disk copy above is not read
     assert off.refresh().outcome == "updated"
-    server.serve({"type": "urn:exitwise:problem:not-found", "title": "Not found", "status": 404}, status=404,
+    policy_stub.serve({"type": "urn:exitwise:problem:not-found", "title": "Not found", "status": 404}, status=404,
                  content_type="application/problem+json")
     assert off.refresh().outcome == "no_active_policy"
     off.close()
     with pytest.raises(ValueError, match="cache_dir=True"):
-        rt.PolicyClient(server.url, MODEL, ENV, "t", cache_dir=True)  # type: ignore[arg-type]
+        rt.PolicyClient(policy_stub.url, MODEL, ENV, "t", cache_dir=True)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- 5. short reprs
 
 
-def test_reprs_are_short_and_carry_no_token(server: _Server, make_doc: Callable[..., dict], tmp_path: Path) -> None:
+def test_reprs_are_short_and_carry_no_token(policy_stub: Any, make_doc: Callable[..., dict], tmp_path: Path) -> None:
     doc = _served(make_doc, version=3)
-    server.serve(doc)
-    client = rt.PolicyClient(server.url, MODEL, ENV, "s3cret-token", cache_dir=tmp_path)
+    policy_stub.serve(doc)
+    client = rt.PolicyClient(policy_stub.url, MODEL, ENV, "s3cret-token", cache_dir=tmp_path)
     assert repr(client.policy) == ("RuntimePolicy(source='fallback', version=None, killed=False, "
                                    "content_hash=None)")
     client.refresh()
@@ -353,10 +267,10 @@ def _problem(status: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_a_refused_token_is_loud(server: _Server, make_doc: Callable[..., dict], tmp_path: Path, status: int,
+def test_a_refused_token_is_loud(policy_stub: Any, make_doc: Callable[..., dict], tmp_path: Path, status: int,
                                  caplog: pytest.LogCaptureFixture) -> None:
-    server.serve(_problem(status), status=status, content_type="application/problem+json")
-    client = _client(server.url, tmp_path / "empty")
+    policy_stub.serve(_problem(status), status=status, content_type="application/problem+json")
+    client = _client(policy_stub.url, tmp_path / "empty")
     with pytest.raises(rt.PolicyAuthError, match=f"refused the token.*HTTP {status}.*invalid or disabled token") as err:
         client.start()  # nothing on disk: a wrong token must not leave the runtime at full depth silently
     assert isinstance(err.value, rt.PolicyClientError) and err.value.status == status
@@ -364,12 +278,12 @@ def test_a_refused_token_is_loud(server: _Server, make_doc: Callable[..., dict],
     assert [r.levelno for r in caplog.records if "refused the token" in r.getMessage()] == [logging.ERROR]
     client.close()
 
-    server.serve(_served(make_doc))
-    with _client(server.url, tmp_path) as seeded:
+    policy_stub.serve(_served(make_doc))
+    with _client(policy_stub.url, tmp_path) as seeded:
         assert seeded.refresh().outcome == "updated"
-    server.serve(_problem(status), status=status, content_type="application/problem+json")
+    policy_stub.serve(_problem(status), status=status, content_type="application/problem+json")
     caplog.clear()
-    with _client(server.url, tmp_path, poll_interval=60) as client:
+    with _client(policy_stub.url, tmp_path, poll_interval=60) as client:
         assert client.start().policy.source == "disk"  # a cached policy is kept, loudly
         assert client.refresh().outcome == "unauthorized"
         errors = [r for r in caplog.records if "refused the token" in r.getMessage()]
@@ -388,12 +302,12 @@ def test_the_real_server_refuses_a_wrong_token_loudly(live_server: Any, tmp_path
     client.close()
 
 
-def test_status_counters_and_the_fallback_alarm(server: _Server, make_doc: Callable[..., dict], tmp_path: Path,
+def test_status_counters_and_the_fallback_alarm(policy_stub: Any, make_doc: Callable[..., dict], tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="exitwise.runtime")
-    server.serve(b"down", status=503, content_type="text/plain")
+    policy_stub.serve(b"down", status=503, content_type="text/plain")
     before = time.time()
-    client = _client(server.url, tmp_path, fallback_alarm_after=0.3)
+    client = _client(policy_stub.url, tmp_path, fallback_alarm_after=0.3)
     st = client.status()
     assert (st.source, st.version, st.policy_age_s, st.last_outcome, st.consecutive_failures) == (
         "fallback", None, None, None, 0)
@@ -409,22 +323,22 @@ def test_status_counters_and_the_fallback_alarm(server: _Server, make_doc: Calla
     assert alarms() == 2  # once per poll
     assert client.status().consecutive_failures == 3 and client.status().last_status == 503
 
-    server.serve(_served(make_doc))
+    policy_stub.serve(_served(make_doc))
     assert client.refresh().outcome == "updated"
     st = client.status()
     assert (st.source, st.version, st.on_fallback_since, st.consecutive_failures) == ("server", 1, None, 0)
     assert st.policy_age_s is not None and 0 <= st.policy_age_s < 5 and st.last_success is not None
-    server.serve(b"down", status=503, content_type="text/plain")
+    policy_stub.serve(b"down", status=503, content_type="text/plain")
     client.refresh()
     assert alarms() == 2  # a policy is in use: no alarm
     assert client.counters() == {"polls": {"unavailable": 4, "updated": 1}, "refusals": {}}
     client.close()
 
     time.sleep(0.05)
-    disk = _client(server.url, tmp_path)
+    disk = _client(policy_stub.url, tmp_path)
     assert disk.status().source == "disk" and disk.status().policy_age_s >= 0.05  # since it was served and saved
     disk.close()
-    quiet = _client(server.url, tmp_path / "none", fallback_alarm_after=None)
+    quiet = _client(policy_stub.url, tmp_path / "none", fallback_alarm_after=None)
     quiet.refresh()
     assert alarms() == 2
     quiet.close()
