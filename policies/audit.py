@@ -46,6 +46,7 @@ from exitwise.policies.canonical import canonical_json
 from exitwise.policies.db import in_change, translate_errors
 from exitwise.policies.errors import AuditChainBroken
 from exitwise.policies.models import AuditEvent, StoreState
+from exitwise.policies.names import control_character
 from exitwise.policies.replay import check_state
 
 GENESIS_HASH = "0" * 64
@@ -55,7 +56,6 @@ EXPORT_FIELDS = (*HASHED_FIELDS, "hash")
 INT_FIELDS = frozenset({"seq", "version"})
 Format = Literal["jsonl", "csv"]
 REASON_MAX = 2000
-_REASON_CONTROL = frozenset(chr(c) for c in range(32)) - {"\t", "\n", "\r"}
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ def check_reason(reason: str | None) -> str | None:
         raise InputError(f"a reason is text, got {type(reason).__name__}")
     if len(reason) > REASON_MAX:
         raise InputError(f"reason is {len(reason)} characters long; at most {REASON_MAX}")
-    bad = next((ch for ch in reason if ch in _REASON_CONTROL), None)
+    bad = control_character(reason)
     if bad is not None:
-        raise InputError(f"reason contains the control character U+{ord(bad):04X}")
+        raise InputError(f"reason contains the control character {bad}")
     return reason
 
 

@@ -45,3 +45,14 @@ def kebab(name: str) -> str:
 
 NOT_FOUND_PROBLEM = problem_urn("not-found")
 REQUEST_VALIDATION_PROBLEM = problem_urn("request-validation")
+
+
+# Control characters no stored text may hold (tab and line breaks excepted): PostgreSQL refuses
+# NUL in text, and the others hide or rewrite what a reviewer reads.
+_CONTROL_CHARACTERS = frozenset(chr(c) for c in range(32)) - {"\t", "\n", "\r"}
+
+
+def control_character(text: str) -> str | None:
+    """The first forbidden control character of ``text`` as ``U+XXXX``, or None."""
+    bad = next((ch for ch in text if ch in _CONTROL_CHARACTERS), None)
+    return None if bad is None else f"U+{ord(bad):04X}"

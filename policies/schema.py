@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.canonical import SCHEMA, content_hash
-from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN
+from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN, control_character
 
 Score = Literal["max_prob", "margin", "entropy"]
 Risk = Literal["disagreement", "induced_error"]
@@ -40,7 +40,6 @@ MAX_NODES = 2_000_000
 MAX_SAFE_INT = 2**53 - 1
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
-_CONTROL = frozenset(chr(c) for c in range(32)) - {"\t", "\n", "\r"}
 
 
 class _Open(BaseModel):
@@ -198,9 +197,9 @@ def check_json_values(doc: Any, *, max_depth: int = MAX_DEPTH, max_nodes: int = 
 
 
 def _check_text(text: str, path: str) -> None:
-    bad = next((ch for ch in text if ch in _CONTROL), None)
+    bad = control_character(text)
     if bad is not None:
-        raise DocumentError([(path, f"control character U+{ord(bad):04X} in a string")])
+        raise DocumentError([(path, f"control character {bad} in a string")])
 
 
 def validate_document(doc: Any, *, check_hash: bool = True) -> PolicyDocument:

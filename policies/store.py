@@ -230,6 +230,15 @@ def list_versions(model: str | None = None, *, session: Session) -> list[Version
         return [version_info(r, session) for r in session.scalars(q)]
 
 
+def documents(model: str | None = None, *, session: Session) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every stored document (of ``model``), keyed by (model, number), in one query."""
+    with translate_errors():
+        q = select(Model.name, VersionRow.number, VersionRow.content).join(Model)
+        if model is not None:
+            q = q.where(VersionRow.model_id == model_row(session, model).id)
+        return {(name, number): json.loads(content) for name, number, content in session.execute(q)}
+
+
 def get_version(model: str, number: int, *, session: Session) -> PolicyVersion:
     with translate_errors():
         return version_domain(version_row(session, model, number), session)

@@ -99,8 +99,7 @@ def register(app: typer.Typer) -> None:
         """List policy versions (all models, or one)."""
         with reading() as session:
             versions = store.list_versions(model, session=session)
-            held = {(v.model, v.number): _held_out(store.get_version(v.model, v.number, session=session).document)
-                    for v in versions}
+            held = {key: _held_out(doc) for key, doc in store.documents(model, session=session).items()}
         if as_json:  # fractions; compute_fraction and risk are the certify split's, held_out the test file's
             emit_json({"versions": [{**jsonable(v), "figures_from": "certify split",
                                      "held_out": held[(v.model, v.number)]} for v in versions]})

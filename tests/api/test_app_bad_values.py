@@ -89,6 +89,7 @@ def test_parent_beyond_the_version_range_is_refused(api: httpx.Client, world: An
     ("temperature", "1.3", "temperature"),
     ("certified", "yes", "certified"),
     ("classes", ["a", "a", "b", "c"], "unique"),
+    ("text", "lab\x00el", "control character U+0000"),
 ])
 def test_values_are_checked_against_their_meaning(api: httpx.Client, world: Any, make_doc: Callable[..., dict],
                                                   where: str, value: Any, needle: str) -> None:
@@ -101,6 +102,8 @@ def test_values_are_checked_against_their_meaning(api: httpx.Client, world: Any,
         doc["exits"][0]["calibrator"]["temperature"] = value
     elif where == "certified":
         doc["guarantee"]["certified"] = value
+    elif where == "text":
+        doc["data"]["source"] = value
     else:
         doc[where] = value
     resp = _post(api, world, json.dumps(with_content_hash(doc)).encode())
