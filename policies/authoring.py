@@ -85,7 +85,7 @@ def solve_policy(
     document = build_document(
         solution, expected=certify.solver, baselines=baselines_json(certify.baselines, column),
         calibration=calibration_section(logs, solution.prepared.calibrators, prepared.splits.certify,
-                                        spec.calibration_target),
+                                        spec.calibration_target, score=spec.score),
         data=data_section(logs, prepared.splits, evidence), shadow_rate=shadow_rate,
         held_out=None if test_logs is None else held_out_section(
             test_logs, held_out.solver, baselines_json(held_out.baselines, column), column),

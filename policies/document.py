@@ -22,6 +22,8 @@ import numpy as np
 from exitwise.calibration.certify import METHOD, guarantee_segments
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.metrics import exit_metrics
+from exitwise.calibration.monitor import score_reference
+from exitwise.calibration.rule import score_all_exits
 from exitwise.calibration.summaries import fingerprint, segment_counts, time_window
 from exitwise.policies.canonical import SCHEMA, with_content_hash
 from exitwise.policies.schema import validate_document
@@ -94,11 +96,13 @@ def held_out_section(logs: Any, evaluation: Any, baselines: Mapping[str, Mapping
 
 
 def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], rows: np.ndarray, target: str,
-                        *, max_rows: int = 100_000, n_bins: int = 15) -> dict[str, Any]:
+                        *, score: str | None = None, max_rows: int = 100_000, n_bins: int = 15) -> dict[str, Any]:
     """Per-exit calibration metrics before (identity) and after the fitted calibrator.
 
     Measured on ``rows`` (data not used to fit the calibrators), at most ``max_rows`` of them
-    (evenly spaced), against ``target``: the labels or the final exit's answers.
+    (evenly spaced), against ``target``: the labels or the final exit's answers. With ``score``,
+    also ``reference``: the quantile bins of each exit's score on those rows, which monitoring
+    compares shadow traffic with (:func:`exitwise.calibration.monitor.score_reference`).
     """
     rows = np.asarray(rows)
     if rows.size > max_rows:
@@ -115,7 +119,11 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
             "after": {k2: _num(v) for k2, v in after.to_dict().items()},
             "reliability": {"before": before.reliability.to_dict(), "after": after.reliability.to_dict()},
         })
-    return {"target": target, "rows": int(rows.size), "split": "certify", "exits": exits}
+    out = {"target": target, "rows": int(rows.size), "split": "certify", "exits": exits}
+    if score is not None:
+        scores, _ = score_all_exits(logs.logits[rows], calibrators, score)
+        out["reference"] = score_reference(scores)
+    return out
 
 
 def data_section(logs: Any, splits: Any, evidence: Mapping[str, str] | None = None) -> dict[str, Any]:
