@@ -347,7 +347,8 @@ def assess(document: Mapping[str, Any], bounds: Mapping[str, RiskBound], window:
     reasons: list[str] = []
     for name, b in breaches:
         reasons.append(f"risk over budget in segment {name}: {b.losses}/{b.n} = {_pct(b.risk or 0.0)}, "
-                       f"lower bound {_pct(b.lower)} > eps {_pct(b.eps)} (confidence sequence at delta {b.delta:.3g})")
+                       f"lower bound {_pct(b.lower)} > eps {_pct(b.eps)} "
+                       f"(e-value {b.e_value:.3g} >= 1/delta = {1 / b.delta:.3g})")
     drift = _drift_rows(document, window, rules) if window is not None else []
     watch = _drift_reasons(drift, window.n if window is not None else 0, rules)
     for name, b in bounds.items():

@@ -1,4 +1,4 @@
-"""Anytime-valid bounds on a loss rate: a confidence sequence that may be checked after every batch.
+"""Anytime-valid bounds on a loss rate: evidence that may be checked after every batch.
 
 Monitoring looks at the realised risk of a policy again and again as shadow traffic arrives. A
 fixed-n interval (Clopper–Pearson) recomputed at every check is valid at each check on its own,
@@ -6,28 +6,27 @@ but the chance that it *ever* excludes the true risk grows with the number of ch
 alarm raised on it is a false alarm far more often than δ (``benchmarks/monitor.py`` measures how
 often).
 
-This module bounds the mean of 0/1 losses with a **confidence sequence**: intervals
-``[L_t, U_t]`` such that, with probability at least 1 − δ, the true risk lies in *every* one of
-them, at every t, however many times (and whenever) they are looked at. It is the conjugate
-mixture of likelihood ratios (Robbins 1970; Howard, Ramdas, McAuliffe & Sekhon 2021,
-"Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist.), in betting
-terms the wealth of a bettor who spreads a unit stake over alternatives q with a Beta(a, b) prior:
+This module measures the evidence with **e-processes** built from conjugate mixtures of
+likelihood ratios (Robbins 1970; Howard, Ramdas, McAuliffe & Sekhon 2021, "Time-uniform,
+nonparametric, nonasymptotic confidence sequences", Ann. Statist.). In betting terms: a bettor
+starts with one unit and, on every shadow sample, bets that its loss rate is above p, spreading
+the stake over alternatives q > p with a Beta(a, b) prior truncated to (p, 1]. After t samples
+with s losses the wealth is
 
-    M_t(p) = ∫ q^s (1-q)^(t-s) dBeta(q; a, b) / (p^s (1-p)^(t-s))
-           = B(a+s, b+t-s) / B(a, b) / (p^s (1-p)^(t-s))
+    E⁺_t(p) = ∫_p^1 q^s (1-q)^(t-s) dπ(q) / (π((p, 1]) p^s (1-p)^(t-s))
 
-with s losses in t samples. Under the true p, M_t(p) is a non-negative martingale with
-M_0 = 1, so by Ville's inequality P(∃t: M_t(p) ≥ 1/δ) ≤ δ, and
+For every q > p and a sample whose conditional loss probability is at most p, the factor a
+sample multiplies the wealth by has expectation at most 1, so E⁺_t(p) is a non-negative
+supermartingale under **any** sequence of loss rates that stay at or below p, constant or
+not. By Ville's inequality P(∃t: E⁺_t(p) ≥ 1/δ) ≤ δ: an alarm raised when the wealth at p = ε
+reaches 1/δ is a false alarm with probability at most δ however often it is checked, even when
+the traffic drifts under the budget. The **lower bound** L_t = sup{p: E⁺_t(p) ≥ 1/δ} is the
+largest loss rate the evidence rules out; ``L_t > ε`` is a breach. E⁻_t (prior on [0, p))
+gives the **upper bound** U_t the same way (valid while the rate is constant or only falls).
 
-    C_t = {p : M_t(p) < 1/δ}
-
-is a confidence sequence. C_t is an interval around s/t (log M_t is convex in p with its
-minimum, at most 0, at p = s/t); its ends are found by bisection. The state is two integers
-(t, s), so a bound is the same whatever the batch sizes and the order of the batches, and the
-running intersection (max of the lower ends, min of the upper ends) is still valid.
-
-The prior is fixed before any data from the policy's own ε (:func:`default_prior`): its mass
-sits around the risks a breach would have (2ε), where the bound should be tightest.
+The state is two integers (t, s), so a bound is the same whatever the batch sizes and the
+order of the batches. The prior is fixed before any data by the policy's own ε
+(:func:`default_prior`): mean 2ε, where a breach worth catching lies.
 """
 
 from __future__ import annotations
@@ -47,7 +46,9 @@ __all__ = [
     "confidence_sequence",
     "default_prior",
     "fixed_n_interval",
-    "log_mixture_wealth",
+    "log_e_value",
+    "lower_bound",
+    "upper_bound",
 ]
 
 PRIOR_STRENGTH = 20.0  # a + b of the Beta prior: chosen by benchmarks/monitor.py (docs/monitoring.md)
@@ -72,49 +73,73 @@ def default_prior(eps: float, strength: float = PRIOR_STRENGTH) -> tuple[float, 
     return mean * strength, (1.0 - mean) * strength
 
 
-def log_mixture_wealth(n: Any, losses: Any, p: Any, prior: tuple[float, float]) -> np.ndarray:
-    """log M_t(p) of the module docstring (vectorised); +inf where p is impossible given the losses."""
+def _log_likelihood(n: np.ndarray, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return special.xlogy(s, p) + special.xlog1py(n - s, -p)
+
+
+def _log_mass(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(x, 0.0))
+
+
+def log_e_value(n: Any, losses: Any, p: Any, prior: tuple[float, float], side: str = "above") -> np.ndarray:
+    """log E⁺_t(p) (``side="above"``: evidence the loss rate exceeds p) or log E⁻_t(p) (``"below"``).
+
+    Vectorised over n, losses and p (module docstring); ``-inf`` where there is no evidence at all.
+    """
     a, b = prior
     n_arr, s_arr, p_arr = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(losses, dtype=np.float64),
                                               np.asarray(p, dtype=np.float64))
-    mix = special.betaln(a + s_arr, b + n_arr - s_arr) - special.betaln(a, b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ll = special.xlogy(s_arr, p_arr) + special.xlog1py(n_arr - s_arr, -p_arr)
-    out = mix - ll
-    return np.where(np.isnan(out), np.inf, out)
+    post_a, post_b = a + s_arr, b + n_arr - s_arr
+    if side == "above":
+        post, pri = special.betaincc(post_a, post_b, p_arr), special.betaincc(a, b, p_arr)
+    elif side == "below":
+        post, pri = special.betainc(post_a, post_b, p_arr), special.betainc(a, b, p_arr)
+    else:
+        raise ValueError(f"side must be 'above' or 'below', got {side!r}")
+    out = (special.betaln(post_a, post_b) - special.betaln(a, b) + _log_mass(post) - _log_mass(pri)
+           - _log_likelihood(n_arr, s_arr, p_arr))
+    return np.where(np.isnan(out), -np.inf, out)
 
 
 def _boundary(n: np.ndarray, s: np.ndarray, level: float, prior: tuple[float, float], lo: np.ndarray,
-              hi: np.ndarray, rising: bool) -> np.ndarray:
-    """Bisection for log M_t(p) = level on [lo, hi], where log M is monotone (rising or falling)."""
+              hi: np.ndarray, side: str) -> np.ndarray:
+    """Bisection for the edge of {p: log E(p) >= level}: below it (``above``) or above it (``below``).
+
+    Stops on the conservative side: the lower bound never overstates, the upper never understates.
+    """
     lo, hi = lo.copy(), hi.copy()
     for _ in range(_BISECTIONS):
         mid = 0.5 * (lo + hi)
-        over = log_mixture_wealth(n, s, mid, prior) >= level
-        # on the lower side log M falls with p: over -> the boundary is above mid
-        go_up = over != rising
+        evident = log_e_value(n, s, mid, prior, side) >= level
+        # "above": evidence at small p, none at large -> move lo up while evident
+        go_up = evident if side == "above" else ~evident
         lo = np.where(go_up, mid, lo)
         hi = np.where(go_up, hi, mid)
-    return hi if rising else lo  # the outside end: conservative
+    return lo if side == "above" else hi
+
+
+def lower_bound(n: Any, losses: Any, delta: float, prior: tuple[float, float]) -> np.ndarray:
+    """L_t: the largest loss rate that t samples with ``losses`` losses rule out at level δ (0 if none)."""
+    n_arr, s_arr = _check(n, losses, delta)
+    phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
+    out = _boundary(n_arr, s_arr, math.log(1.0 / delta), prior, np.zeros_like(phat), phat, "above")
+    return np.where(s_arr == 0, 0.0, out)
+
+
+def upper_bound(n: Any, losses: Any, delta: float, prior: tuple[float, float]) -> np.ndarray:
+    """U_t: the smallest loss rate above which t samples with ``losses`` losses rule out at level δ."""
+    n_arr, s_arr = _check(n, losses, delta)
+    phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
+    out = _boundary(n_arr, s_arr, math.log(1.0 / delta), prior, phat, np.ones_like(phat), "below")
+    return np.where((s_arr == n_arr) | (n_arr == 0), 1.0, out)
 
 
 def confidence_sequence(n: Any, losses: Any, delta: float,
                         prior: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) of the confidence sequence at (n samples, ``losses`` of them 1), vectorised.
-
-    Valid simultaneously over all n at level 1 − δ (module docstring). With n = 0 it is [0, 1].
-    The lower end is a conservative (smaller) value and the upper end a conservative (larger)
-    one: bisection stops on the outside of the boundary.
-    """
-    n_arr, s_arr = _check(n, losses, delta)
-    level = math.log(1.0 / delta)
-    phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
-    zeros, ones = np.zeros_like(phat), np.ones_like(phat)
-    lower = _boundary(n_arr, s_arr, level, prior, zeros, phat, rising=False)
-    upper = _boundary(n_arr, s_arr, level, prior, phat, ones, rising=True)
-    lower = np.where(s_arr == 0, 0.0, lower)
-    upper = np.where(s_arr == n_arr, 1.0, upper)
-    return lower, upper
+    """(L_t, U_t), each one-sided at level δ (so [L_t, U_t] covers a constant rate at 1 − 2δ for all t)."""
+    return lower_bound(n, losses, delta, prior), upper_bound(n, losses, delta, prior)
 
 
 def fixed_n_interval(n: Any, losses: Any, delta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -127,10 +152,10 @@ def fixed_n_interval(n: Any, losses: Any, delta: float) -> tuple[np.ndarray, np.
 
 @dataclass(frozen=True)
 class RiskBound:
-    """The sequential state of one constrained segment: counts and the running interval.
+    """The sequential state of one constrained segment: counts and the bounds after them.
 
-    ``lower``/``upper`` are the running intersection of every interval so far (still valid for
-    a confidence sequence); :meth:`update` adds one batch.
+    ``lower`` is the running maximum of L_t (once the evidence at ε reaches 1/δ it stays a
+    breach for this policy); ``upper`` is U_t now. :meth:`update` adds one batch.
     """
 
     eps: float
@@ -151,12 +176,16 @@ class RiskBound:
             raise InputError(f"a batch needs 0 <= losses <= n, got n={n}, losses={losses}")
         total, bad = self.n + int(n), self.losses + int(losses)
         lo, hi = confidence_sequence(total, bad, self.delta, self.prior)
-        return RiskBound(self.eps, self.delta, self.prior, total, bad,
-                         max(self.lower, float(lo)), min(self.upper, float(hi)))
+        return RiskBound(self.eps, self.delta, self.prior, total, bad, max(self.lower, float(lo)), float(hi))
 
     @property
     def risk(self) -> float | None:
         return self.losses / self.n if self.n else None
+
+    @property
+    def e_value(self) -> float:
+        """E⁺ at ε: the evidence that the loss rate is over budget (a breach once it reaches 1/δ)."""
+        return float(np.exp(min(float(log_e_value(self.n, self.losses, self.eps, self.prior)), 700.0)))
 
     @property
     def breached(self) -> bool:
@@ -170,7 +199,8 @@ class RiskBound:
 
     def to_json(self) -> dict[str, Any]:
         return {"eps": self.eps, "delta": self.delta, "prior": list(self.prior), "n": self.n,
-                "losses": self.losses, "risk": self.risk, "lower": self.lower, "upper": self.upper}
+                "losses": self.losses, "risk": self.risk, "lower": self.lower, "upper": self.upper,
+                "e_value": self.e_value}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RiskBound:

@@ -25,7 +25,7 @@ approved, only not by this principal; another approver making the same request s
 
 from __future__ import annotations
 
-from exitwise.calibration.exceptions import ExitwiseError
+from exitwise.calibration.exceptions import ExitwiseError, InputError
 
 
 class PolicyError(ExitwiseError):
@@ -116,3 +116,10 @@ ALL_ERRORS: tuple[type[PolicyError], ...] = (
     ImmutableContent, AuthError,
     Forbidden, FourEyesViolation, StoreUnavailable, SchemaOutOfDate, AuditChainBroken,
 )
+
+
+class UnsupportedMediaType(InputError):
+    """A request body in a format the endpoint does not read (415; CLI exit code 2)."""
+
+    http_status = 415
+    title = "Unsupported media type"

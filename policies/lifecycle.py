@@ -347,7 +347,7 @@ def retire(model: str, number: int, *, actor: Principal, reason: str | None = No
 
 
 def _set_kill(model: str, environment: str, killed: bool, *, actor: Principal, reason: str | None,
-              session: Session) -> KillState:
+              session: Session, evidence: Mapping[str, Any] | None = None) -> KillState:
     env = check_environment(environment)
     verb = "kill" if killed else "unkill"
     reason = _reason(reason, f"{verb} a policy", required=True)
@@ -366,15 +366,20 @@ def _set_kill(model: str, environment: str, killed: bool, *, actor: Principal, r
         h = act.version.content_hash if act else None
         audit.append(session, actor=actor.name, action=f"killswitch.{verb}", model=model,
                      version=act.version.number if act else None, environment=env, reason=reason,
-                     before_hash=h, after_hash=h, details={"killed": killed})
+                     before_hash=h, after_hash=h, details={"killed": killed, **({"evidence": dict(evidence)}
+                                                                                if evidence else {})})
         session.refresh(ks)
         return get_kill_switch(model, env, session=session)
 
 
-def kill(model: str, environment: str, *, actor: Principal, reason: str | None, session: Session) -> KillState:
-    """Turn the kill switch on: the served policy for (model, env) never exits early, at once."""
+def kill(model: str, environment: str, *, actor: Principal, reason: str | None, session: Session,
+         evidence: Mapping[str, Any] | None = None) -> KillState:
+    """Turn the kill switch on: the served policy for (model, env) never exits early, at once.
+
+    ``evidence`` (recorded in the audit event) says what triggered an automatic kill.
+    """
     require(actor, "author", "kill a policy")
-    return _set_kill(model, environment, True, actor=actor, reason=reason, session=session)
+    return _set_kill(model, environment, True, actor=actor, reason=reason, session=session, evidence=evidence)
 
 
 def unkill(model: str, environment: str, *, actor: Principal, reason: str | None, session: Session) -> KillState:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -252,3 +253,83 @@ class MlflowSync(Base):
     attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+VERDICTS = ("unknown", "ok", "watch", "breach")
+
+
+class ShadowBatch(Base):
+    """One upload of shadow-traffic exit logs (migration ``0004``): kept as uploaded, with its summary.
+
+    ``version_id`` is the version that was active when the requests were served. ``payload`` is
+    the body as received (NPZ, Parquet or JSON rows), so the logs can be exported to recalibrate;
+    ``summary`` is its :class:`exitwise.calibration.monitor.ShadowSummary` under that version.
+    A body is stored once per (model, environment): a retried upload answers with the first batch.
+    """
+
+    __tablename__ = "shadow_batches"
+    __table_args__ = (
+        UniqueConstraint("model_id", "environment", "sha256"),
+        Index("ix_shadow_batches_stream", "model_id", "environment", "version_id", "id"),
+        CheckConstraint("n_rows > 0", name="rows_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    environment: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    received_by_id: Mapped[int] = mapped_column(ForeignKey("principals.id"))
+    n_rows: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    summary: Mapped[str] = mapped_column(Text)
+
+
+class MonitorPoint(Base):
+    """The time series of one constrained segment: the running risk bound after each batch.
+
+    ``n``/``losses`` are cumulative over every batch of that version in that environment
+    (``losses`` NULL when the risk cannot be measured, e.g. ``induced_error`` without labels);
+    ``lower``/``upper`` the confidence sequence's running interval at that point.
+    """
+
+    __tablename__ = "monitor_points"
+    __table_args__ = (Index("ix_monitor_points_series", "model_id", "environment", "version_id", "segment", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("shadow_batches.id"), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    environment: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
+    segment: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    n: Mapped[int] = mapped_column(BigInteger)
+    losses: Mapped[int | None] = mapped_column(BigInteger)
+    eps: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    lower: Mapped[float] = mapped_column(Float)
+    upper: Mapped[float] = mapped_column(Float)
+
+
+class MonitorStatus(Base):
+    """The verdict per (model, environment) and its settings (migration ``0004``).
+
+    ``version_id`` is the version the verdict is about (the active one when it was assessed);
+    ``total`` the summary of every batch of that version; ``auto_kill`` (off by default, set by
+    an approver, audited) trips the kill switch when the verdict becomes ``breach``.
+    """
+
+    __tablename__ = "monitor_status"
+    __table_args__ = (CheckConstraint(f"verdict IN {VERDICTS!r}", name="verdict"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.id"))
+    verdict: Mapped[str] = mapped_column(String(8), default="unknown")
+    since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    assessed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    assessment: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[str | None] = mapped_column(Text)
+    auto_kill: Mapped[bool] = mapped_column(Boolean, default=False)
