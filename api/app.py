@@ -23,7 +23,8 @@ from exitwise.api.cache import StoreCache
 from exitwise.api.fastpath import FastPolicyLane
 from exitwise.api.middleware import BodySizeLimit
 from exitwise.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from exitwise.api.routes import audit, health, policies, principals, reports, runtime
+from exitwise.api.routes import audit, health, monitoring, policies, principals, reports, runtime
+from exitwise.api.routes.monitoring import SHADOW_PATH
 from exitwise.api.settings import ApiSettings
 from exitwise.policies import events
 from exitwise.policies.anchor import install_anchor_hook
@@ -89,6 +90,7 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
         openapi_tags=[
             {"name": "runtime", "description": "What inference servers poll"},
             {"name": "policies", "description": "Versions and their lifecycle"},
+            {"name": "monitoring", "description": "Shadow traffic in, a verdict per environment out"},
             {"name": "audit", "description": "The hash-chained audit trail"},
             {"name": "reports", "description": "Audit reports for reviewers"},
             {"name": "principals", "description": "Identities"},
@@ -101,8 +103,9 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
                                          cache_control=settings.policy_cache_control)
     app.fast_lane = FastPolicyLane(cache)
     install_problem_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (runtime, policies, audit, reports, principals, health):
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       larger=[(SHADOW_PATH, settings.shadow_max_bytes)])
+    for module in (runtime, policies, monitoring, audit, reports, principals, health):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

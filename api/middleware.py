@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -27,16 +29,25 @@ class BodySizeLimit:
 
     Checks ``Content-Length`` before the app runs and counts the bytes of bodies sent
     without one (chunked), so the limit cannot be bypassed by omitting the header.
+    ``larger`` gives paths (matched by a regular expression) a limit of their own: shadow-log
+    uploads are bigger than policy documents.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int,
+                 larger: Sequence[tuple[re.Pattern[str], int]] = ()) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_bytes = max_bytes
+        self.larger = tuple(larger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        limit = next((n for pattern, n in self.larger if pattern.fullmatch(path)), self.default_bytes)
+        await self._limited(scope, receive, send, limit)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -44,8 +55,8 @@ class BodySizeLimit:
                 except ValueError:
                     await _send_problem(send, scope, 400, "Bad Request", "invalid Content-Length header")
                     return
-                if declared > self.max_bytes:
-                    await _send_problem(send, scope, 413, "Content Too Large", self._detail())
+                if declared > limit:
+                    await _send_problem(send, scope, 413, "Content Too Large", _detail(limit))
                     return
         seen = 0
         started = False
@@ -55,8 +66,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -69,10 +80,11 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _send_problem(send, scope, 413, "Content Too Large", self._detail())
+                await _send_problem(send, scope, 413, "Content Too Large", _detail(limit))
 
-    def _detail(self) -> str:
-        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+def _detail(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes"
 
 
 async def _send_problem(send: Send, scope: Scope, status: int, title: str, detail: str) -> None:

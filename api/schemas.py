@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from exitwise.policies import store
+from exitwise.policies import monitoring, store
 from exitwise.policies.audit import ChainReport, Event
 from exitwise.policies.names import ENVIRONMENT_MAX, ENVIRONMENT_PATTERN, MODEL_NAME_MAX, MODEL_NAME_PATTERN
 from exitwise.policies.principals import Principal
@@ -52,6 +52,12 @@ class RollbackRequest(_In):
 
 class KillRequest(_In):
     env: Environment
+    reason: Reason
+
+
+class MonitorConfigRequest(_In):
+    env: Environment
+    auto_kill: bool = Field(description="trip the kill switch when the verdict becomes breach (off by default)")
     reason: Reason
 
 
@@ -270,3 +276,49 @@ class Ready(_Out):
     status: Literal["ready"]
     database: str = Field(description="backend name, e.g. sqlite, postgresql")
     revision: str = Field(description="the migration revision (head)")
+
+
+# ---------------------------------------------------------------- monitoring
+
+class IngestOut(_Out):
+    batch: int = Field(description="id of the stored batch (of the first upload, for a duplicate)")
+    model: str
+    environment: str
+    version: int
+    rows: int
+    duplicate: bool = Field(description="the same body was uploaded before; nothing was added")
+    verdict: str = Field(description="unknown | ok | watch | breach, after this batch")
+    previous_verdict: str
+    auto_killed: bool = Field(description="this batch made the verdict breach and tripped the kill switch")
+
+
+class HealthOut(_Out):
+    model: str
+    environment: str
+    version: int | None = Field(description="the active version (null: none)")
+    verdict: str = Field(description="unknown (no shadow rows yet) | ok | watch | breach")
+    since: datetime | None
+    assessed_at: datetime | None
+    recorded: bool = Field(description="false: assessed now from stored batches, not yet recorded")
+    killed: bool
+    auto_kill: bool
+    batches: int
+    rows: int
+    assessment: dict[str, Any] | None = Field(description="reasons, recommendation, per-segment bounds, drift")
+
+    @classmethod
+    def of(cls, h: monitoring.Health) -> HealthOut:
+        return cls(**h.to_json())
+
+
+class PointOut(_Out):
+    version: int
+    segment: str
+    at: datetime
+    batch: int
+    n: int
+    losses: int | None
+    risk: float | None
+    eps: float
+    lower: float
+    upper: float

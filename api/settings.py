@@ -28,6 +28,8 @@ rules) with the serving knobs:
 - ``EXITWISE_REPORT_CACHE_BYTES`` (default 64 MiB): rendered reports kept in memory (LRU);
   ``EXITWISE_REPORT_CACHE_DISK_BYTES`` (default 512 MiB, 0 = off): kept under
   ``<data dir>/report-cache`` (oldest removed first). See docs/reports.md.
+- ``EXITWISE_SHADOW_MAX_BYTES`` (default 32 MiB): the largest shadow-log upload (413 above);
+  rows per upload and the drift window are store settings (``exitwise.policies.settings``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ApiSettings(StoreSettings):
     report_render_queue: int = Field(2, ge=0, le=64)
     report_cache_bytes: int = Field(64 << 20, ge=0)
     report_cache_disk_bytes: int = Field(512 << 20, ge=0)
+    shadow_max_bytes: int = Field(32 << 20, ge=1024, le=1 << 30)
 
     def evidence_paths(self) -> list[Path]:
         """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""

@@ -30,9 +30,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.monitor import (
     Assessment,
-    DriftRules,
     ShadowSummary,
     assess,
     start_bounds,
@@ -46,22 +46,15 @@ from exitwise.policies.errors import InvalidTransition, NotFound
 from exitwise.policies.models import Activation, Model, MonitorPoint, MonitorStatus, ShadowBatch, utcnow
 from exitwise.policies.models import PolicyVersion as VersionRow
 from exitwise.policies.principals import Principal, require
-from exitwise.policies.shadow_logs import media_kind, read_shadow_logs
+from exitwise.policies.settings import MonitorSettings
+from exitwise.policies.shadow_logs import concat_logs, media_kind, read_shadow_logs
 from exitwise.policies.store import active_row, check_environment, kill_row, model_row, version_row
 
-__all__ = ["Health", "IngestResult", "MonitorSettings", "Point", "PreparedBatch", "configure", "environments", "health",
-           "ingest", "prepare", "record", "recorded_verdicts", "series"]
+__all__ = ["Health", "IngestResult", "MonitorSettings", "Point", "PreparedBatch", "configure", "environments", "export",
+           "health",
+           "ingest", "prepare", "record", "recorded_verdicts", "series", "served_document"]
 
 _MAX_AUDIT_REASONS = 10
-
-
-@dataclass(frozen=True)
-class MonitorSettings:
-    """How much shadow data one upload may hold and how recent rows are weighed for drift."""
-
-    max_rows: int = 200_000     # rows per upload
-    window_rows: int = 5_000    # drift is measured on the most recent batches holding at least this many rows
-    rules: DriftRules = field(default_factory=DriftRules)
 
 
 @dataclass(frozen=True)
@@ -193,6 +186,15 @@ def _status(session: Session, m: Model, env: str) -> MonitorStatus:
         status = MonitorStatus(model_id=m.id, environment=env, verdict="unknown", since=utcnow(), auto_kill=False)
         session.add(status)
     return status
+
+
+def served_document(model: str, environment: str, version: int | None, *, session: Session
+                    ) -> tuple[int, dict[str, Any]]:
+    """(number, document) of the version that served shadow requests in ``environment`` (default: the active one)."""
+    env = check_environment(environment)
+    with translate_errors():
+        v = _served_version(session, model_row(session, model), env, version)
+        return v.number, json.loads(v.content)
 
 
 # ---------------------------------------------------------------- writes
@@ -433,3 +435,23 @@ def recorded_verdicts(*, session: Session) -> list[RecordedVerdict]:
             segs = (json.loads(st.assessment).get("segments") or {}) if st.assessment else {}
             out.append(RecordedVerdict(name, st.environment, number, st.verdict, st.auto_kill, segs))
         return out
+
+
+def export(model: str, environment: str, *, session: Session, version: int | None = None) -> ExitLogs:
+    """Every stored shadow row of (model, environment) served by ``version`` (default: the active one).
+
+    The logs to recalibrate on when the verdict says so (``exitwise monitor export``), in upload order.
+    """
+    env = check_environment(environment)
+    with translate_errors():
+        m = model_row(session, model)
+        v = _served_version(session, m, env, version)
+        document = json.loads(v.content)
+        rows = session.execute(select(ShadowBatch.payload, ShadowBatch.media_type).where(
+            ShadowBatch.model_id == m.id, ShadowBatch.environment == env, ShadowBatch.version_id == v.id)
+            .order_by(ShadowBatch.id)).all()
+    source = f"shadow logs of {model} v{v.number} in {env}"
+    parts = [read_shadow_logs(payload, media, document, max_rows=len(payload) + 1) for payload, media in rows]
+    if not parts:
+        raise NotFound(f"no shadow logs of {model!r} version {v.number} in environment {env!r}")
+    return concat_logs(parts, source)

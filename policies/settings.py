@@ -12,15 +12,21 @@ private key file that signs checkpoints; keep it away from the database's owner)
 ``EXITWISE_ANCHOR_STORE`` (a name for this store, signed into each checkpoint) and
 ``EXITWISE_ANCHOR_PUBLIC_KEY`` (what ``audit verify`` checks signatures with when no private
 key is at hand).
+
+Monitoring (``exitwise.policies.monitoring``): ``EXITWISE_SHADOW_MAX_ROWS`` (default 200,000 rows
+per upload) and ``EXITWISE_MONITOR_WINDOW_ROWS`` (default 5,000: drift is measured on the newest
+batches holding at least this many rows).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from exitwise.calibration.monitor import DriftRules
 
 SQLITE_FILE = "exitwise.db"
 
@@ -32,6 +38,15 @@ class GovernanceRules:
     require_staging_before_production: bool = False
     staging_env: str = "staging"
     production_env: str = "production"
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """How much shadow data one upload may hold and how recent rows are weighed for drift."""
+
+    max_rows: int = 200_000     # rows per upload
+    window_rows: int = 5_000    # drift is measured on the newest batches holding at least this many rows
+    rules: DriftRules = field(default_factory=DriftRules)
 
 
 class StoreSettings(BaseSettings):
@@ -50,6 +65,8 @@ class StoreSettings(BaseSettings):
     anchor_store: str | None = None
     anchor_public_key: Path | None = None
     anchor_timeout_s: float = Field(2.0, gt=0, le=60)
+    shadow_max_rows: int = Field(200_000, ge=1, le=10_000_000)
+    monitor_window_rows: int = Field(5_000, ge=100, le=10_000_000)
 
     def resolved_database_url(self) -> str:
         """``database_url`` or the SQLite file under ``data_dir`` (directory created on demand)."""
@@ -57,6 +74,10 @@ class StoreSettings(BaseSettings):
             return normalise_url(self.database_url)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.data_dir / SQLITE_FILE).resolve()}"
+
+    def monitor_settings(self) -> MonitorSettings:
+        """The monitoring service's limits from these settings."""
+        return MonitorSettings(max_rows=self.shadow_max_rows, window_rows=self.monitor_window_rows)
 
     def rules(self) -> GovernanceRules:
         return GovernanceRules(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 from exitwise.calibration.exceptions import InputError, LogFormatError
 from exitwise.calibration.logfiles.cards import card_from_dict
 from exitwise.calibration.logfiles.readers import load_logs
-from exitwise.calibration.logs import ExitLogs, ModelCard
+from exitwise.calibration.logfiles.writers import write_logs
+from exitwise.calibration.logs import ExitLogs, ModelCard, SegmentColumn
 from exitwise.policies.errors import UnsupportedMediaType
 
-__all__ = ["MEDIA_TYPES", "MODEL_COLUMN", "card_of", "read_shadow_logs"]
+__all__ = ["MEDIA_TYPES", "MODEL_COLUMN", "card_of", "concat_logs", "encode_npz", "media_kind", "media_type_of",
+           "read_shadow_logs"]
 
 MEDIA_TYPES: dict[str, str] = {
     "application/x-npz": "npz",
@@ -125,3 +127,42 @@ def read_shadow_logs(body: bytes, content_type: str | None, document: Mapping[st
         raise InputError(f"shadow logs: {logs.n} rows in one upload; at most {max_rows} (send smaller batches)")
     return logs
 
+
+
+def media_type_of(path: Path) -> str:
+    """The media type to upload a log file as, from its extension (a ``.json`` array or JSON Lines)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return "application/x-npz"
+    if suffix in (".parquet", ".pq", ".parq"):
+        return "application/vnd.apache.parquet"
+    if suffix in (".jsonl", ".ndjson"):
+        return "application/x-ndjson"
+    if suffix == ".json":
+        with path.open("rb") as fh:
+            head = fh.read(64).lstrip()
+        return "application/json" if head.startswith(b"[") else "application/x-ndjson"
+    raise InputError(f"{path}: unknown log format (extension {suffix or 'none'!r}); "
+                     "expected .parquet, .jsonl, .json or .npz")
+
+
+def encode_npz(logs: ExitLogs) -> bytes:
+    """``logs`` as an NPZ upload body (the project's own NPZ writer, so the reader takes it back)."""
+    with tempfile.TemporaryDirectory(prefix="exitwise-shadow-") as tmp:
+        path = write_logs(logs, Path(tmp) / "batch.npz")
+        return path.read_bytes()
+
+
+def concat_logs(parts: Sequence[ExitLogs], source: str) -> ExitLogs:
+    """One :class:`ExitLogs` of several batches of the same model (ids and times kept when all have them)."""
+    if not parts:
+        raise InputError(f"{source}: no shadow rows")
+    card = parts[0].card
+    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])  # type: ignore[misc]
+    ids = None if any(p.request_ids is None for p in parts) else np.concatenate(
+        [np.asarray(p.request_ids).astype(str) for p in parts])
+    ts = None if any(p.ts is None for p in parts) else np.concatenate([p.ts for p in parts])  # type: ignore[misc]
+    segments = {name: SegmentColumn.from_values(np.concatenate([p.segments[name].values() for p in parts]))
+                for name in parts[0].segments if all(name in p.segments for p in parts)}
+    return ExitLogs(logits=np.concatenate([p.logits for p in parts]), card=card, labels=labels, segments=segments,
+                    request_ids=ids, ts=ts, source=source)

@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "principal": ("principal", "Manage principals (bearer tokens and roles)."),
     "policy": ("policy", "Policy versions and their lifecycle."),
     "audit": ("audit", "The tamper-evident audit trail."),
+    "monitor": ("monitor", "Monitor the active policy from shadow traffic."),
     "mlflow": ("mlflow_cmd", "Mirror policies into MLflow (runs, registered versions, aliases per environment)."),
 }
 
