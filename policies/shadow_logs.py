@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -96,7 +97,7 @@ def _model_values(path: Path, kind: str) -> np.ndarray | None:
         with path.open("rb") as fh:
             values = [json.loads(line).get(MODEL_COLUMN) for line in fh if line.strip()]
         return None if all(v is None for v in values) else np.asarray(values, dtype=str)
-    except (OSError, ValueError, pa.ArrowException):
+    except (OSError, ValueError, EOFError, KeyError, AttributeError, zipfile.BadZipFile, pa.ArrowException):
         return None  # the reader names what is wrong with the file
 
 

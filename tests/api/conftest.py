@@ -311,3 +311,36 @@ def policy_stub() -> Iterator[PolicyStub]:
     stub = PolicyStub()
     yield stub
     stub.close()
+
+
+# ---------------------------------------------------------------- shadow traffic for make_doc's policy
+
+def shadow_npz(n: int, *, disagree: float = 0.0, segment: str = "studio", confidence: float = 10.0,
+               n_exits: int = 3, n_classes: int = 4, model: str | None = None, seed: int = 0) -> bytes:
+    """An NPZ upload of ``n`` full-depth rows for ``make_doc``'s policy (3 exits, 4 classes, ``capture``).
+
+    Every exit is confident (logit ``confidence`` on one class) so the policy exits at the first
+    exit; a share ``disagree`` of the rows has a last exit that answers another class: a loss.
+    """
+    import io  # lazy: only shadow tests
+
+    import numpy as np  # lazy: only shadow tests
+
+    rng = np.random.default_rng(seed)
+    logits = np.zeros((n, n_exits, n_classes), dtype=np.float32)
+    logits[:, :, 0] = confidence
+    bad = rng.random(n) < disagree
+    logits[bad, -1, 0] = 0.0
+    logits[bad, -1, 1] = confidence
+    arrays: dict[str, Any] = {"logits": logits, "seg_capture": np.array([segment] * n)}
+    if model is not None:
+        arrays["model"] = np.array([model] * n)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def shadow_body() -> Callable[..., bytes]:
+    """``shadow_body(n, disagree=0.0, segment="studio", ...)``: see :func:`shadow_npz`."""
+    return shadow_npz
