@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -440,7 +441,8 @@ def recorded_verdicts(*, session: Session) -> list[RecordedVerdict]:
 def export(model: str, environment: str, *, session: Session, version: int | None = None) -> ExitLogs:
     """Every stored shadow row of (model, environment) served by ``version`` (default: the active one).
 
-    The logs to recalibrate on when the verdict says so (``exitwise monitor export``), in upload order.
+    The logs to recalibrate on when the verdict says so (``exitwise monitor export``), in upload
+    order; a request id uploaded twice is kept once (its first upload), so the file reads back.
     """
     env = check_environment(environment)
     with translate_errors():
@@ -454,4 +456,9 @@ def export(model: str, environment: str, *, session: Session, version: int | Non
     parts = [read_shadow_logs(payload, media, document, max_rows=len(payload) + 1) for payload, media in rows]
     if not parts:
         raise NotFound(f"no shadow logs of {model!r} version {v.number} in environment {env!r}")
-    return concat_logs(parts, source)
+    logs = concat_logs(parts, source)
+    if logs.request_ids is not None:
+        _, first = np.unique(np.asarray(logs.request_ids).astype(str), return_index=True)
+        if first.size < logs.n:
+            logs = logs.take(np.sort(first))
+    return logs
