@@ -419,3 +419,38 @@ def _key(part: Mapping[str, Any]) -> str:
 def _memo(draw: Callable[[Mapping[str, Any]], Any], key: str) -> Any:
     out = draw(json.loads(key))
     return tuple(out) if isinstance(out, list) else out
+
+
+def monitor_svg(points: Sequence[Mapping[str, Any]], max_panels: int = 4) -> bytes | None:
+    """The anytime-valid risk bounds after every shadow batch against ε, one panel per segment (SVG).
+
+    ``points`` are :meth:`exitwise.policies.monitoring.Point.to_json` dicts of one version in one
+    environment; None when there are none.
+    """
+    by_segment: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        by_segment.setdefault(str(p["segment"]), []).append(p)
+    if not by_segment:
+        return None
+    names = list(by_segment)[:max_panels]
+    with matplotlib.rc_context(_RC):
+        fig = _figure(3.4 * len(names), 3.0)
+        axes = fig.subplots(1, len(names), squeeze=False)[0]
+        for ax, name in zip(axes, names, strict=True):
+            pts = by_segment[name]
+            n = [p["n"] for p in pts]
+            eps = float(pts[-1]["eps"])
+            ax.fill_between(n, [100 * p["lower"] for p in pts], [100 * p["upper"] for p in pts], color="#bfdbfe",
+                            step="post", label="bound (lower..upper)")
+            ax.step(n, [100 * p["lower"] for p in pts], where="post", color="#2563eb", lw=1.5, label="lower bound")
+            risk = [(x, 100 * p["risk"]) for x, p in zip(n, pts, strict=True) if _finite(p.get("risk"))]
+            if risk:
+                ax.plot(*zip(*risk, strict=True), "o", color="#0f172a", ms=2.5, label="realised risk")
+            ax.axhline(100 * eps, color="#dc2626", ls="--", lw=1, label=f"ε = {100 * eps:.2f}%")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("shadow rows")
+            ax.set_ylim(0, max(3 * 100 * eps, min(100.0, 1.2 * max(100 * p["lower"] for p in pts) + 1e-9)))
+        axes[0].set_ylabel("risk (%)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)
+        return _svg(fig)

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from exitwise.policies import audit, store
+from exitwise.policies import audit, monitoring, store
 from exitwise.policies.diff import PolicyDiff, diff_documents
 from exitwise.policies.errors import NotFound
 from exitwise.policies.report.formatting import fmt_time
@@ -69,6 +69,22 @@ class ChainVerification:
 
 
 @dataclass(frozen=True)
+class Monitoring:
+    """What shadow traffic showed about the version in one environment (``exitwise.policies.monitoring``).
+
+    ``verdict`` is the environment's verdict now when the version is active there (None when it
+    no longer is); ``points`` the risk bounds after every batch (``Point.to_json`` dicts).
+    """
+
+    environment: str
+    verdict: str | None
+    rows: int = 0
+    reasons: tuple[str, ...] = ()
+    recommendation: str | None = None
+    points: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class ReportContext:
     """Every fact the report shows; rendering is a pure function of it."""
 
@@ -85,6 +101,7 @@ class ReportContext:
     diff: PolicyDiff | None = None  # the parent's document (before) against this one (after)
     generated_at: dt.datetime | str | None = None
     mlflow_run_id: str | None = None
+    monitoring: tuple[Monitoring, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)  # more summary rows, shown as given
 
     @property
@@ -141,13 +158,29 @@ def _environments(session: Session, model: str, number: int) -> tuple[Environmen
     return tuple(environments)
 
 
+def _monitoring(session: Session, model: str, number: int) -> tuple[Monitoring, ...]:
+    """The version's monitoring in every environment that sent shadow logs of it."""
+    out = []
+    for env in monitoring.environments(model, session=session):
+        points = tuple(p.to_json() for p in monitoring.series(model, env, session=session, version=number))
+        if not points:
+            continue
+        health = monitoring.health(model, env, session=session)
+        current = health.version == number
+        a = (health.assessment or {}) if current else {}
+        out.append(Monitoring(env, health.verdict if current else None, max(p["n"] for p in points),
+                              tuple(a.get("reasons") or ()), a.get("recommendation"), points))
+    return tuple(out)
+
+
 def build_context(session: Session, model: str, version: int) -> ReportContext:
     """Collect the facts of (``model``, ``version``) from the store's services into a context.
 
     Reads only (``session`` may be read-only): the version and its parent's document, the
     approvals, where the version stands in every environment the model was ever deployed to
-    (or has a kill switch in), the version's audit events (oldest first) and a verification of
-    the whole audit chain done now. Raises ``NotFound`` for an unknown model or version.
+    (or has a kill switch in), the version's audit events (oldest first), its monitoring from
+    shadow traffic and a verification of the whole audit chain done now. Raises ``NotFound`` for
+    an unknown model or version.
     """
     number = int(version)
     v = store.get_version(model, number, session=session)
@@ -176,4 +209,5 @@ def build_context(session: Session, model: str, version: int) -> ReportContext:
                        before_hash=e.before_hash, after_hash=e.after_hash, seq=e.seq, event_hash=e.hash)
             for e in events),
         chain=ChainVerification(ok=chain.ok, checked=chain.events, message=chain.message, verified_at=_now()),
+        monitoring=_monitoring(session, model, number),
     )

@@ -18,9 +18,9 @@ from markupsafe import Markup
 
 from exitwise.policies.canonical import verify_content_hash
 from exitwise.policies.diff import ALL_SEGMENTS, DEFAULT_SEGMENT, segment_rows
-from exitwise.policies.figures import baseline_label, reference_is_final, report_figures
+from exitwise.policies.figures import baseline_label, monitor_svg, reference_is_final, report_figures
 from exitwise.policies.report.changes import diff_view
-from exitwise.policies.report.context import ReportContext
+from exitwise.policies.report.context import Monitoring, ReportContext
 from exitwise.policies.report.formatting import (
     MISSING,
     finite,
@@ -427,5 +427,21 @@ def build_view(ctx: ReportContext) -> dict[str, Any]:
         "created_at": fmt_time(ctx.created_at), "generated_at": fmt_time(ctx.generated_at),
         "author": ctx.author or MISSING, "state": ctx.state or MISSING,
         "mlflow_run_id": ctx.mlflow_run_id, "extra": list(ctx.extra.items()),
+        "monitoring": [_monitoring_view(m) for m in ctx.monitoring],
     }
+
+
+def _monitoring_view(m: Monitoring) -> dict[str, Any]:
+    """One environment's monitoring: the verdict, the last bound per segment and the figure."""
+    last: dict[str, Mapping[str, Any]] = {}
+    for p in m.points:
+        last[str(p["segment"])] = p
+    rows = [{"segment": name, "n": fmt_int(p["n"]), "risk": fmt_risk(p.get("risk")), "lower": fmt_risk(p["lower"]),
+             "upper": fmt_risk(p["upper"]), "eps": fmt_risk(p["eps"]),
+             "breach": finite(p["lower"]) and finite(p["eps"]) and p["lower"] > p["eps"]}
+            for name, p in last.items()]
+    figure = monitor_svg(m.points)
+    return {"environment": m.environment, "verdict": m.verdict or "not active there now", "rows": fmt_int(m.rows),
+            "reasons": list(m.reasons), "recommendation": m.recommendation, "segments": rows,
+            "figure": _data_uri(figure, "image/svg+xml") if figure is not None else None}
 

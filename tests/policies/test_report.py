@@ -276,7 +276,8 @@ def test_html_is_self_contained(html: str) -> None:
 
 def test_every_section_and_key_number_is_in_the_visible_text(html: str, context: rp.ReportContext) -> None:
     text = visible_text(html)
-    for title in ("Summary", "Evidence", "Calibration", "Decision", "Guarantee", "Cost", "Change and audit trail"):
+    for title in ("Summary", "Evidence", "Calibration", "Decision", "Guarantee", "Cost", "Monitoring",
+                  "Change and audit trail"):
         assert title in text
     for what, value in key_numbers(dict(context.document)).items():
         assert value in text, what
