@@ -68,6 +68,8 @@ def default_prior(eps: float, strength: float = PRIOR_STRENGTH) -> tuple[float, 
     """Beta(a, b) with mean 2ε (capped at 1/2) and a + b = ``strength``: fixed by the budget alone."""
     if not 0.0 < eps < 1.0:
         raise InputError(f"eps must be in (0, 1), got {eps!r}")
+    if not strength > 0.0:
+        raise InputError(f"the prior strength a + b must be > 0, got {strength!r}")
     mean = min(2.0 * eps, 0.5)
     return mean * strength, (1.0 - mean) * strength
 
@@ -107,6 +109,8 @@ def confidence_sequence(n: Any, losses: Any, delta: float,
     one: bisection stops on the outside of the boundary.
     """
     n_arr, s_arr = _check(n, losses, delta)
+    if not (prior[0] > 0.0 and prior[1] > 0.0):
+        raise InputError(f"the Beta prior needs a > 0 and b > 0, got {tuple(prior)!r}")
     level = math.log(1.0 / delta)
     phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
     zeros, ones = np.zeros_like(phat), np.ones_like(phat)
