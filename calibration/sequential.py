@@ -69,6 +69,8 @@ def default_prior(eps: float, strength: float = PRIOR_STRENGTH) -> tuple[float, 
     """Beta(a, b) with mean 2ε (capped at 1/2) and a + b = ``strength``: fixed by the budget alone."""
     if not 0.0 < eps < 1.0:
         raise InputError(f"eps must be in (0, 1), got {eps!r}")
+    if not strength > 0.0:
+        raise InputError(f"the prior strength a + b must be > 0, got {strength!r}")
     mean = min(2.0 * eps, 0.5)
     return mean * strength, (1.0 - mean) * strength
 
@@ -120,9 +122,15 @@ def _boundary(n: np.ndarray, s: np.ndarray, level: float, prior: tuple[float, fl
     return lo if side == "above" else hi
 
 
+def _check_prior(prior: tuple[float, float]) -> None:
+    if not (prior[0] > 0.0 and prior[1] > 0.0):
+        raise InputError(f"the Beta prior needs a > 0 and b > 0, got {tuple(prior)!r}")
+
+
 def lower_bound(n: Any, losses: Any, delta: float, prior: tuple[float, float]) -> np.ndarray:
     """L_t: the largest loss rate that t samples with ``losses`` losses rule out at level δ (0 if none)."""
     n_arr, s_arr = _check(n, losses, delta)
+    _check_prior(prior)
     phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
     out = _boundary(n_arr, s_arr, math.log(1.0 / delta), prior, np.zeros_like(phat), phat, "above")
     return np.where(s_arr == 0, 0.0, out)
@@ -131,6 +139,7 @@ def lower_bound(n: Any, losses: Any, delta: float, prior: tuple[float, float]) -
 def upper_bound(n: Any, losses: Any, delta: float, prior: tuple[float, float]) -> np.ndarray:
     """U_t: the smallest loss rate above which t samples with ``losses`` losses rule out at level δ."""
     n_arr, s_arr = _check(n, losses, delta)
+    _check_prior(prior)
     phat = np.divide(s_arr, n_arr, out=np.zeros_like(s_arr), where=n_arr > 0)
     out = _boundary(n_arr, s_arr, math.log(1.0 / delta), prior, phat, np.ones_like(phat), "below")
     return np.where((s_arr == n_arr) | (n_arr == 0), 1.0, out)

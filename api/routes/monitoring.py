@@ -50,7 +50,7 @@ _UPLOAD_BODY = {"required": True, "content": {t: {"schema": {"type": "string", "
              status_code=status.HTTP_201_CREATED, response_model=IngestOut,
              openapi_extra={"requestBody": _UPLOAD_BODY},
              responses={200: {"description": "The same body was stored before (duplicate)", "model": IngestOut},
-                        **problem_responses(401, 403, 404, 409, 413, 415, 422, 503)})
+                        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)})
 async def upload_shadow_logs(model: ModelPath, request: Request, response: Response, credentials: Credentials,
                              cache: CacheDep, engine: EngineDep, settings: SettingsDep, env: EnvQuery = "production",
                              version: VersionQuery = None) -> IngestOut:
@@ -98,7 +98,7 @@ def get_monitor_series(model: ModelPath, principal: ReaderDep, session: ReadSess
 
 @router.put("/v1/models/{model}/monitor", operation_id="configure_monitor",
             summary="Turn the automatic kill switch on breach on or off (role approver or higher; audited)",
-            response_model=HealthOut, responses=problem_responses(401, 403, 404, 409, 422, 503))
+            response_model=HealthOut, responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 503))
 def configure_monitor(model: ModelPath, body: MonitorConfigRequest, approver: ApproverDep,
                       session: SessionDep) -> HealthOut:
     return HealthOut.of(monitoring.configure(model, body.env, auto_kill=body.auto_kill, actor=approver,
