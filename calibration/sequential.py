@@ -100,8 +100,9 @@ def log_e_value(n: Any, losses: Any, p: Any, prior: tuple[float, float], side: s
         post, pri = special.betainc(post_a, post_b, p_arr), special.betainc(a, b, p_arr)
     else:
         raise ValueError(f"side must be 'above' or 'below', got {side!r}")
-    out = (special.betaln(post_a, post_b) - special.betaln(a, b) + _log_mass(post) - _log_mass(pri)
-           - _log_likelihood(n_arr, s_arr, p_arr))
+    with np.errstate(invalid="ignore"):  # inf - inf where p is 0 or 1: no evidence there, below
+        out = (special.betaln(post_a, post_b) - special.betaln(a, b) + _log_mass(post) - _log_mass(pri)
+               - _log_likelihood(n_arr, s_arr, p_arr))
     return np.where(np.isnan(out), -np.inf, out)
 
 

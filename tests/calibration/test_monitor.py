@@ -307,7 +307,7 @@ def test_breach_when_the_lower_bound_is_over_eps(doc, shifted):
     a = assess(doc, bounds, window, window)
     assert a.verdict == "breach"
     assert a.reasons[0] == (f"risk over budget in segment region_0: 400/2000 = 20.00%, lower bound "
-                            f"{100 * b.lower:.2f}% > eps 10.00% (confidence sequence at delta {0.05 / 3:.3g})")
+                            f"{100 * b.lower:.2f}% > eps 10.00% (e-value {b.e_value:.3g} >= 1/delta = 60)")
     assert any("input drift" in r for r in a.reasons[1:])
     assert "region_0" in (a.recommendation or "") and f"{100 * b.lower:.2f}%" in (a.recommendation or "")
     statuses = {k: v["status"] for k, v in a.to_json()["segments"].items()}
