@@ -8,7 +8,8 @@ What it produces (design contract, "Exit logs", wide Parquet form), in ``--out``
 - ``test.parquet`` -- the 10,000 images of the official Fashion-MNIST *test* set;
 - ``card.json`` -- the model card: exits with cumulative MAC costs, class names, columns;
 - ``metadata.json`` -- seed, epochs, per-exit accuracy (overall and per segment), MACs,
-  torch version, training time.
+  torch version, training time. ``corrupt.py`` (beside this script) adds ``corrupted.parquet``
+  and its ``"corrupted"`` entry from the saved model; rerun it after retraining.
 
 Rows: ``request_id`` (str), ``label`` (int), ``capture`` ("studio" | "phone"),
 ``region`` ("eu" | "us" | "apac"), ``ts`` (UTC timestamp), ``exit_0`` .. ``exit_4`` (lists
@@ -332,6 +333,48 @@ def accuracy_report(logits: np.ndarray, y: np.ndarray, groups: dict[str, np.ndar
     return rep
 
 
+def set_deterministic(seed: int, threads: int) -> None:
+    """Seed torch, fix its CPU thread count and forbid nondeterministic kernels (same bits every run)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def make_splits(seed: int, train_size: int) -> tuple[Split, Split, Split, np.random.Generator]:
+    """(train, calibration, test) splits of ``seed`` and the generator, in the state the logs continue from.
+
+    Everything here is numpy, so ``corrupt.py`` replays the exact rows of the logs without training.
+    """
+    rng = np.random.default_rng(seed)
+    train_images, train_labels = load_idx("train")
+    test_images, test_labels = load_idx("t10k")
+    order = rng.permutation(len(train_labels))
+    cal_index, fit_index = np.sort(order[:N_CALIBRATION]), np.sort(order[N_CALIBRATION:])
+    if not 0 < train_size <= len(fit_index):
+        sys.exit(f"error: --train-size must be in 1..{len(fit_index)}")
+    fit = make_split(train_images, train_labels, fit_index[:train_size], PHONE_FRACTION_TRAIN, rng)
+    cal = make_split(train_images, train_labels, cal_index, PHONE_FRACTION_EVAL, rng)
+    test = make_split(test_images, test_labels, np.arange(len(test_labels)), PHONE_FRACTION_EVAL, rng)
+    return fit, cal, test, rng
+
+
+def log_rows(split: Split, window: tuple[str, str],
+             rng: np.random.Generator) -> tuple[np.ndarray, pd.DatetimeIndex, np.ndarray]:
+    """(region per image, sorted timestamps, row order) of one split's logs, drawn from ``rng``.
+
+    The logs list the images in the order ``perm`` and give them the timestamps in turn.
+    """
+    region = regions_for(split.y, rng)
+    ts = timestamps(len(split.y), window, rng)
+    perm = rng.permutation(len(split.y))
+    return region, ts, perm
+
+
+def reorder(split: Split, perm: np.ndarray) -> Split:
+    """The split with its rows in the order ``perm``."""
+    return Split(split.x[perm], split.y[perm], split.capture[perm], split.source_index[perm])
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -350,23 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    rng = np.random.default_rng(args.seed)
+    set_deterministic(args.seed, args.threads)
     gen = torch.Generator().manual_seed(args.seed)
-
-    train_images, train_labels = load_idx("train")
-    test_images, test_labels = load_idx("t10k")
-    order = rng.permutation(len(train_labels))
-    cal_index, fit_index = np.sort(order[:N_CALIBRATION]), np.sort(order[N_CALIBRATION:])
-    if not 0 < args.train_size <= len(fit_index):
-        sys.exit(f"error: --train-size must be in 1..{len(fit_index)}")
-    fit_index = fit_index[: args.train_size]
-
-    fit = make_split(train_images, train_labels, fit_index, PHONE_FRACTION_TRAIN, rng)
-    cal = make_split(train_images, train_labels, cal_index, PHONE_FRACTION_EVAL, rng)
-    test = make_split(test_images, test_labels, np.arange(len(test_labels)), PHONE_FRACTION_EVAL, rng)
+    fit, cal, test, rng = make_splits(args.seed, args.train_size)
     print(f"data: train {len(fit.y)}, calibration {len(cal.y)}, test {len(test.y)} "
           f"({time.perf_counter() - t_start:.1f} s)", flush=True)
 
@@ -384,12 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     windows = {"calibration": CAL_WINDOW, "test": TEST_WINDOW}
     for name, split, prefix in (("calibration", cal, "fm-cal"), ("test", test, "fm-test")):
         logits = all_exit_logits(model, split.x)
-        region = regions_for(split.y, rng)
-        ts = timestamps(len(split.y), windows[name], rng)
         # Rows in time order: shuffle the samples, then give them the sorted timestamps.
-        perm = rng.permutation(len(split.y))
-        split = Split(split.x[perm], split.y[perm], split.capture[perm], split.source_index[perm])
-        logits, region = logits[perm], region[perm]
+        region, ts, perm = log_rows(split, windows[name], rng)
+        split, logits, region = reorder(split, perm), logits[perm], region[perm]
         table = logs_table(prefix, split, logits, region, ts)
         write_atomic(args.out / f"{name}.parquet",
                      lambda p, t=table: pq.write_table(t, p, compression="zstd", compression_level=19))
