@@ -60,9 +60,9 @@ from exitwise.policies.runtime_shadow import (
     DEFAULT_BATCH_ROWS,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_ROWS,
-    ExitCounter,
     ShadowUploader,
 )
+from exitwise.policies.runtime_status import ClientStatus, ExitCounter, Outcome, Source
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -78,9 +78,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("exitwise.runtime")
-
-Source = Literal["server", "disk", "fallback"]
-Outcome = Literal["updated", "not_modified", "unavailable", "unauthorized", "rejected", "no_active_policy"]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only stops a runaway body
 # The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
@@ -252,35 +249,6 @@ class RefreshResult:
         return self.outcome in ("updated", "no_active_policy")
 
 
-@dataclass(frozen=True)
-class ClientStatus:
-    """What the client is doing now, for health checks and dashboards (:meth:`PolicyClient.status`).
-
-    ``policy_age_s``: seconds since the policy in use was served (a disk copy: served and saved),
-    None on the fallback. ``on_fallback_since``: epoch seconds since when every early exit is
-    refused, None while a policy is in use. ``last_success``: epoch seconds of the last poll the
-    server answered (200, 304 or "no active policy"). ``consecutive_failures``: polls in a row
-    that were unavailable, unauthorized or rejected. ``fallback_alarm``: on the fallback for
-    ``fallback_alarm_after`` seconds or more. ``shadow_pending``: shadow rows held for upload;
-    ``shadow_last_error``: why the last shadow upload failed (None once one succeeds).
-    """
-
-    source: Source
-    version: int | None
-    killed: bool
-    content_hash: str | None
-    policy_age_s: float | None
-    on_fallback_since: float | None
-    last_outcome: Outcome | None
-    last_status: int | None
-    last_detail: str | None
-    last_success: float | None
-    consecutive_failures: int
-    fallback_alarm: bool = False
-    shadow_pending: int = 0
-    shadow_last_error: str | None = None
-
-
 class PolicyClient:
     """Polls ``GET /v1/models/{model}/policy?env=`` and keeps the last good policy.
 
@@ -294,11 +262,8 @@ class PolicyClient:
     read past the limit. ``fallback_alarm_after`` (seconds, None for never): once the client
     has run at full depth that long, every poll logs an ERROR saying so.
 
-    Shadow traffic (:meth:`record_shadow`) is uploaded to ``POST /v1/models/{model}/shadow``
-    with the same token (it needs an author's) by a thread :meth:`start` starts: at most
-    ``shadow_max_rows`` rows held, uploads of at most ``shadow_batch_rows`` rows when that many
-    wait or every ``shadow_flush_interval`` seconds (:class:`~exitwise.policies.runtime_shadow.ShadowUploader`).
-    ``shadow_upload=False`` drops recorded rows (counted) and starts no thread.
+    ``shadow_*``: the :class:`~exitwise.policies.runtime_shadow.ShadowUploader` that uploads
+    :meth:`record_shadow`'s rows with this token (an author's); ``shadow_upload=False`` drops them.
     """
 
     def __init__(
@@ -416,11 +381,8 @@ class PolicyClient:
         return self
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Stop background polling and shadow uploads (the current policy stays; :meth:`refresh` still works).
-
-        Shadow rows still held are uploaded for at most ``timeout`` seconds (plus one HTTP timeout
-        for a request in flight); returns whether none are left.
-        """
+        """Stop polling (the policy stays) and upload the shadow rows held, for at most ``timeout``
+        seconds plus one HTTP timeout; True when none are left."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
@@ -442,13 +404,11 @@ class PolicyClient:
         labels: Any = None,
         request_ids: Any = None,
     ) -> int:
-        """Keep every exit's logits of shadow requests, (K, C) or (n, K, C), for upload; return the rows kept.
+        """Keep all exits' logits of shadow requests, (K, C) or (n, K, C), for upload; return the rows kept.
 
-        ``policy``: the snapshot that served them (default: the current one); its version is
-        what the rows are uploaded under, and rows of the fallback (no version) are dropped and
-        counted. ``segments`` {column: (n,) str}, ``labels`` (n,) class indices and
-        ``request_ids`` (n,) str or int are optional. Never blocks on the network and never
-        raises for a full buffer (rows dropped, counted); ``ValueError`` for wrong shapes or types.
+        Filed under the version of ``policy``, the snapshot that decided them (default: the
+        current one; the fallback's rows are dropped, counted). Never waits on the network; see
+        :meth:`~exitwise.policies.runtime_shadow.ShadowUploader.record` for the other arguments.
         """
         snapshot = self._policy if policy is None else policy
         if not isinstance(snapshot, RuntimePolicy):
@@ -480,14 +440,9 @@ class PolicyClient:
         )
 
     def counters(self) -> dict[str, dict[str, int] | dict[int, int]]:
-        """Totals since construction, for a metrics exporter.
-
-        ``polls`` by outcome; ``refusals`` (rejected policy bodies) by reason; ``decided`` and
-        ``exited``: rows :meth:`RuntimePolicy.decide` decided at each exit index and rows that
-        stopped there (at the last exit: the rows that reached it); ``shadow``: rows recorded,
-        uploaded, dropped (and why), refused, retried uploads and rows ``pending``
-        (:data:`~exitwise.policies.runtime_shadow.SHADOW_COUNTERS`).
-        """
+        """Totals since construction: ``polls`` by outcome, ``refusals`` (rejected bodies) by reason,
+        ``decided`` / ``exited``: rows decided and stopped per exit index, ``shadow``: shadow rows
+        (:data:`~exitwise.policies.runtime_shadow.SHADOW_COUNTERS` and ``pending``)."""
         with self._state_lock:
             polls, refusals = dict(self._polls), dict(self._refusals)
         decided, exited = self._exit_counts.snapshot()

@@ -1,12 +1,11 @@
-"""Shadow traffic and operator counters of the runtime client (numpy, httpx and the standard library only).
+"""Shadow traffic of the runtime client: a bounded buffer and its uploader (numpy, httpx, standard library).
 
 A request that ``policy.shadow()`` picked runs at full depth; the inference server hands every
 exit's logits to :meth:`exitwise.policies.runtime.PolicyClient.record_shadow`, which puts them
 in a :class:`ShadowUploader`: a bounded buffer that a background thread uploads to
-``POST /v1/models/{model}/shadow?env=&version=`` as exit-log NPZ bodies (``logits``, and
-``labels``, ``seg_<column>``, ``request_id``, ``ts`` when known; the format
+``POST /v1/models/{model}/shadow?env=&version=`` as exit-log NPZ bodies (``logits``, ``ts``, and
+``labels``, ``seg_<column>``, ``request_id`` when given: the format
 ``exitwise.calibration.logfiles.readers.load_logs`` reads), one upload per policy version.
-:class:`ExitCounter` counts what ``RuntimePolicy.decide`` decided at each exit.
 
 Bounds: at most ``max_rows`` rows are held, waiting or being uploaded (a failing server is
 retried without holding more); past it new rows are dropped and counted, never queued. One
@@ -38,9 +37,7 @@ __all__ = [
     "DEFAULT_MAX_ROWS",
     "NPZ_MEDIA_TYPE",
     "SHADOW_COUNTERS",
-    "ExitCounter",
     "ShadowUploader",
-    "encode_npz",
 ]
 
 log = logging.getLogger("exitwise.runtime")
@@ -55,31 +52,6 @@ SHADOW_COUNTERS = ("recorded", "uploaded", "batches", "retries", "rejected", "un
 
 _Step = Literal["empty", "sent", "dropped", "retry"]
 _GroupKey = tuple[int, bool, str | None, tuple[str, ...]]  # version, labels?, request-id kind, segment columns
-
-
-class ExitCounter:
-    """Rows decided and rows that stopped, per exit index; thread-safe (one short lock per call).
-
-    A client shares one counter with every snapshot it installs, so the totals span refreshes.
-    """
-
-    __slots__ = ("_decided", "_exited", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._decided: dict[int, int] = {}
-        self._exited: dict[int, int] = {}
-
-    def add(self, exit_index: int, rows: int, exited: int) -> None:
-        """``rows`` were decided at ``exit_index`` and ``exited`` of them stopped there."""
-        with self._lock:
-            self._decided[exit_index] = self._decided.get(exit_index, 0) + rows
-            self._exited[exit_index] = self._exited.get(exit_index, 0) + exited
-
-    def snapshot(self) -> tuple[dict[int, int], dict[int, int]]:
-        """(rows decided, rows stopped) per exit index, in exit order."""
-        with self._lock:
-            return dict(sorted(self._decided.items())), dict(sorted(self._exited.items()))
 
 
 @dataclass(eq=False)
@@ -106,7 +78,7 @@ class _Rows:
                      tuple((c, v[rows]) for c, v in self.segments), self.ts)
 
 
-def encode_npz(parts: Sequence[_Rows]) -> tuple[bytes, int]:
+def _encode_npz(parts: Sequence[_Rows]) -> tuple[bytes, int]:
     """The exit-log NPZ of ``parts`` (same columns) and how many rows it holds.
 
     A request id seen twice keeps its first row (the reader refuses duplicates, which would
@@ -150,6 +122,51 @@ def _strings(values: Any, n: int, what: str) -> np.ndarray:
     elif arr.dtype.kind not in "Uiub":
         raise ValueError(f"{what} must be strings, got dtype {arr.dtype}")
     return arr.astype(str)
+
+
+def _checked(logits: Any, model: tuple[int | None, int | None], wanted: tuple[int, int] | None, labels: Any,
+             request_ids: Any, segments: Mapping[str, Any] | None,
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[tuple[str, np.ndarray]]]:
+    """``record``'s arguments checked: logits (n, K, C) (a view), labels, request ids, segment columns.
+
+    ``model``: the configured (exits, classes), either None; ``wanted``: the (K, C) this call must have.
+    """
+    raw = np.asarray(logits)
+    if raw.ndim == 2:
+        raw = raw[np.newaxis]
+    if raw.ndim != 3:
+        raise ValueError(f"shadow logits must have shape (K, C) or (n, K, C), got {np.shape(logits)}")
+    if raw.dtype.kind not in "fiu":
+        raise ValueError(f"shadow logits must be numbers, got dtype {raw.dtype}")
+    n, k, c = raw.shape
+    for name, expected, got in (("exits", model[0], k), ("classes", model[1], c)):
+        if expected is not None and got != expected:
+            raise ValueError(f"shadow logits have {got} {name}, this model has {expected}")
+    if wanted is not None and (k, c) != tuple(wanted):
+        raise ValueError(f"shadow logits have {k} exits x {c} classes, expected {wanted[0]} x {wanted[1]}")
+    if c < 2:
+        raise ValueError(f"shadow logits need at least 2 classes, got {c}")
+    label_arr = None
+    if labels is not None:
+        label_arr = _column(labels, n, "labels")
+        if label_arr.dtype.kind not in "iu":
+            raise ValueError(f"labels must be class indices (integers), got dtype {label_arr.dtype}")
+        if n and (label_arr.min() < 0 or label_arr.max() >= c):
+            raise ValueError(f"labels must be class indices in 0..{c - 1}, found {label_arr.min()}.."
+                             f"{label_arr.max()}")
+    id_arr = None
+    if request_ids is not None:
+        id_arr = _column(request_ids, n, "request_ids")
+        id_arr = id_arr.astype(np.int64) if id_arr.dtype.kind in "iu" else _strings(id_arr, n, "request_ids")
+    seg_cols: list[tuple[str, np.ndarray]] = []
+    for column, values in sorted((segments or {}).items(), key=lambda item: str(item[0])):
+        if not isinstance(column, str) or not column or "/" in column or not column.isprintable():
+            raise ValueError(f"segment column names must be non-empty printable text without '/', got {column!r}")
+        arr = _strings(values, n, f"segment {column!r}")
+        if n and (np.char.find(arr, "|") >= 0).any():
+            raise ValueError(f"segment {column!r} values must not contain '|' (it joins composite segments)")
+        seg_cols.append((column, arr))
+    return raw, label_arr, id_arr, seg_cols
 
 
 class ShadowUploader:
@@ -246,42 +263,9 @@ class ShadowUploader:
         """
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise ValueError(f"version must be a positive integer or None, got {version!r}")
-        raw = np.asarray(logits)
-        if raw.ndim == 2:
-            raw = raw[np.newaxis]
-        if raw.ndim != 3:
-            raise ValueError(f"shadow logits must have shape (K, C) or (n, K, C), got {np.shape(logits)}")
-        if raw.dtype.kind not in "fiu":
-            raise ValueError(f"shadow logits must be numbers, got dtype {raw.dtype}")
+        raw, label_arr, id_arr, seg_cols = _checked(logits, (self._n_exits, self._n_classes), shape or self._shape,
+                                                    labels, request_ids, segments)
         n, k, c = raw.shape
-        for name, expected, got in (("exits", self._n_exits, k), ("classes", self._n_classes, c)):
-            if expected is not None and got != expected:
-                raise ValueError(f"shadow logits have {got} {name}, this model has {expected}")
-        wanted = shape or self._shape
-        if wanted is not None and (k, c) != tuple(wanted):
-            raise ValueError(f"shadow logits have {k} exits x {c} classes, expected {wanted[0]} x {wanted[1]}")
-        if c < 2:
-            raise ValueError(f"shadow logits need at least 2 classes, got {c}")
-        label_arr = None
-        if labels is not None:
-            label_arr = _column(labels, n, "labels")
-            if label_arr.dtype.kind not in "iu":
-                raise ValueError(f"labels must be class indices (integers), got dtype {label_arr.dtype}")
-            if n and (label_arr.min() < 0 or label_arr.max() >= c):
-                raise ValueError(f"labels must be class indices in 0..{c - 1}, found {label_arr.min()}.."
-                                 f"{label_arr.max()}")
-        id_arr = None
-        if request_ids is not None:
-            id_arr = _column(request_ids, n, "request_ids")
-            id_arr = id_arr.astype(np.int64) if id_arr.dtype.kind in "iu" else _strings(id_arr, n, "request_ids")
-        seg_cols: list[tuple[str, np.ndarray]] = []
-        for column, values in sorted((segments or {}).items()):
-            if not isinstance(column, str) or not column or "/" in column or not column.isprintable():
-                raise ValueError(f"segment column names must be non-empty printable text without '/', got {column!r}")
-            arr = _strings(values, n, f"segment {column!r}")
-            if n and (np.char.find(arr, "|") >= 0).any():
-                raise ValueError(f"segment {column!r} values must not contain '|' (it joins composite segments)")
-            seg_cols.append((column, arr))
         with self._lock:
             if version is None or self._http is None or self._closed:
                 self._counts["dropped_fallback" if version is None else "dropped_disabled"] += n
@@ -469,7 +453,7 @@ class ShadowUploader:
             return "empty"
         key, taken, n = batch
         try:
-            body, kept = encode_npz(taken)
+            body, kept = _encode_npz(taken)
             status, detail, retry_after = self._post(key[0], body, deadline)
         except BaseException:
             with self._lock:

@@ -5,9 +5,12 @@ and counted, that recording never waits on the server, and that no thread outliv
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from exitwise.policies.runtime import PolicyClient, RuntimePolicy, verify_policy
 from exitwise.policies.runtime_shadow import NPZ_MEDIA_TYPE, ShadowUploader
 
 MODEL, ENV, TOKEN = "fashion-cnn", "production", "author-token"
+SERVING = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 K, C = 3, 4  # make_doc's policy: 3 exits, 4 classes
 CARD = card_from_dict({"model": MODEL, "exits": [{"name": n, "cost": c} for n, c in
                                                   (("stage1", 1.9e6), ("stage2", 5.2e6), ("final", 9.0e6))],
@@ -293,6 +297,19 @@ def test_the_background_thread_uploads_full_batches_and_stop_flushes_the_rest(
     client.close()
 
 
+def test_less_than_a_batch_is_uploaded_every_flush_interval(policy_stub: Any, no_threads_left: None) -> None:
+    up = _uploader(policy_stub.url, batch_rows=100, flush_interval=0.1)
+    up.start()
+    up.record(_logits(1), version=1)
+    assert policy_stub.post_entered.wait(30)  # no flush asked, no full batch: the interval uploads it
+    up.record(_logits(2), version=1)
+    deadline = time.monotonic() + 30
+    while len(policy_stub.posts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [len(_arrays(p)["logits"]) for p in policy_stub.posts] == [1, 2]
+    up.close()
+
+
 # ---------------------------------------------------------------- the client's counters and status
 
 
@@ -347,3 +364,32 @@ def test_shadow_upload_off(policy_stub: Any, make_doc: Callable[..., dict], no_t
     assert client.flush_shadow(0.0)
     client.close()
     assert policy_stub.posts == []
+
+
+def test_the_serving_page_shadow_snippet_runs(policy_stub: Any, make_doc: Callable[..., dict]) -> None:
+    """docs/serving.md's serve_batch uploads every exit's logits and answers what infer_batch answers."""
+    blocks = re.findall(r"```python\n(.*?)```", SERVING.read_text(encoding="utf-8"), flags=re.DOTALL)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        tree = ast.parse(block)
+        keep = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom | ast.FunctionDef)]
+        exec(compile(ast.Module(body=keep, type_ignores=[]), "serving.md", "exec"), namespace)
+    assert {"infer_batch", "serve_batch"} <= set(namespace)
+    policy_stub.serve({**_served(make_doc), **make_doc(model=MODEL, shadow_rate=1.0)})  # every batch is shadowed
+    client = PolicyClient(policy_stub.url, MODEL, ENV, TOKEN, cache_dir=False, n_exits=K, n_classes=C)
+    assert client.refresh().outcome == "updated" and client.policy.shadow_rate == 1.0
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=(6, C)) * 2 for _ in range(K)]
+    stages = [lambda h, w=w: (h, h @ w) for w in weights]
+    x = rng.normal(size=(16, 6))
+    segments = np.array(["studio", "phone"] * 8)
+    answer, exit_at = namespace["serve_batch"](client, stages, x, segments, np.arange(16))
+    expected = namespace["infer_batch"](client, stages, x, segments)
+    assert answer.tolist() == expected[0].tolist() and exit_at.tolist() == expected[1].tolist()
+    assert len(set(exit_at.tolist())) > 1  # not vacuous: rows stop at different exits
+    assert client.flush_shadow(timeout=30)
+    [post] = policy_stub.posts
+    arrays = _arrays(post)
+    np.testing.assert_allclose(arrays["logits"], np.stack([x @ w for w in weights], axis=1), rtol=1e-6)
+    assert arrays["seg_capture"].tolist() == segments.tolist() and arrays["request_id"].tolist() == list(range(16))
+    client.close()

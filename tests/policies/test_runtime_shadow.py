@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from exitwise.calibration.rule import CompiledPolicy
 from exitwise.policies.runtime import RuntimePolicy
-from exitwise.policies.runtime_shadow import SHADOW_COUNTERS, ExitCounter, ShadowUploader
+from exitwise.policies.runtime_shadow import SHADOW_COUNTERS, ShadowUploader
+from exitwise.policies.runtime_status import ExitCounter
 
 K, C = 3, 4
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: these tests never upload
@@ -108,6 +109,7 @@ def test_record_copies_what_it_keeps(uploader: ShadowUploader) -> None:
     ({"segments": {"region": [1.5, 2.5]}}, "must be strings"),
     ({"segments": {"a/b": ["x", "y"]}}, "without '/'"),
     ({"segments": {"": ["x", "y"]}}, "non-empty"),
+    ({"segments": {1: ["x", "y"]}}, "non-empty"),
     ({"shape": (K, C + 2)}, "expected 3 x 6"),
 ])
 def test_caller_mistakes_raise_and_name_the_argument(uploader: ShadowUploader, kwargs: dict[str, Any],
