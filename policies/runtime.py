@@ -383,16 +383,13 @@ class PolicyClient:
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop polling (the policy stays) and upload the shadow rows held, for at most ``timeout``
         seconds plus one HTTP timeout; True when none are left."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
-            self._thread = None
+        self._stop_polling()
         return self._shadow.stop(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """:meth:`stop`, drop the shadow rows still held and close the connections; no thread is left."""
-        self.stop(timeout)
-        self._shadow.close(0.0)
+        self._stop_polling()
+        self._shadow.close(timeout)
         self._http.close()
 
     def record_shadow(
@@ -459,6 +456,12 @@ class PolicyClient:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _stop_polling(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
+            self._thread = None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_interval * (0.9 + 0.2 * random.random())):
