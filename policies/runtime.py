@@ -8,8 +8,10 @@ it without the service's dependencies (no fastapi, sqlalchemy, mlflow, pandas or
     client.start()                       # poll now (PolicyAuthError on a refused token), then in the background
     policy = client.policy               # an immutable snapshot, safe to use from any thread
     mask = policy.decide(k, logits_k)    # (n,) bool: which samples stop at exit k
-    if policy.shadow(): ...              # also run this request at full depth and log it
+    if policy.shadow():                  # also run this request at full depth and upload its exit logits:
+        client.record_shadow(all_exit_logits, policy=policy)   # (K, C) or (n, K, C); never blocks
     client.status()                      # source, version, age, fallback time, failures: for health checks
+    client.counters()                    # polls, refusals, rows decided/exited per exit, shadow rows
 
 Safety properties, in order of precedence:
 
@@ -54,6 +56,13 @@ from exitwise.policies.names import NOT_FOUND_PROBLEM
 from exitwise.policies.runtime_cache import PolicyCacheFile, default_cache_dir
 from exitwise.policies.runtime_errors import PolicyAuthError, PolicyClientError, PolicyRejected
 from exitwise.policies.runtime_http import problem_detail, problem_type, read_body, read_prefix
+from exitwise.policies.runtime_shadow import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_ROWS,
+    ShadowUploader,
+)
+from exitwise.policies.runtime_status import ClientStatus, ExitCounter, Outcome, Source
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -69,9 +78,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("exitwise.runtime")
-
-Source = Literal["server", "disk", "fallback"]
-Outcome = Literal["updated", "not_modified", "unavailable", "unauthorized", "rejected", "no_active_policy"]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only stops a runaway body
 # The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
@@ -155,11 +161,14 @@ class RuntimePolicy:
     fetched_at: float | None = None
     _rng: random.Random = field(default_factory=random.Random)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _counts: ExitCounter = field(default_factory=ExitCounter)  # a client shares one across its snapshots
 
     @classmethod
-    def full_depth(cls, rng: random.Random | None = None, n_exits: int | None = None) -> RuntimePolicy:
+    def full_depth(cls, rng: random.Random | None = None, n_exits: int | None = None,
+                   counts: ExitCounter | None = None) -> RuntimePolicy:
         """The fallback: never exit early, no shadow traffic."""
-        return cls(compiled=None, document=None, source="fallback", n_exits=n_exits, _rng=rng or random.Random())
+        return cls(compiled=None, document=None, source="fallback", n_exits=n_exits, _rng=rng or random.Random(),
+                   _counts=counts or ExitCounter())
 
     def __repr__(self) -> str:
         digest = self.content_hash
@@ -201,6 +210,7 @@ class RuntimePolicy:
         Delegates to :func:`exitwise.calibration.rule.decide`. Under the fallback every early exit
         refuses: the caller runs to its last exit, which always answers (all True there when
         the client was told ``n_exits``; without it the fallback cannot tell which is last).
+        Counts the rows decided and stopped at ``exit_index`` (``PolicyClient.counters``).
         """
         logits = np.asarray(logits_batch)
         if self.compiled is None:
@@ -209,8 +219,11 @@ class RuntimePolicy:
             if self.n_exits is not None and not 0 <= exit_index < self.n_exits:
                 raise ValueError(f"exit index {exit_index} out of range 0..{self.n_exits - 1}")
             last = self.n_exits is not None and exit_index == self.n_exits - 1
-            return np.full(logits.shape[0], last, dtype=bool)
-        return decide(self.compiled, exit_index, logits, segments)
+            mask = np.full(logits.shape[0], last, dtype=bool)
+        else:
+            mask = decide(self.compiled, exit_index, logits, segments)
+        self._counts.add(exit_index, mask.shape[0], int(np.count_nonzero(mask)))
+        return mask
 
     def shadow(self) -> bool:
         """Whether this request should also run at full depth and be logged (``shadow_rate``)."""
@@ -236,30 +249,6 @@ class RefreshResult:
         return self.outcome in ("updated", "no_active_policy")
 
 
-@dataclass(frozen=True)
-class ClientStatus:
-    """What the client is doing now, for health checks and dashboards (:meth:`PolicyClient.status`).
-
-    ``policy_age_s``: seconds since the policy in use was served (a disk copy: served and saved),
-    None on the fallback. ``on_fallback_since``: epoch seconds since when every early exit is
-    refused, None while a policy is in use. ``last_success``: epoch seconds of the last poll the
-    server answered (200, 304 or "no active policy"). ``consecutive_failures``: polls in a row
-    that were unavailable, unauthorized or rejected.
-    """
-
-    source: Source
-    version: int | None
-    killed: bool
-    content_hash: str | None
-    policy_age_s: float | None
-    on_fallback_since: float | None
-    last_outcome: Outcome | None
-    last_status: int | None
-    last_detail: str | None
-    last_success: float | None
-    consecutive_failures: int
-
-
 class PolicyClient:
     """Polls ``GET /v1/models/{model}/policy?env=`` and keeps the last good policy.
 
@@ -272,6 +261,9 @@ class PolicyClient:
     another shape is rejected. ``max_body_bytes``: a larger answer is rejected without being
     read past the limit. ``fallback_alarm_after`` (seconds, None for never): once the client
     has run at full depth that long, every poll logs an ERROR saying so.
+
+    ``shadow_*``: the :class:`~exitwise.policies.runtime_shadow.ShadowUploader` that uploads
+    :meth:`record_shadow`'s rows with this token (an author's); ``shadow_upload=False`` drops them.
     """
 
     def __init__(
@@ -289,6 +281,10 @@ class PolicyClient:
         n_classes: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fallback_alarm_after: float | None = 300.0,
+        shadow_upload: bool = True,
+        shadow_max_rows: int = DEFAULT_MAX_ROWS,
+        shadow_batch_rows: int = DEFAULT_BATCH_ROWS,
+        shadow_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
@@ -307,6 +303,10 @@ class PolicyClient:
         self.max_body_bytes = max_body_bytes
         self.fallback_alarm_after = fallback_alarm_after
         self._path = f"/v1/models/{quote(model, safe='')}/policy"
+        self._shadow = ShadowUploader(self.base_url, model, env, token, upload=shadow_upload, timeout=timeout,
+                                      max_rows=shadow_max_rows, batch_rows=shadow_batch_rows,
+                                      flush_interval=shadow_flush_interval, n_exits=n_exits, n_classes=n_classes)
+        self._exit_counts = ExitCounter()  # shared by every snapshot this client installs
         self._cache: PolicyCacheFile | None = None
         if cache_dir is not False:
             self._cache = PolicyCacheFile(default_cache_dir() if cache_dir is None else Path(cache_dir), model, env)
@@ -377,19 +377,47 @@ class PolicyClient:
                     "(a reader's, from `exitwise principal add NAME --role reader`)", result.status)
             self._thread = threading.Thread(target=self._loop, name=f"exitwise-poll-{self.model}", daemon=True)
             self._thread.start()
+        self._shadow.start()
         return self
 
-    def stop(self) -> None:
-        """Stop background polling (the current policy stays; :meth:`refresh` still works)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
-            self._thread = None
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop polling (the policy stays) and upload the shadow rows held, for at most ``timeout``
+        seconds plus one HTTP timeout; True when none are left."""
+        self._stop_polling()
+        return self._shadow.stop(timeout)
 
-    def close(self) -> None:
-        """Stop polling and close the HTTP connection pool; the client cannot poll afterwards."""
-        self.stop()
+    def close(self, timeout: float = 10.0) -> None:
+        """:meth:`stop`, drop the shadow rows still held and close the connections; no thread is left."""
+        self._stop_polling()
+        self._shadow.close(timeout)
         self._http.close()
+
+    def record_shadow(
+        self,
+        logits: Any,
+        *,
+        policy: RuntimePolicy | None = None,
+        segments: Mapping[str, Any] | None = None,
+        labels: Any = None,
+        request_ids: Any = None,
+    ) -> int:
+        """Keep all exits' logits of shadow requests, (K, C) or (n, K, C), for upload; return the rows kept.
+
+        Filed under the version of ``policy``, the snapshot that decided them (default: the
+        current one; the fallback's rows are dropped, counted). Never waits on the network; see
+        :meth:`~exitwise.policies.runtime_shadow.ShadowUploader.record` for the other arguments.
+        """
+        snapshot = self._policy if policy is None else policy
+        if not isinstance(snapshot, RuntimePolicy):
+            raise TypeError(f"policy must be a RuntimePolicy snapshot, got {type(snapshot).__name__}")
+        compiled = snapshot.compiled
+        return self._shadow.record(logits, version=snapshot.version, segments=segments, labels=labels,
+                                   request_ids=request_ids,
+                                   shape=None if compiled is None else (compiled.n_exits, compiled.n_classes))
+
+    def flush_shadow(self, timeout: float = 10.0) -> bool:
+        """Upload the shadow rows recorded so far, now, in this thread; True when none is left."""
+        return self._shadow.flush(timeout)
 
     def status(self) -> ClientStatus:
         """A consistent snapshot of the policy in use, its age, the fallback time and the last poll."""
@@ -404,12 +432,19 @@ class PolicyClient:
             last_status=None if result is None else result.status,
             last_detail=None if result is None else result.detail,
             last_success=success, consecutive_failures=failures,
+            fallback_alarm=self._alarm_due() is not None,
+            shadow_pending=self._shadow.pending, shadow_last_error=self._shadow.last_error,
         )
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        """Totals since construction: ``polls`` by outcome, ``refusals`` (rejected bodies) by reason."""
+    def counters(self) -> dict[str, dict[str, int] | dict[int, int]]:
+        """Totals since construction: ``polls`` by outcome, ``refusals`` (rejected bodies) by reason,
+        ``decided`` / ``exited``: rows decided and stopped per exit index, ``shadow``: shadow rows
+        (:data:`~exitwise.policies.runtime_shadow.SHADOW_COUNTERS` and ``pending``)."""
         with self._state_lock:
-            return {"polls": dict(self._polls), "refusals": dict(self._refusals)}
+            polls, refusals = dict(self._polls), dict(self._refusals)
+        decided, exited = self._exit_counts.snapshot()
+        return {"polls": polls, "refusals": refusals, "decided": decided, "exited": exited,
+                "shadow": self._shadow.counters()}
 
     def __repr__(self) -> str:
         return f"PolicyClient({self.base_url!r}, model={self.model!r}, env={self.env!r}, policy={self._policy!r})"
@@ -421,6 +456,12 @@ class PolicyClient:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _stop_polling(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)  # at most one in-flight poll, bounded by the HTTP timeout
+            self._thread = None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_interval * (0.9 + 0.2 * random.random())):
@@ -437,13 +478,17 @@ class PolicyClient:
         elif result.outcome in ("unavailable", "rejected"):
             log.warning("exitwise policy %s: %s (%s); keeping the %s policy", where, result.outcome, result.detail,
                         kept)
-        since = self._fallback_since
-        if since is not None and self.fallback_alarm_after is not None:
-            waited = time.monotonic() - since[1]
-            if waited >= self.fallback_alarm_after:
-                log.error("exitwise policy %s: FULL DEPTH for %.0f s (fallback_alarm_after=%g s): no early exit is "
-                          "taken; last poll: %s (%s)", where, waited, self.fallback_alarm_after, result.outcome,
-                          result.detail or result.status)
+        waited = self._alarm_due()
+        if waited is not None:
+            log.error("exitwise policy %s: FULL DEPTH for %.0f s (fallback_alarm_after=%g s): no early exit is "
+                      "taken; last poll: %s (%s)", where, waited, self.fallback_alarm_after, result.outcome,
+                      result.detail or result.status)
+
+    def _alarm_due(self) -> float | None:
+        """Seconds on the fallback (monotonic clock) once they reach ``fallback_alarm_after``, else None."""
+        since, after = self._fallback_since, self.fallback_alarm_after
+        waited = None if since is None else time.monotonic() - since[1]
+        return waited if waited is not None and after is not None and waited >= after else None
 
     def _install(self, policy: RuntimePolicy) -> None:
         with self._state_lock:
@@ -491,12 +536,13 @@ class PolicyClient:
             return RefreshResult("rejected", 200, str(exc), exc.reason)
         fetched_at = time.time()
         self._install(RuntimePolicy(compiled=compiled, document=doc, source="server", etag=etag,
-                                    n_exits=self.n_exits, fetched_at=fetched_at, _rng=self._rng))
+                                    n_exits=self.n_exits, fetched_at=fetched_at, _rng=self._rng,
+                                    _counts=self._exit_counts))
         self._save_disk(body, etag, fetched_at, exitwise_etag)
         return RefreshResult("updated", 200)
 
     def _fallback(self) -> RuntimePolicy:
-        return RuntimePolicy.full_depth(self._rng, self.n_exits)
+        return RuntimePolicy.full_depth(self._rng, self.n_exits, self._exit_counts)
 
     def _verify(self, doc: Any) -> CompiledPolicy:
         return verify_policy_document(doc, self.model, env=self.env, n_exits=self.n_exits, n_classes=self.n_classes)
@@ -517,7 +563,8 @@ class PolicyClient:
                         self._cache.path, exc)
             return None
         return RuntimePolicy(compiled=compiled, document=cached.document, source="disk", etag=cached.etag,
-                             n_exits=self.n_exits, fetched_at=cached.saved_at, _rng=self._rng)
+                             n_exits=self.n_exits, fetched_at=cached.saved_at, _rng=self._rng,
+                             _counts=self._exit_counts)
 
     def _save_disk(self, body: bytes, etag: str | None, fetched_at: float, exitwise_etag: bool) -> None:
         """Keep the served bytes on disk; never raises.

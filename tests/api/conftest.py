@@ -228,11 +228,24 @@ def api(request: pytest.FixtureRequest) -> httpx.Client:
 
 # ---------------------------------------------------------------- a policy server the test scripts
 
+@dataclass
+class Posted:
+    """One POST the stub received: the path with its query, the headers and the body."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
 class PolicyStub:
     """A real loopback HTTP server answering every GET with what the test set.
 
     ``huge(total, declare)``: a 200 whose body is a valid policy padded with spaces to ``total``
     bytes, generated lazily (64 KiB at a time, one reused buffer); ``sent`` counts what got out.
+
+    POSTs are kept in ``posts`` and answered, in order, by ``answer_posts(...)``'s scripted
+    answers, then 200 ``{"batch": i}``. ``post_hold`` (an Event): each POST handler waits for it
+    (at most 60 s) after setting ``post_entered``, so a test can hang the server.
     """
 
     def __init__(self) -> None:
@@ -241,6 +254,11 @@ class PolicyStub:
         self.declare_length = True
         self.sent = 0
         self.done = threading.Event()
+        self.posts: list[Posted] = []
+        self.post_answers: list[tuple[int, bytes, dict[str, str]]] = []
+        self.post_hold: threading.Event | None = None
+        self.post_entered = threading.Event()
+        self.post_lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -259,6 +277,26 @@ class PolicyStub:
                 finally:
                     outer.done.set()
 
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with outer.post_lock:
+                    outer.posts.append(Posted(self.path, dict(self.headers.items()), body))
+                    status, answer, headers = (outer.post_answers.pop(0) if outer.post_answers else
+                                               (200, json.dumps({"batch": len(outer.posts)}).encode(),
+                                                {"Content-Type": "application/json"}))
+                outer.post_entered.set()
+                if outer.post_hold is not None:
+                    outer.post_hold.wait(60)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                except OSError:  # the client gave up waiting
+                    pass
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -275,6 +313,15 @@ class PolicyStub:
         self.huge_total = None
         self.body = json.dumps(body).encode() if isinstance(body, dict) else body
         self.status, self.headers = status, {"Content-Type": content_type, **({"ETag": etag} if etag else {})}
+
+    def answer_posts(self, *answers: tuple[int, dict | bytes] | tuple[int, dict | bytes, dict[str, str]]) -> None:
+        """Script the next POST answers: (status, problem dict or bytes[, extra headers])."""
+        with self.post_lock:
+            for status, body, *extra in answers:
+                headers = {"Content-Type": "application/problem+json" if status >= 400 else "application/json",
+                           **(extra[0] if extra else {})}
+                self.post_answers.append((status, json.dumps(body).encode() if isinstance(body, dict) else body,
+                                          headers))
 
     def huge(self, doc: dict, total: int, *, declare: bool) -> None:
         self.serve(doc)
@@ -301,6 +348,8 @@ class PolicyStub:
             pass
 
     def close(self) -> None:
+        if self.post_hold is not None:
+            self.post_hold.set()  # a held POST handler must not outlive the test
         self.httpd.shutdown()
         self.httpd.server_close()
 
