@@ -224,3 +224,26 @@ def test_upload_size_limit(world: Any, make_settings: Any, active: str, shadow_b
         r = _upload(client, world, active, shadow_body(200))
         assert r.status_code == 413 and "4096" in r.json()["detail"]
         assert _upload(client, world, active, shadow_body(2)).status_code == 201
+
+
+def test_policy_client_shadow_traffic_reaches_a_verdict_on_a_real_server(world: Any, active: str,
+                                                                        live_client: httpx.Client) -> None:
+    """The embedded client against ``exitwise serve``: decide, record the shadow rows, upload, breach."""
+    from exitwise.policies.runtime import PolicyClient  # lazy: the runtime client in one test
+
+    client = PolicyClient(str(live_client.base_url), active, "production", world.tokens["alice"], cache_dir=False,
+                          n_exits=3, n_classes=4, shadow_flush_interval=0.2)
+    with client:
+        client.start()
+        policy = client.policy
+        assert policy.version == 1
+        logits = np.zeros((300, 3, 4), dtype=np.float32)
+        logits[:, :, 0] = 10.0
+        logits[:, -1, :] = [0.0, 10.0, 0.0, 0.0]  # the last exit disagrees on every row
+        assert policy.decide(0, logits[:, 0, :], segments=["studio"] * 300).all()
+        assert client.record_shadow(logits, policy=policy, segments={"capture": ["studio"] * 300}) == 300
+        assert client.flush_shadow(timeout=20)
+        counters = client.counters()
+    assert counters["shadow"]["uploaded"] == 300 and counters["exited"][0] == 300
+    h = _health(live_client, world, active)
+    assert h["verdict"] == "breach" and h["rows"] == 300 and h["version"] == 1
