@@ -22,7 +22,9 @@ MODEL = "fashion-cnn"
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A policy certified on the clean calibration logs, and shadow files: clean, noisy, of another shape."""
+    """A policy certified on the clean calibration logs, and shadow files: clean (the held-out test logs),
+    corrupted (the test images with noise and contrast loss: examples/fashion_mnist/corrupt.py), of another
+    shape, not logs at all."""
     d = tmp_path_factory.mktemp("monitor-cli")
     card = load_card(DATA / "card.json")
     logs = load_logs(DATA / "calibration.parquet", card)
@@ -30,16 +32,11 @@ def fashion(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "logs": str(DATA / "calibration.parquet"), "card": str(DATA / "card.json")}).document
     (d / "policy.json").write_text(json.dumps(doc))
     test = load_logs(DATA / "test.parquet", card)
-    rng = np.random.default_rng(0)
-    noisy = test.take(np.arange(3000))
-    noisy = dataclasses.replace(noisy, logits=(0.5 * noisy.logits + rng.normal(0, 1.5, noisy.logits.shape))
-                                .astype(np.float32))
-    write_logs(noisy, d / "noisy.npz")
     narrow = dataclasses.replace(test.take(np.arange(50)), logits=test.logits[:50, :, :9].copy(),
                                  card=dataclasses.replace(card, classes=card.classes[:9]))
     write_logs(narrow, d / "narrow.parquet")
     (d / "notes.txt").write_text("not logs")
-    return {"policy": d / "policy.json", "clean": DATA / "test.parquet", "noisy": d / "noisy.npz",
+    return {"policy": d / "policy.json", "clean": DATA / "test.parquet", "corrupted": DATA / "corrupted.parquet",
             "narrow": d / "narrow.parquet", "notes": d / "notes.txt"}
 
 
@@ -52,7 +49,7 @@ def store(cli: Any, store_env: str, committed_actors: Any, fashion: dict[str, Pa
     return tokens
 
 
-def test_clean_traffic_stays_ok_and_noisy_traffic_breaches(cli: Any, store: dict[str, str], fashion: Any,
+def test_clean_traffic_stays_ok_and_corrupted_traffic_breaches(cli: Any, store: dict[str, str], fashion: Any,
                                                            tmp_path: Path) -> None:
     alice = store["alice"]
     assert cli("monitor", "status", MODEL, "--env", "production", "--json").json()["verdict"] == "unknown"
@@ -66,26 +63,26 @@ def test_clean_traffic_stays_ok_and_noisy_traffic_breaches(cli: Any, store: dict
     assert overall["upper"] < 0.02 and overall["status"] == "safe"
     assert all(d["psi"] < 0.1 for d in status["assessment"]["drift"])
 
-    r = cli("monitor", "ingest", fashion["noisy"], "--model", MODEL, "--env", "production", "--token", alice,
-            "--fail-on", "breach")
+    r = cli("monitor", "ingest", fashion["corrupted"], "--model", MODEL, "--env", "production", "--token", alice,
+            "--fail-on", "breach", "--batch-rows", "5000")
     assert r.code == 3 and "→ breach" in r.out and r.err.startswith("error: ") and "verdict breach" in r.err
     human = cli("monitor", "status", MODEL, "--env", "production")
     assert human.code == 0 and "breach" in human.out and "recommendation: recalibrate" in human.out
     assert cli("monitor", "status", MODEL, "--env", "production", "--fail-on", "watch").code == 3
 
     points = cli("monitor", "series", MODEL, "--env", "production", "--json").json()["points"]
-    assert [p["n"] for p in points] == [2500, 5000, 7500, 10_000, 13_000]
+    assert [p["n"] for p in points] == [2500, 5000, 7500, 10_000, 15_000, 20_000]
     assert points[-1]["lower"] > 0.02 >= points[-2]["lower"]
 
     r = cli("monitor", "export", MODEL, "--env", "production", "--out", tmp_path / "shadow.parquet", "--json")
-    assert r.code == 0 and r.json()["rows"] == 10_000  # the noisy rows reuse request ids: kept once
+    assert r.code == 0 and r.json()["rows"] == 10_000  # the corrupted rows reuse the request ids: kept once
     card = dataclasses.replace(load_card(DATA / "card.json"), segment_columns=())  # the policy has no segments
     exported, clean = load_logs(tmp_path / "shadow.parquet", card), load_logs(fashion["clean"], card)
     assert exported.n == 10_000 and np.array_equal(exported.logits, clean.logits)
     assert np.array_equal(exported.labels, clean.labels)
     log = cli("audit", "log", "--model", MODEL, "--json").json()["events"]
-    assert [(e["action"], e["details"].get("to")) for e in log[:2]] == \
-        [("monitor.verdict", "breach"), ("monitor.verdict", "ok")]
+    # newest first: ok on clean traffic, watch (drift) after the first corrupted batch, then breach
+    assert [e["details"]["to"] for e in log if e["action"] == "monitor.verdict"] == ["breach", "watch", "ok"]
 
 
 def test_auto_kill_is_an_approvers_setting(cli: Any, store: dict[str, str], fashion: Any) -> None:
@@ -93,7 +90,7 @@ def test_auto_kill_is_an_approvers_setting(cli: Any, store: dict[str, str], fash
     assert cli(*args, "--token", store["alice"]).code == 1  # an author may not
     r = cli(*args, "--token", store["bob"], "--json")
     assert r.code == 0 and r.json()["auto_kill"] is True
-    r = cli("monitor", "ingest", fashion["noisy"], "--model", MODEL, "--env", "production", "--token",
+    r = cli("monitor", "ingest", fashion["corrupted"], "--model", MODEL, "--env", "production", "--token",
             store["alice"])
     assert r.code == 0 and "automatic kill switch TRIPPED" in r.out
     assert cli("policy", "active", MODEL, "--env", "production", "--json").json()["killed"] is True
