@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 PRIOR_STRENGTH = 20.0  # a + b of the Beta prior: chosen by benchmarks/monitor.py (docs/monitoring.md)
-_BISECTIONS = 60
+_BISECTIONS = 42  # 2^-42 < 3e-13: far below any rate a shadow sample can resolve
 
 
 def _check(n: Any, losses: Any, delta: float) -> tuple[np.ndarray, np.ndarray]:

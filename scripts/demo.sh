@@ -2,7 +2,8 @@
 # `make demo`: the main job on the embedded defaults (SQLite policy store and a local MLflow
 # store under the data directory), on the bundled Fashion-MNIST exit logs:
 # calibrate -> solve + certify -> evaluate on held-out logs -> store -> approve (four eyes)
-# -> activate in staging and production -> verify the audit chain -> audit report -> MLflow.
+# -> activate in staging and production -> monitor shadow traffic -> verify the audit chain
+# -> audit report -> MLflow.
 # Starts from a clean demo data directory each time, so it can be run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ export EXITWISE_DATA_DIR="${DEMO_DATA_DIR:-$PWD/.exitwise/demo}"
 unset EXITWISE_DATABASE_URL EXITWISE_TOKEN
 DATA="${DEMO_LOGS_DIR:-examples/data/fashion_mnist}"
 CAL="$DATA/calibration.parquet"; TEST="$DATA/test.parquet"; CARD="$DATA/card.json"
+CORRUPTED="$DATA/corrupted.parquet"  # the test images with noise and contrast loss (examples/fashion_mnist/corrupt.py)
 SEGMENT="${DEMO_SEGMENT:-capture}"
 OUT="$EXITWISE_DATA_DIR"
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -19,38 +21,46 @@ MODEL=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["model"])
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/8 calibrate each exit (fit on one half of the calibration logs, report on the other)"
+step "1/9 calibrate each exit (fit on one half of the calibration logs, report on the other)"
 exitwise calibrate "$CAL" --card "$CARD" --out "$OUT/calibration"
 
-step "2/8 solve per-exit/class/segment thresholds, certified: disagreement <= 1% with 95% confidence"
+step "2/9 solve per-exit/class/segment thresholds, certified: disagreement <= 1% with 95% confidence"
 exitwise solve "$CAL" --card "$CARD" --test "$TEST" --risk disagreement --eps 0.01 --delta 0.05 \
   --segment-key "$SEGMENT" --segment-budget "*=0.02" --out "$OUT/policy.json"
 
-step "3/8 evaluate the policy on the held-out test logs"
+step "3/9 evaluate the policy on the held-out test logs"
 exitwise evaluate "$OUT/policy.json" "$TEST" --card "$CARD"
 
-step "4/8 policy store: migrate, create principals (tokens stay in this shell)"
+step "4/9 policy store: migrate, create principals (tokens stay in this shell)"
 exitwise db upgrade
 ADMIN=$(exitwise principal add demo-admin --role admin --quiet)
 AUTHOR=$(EXITWISE_TOKEN="$ADMIN" exitwise principal add alice --role author --quiet)
 APPROVER=$(EXITWISE_TOKEN="$ADMIN" exitwise principal add bob --role approver --quiet)
 
-step "5/8 alice stores the policy; bob approves it and activates it in staging, then production"
+step "5/9 alice stores the policy; bob approves it and activates it in staging, then production"
 EXITWISE_TOKEN="$AUTHOR" exitwise policy create "$OUT/policy.json"
 EXITWISE_TOKEN="$APPROVER" exitwise policy approve "$MODEL" 1 --reason "demo: certified on the bundled logs"
 EXITWISE_TOKEN="$APPROVER" exitwise policy activate "$MODEL" 1 --env staging --reason "demo rollout"
 EXITWISE_TOKEN="$APPROVER" exitwise policy activate "$MODEL" 1 --env production --reason "demo rollout"
 exitwise policy list "$MODEL"
 
-step "6/8 verify the tamper-evident audit trail"
+step "6/9 monitor: shadow traffic in batches of 1,000; held-out logs in staging, corrupted images in production"
+EXITWISE_TOKEN="$AUTHOR" exitwise monitor ingest "$TEST" --model "$MODEL" --env staging --batch-rows 1000
+exitwise monitor status "$MODEL" --env staging
+if [ -f "$CORRUPTED" ]; then
+  EXITWISE_TOKEN="$AUTHOR" exitwise monitor ingest "$CORRUPTED" --model "$MODEL" --env production --batch-rows 1000
+  exitwise monitor status "$MODEL" --env production
+fi
+
+step "7/9 verify the tamper-evident audit trail"
 exitwise audit verify
 exitwise audit export --format jsonl --out "$OUT/audit.jsonl"
 
-step "7/8 audit report for the compliance reviewer"
+step "8/9 audit report for the compliance reviewer"
 exitwise report "$MODEL" 1 --format html --out "$OUT/report.html"
 exitwise report "$MODEL" 1 --format pdf --out "$OUT/report.pdf"
 
-step "8/8 MLflow: register the policy as a pyfunc model, aliases follow the lifecycle"
+step "9/9 MLflow: register the policy as a pyfunc model, aliases follow the lifecycle"
 exitwise mlflow sync
 URI=$(exitwise mlflow uri "$MODEL" --env production)
 TRACKING=$(exitwise mlflow uri --tracking)
