@@ -28,6 +28,8 @@ rules) with the serving knobs:
 - ``EXITWISE_REPORT_CACHE_BYTES`` (default 64 MiB): rendered reports kept in memory (LRU);
   ``EXITWISE_REPORT_CACHE_DISK_BYTES`` (default 512 MiB, 0 = off): kept under
   ``<data dir>/report-cache`` (oldest removed first). See docs/reports.md.
+- ``EXITWISE_METRICS_PUBLIC`` (default false): ``GET /metrics`` (Prometheus) answers without a
+  token, for a scraper inside a private network; otherwise it needs a reader's token.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ApiSettings(StoreSettings):
     report_render_queue: int = Field(2, ge=0, le=64)
     report_cache_bytes: int = Field(64 << 20, ge=0)
     report_cache_disk_bytes: int = Field(512 << 20, ge=0)
+    metrics_public: bool = False
 
     def evidence_paths(self) -> list[Path]:
         """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""

@@ -68,7 +68,7 @@ def test_openapi_document_is_complete(tmp_path: Path) -> None:
         ("post", "/v1/models/{model}/kill"), ("post", "/v1/models/{model}/unkill"), ("get", "/v1/audit"),
         ("get", "/v1/audit/verify"), ("get", "/v1/audit/export"),
         ("get", "/v1/models/{model}/versions/{version}/report"), ("get", "/v1/me"), ("get", "/healthz"),
-        ("get", "/readyz"),
+        ("get", "/readyz"), ("get", "/metrics"),
     }
     assert {(m, p) for p, m, _ in ops} == expected
     schemas = doc["components"]["schemas"]
