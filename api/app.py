@@ -21,6 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from exitwise.api.cache import StoreCache
 from exitwise.api.fastpath import FastPolicyLane
+from exitwise.api.metrics import AppMetrics
+from exitwise.api.metrics import router as metrics_router
 from exitwise.api.middleware import BodySizeLimit
 from exitwise.api.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from exitwise.api.routes import audit, health, monitoring, policies, principals, reports, runtime
@@ -51,15 +53,24 @@ class ExitwiseAPI(FastAPI):
     """FastAPI with the runtime read path's fast lane in front (see :mod:`exitwise.api.fastpath`)."""
 
     fast_lane: FastPolicyLane | None = None
+    metrics: AppMetrics | None = None  # counts every answer, the fast lane's included
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.metrics is not None:
+            await self.metrics.http(scope, receive, send, self._answer)
+        else:
+            await self._answer(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer from the fast lane if it can (True), else through FastAPI (False)."""
         if scope["type"] == "http" and self.fast_lane is not None:
             try:
                 if await self.fast_lane(scope, receive, send):
-                    return
+                    return True
             except Exception:  # the lane never answers an error; the app will, as problem+json
                 log.debug("fast lane fell through on an error", exc_info=True)
         await super().__call__(scope, receive, send)
+        return False
 
 
 def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = None) -> FastAPI:
@@ -102,11 +113,13 @@ def create_app(settings: ApiSettings | None = None, *, engine: Engine | None = N
     app.state.cache = cache = StoreCache(engine, ttl_ms=settings.cache_ttl_ms,
                                          cache_control=settings.policy_cache_control)
     app.fast_lane = FastPolicyLane(cache)
+    app.metrics = AppMetrics(cache, engine, app.fast_lane)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        larger=[(SHADOW_PATH, settings.shadow_max_bytes)])
     for module in (runtime, policies, monitoring, audit, reports, principals, health):
         app.include_router(module.router)
+    app.include_router(metrics_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

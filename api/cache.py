@@ -109,6 +109,9 @@ class StoreCache:
         self._tokens: dict[str, tuple[StoreStamp, Principal]] = {}
         self.checks = 0  # stamp reads, for tests and metrics
         self.resets = 0  # times the stamp changed and everything was dropped
+        self.overflows = 0  # times a cache was full and was emptied
+        # lookups by the routes and the fast lane (exitwise.api.metrics); the peek_* methods count nothing
+        self.policy_hits = self.policy_misses = self.token_hits = self.token_misses = 0
 
     @property
     def generation(self) -> int | None:
@@ -183,6 +186,10 @@ class StoreCache:
             return None
         return hit[1]
 
+    def entries(self) -> tuple[int, int]:
+        """How many policies and tokens are cached (for metrics)."""
+        return len(self._policies), len(self._tokens)
+
     def fresh(self) -> bool:
         """Whether the last generation read is younger than ``ttl`` (no check is due)."""
         return self._clock() - self._checked_at < self.ttl
@@ -195,12 +202,15 @@ class StoreCache:
         key = (model, env)
         hit = self._policies.get(key)
         if hit is None or hit[0] != self.stamp:
+            self.policy_misses += 1
             stamp, answer = await run_in_threadpool(self._load_active, model, env)
             if self._keep(stamp):
                 if len(self._policies) >= MAX_POLICIES:
+                    self.overflows += 1
                     self._policies.clear()
                 self._policies[key] = (stamp, answer)
         else:
+            self.policy_hits += 1
             answer = hit[1]
         if isinstance(answer, NotFound):
             raise NotFound(str(answer))
@@ -231,10 +241,13 @@ class StoreCache:
         digest = hash_token(token)
         hit = self._tokens.get(digest)
         if hit is not None and hit[0] == self.stamp:
+            self.token_hits += 1
             return hit[1]
+        self.token_misses += 1
         stamp, principal = await run_in_threadpool(self._load_principal, token)
         if self._keep(stamp):
             if len(self._tokens) >= MAX_TOKENS:
+                self.overflows += 1
                 self._tokens.clear()
             self._tokens[digest] = (stamp, principal)
         return principal

@@ -76,4 +76,6 @@ class FastPolicyLane:
             await send({"type": "http.response.start", "status": 200, "headers": served.headers_200})
             await send({"type": "http.response.body", "body": served.body})
         self.hits += 1
+        cache.policy_hits += 1
+        cache.token_hits += 1
         return True

@@ -30,6 +30,8 @@ rules) with the serving knobs:
   ``<data dir>/report-cache`` (oldest removed first). See docs/reports.md.
 - ``EXITWISE_SHADOW_MAX_BYTES`` (default 32 MiB): the largest shadow-log upload (413 above);
   rows per upload and the drift window are store settings (``exitwise.policies.settings``).
+- ``EXITWISE_METRICS_PUBLIC`` (default false): ``GET /metrics`` (Prometheus) answers without a
+  token, for a scraper inside a private network; otherwise it needs a reader's token.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ApiSettings(StoreSettings):
     report_cache_bytes: int = Field(64 << 20, ge=0)
     report_cache_disk_bytes: int = Field(512 << 20, ge=0)
     shadow_max_bytes: int = Field(32 << 20, ge=1024, le=1 << 30)
+    metrics_public: bool = False
 
     def evidence_paths(self) -> list[Path]:
         """``EXITWISE_EVIDENCE_ROOTS`` as absolute directories (empty: re-verify nothing)."""

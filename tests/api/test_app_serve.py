@@ -68,7 +68,9 @@ def test_openapi_document_is_complete(tmp_path: Path) -> None:
         ("post", "/v1/models/{model}/kill"), ("post", "/v1/models/{model}/unkill"), ("get", "/v1/audit"),
         ("get", "/v1/audit/verify"), ("get", "/v1/audit/export"),
         ("get", "/v1/models/{model}/versions/{version}/report"), ("get", "/v1/me"), ("get", "/healthz"),
-        ("get", "/readyz"),
+        ("get", "/readyz"), ("get", "/metrics"), ("post", "/v1/models/{model}/shadow"),
+        ("get", "/v1/models/{model}/health"), ("get", "/v1/models/{model}/monitor/series"),
+        ("put", "/v1/models/{model}/monitor"),
     }
     assert {(m, p) for p, m, _ in ops} == expected
     schemas = doc["components"]["schemas"]

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.slow
 SQLITE = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the store is not what is tested
 
 SERVICE_ONLY = ("fastapi", "starlette", "sqlalchemy", "alembic", "mlflow", "pandas", "scipy", "matplotlib",
-                "weasyprint", "typer", "pydantic", "pyarrow", "uvicorn", "jinja2", "scikit-learn")
+                "weasyprint", "typer", "pydantic", "pyarrow", "uvicorn", "jinja2", "scikit-learn",
+                "prometheus-client")
 
 
 def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
