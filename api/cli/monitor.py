@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -58,8 +59,6 @@ def _batches(path: Path, model: str, env: str, version: int | None, batch_rows: 
     with reading() as session:
         _number, document = monitoring.served_document(model, env, version, session=session)
     logs = read_shadow_logs(body, media, document, max_rows=10**9)  # a local file: split, not refused
-    import numpy as np  # lazy: only when splitting
-
     return [(encode_npz(logs.take(np.arange(i, min(i + batch_rows, logs.n)))), "application/x-npz")
             for i in range(0, logs.n, batch_rows)]
 

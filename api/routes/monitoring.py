@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from exitwise.api.deps import (
@@ -47,11 +47,9 @@ _UPLOAD_BODY = {"required": True, "content": {t: {"schema": {"type": "string", "
 
 @router.post("/v1/models/{model}/shadow", operation_id="upload_shadow_logs",
              summary="Upload full-depth exit logs of shadow requests (role author or higher)",
-             status_code=status.HTTP_201_CREATED, response_model=IngestOut,
-             openapi_extra={"requestBody": _UPLOAD_BODY},
-             responses={200: {"description": "The same body was stored before (duplicate)", "model": IngestOut},
-                        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503)})
-async def upload_shadow_logs(model: ModelPath, request: Request, response: Response, credentials: Credentials,
+             response_model=IngestOut, openapi_extra={"requestBody": _UPLOAD_BODY},
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503))
+async def upload_shadow_logs(model: ModelPath, request: Request, credentials: Credentials,
                              cache: CacheDep, engine: EngineDep, settings: SettingsDep, env: EnvQuery = "production",
                              version: VersionQuery = None) -> IngestOut:
     token = bearer_token(credentials)
@@ -75,9 +73,7 @@ async def upload_shadow_logs(model: ModelPath, request: Request, response: Respo
         result = await run_in_threadpool(write, batch)
     finally:
         cache.invalidate()
-    if result.duplicate:
-        response.status_code = status.HTTP_200_OK
-    return IngestOut(**result.to_json())
+    return IngestOut(**result.to_json())  # a body stored before answers the same way, with duplicate: true
 
 
 @router.get("/v1/models/{model}/health", operation_id="get_model_health",

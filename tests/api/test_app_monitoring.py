@@ -54,7 +54,7 @@ def test_unknown_before_any_shadow_rows(api: httpx.Client, world: Any, active: s
 def test_ok_path_records_the_verdict_and_audits_the_change(api: httpx.Client, world: Any, active: str,
                                                            shadow_body: Any) -> None:
     r = _upload(api, world, active, shadow_body(600))
-    assert r.status_code == 201, r.text
+    assert r.status_code == 200, r.text
     out = r.json()
     assert (out["rows"], out["version"], out["verdict"], out["previous_verdict"], out["duplicate"]) == \
         (600, 1, "ok", "unknown", False)
@@ -76,7 +76,7 @@ def test_breach_path_names_the_segment_and_its_numbers(api: httpx.Client, world:
                                                        shadow_body: Any) -> None:
     assert _upload(api, world, active, shadow_body(400)).json()["verdict"] == "ok"
     r = _upload(api, world, active, shadow_body(300, disagree=0.5, seed=2))
-    assert r.status_code == 201 and r.json()["verdict"] == "breach" and not r.json()["auto_killed"]
+    assert r.status_code == 200 and r.json()["verdict"] == "breach" and not r.json()["auto_killed"]
     h = _health(api, world, active)
     seg = h["assessment"]["segments"]["studio"]
     assert seg["status"] == "breach" and seg["lower"] > seg["eps"] == 0.02
@@ -109,7 +109,7 @@ def test_watch_path_on_drift_with_the_risk_under_budget(api: httpx.Client, world
         lifecycle.approve(model, 1, approver=bob, reason="ok", session=s)
         lifecycle.activate(model, 1, "production", actor=bob, reason="go", session=s)
     r = _upload(api, world, model, shadow_body(800))  # every score near 1: far from the reference's spread
-    assert r.status_code == 201 and r.json()["verdict"] == "watch"
+    assert r.status_code == 200 and r.json()["verdict"] == "watch"
     h = _health(api, world, model)
     assert h["assessment"]["segments"]["__all__"]["upper"] < 0.02
     drift = h["assessment"]["drift"]
@@ -129,7 +129,7 @@ def test_automatic_kill_switch_trips_on_breach_and_is_audited(api: httpx.Client,
     assert configured.actor == "bob" and configured.details == {"auto_kill": True}
 
     r = _upload(api, world, active, shadow_body(200, disagree=1.0))
-    assert r.status_code == 201 and r.json()["verdict"] == "breach" and r.json()["auto_killed"] is True
+    assert r.status_code == 200 and r.json()["verdict"] == "breach" and r.json()["auto_killed"] is True
     assert _health(api, world, active)["killed"] is True
     policy = api.get(f"/v1/models/{active}/policy", params={"env": "production"}, headers=world.auth("rita"))
     assert policy.json()["killed"] is True
@@ -149,7 +149,7 @@ def test_a_late_batch_of_an_earlier_version_is_kept_but_not_assessed(api: httpx.
     world.seed(make_doc, model, versions=2, approve=2, activate={"production": 1})
     world.activate(model, 2, "production")
     r = _upload(api, world, model, shadow_body(100, disagree=1.0), version=1)
-    assert r.status_code == 201 and (r.json()["version"], r.json()["verdict"]) == (1, "unknown")
+    assert r.status_code == 200 and (r.json()["version"], r.json()["verdict"]) == (1, "unknown")
     h = _health(api, world, model)
     assert (h["version"], h["verdict"], h["batches"]) == (2, "unknown", 0)
     series = api.get(f"/v1/models/{model}/monitor/series", params={"env": "production", "version": 1},
@@ -161,7 +161,7 @@ def test_the_same_body_twice_is_stored_once(api: httpx.Client, world: Any, activ
     body = shadow_body(120, seed=9)
     first = _upload(api, world, active, body)
     again = _upload(api, world, active, body)
-    assert (first.status_code, again.status_code) == (201, 200)
+    assert (first.status_code, again.status_code) == (200, 200) and first.json()["duplicate"] is False
     assert again.json()["duplicate"] is True and again.json()["batch"] == first.json()["batch"]
     assert _health(api, world, active)["rows"] == 120
 
@@ -208,7 +208,7 @@ def test_a_version_never_active_in_the_environment_is_refused(api: httpx.Client,
 def test_json_rows_are_read_too(api: httpx.Client, world: Any, active: str) -> None:
     rows = [{"exit_0": [9, 0, 0, 0], "exit_1": [9, 0, 0, 0], "exit_2": [0, 9, 0, 0], "capture": "studio"}] * 5
     r = api.post(f"/v1/models/{active}/shadow", params={"env": "production"}, json=rows, headers=world.auth("alice"))
-    assert r.status_code == 201 and r.json()["rows"] == 5
+    assert r.status_code == 200 and r.json()["rows"] == 5
     series = api.get(f"/v1/models/{active}/monitor/series", params={"env": "production"},
                      headers=world.auth("rita")).json()
     assert {p["segment"]: p["losses"] for p in series} == {"__all__": 5, "studio": 5}
@@ -223,7 +223,7 @@ def test_upload_size_limit(world: Any, make_settings: Any, active: str, shadow_b
     with TestClient(app, raise_server_exceptions=False) as client:
         r = _upload(client, world, active, shadow_body(200))
         assert r.status_code == 413 and "4096" in r.json()["detail"]
-        assert _upload(client, world, active, shadow_body(2)).status_code == 201
+        assert _upload(client, world, active, shadow_body(2)).status_code == 200
 
 
 def test_policy_client_shadow_traffic_reaches_a_verdict_on_a_real_server(world: Any, active: str,
