@@ -241,7 +241,9 @@ class MlflowSync(Base):
 
     The audit trail is the outbox: a model needs a sync while it has audit events with
     ``seq > synced_seq`` or when it was last synced to another tracking URI (see
-    ``exitwise.policies.mlflow.sync``). Not audited and not append-only: bookkeeping only.
+    ``exitwise.policies.mlflow.sync``); ``monitor_synced_id`` is the last ``monitor_points.id``
+    mirrored as run metrics (migration ``0004``; NULL: none yet), so a model with newer monitoring
+    points is pending too. Not audited and not append-only: bookkeeping only.
     """
 
     __tablename__ = "mlflow_sync"
@@ -253,6 +255,7 @@ class MlflowSync(Base):
     attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    monitor_synced_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 VERDICTS = ("unknown", "ok", "watch", "breach")

@@ -9,6 +9,8 @@
   ``watch``, ``breach``), the assessment behind it, the running summary of the assessed
   version and the automatic kill switch setting. Verdict changes are audit events; these rows
   are bookkeeping, not governed state.
+- ``mlflow_sync.monitor_synced_id``: the last monitoring point the MLflow mirror logged as run
+  metrics (NULL: none yet); a model with newer points is pending for ``exitwise mlflow sync``.
 
 Revision ID: 0004
 Revises: 0003
@@ -97,9 +99,13 @@ def upgrade() -> None:
                                 name=op.f("fk_monitor_status_version_id_policy_versions")),
         sa.PrimaryKeyConstraint("model_id", "environment", name=op.f("pk_monitor_status")),
     )
+    with op.batch_alter_table("mlflow_sync") as batch:
+        batch.add_column(sa.Column("monitor_synced_id", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("mlflow_sync") as batch:
+        batch.drop_column("monitor_synced_id")
     op.drop_table("monitor_status")
     op.drop_index("ix_monitor_points_series", table_name="monitor_points")
     op.drop_index(op.f("ix_monitor_points_batch_id"), table_name="monitor_points")

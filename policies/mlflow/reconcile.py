@@ -73,6 +73,8 @@ class SyncResult:
     aliases_removed: tuple[str, ...]
     duplicates_removed: tuple[str, ...]
     stale: tuple[str, ...]
+    runs: Mapping[int, str] = field(default_factory=dict)  # store version -> the run of its MLflow version
+    monitor: Mapping[int, int] = field(default_factory=dict)  # store version -> monitoring metrics logged now
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,8 @@ class SyncResult:
             "registered": list(self.registered), "aliases": dict(sorted(self.aliases.items())),
             "aliases_set": list(self.aliases_set), "aliases_removed": list(self.aliases_removed),
             "duplicates_removed": list(self.duplicates_removed), "stale": list(self.stale),
+            "runs": {str(k): v for k, v in sorted(self.runs.items())},
+            "monitor_metrics": {str(k): v for k, v in sorted(self.monitor.items())},
         }
 
     def uris(self) -> dict[str, str]:
@@ -161,6 +165,7 @@ def _reconcile(
         versions={n: str(mv.version) for n, mv in kept.items()}, registered=tuple(registered),
         aliases=aliases, aliases_set=tuple(set_), aliases_removed=tuple(gone),
         duplicates_removed=tuple(removed), stale=tuple(stale),
+        runs={n: str(mv.run_id) for n, mv in kept.items() if mv.run_id},
     )
 
 

@@ -2,16 +2,19 @@
 
 The audit trail is the outbox: a model is pending while it has audit events past the
 ``synced_seq`` of its ``mlflow_sync`` row (:class:`~exitwise.policies.models.MlflowSync`), or
-when it was last synced to another tracking URI. :func:`sync_model` reads the store in a short
-read-only transaction, talks to MLflow with no transaction open (:func:`reconcile`), then
-records the outcome; an MLflow failure is recorded and leaves the model pending.
+monitoring points past its ``monitor_synced_id`` (shadow batches that changed no verdict leave
+no audit event), or when it was last synced to another tracking URI. :func:`sync_model` reads
+the store in a short read-only transaction, talks to MLflow with no transaction open
+(:func:`reconcile`, then :func:`~exitwise.policies.mlflow.monitor.mirror_monitoring` for the
+monitoring metrics), then records the outcome; an MLflow failure is recorded and leaves the
+model pending.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -25,10 +28,19 @@ from exitwise.policies.db import translate_errors, unit_of_work
 from exitwise.policies.errors import NotFound, PolicyError
 from exitwise.policies.mlflow.config import MlflowConfig, client_for, mlflow_config, redact_uri, registered_model_name
 from exitwise.policies.mlflow.errors import RegistryError, translate
+from exitwise.policies.mlflow.monitor import (
+    PointSource,
+    Stream,
+    last_points,
+    mirror_monitoring,
+    monitor_snapshot,
+    new_points,
+)
 from exitwise.policies.mlflow.payload import VersionRecord
 from exitwise.policies.mlflow.publish import ReportSource
 from exitwise.policies.mlflow.reconcile import DesiredState, DocumentSource, SyncResult, reconcile
 from exitwise.policies.models import AuditEvent, KillSwitch, MlflowSync, Model, utcnow
+from exitwise.policies.monitoring import Point
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,8 @@ class SyncStatus:
     attempted_at: datetime | None
     failures: int
     last_error: str | None
+    monitor_point_id: int = 0  # the model's highest monitoring point id
+    monitor_synced_id: int = 0  # the highest one mirrored as run metrics
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -72,11 +86,13 @@ class SyncOutcome:
 
 
 def sync_status(*, session: Session, config: MlflowConfig | None = None) -> list[SyncStatus]:
-    """Every model's mirror state; ``pending`` when MLflow is behind the audit trail (or elsewhere)."""
+    """Every model's mirror state; ``pending`` when MLflow is behind the audit trail or the
+    monitoring points (or was synced elsewhere)."""
     config = config or mlflow_config()
     uri = redact_uri(config.tracking_uri)
     with translate_errors():
         heads = _audit_heads(session)
+        points = last_points(session)
         rows = {r.model: r for r in session.scalars(select(MlflowSync))}
         names = sorted(set(session.scalars(select(Model.name))) | set(heads))
     out = []
@@ -84,12 +100,13 @@ def sync_status(*, session: Session, config: MlflowConfig | None = None) -> list
         r = rows.get(name)
         head = heads.get(name, 0)
         synced = r.synced_seq if r is not None else 0
-        pending = head > synced or (r is not None and r.tracking_uri != uri) or r is None
+        point, point_synced = points.get(name, 0), (r.monitor_synced_id or 0) if r is not None else 0
+        pending = head > synced or point > point_synced or r is None or r.tracking_uri != uri
         out.append(SyncStatus(
             model=name, audit_seq=head, synced_seq=synced, pending=pending,
             tracking_uri=r.tracking_uri if r else None, synced_at=r.synced_at if r else None,
             attempted_at=r.attempted_at if r else None, failures=r.failures if r else 0,
-            last_error=r.last_error if r else None,
+            last_error=r.last_error if r else None, monitor_point_id=point, monitor_synced_id=point_synced,
         ))
     return out
 
@@ -128,6 +145,8 @@ def sync_model(
 ) -> SyncOutcome:
     """Bring ``model``'s MLflow mirror up to date with the policy database (idempotent).
 
+    The registered versions, aliases and tags (:func:`reconcile`), then the monitoring time
+    series of every version as metrics on its run (:mod:`exitwise.policies.mlflow.monitor`).
     Reads the store in a short read-only transaction, talks to MLflow with no transaction
     open, then records the outcome. MLflow failures do not raise: they are recorded (the
     model stays pending) and returned as ``ok=False``; database failures raise, and so does
@@ -136,10 +155,13 @@ def sync_model(
     config = config or mlflow_config()
     with unit_of_work(engine, readonly=True) as s:
         desired, head = desired_state(model, session=s)
+        monitored = monitor_snapshot(model, session=s)
     document_for, report_for = _loaders(engine, model, reports)
     try:
         client = client or client_for(config)
         result = reconcile(client, config, desired, document_for=document_for, report_for=report_for)
+        mirrored = mirror_monitoring(client, result.runs, monitored, _points_loader(engine, model))
+        result = replace(result, monitor=mirrored.metrics)
     except MissingDependency:
         raise
     except PolicyError as exc:
@@ -153,7 +175,7 @@ def sync_model(
         seq = _record(engine, model, config, synced_seq=None, error=str(err))
         log.warning("MLflow sync of %s failed (stays pending): %s", model, err)
         return SyncOutcome(model=model, ok=False, synced_seq=seq, audit_seq=head, error=str(err))
-    seq = _record(engine, model, config, synced_seq=head, error=None)
+    seq = _record(engine, model, config, synced_seq=head, error=None, monitor_id=monitored.last_point)
     return SyncOutcome(model=model, ok=True, synced_seq=seq, audit_seq=head, result=result)
 
 
@@ -205,7 +227,18 @@ def _loaders(engine: Engine, model: str, reports: bool) -> tuple[DocumentSource,
     return document_for, (report_for if reports else None)
 
 
-def _record(engine: Engine, model: str, config: MlflowConfig, *, synced_seq: int | None, error: str | None) -> int:
+def _points_loader(engine: Engine, model: str) -> PointSource:
+    """A stream's points past a step (with the version's segment labels), in a short read-only transaction."""
+
+    def points_for(stream: Stream, after: int) -> tuple[dict[str, str], list[tuple[int, Point]]]:
+        with unit_of_work(engine, readonly=True) as s:
+            return new_points(model, stream, after, session=s)
+
+    return points_for
+
+
+def _record(engine: Engine, model: str, config: MlflowConfig, *, synced_seq: int | None, error: str | None,
+            monitor_id: int = 0) -> int:
     """Write the outcome of one attempt; returns the synced seq now recorded."""
     now = utcnow()
     with unit_of_work(engine) as s:
@@ -217,8 +250,9 @@ def _record(engine: Engine, model: str, config: MlflowConfig, *, synced_seq: int
         if error is None and synced_seq is not None:
             uri = redact_uri(config.tracking_uri)
             if row.tracking_uri != uri:
-                row.synced_seq = 0
+                row.synced_seq, row.monitor_synced_id = 0, None
             row.synced_seq = max(row.synced_seq, synced_seq)
+            row.monitor_synced_id = max(row.monitor_synced_id or 0, monitor_id) or None
             row.tracking_uri, row.synced_at, row.failures, row.last_error = uri, now, 0, None
         else:
             row.failures = (row.failures or 0) + 1
