@@ -100,7 +100,8 @@ def _cut_tail(conn: Connection) -> None:
 
 def _wipe(conn: Connection) -> None:
     """Empty the trail and every lifecycle table, and reset the head: "verifies: 0 events"."""
-    tables = ("audit_events", "kill_switches", "activations", "approvals", "policy_versions", "models")
+    tables = ("audit_events", "monitor_points", "shadow_batches", "monitor_status", "kill_switches", "activations",
+              "approvals", "policy_versions", "models")
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)}")
     else:
