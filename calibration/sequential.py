@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 PRIOR_STRENGTH = 20.0  # a + b of the Beta prior: chosen by benchmarks/monitor.py (docs/monitoring.md)
+_TINY_MASS = 1e-290
 _BISECTIONS = 42  # 2^-42 < 3e-13: far below any rate a shadow sample can resolve
 
 
@@ -103,7 +104,9 @@ def log_e_value(n: Any, losses: Any, p: Any, prior: tuple[float, float], side: s
     with np.errstate(invalid="ignore"):  # inf - inf where p is 0 or 1: no evidence there, below
         out = (special.betaln(post_a, post_b) - special.betaln(a, b) + _log_mass(post) - _log_mass(pri)
                - _log_likelihood(n_arr, s_arr, p_arr))
-    return np.where(np.isnan(out), -np.inf, out)
+    # a prior mass below the normal floats cannot be divided by: count it as no evidence at all, so
+    # a bound is only ever wider (never a false breach, never a false "safe") where floats give out
+    return np.where(np.isnan(out) | (pri < _TINY_MASS), -np.inf, out)
 
 
 def _boundary(n: np.ndarray, s: np.ndarray, level: float, prior: tuple[float, float], lo: np.ndarray,
