@@ -16,8 +16,10 @@ exactly, in any order — and a set of summaries into an :class:`Assessment`:
   index and a chi-square two-sample test of homogeneity on the same bins.
 
 Verdicts: ``breach`` when the lower end of the risk bound is over ε in any constrained segment;
-``watch`` when there is drift (or the realised risk is over ε without being conclusive yet);
-``ok`` otherwise. Pure numpy/scipy: the store and the API live in ``exitwise.policies.monitoring``.
+``watch`` when there is drift (inputs or calibration) without a breach; ``ok`` otherwise. A
+realised risk over ε that the bound does not confirm is not a verdict: at a true risk of exactly
+ε it would flag half of all healthy policies; the segment's status says ``inconclusive``.
+Pure numpy/scipy: the store and the API live in ``exitwise.policies.monitoring``.
 """
 
 from __future__ import annotations
@@ -351,10 +353,6 @@ def assess(document: Mapping[str, Any], bounds: Mapping[str, RiskBound], window:
                        f"(e-value {b.e_value:.3g} >= 1/delta = {1 / b.delta:.3g})")
     drift = _drift_rows(document, window, rules) if window is not None else []
     watch = _drift_reasons(drift, window.n if window is not None else 0, rules)
-    for name, b in bounds.items():
-        if not b.breached and b.risk is not None and b.risk > b.eps and b.n >= rules.min_rows:
-            watch.append(f"realised risk in segment {name} is {_pct(b.risk)} > eps {_pct(b.eps)} "
-                         f"but not yet conclusive (bound {_pct(b.lower)}..{_pct(b.upper)})")
     unmeasured = [] if total is None else [name for name, (rows, losses) in total.segments.items()
                                            if rows > 0 and losses is None]
     verdict: Verdict = "breach" if breaches else ("watch" if watch else "ok")

@@ -288,15 +288,13 @@ def test_watch_on_drift_alone(doc, fresh, shifted):
     assert quiet.verdict == "ok" and all(r["psi"] is None for r in quiet.drift)
 
 
-def test_watch_when_realised_risk_is_over_eps_but_inconclusive(doc):
+def test_a_realised_risk_over_eps_that_the_bound_does_not_confirm_is_ok_and_inconclusive(doc):
     bounds = update_bounds(start_bounds(doc), _batch({"__all__": (1000, 30), "region_1": (600, 66)}, 1000))
     b = bounds["region_1"]
     assert b.risk == pytest.approx(0.11) and not b.breached
     a = assess(doc, bounds, None, None)
-    assert a.verdict == "watch"
-    assert a.reasons == (f"realised risk in segment region_1 is 11.00% > eps 10.00% but not yet conclusive "
-                         f"(bound {100 * b.lower:.2f}%..{100 * b.upper:.2f}%)",)
-    assert a.drift == () and a.n == 0
+    assert a.verdict == "ok" and a.reasons == () and a.drift == () and a.n == 0
+    assert a.to_json()["segments"]["region_1"]["status"] == "inconclusive"
 
 
 def test_breach_when_the_lower_bound_is_over_eps(doc, shifted):
@@ -320,7 +318,7 @@ def test_breach_needs_the_whole_interval_over_eps():
     b = RiskBound.start(0.05, 0.05)
     doc = {"exits": [{"name": "e0"}], "guarantee": {"eps": 0.05}}
     assert assess(doc, {"__all__": b.update(200, 14)}, None, None).verdict == "ok"  # under min_rows
-    assert assess(doc, {"__all__": b.update(600, 42)}, None, None).verdict == "watch"
+    assert assess(doc, {"__all__": b.update(600, 42)}, None, None).verdict == "ok"  # 7% but inconclusive
     big = b.update(60_000, 4200)
     assert big.breached and assess(doc, {"__all__": big}, None, None).verdict == "breach"
     assert math.isclose(big.risk or 0.0, 0.07)
