@@ -2,8 +2,9 @@
 ``--fail-over-budget`` exits 3 when a constrained segment's realised risk is over its budget.
 
 Everything through the real console script (``cli``) on the bundled Fashion-MNIST exit logs:
-the policy ``make demo`` solves (disagreement <= 1 %, every capture value <= 2 %), and copies of
-it edited and re-hashed: studio samples answered at the first exit (far over budget), every
+the policy ``make demo`` solves (disagreement <= 1 %, every capture value <= 2 %), on the test
+logs and on their corrupted copy (later traffic whose images got worse), and copies of it
+edited and re-hashed: studio samples answered at the first exit (far over budget), every
 sample at full depth (risk 0), and the guarantee on ``induced_error`` for logs without labels.
 """
 
@@ -25,6 +26,7 @@ from exitwise.policies.canonical import with_content_hash
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "fashion_mnist"
 CAL, TEST, CARD = DATA / "calibration.parquet", DATA / "test.parquet", DATA / "card.json"
+CORRUPTED = DATA / "corrupted.parquet"  # the same test rows, images with less contrast and some noise
 
 
 def _edited(doc: dict[str, Any], path: Path, **changes: Any) -> Path:
@@ -145,6 +147,19 @@ def test_a_segment_over_its_budget_exits_3_with_one_stderr_line_each(cli: Any, f
     assert r.code == 3 and r.err.splitlines() == want_err
     out = r.json()  # the evaluation, not an error object
     assert "error" not in out and out["over_budget"] == ["__all__", "studio"] and out["budgets"] == ev["budgets"]
+
+
+def test_corrupted_traffic_fails_the_budgets_it_breaks(cli: Any, fashion: dict[str, Path]) -> None:
+    r = cli("evaluate", fashion["policy"], CORRUPTED, "--card", CARD, "--fail-over-budget", "--json")
+    assert r.code == 3, r
+    ev = r.json()
+    phone, studio = ev["budgets"]["phone"], ev["budgets"]["studio"]
+    assert "phone" in ev["over_budget"] and "__all__" in ev["over_budget"]
+    assert phone["significantly_over"] and phone["risk_interval"][0] > 2 * phone["eps"]  # far over, not noise
+    assert ev["budgets"]["__all__"]["significantly_over"]
+    assert ("studio" in ev["over_budget"]) == (studio["risk"] > studio["eps"])
+    assert r.err.splitlines() == [_over_line("__all__ (all traffic)" if n == "__all__" else n, ev["budgets"][n],
+                                             ev["budgets"][n]["significantly_over"]) for n in ev["over_budget"]]
 
 
 def test_a_policy_within_every_budget_passes_the_flag(cli: Any, fashion: dict[str, Path]) -> None:
