@@ -13,7 +13,11 @@ into the numbers the design contract defines, vectorised over all samples:
   overall, per segment value, and for synchronised batches of B consecutive samples (in
   log order; the last batch may be partial), where a batch runs until its deepest member
   exits:  CF_B = sum_b |b| max_{i in b} cost_{e_i} / (n cost_{K-1});
-* the exit rate per exit.
+* the exit rate per exit;
+* with a confidence level 1 - delta, the two-sided Clopper-Pearson interval of every realised
+  risk (:func:`risk_interval`), and per constrained segment of a
+  policy (``guarantee.segments``) whether the realised risk is over its budget
+  (:func:`check_budgets`).
 
 The solver, the certifier, the baselines and ``exitwise evaluate`` all come through here.
 """
@@ -21,17 +25,30 @@ The solver, the certifier, the baselines and ``exitwise evaluate`` all come thro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from exitwise.calibration.certify import ALL
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
+from exitwise.calibration.sequential import fixed_n_interval
 
 RISKS = ("disagreement", "induced_error")
 BATCH_SIZES = (1, 8, 32)
+
+
+def risk_interval(losses: int, n: int, delta: float) -> tuple[float, float] | None:
+    """Two-sided exact binomial (Clopper-Pearson) interval at confidence 1 - delta of the rate of
+    ``losses`` in ``n`` rows: [Beta^-1(delta/2; k, n-k+1), Beta^-1(1-delta/2; k+1, n-k)], 0 at
+    k = 0 and 1 at k = n (:func:`~exitwise.calibration.sequential.fixed_n_interval`); None when n = 0.
+    """
+    if n <= 0:
+        return None
+    lo, hi = fixed_n_interval(n, losses, delta)
+    return float(lo), float(hi)
 
 
 def check_risk(risk: str, has_labels: bool, where: str = "logs") -> None:
@@ -152,17 +169,34 @@ def policy_rows(policy: CompiledPolicy, segments: Mapping[str, SegmentColumn], n
 
 @dataclass(frozen=True)
 class SegmentStats:
-    """Compute and risk of one segment value."""
+    """Compute and risk of one segment value (or of all rows: :attr:`Evaluation.overall`).
+
+    ``losses`` counts the rows with each loss the logs can measure (``induced_error`` only with
+    labels); ``risk`` is ``losses[risk_type] / n``.
+    """
 
     n: int
     compute_fraction: float
     risk: float
     disagreement: float
     induced_error: float | None
+    risk_type: str
+    losses: Mapping[str, int]
 
-    def to_json(self) -> dict[str, Any]:
+    def interval(self, delta: float, risk: str | None = None) -> tuple[float, float] | None:
+        """Clopper-Pearson interval at confidence 1 - delta of ``risk`` (default: the evaluated one).
+
+        None when the logs cannot measure that risk (no labels) or there are no rows.
+        """
+        k = self.losses.get(risk or self.risk_type)
+        return None if k is None else risk_interval(k, self.n, delta)
+
+    def to_json(self, delta: float | None = None) -> dict[str, Any]:
+        """Plain JSON; ``risk_interval`` is ``[lo, hi]`` at confidence 1 - ``delta`` (None without one)."""
+        ci = None if delta is None else self.interval(delta)
         return {"n": self.n, "compute_fraction": self.compute_fraction, "risk": self.risk,
-                "disagreement": self.disagreement, "induced_error": self.induced_error}
+                "disagreement": self.disagreement, "induced_error": self.induced_error,
+                "losses": self.losses.get(self.risk_type), "risk_interval": None if ci is None else list(ci)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,21 +217,43 @@ class Evaluation:
     exit: np.ndarray
     answer: np.ndarray
     loss: np.ndarray
+    losses: Mapping[str, int]
+    delta: float | None = None
+
+    @property
+    def overall(self) -> SegmentStats:
+        """All rows as one segment (what the ``__all__`` budget is checked on)."""
+        return SegmentStats(n=self.n, compute_fraction=self.compute_fraction, risk=self.risk,
+                            disagreement=self.disagreement, induced_error=self.induced_error,
+                            risk_type=self.risk_type, losses=self.losses)
+
+    def with_delta(self, delta: float | None) -> Evaluation:
+        """The same evaluation with its intervals at confidence 1 - ``delta``."""
+        return replace(self, delta=delta)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``evaluate --json`` object (design contract): plain JSON types only."""
+        """The ``evaluate --json`` object (design contract): plain JSON types only.
+
+        ``risk_interval`` (overall and per segment value) is the two-sided Clopper-Pearson
+        interval at confidence 1 - ``delta`` (None when the evaluation has no ``delta``).
+        """
+        overall = self.overall.to_json(self.delta)
         return {
             "n": self.n,
             "risk_type": self.risk_type,
             "compute_fraction": self.compute_fraction,
             "risk": self.risk,
+            "losses": overall["losses"],
+            "delta": self.delta,
+            "risk_interval": overall["risk_interval"],
             "disagreement": self.disagreement,
             "induced_error": self.induced_error,
             "accuracy": self.accuracy,
             "full_depth_accuracy": self.full_depth_accuracy,
             "exit_rate": list(self.exit_rate),
             "batch_compute_fraction": {str(b): v for b, v in self.batch_compute_fraction.items()},
-            "segments": {col: {v: s.to_json() for v, s in vals.items()} for col, vals in self.segments.items()},
+            "segments": {col: {v: s.to_json(self.delta) for v, s in vals.items()}
+                         for col, vals in self.segments.items()},
         }
 
     def segment_summary(self, column: str) -> dict[str, dict[str, Any]]:
@@ -229,8 +285,12 @@ def summarise(
     *,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     extra_segments: Mapping[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
+    delta: float | None = None,
 ) -> Evaluation:
-    """Evaluate given exit indices (n,): any routing, including non-threshold oracles."""
+    """Evaluate given exit indices (n,): any routing, including non-threshold oracles.
+
+    ``delta``: the intervals of :meth:`Evaluation.to_json` are at confidence 1 - delta.
+    """
     check_risk(risk, scored.labels is not None)
     n, k_total = scored.scores.shape
     exit_at = np.asarray(exit_at, dtype=np.int64)
@@ -252,21 +312,25 @@ def summarise(
         name: (col.codes, col.levels) for name, col in scored.segments.items()
     }
     columns.update(extra_segments or {})
+    measured = {"disagreement": disagree} if induced is None else {"disagreement": disagree, "induced_error": induced}
     segments: dict[str, dict[str, SegmentStats]] = {}
     for name, (codes, levels) in columns.items():
         m = len(levels)
         counts = np.bincount(codes, minlength=m)
-        sums = {key: np.bincount(codes, weights=arr, minlength=m) for key, arr in
-                (("c", cost), ("l", loss), ("d", disagree)) if arr is not None}
-        ind = None if induced is None else np.bincount(codes, weights=induced, minlength=m)
+        cost_sum = np.bincount(codes, weights=cost, minlength=m)
+        lost = {key: np.bincount(codes, weights=arr, minlength=m).round().astype(np.int64)
+                for key, arr in measured.items()}
         out: dict[str, SegmentStats] = {}
         for j, level in enumerate(levels):
             cnt = int(counts[j])
             if cnt == 0:
                 continue
+            k = {key: int(v[j]) for key, v in lost.items()}
             out[level] = SegmentStats(
-                n=cnt, compute_fraction=float(sums["c"][j] / cnt), risk=float(sums["l"][j] / cnt),
-                disagreement=float(sums["d"][j] / cnt), induced_error=None if ind is None else float(ind[j] / cnt),
+                n=cnt, compute_fraction=float(cost_sum[j] / cnt), risk=k[risk] / cnt,
+                disagreement=k["disagreement"] / cnt,
+                induced_error=None if induced is None else k["induced_error"] / cnt,
+                risk_type=risk, losses=k,
             )
         segments[name] = out
     return Evaluation(
@@ -276,6 +340,7 @@ def summarise(
         batch_compute_fraction={int(b): batch_compute_fraction(cost, int(b)) for b in batch_sizes},
         segments=segments, accuracy=acc, full_depth_accuracy=full_acc,
         exit=exit_at, answer=answer, loss=loss,
+        losses={key: int(np.count_nonzero(arr)) for key, arr in measured.items()}, delta=delta,
     )
 
 
@@ -291,13 +356,15 @@ def route_scored(policy: CompiledPolicy, scored: ScoredLogs) -> np.ndarray:
 
 
 def evaluate_scored(
-    policy: CompiledPolicy, scored: ScoredLogs, risk: str, *, batch_sizes: Sequence[int] = BATCH_SIZES
+    policy: CompiledPolicy, scored: ScoredLogs, risk: str, *, batch_sizes: Sequence[int] = BATCH_SIZES,
+    delta: float | None = None,
 ) -> Evaluation:
     """Evaluate ``policy`` on logs already scored with the policy's calibrators and score."""
     extra = None
     if len(policy.segment_keys) > 1:
         extra = {SEGMENT_SEPARATOR.join(policy.segment_keys): scored.segment_codes(policy.segment_keys)}
-    return summarise(route_scored(policy, scored), scored, risk, batch_sizes=batch_sizes, extra_segments=extra)
+    return summarise(route_scored(policy, scored), scored, risk, batch_sizes=batch_sizes, extra_segments=extra,
+                     delta=delta)
 
 
 def evaluate(
@@ -306,15 +373,18 @@ def evaluate(
     *,
     risk: str | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    delta: float | None = None,
 ) -> Evaluation:
     """Apply a policy (document or compiled) to full-depth logs and measure compute and risk.
 
-    ``risk`` defaults to the document's ``guarantee.risk``; it must be given for a compiled
-    policy.
+    ``risk`` and ``delta`` (the intervals' confidence is 1 - delta) default to the document's
+    ``guarantee.risk`` and ``guarantee.delta``; ``risk`` must be given for a compiled policy.
     """
     if isinstance(policy, Mapping):
         if risk is None:
             risk = (policy.get("guarantee") or {}).get("risk")
+        if delta is None:
+            delta = (policy.get("guarantee") or {}).get("delta")
         doc_classes = policy.get("classes")
         if doc_classes is not None and len(doc_classes) != logs.n_classes:
             raise InputError(f"{logs.source}: the policy has {len(doc_classes)} classes, the logs {logs.n_classes}")
@@ -328,4 +398,83 @@ def evaluate(
     if policy.n_exits != logs.n_exits:
         raise InputError(f"{logs.source}: the policy has {policy.n_exits} exits, the logs {logs.n_exits}")
     scored = ScoredLogs.from_logs(logs, policy.calibrators, policy.score)
-    return evaluate_scored(policy, scored, risk, batch_sizes=batch_sizes)
+    return evaluate_scored(policy, scored, risk, batch_sizes=batch_sizes, delta=delta)
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One constrained segment of a policy against its risk budget on a set of logs.
+
+    ``segment`` is ``__all__`` (all traffic, budget ``guarantee.eps``) or a segment value of
+    the policy's ``segment_keys`` (composite values joined with ``|``) with its own ``eps``.
+    ``losses`` is None when the logs cannot measure ``risk_type`` (``induced_error`` without
+    labels). ``status``: ``over`` (realised risk > eps), ``under``, ``no rows`` (the logs have
+    none of the segment) or ``unmeasured``; ``significantly_over``: even the interval's lower
+    bound is above eps (a one-sided exact test at level delta/2 rejects risk <= eps).
+    """
+
+    segment: str
+    eps: float
+    risk_type: str
+    n: int
+    losses: int | None
+    delta: float
+
+    @property
+    def risk(self) -> float | None:
+        return None if self.losses is None or self.n == 0 else self.losses / self.n
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.losses is None else risk_interval(self.losses, self.n, self.delta)
+
+    @property
+    def status(self) -> str:
+        risk = self.risk
+        if risk is None:
+            return "no rows" if self.n == 0 else "unmeasured"
+        return "over" if risk > self.eps else "under"
+
+    @property
+    def over(self) -> bool:
+        return self.status == "over"
+
+    @property
+    def significantly_over(self) -> bool:
+        ci = self.interval
+        return ci is not None and ci[0] > self.eps
+
+    def to_json(self) -> dict[str, Any]:
+        ci = self.interval
+        return {"eps": self.eps, "n": self.n, "losses": self.losses, "risk": self.risk,
+                "risk_interval": None if ci is None else list(ci), "status": self.status,
+                "significantly_over": self.significantly_over}
+
+
+def check_budgets(ev: Evaluation, document: Mapping[str, Any], delta: float | None = None) -> tuple[BudgetCheck, ...]:
+    """Every constrained segment of ``document`` (``__all__`` first) against its budget on ``ev``.
+
+    The budgets are on the document's ``guarantee.risk``, whatever risk ``ev`` reports (both
+    are counted); the intervals are at confidence 1 - ``delta`` (default: ``ev.delta``, then
+    ``guarantee.delta``). ``ev`` must come from :func:`evaluate` of this document.
+    """
+    g = document.get("guarantee") or {}
+    if "risk" not in g or "eps" not in g:
+        raise InputError("the policy has no guarantee (risk and eps) to check budgets against")
+    risk = g["risk"]
+    check_risk(risk, True)
+    delta = next((d for d in (delta, ev.delta, g.get("delta")) if d is not None), None)
+    if delta is None:
+        raise InputError("a confidence level (delta) is needed for the budget intervals")
+    keys = list(document.get("segment_keys") or ())
+    values = ev.segments.get(SEGMENT_SEPARATOR.join(keys), {}) if keys else {}
+    segments = g.get("segments") or {}
+    budgets = {ALL: float((segments.get(ALL) or {}).get("eps", g["eps"]))}
+    budgets.update({name: float(s["eps"]) for name, s in sorted(segments.items()) if name != ALL})
+    out = []
+    for name, eps in budgets.items():
+        stats = ev.overall if name == ALL else values.get(name)
+        n = 0 if stats is None else stats.n
+        losses = None if stats is None else stats.losses.get(risk)
+        out.append(BudgetCheck(segment=name, eps=eps, risk_type=risk, n=n, losses=losses, delta=float(delta)))
+    return tuple(out)

@@ -11,11 +11,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exitwise.api.cli.output import percent, stdout_console
 from exitwise.calibration.baselines import LABELS, NAMES, baselines_json
+from exitwise.calibration.certify import ALL
+from exitwise.calibration.evaluate import BudgetCheck, Evaluation, check_budgets
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.families import FAMILIES
 from exitwise.calibration.logfiles.cards import load_card
@@ -26,6 +29,7 @@ from exitwise.policies.authoring import evaluate_policy, solve_policy
 from exitwise.policies.document_files import read_document, write_document
 
 _err = Console(stderr=True)
+OVER_BUDGET_EXIT = 3  # evaluate --fail-over-budget: a constrained segment's realised risk is over its budget
 
 
 def _pct(v: Any, digits: int = 1) -> str:
@@ -140,35 +144,113 @@ def register(app: typer.Typer) -> None:
         logs: Annotated[Path, typer.Argument(help="Exit logs to apply it to.", dir_okay=False)],
         card: Annotated[Path, typer.Option("--card", help="Model card of the logs.", dir_okay=False)],
         risk: Annotated[str | None, typer.Option(help="Risk to report (default: the policy's own).")] = None,
+        delta: Annotated[float | None, typer.Option(
+            help="The risk intervals are at confidence 1 - DELTA, in (0, 1) (default: the policy's guarantee.delta).",
+            show_default=False)] = None,
+        fail_over_budget: Annotated[bool, typer.Option(
+            "--fail-over-budget", help=f"Exit with code {OVER_BUDGET_EXIT} when a constrained segment's realised risk "
+                                       "is over its budget (one line per such segment on stderr).")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (nothing else on stdout).")]
         = False,
     ) -> None:
-        """Apply a saved policy to other logs: realised risk and compute, per segment and batch size."""
+        """Apply a saved policy to other logs: realised risk and compute, per segment and batch size.
+
+        Every realised risk comes with its exact (Clopper-Pearson) interval, and every constrained
+        segment of the policy (guarantee.segments; __all__ is all traffic) with its budget and
+        whether the realised risk is over it. Exit codes: 0, or 3 with --fail-over-budget when a
+        segment is over its budget; 2 bad input; 1 other failures.
+        """
+        if delta is not None:
+            check_budget(delta, "--delta")
         doc = read_document(policy)
         ev = evaluate_policy(doc, _load(logs, card), risk=risk)
-        out = {"policy": str(policy), "content_hash": doc["content_hash"], "logs": str(logs), **ev.to_json()}
+        if delta is not None:
+            ev = ev.with_delta(delta)
+        checks = check_budgets(ev, doc)
+        if fail_over_budget and any(c.status == "unmeasured" for c in checks):
+            raise InputError(f"{logs}: --fail-over-budget checks the policy's {checks[0].risk_type} budgets, which "
+                             f"need labels; the logs have none")
+        over = [c for c in checks if c.over]
+        out = {"policy": str(policy), "content_hash": doc["content_hash"], "logs": str(logs), **ev.to_json(),
+               "budget_risk": checks[0].risk_type, "budgets": {c.segment: c.to_json() for c in checks},
+               "over_budget": [c.segment for c in over]}
         if as_json:
             typer.echo(json.dumps(out, sort_keys=True, allow_nan=False, default=_json_default))
-            return
-        console = stdout_console()
-        table = Table(title=f"{policy.name} on {logs.name} ({ev.n} rows)")
-        table.add_column("")
-        table.add_column("value", justify="right")
-        table.add_row("compute fraction", _pct(ev.compute_fraction))
-        table.add_row(f"risk ({ev.risk_type})", _risk(ev.risk))
-        table.add_row("disagreement", _risk(ev.disagreement))
-        table.add_row("induced error", _risk(ev.induced_error))
-        for b, v in ev.batch_compute_fraction.items():
-            table.add_row(f"compute fraction, batch {b}", _pct(v))
-        table.add_row("exit rate", " / ".join(_pct(r, 0) for r in ev.exit_rate))
-        console.print(table)
-        for col, vals in ev.segments.items():
-            st = Table(title=f"segment column {col}")
-            for h in ("value", "rows", "compute", "risk"):
-                st.add_column(h, justify="right" if h != "value" else "left")
-            for v, s in vals.items():
-                st.add_row(v, f"{s.n:,}", _pct(s.compute_fraction), _risk(s.risk))
-            console.print(st)
+        else:
+            _print_evaluation(ev, checks, policy, logs)
+        if fail_over_budget and over:
+            for c in over:
+                typer.echo(_over_line(c), err=True)
+            raise typer.Exit(OVER_BUDGET_EXIT)
+
+
+def _confidence(delta: float) -> str:
+    """``0.05`` -> ``95%``; ``0.001`` -> ``99.9%``."""
+    return f"{100 * (1 - delta):.10g}%"
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return "—" if ci is None else f"{_risk(ci[0])} – {_risk(ci[1])}"
+
+
+def _segment_name(name: str) -> str:
+    return f"{ALL} (all traffic)" if name == ALL else name
+
+
+def _over_line(c: BudgetCheck) -> str:
+    """The stderr line of a segment over its budget (``--fail-over-budget``)."""
+    ci = c.interval
+    sig = "; the whole interval is above the budget" if c.significantly_over else ""
+    return (f"over budget: {_segment_name(c.segment)}: realised {c.risk_type} {_risk(c.risk)} on {c.n:,} rows "
+            f"({_confidence(c.delta)} interval {_interval(ci)}) > budget {_risk(c.eps)}{sig}")
+
+
+_STATUS = {"under": "[green]under[/]", "no rows": "[dim]no rows[/]", "unmeasured": "[yellow]unmeasured (no labels)[/]"}
+
+
+def _print_evaluation(ev: Evaluation, checks: tuple[BudgetCheck, ...], policy: Path, logs: Path) -> None:
+    """The human output of ``evaluate``: summary, segment tables with intervals, then the budgets."""
+    console = stdout_console()
+    delta = checks[0].delta
+    conf = _confidence(delta)
+    table = Table(title=f"{policy.name} on {logs.name} ({ev.n:,} rows)")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("compute fraction", _pct(ev.compute_fraction))
+    table.add_row(f"risk ({ev.risk_type})", _risk(ev.risk))
+    table.add_row(f"risk, {conf} interval", _interval(ev.overall.interval(delta)))
+    table.add_row("disagreement", _risk(ev.disagreement))
+    table.add_row("induced error", _risk(ev.induced_error))
+    for b, v in ev.batch_compute_fraction.items():
+        table.add_row(f"compute fraction, batch {b}", _pct(v))
+    table.add_row("exit rate", " / ".join(_pct(r, 0) for r in ev.exit_rate))
+    console.print(table)
+    for col, vals in ev.segments.items():
+        st = Table(title=f"segment column {col}")
+        for h in ("value", "rows", "compute", "risk", f"{conf} interval"):
+            st.add_column(h, justify="right" if h != "value" else "left")
+        for v, s in vals.items():
+            st.add_row(escape(v), f"{s.n:,}", _pct(s.compute_fraction), _risk(s.risk), _interval(s.interval(delta)))
+        console.print(st)
+    bt = Table(title=f"risk budgets of the policy ({checks[0].risk_type}; exact {conf} intervals)")
+    for h in ("constrained segment", "rows", "budget", "realised", f"{conf} interval", "status"):
+        bt.add_column(h, justify="left" if h in ("constrained segment", "status") else "right")
+    for c in checks:
+        if c.significantly_over:
+            status = "[bold red]▲ OVER (whole interval above budget)[/]"
+        elif c.over:
+            status = "[red]▲ OVER[/]"
+        else:
+            status = _STATUS[c.status]
+        bt.add_row(escape(_segment_name(c.segment)), f"{c.n:,}", _risk(c.eps), _risk(c.risk), _interval(c.interval),
+                   status)
+    console.print(bt)
+    over = [c.segment for c in checks if c.over]
+    if over:
+        console.print(f"[red]over budget: {escape(', '.join(_segment_name(o) for o in over))}[/] "
+                      f"(--fail-over-budget exits with code {OVER_BUDGET_EXIT})")
+    else:
+        console.print("every constrained segment is within its budget")
 
 
 def _source(test_logs: Any, certify_rows: int) -> dict[str, Any]:

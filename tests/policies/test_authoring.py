@@ -77,7 +77,8 @@ def test_test_logs_of_another_shape_are_refused(cal):
 def test_evaluate_policy_applies_a_saved_policy(outcome, test_logs):
     ev = evaluate_policy(outcome.document, test_logs)
     assert ev.risk_type == SPEC.risk
-    assert ev.to_json() == outcome.held_out.solver.to_json()
+    assert ev.delta == SPEC.delta  # the intervals' confidence is the guarantee's
+    assert ev.with_delta(None).to_json() == outcome.held_out.solver.to_json()
     renamed = dataclasses.replace(test_logs.card, exits=tuple(
         ExitSpec(f"other{k}", e.cost) for k, e in enumerate(test_logs.card.exits)))
     with pytest.raises(InputError, match=r"the card's exits .* differ from the policy's"):
