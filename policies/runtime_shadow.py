@@ -47,10 +47,10 @@ DEFAULT_BATCH_ROWS = 1_000
 DEFAULT_FLUSH_INTERVAL = 30.0
 NPZ_MEDIA_TYPE = "application/x-npz"
 # recorded = uploaded + rejected + unauthorized + dropped_duplicate + dropped_at_close + pending
-SHADOW_COUNTERS = ("recorded", "uploaded", "batches", "retries", "rejected", "unauthorized", "dropped_full",
+SHADOW_COUNTERS = ("recorded", "uploaded", "batches", "retries", "resized", "rejected", "unauthorized", "dropped_full",
                    "dropped_fallback", "dropped_invalid", "dropped_disabled", "dropped_duplicate", "dropped_at_close")
 
-_Step = Literal["empty", "sent", "dropped", "retry"]
+_Step = Literal["empty", "sent", "dropped", "retry", "resized"]
 _GroupKey = tuple[int, bool, str | None, tuple[str, ...]]  # version, labels?, request-id kind, segment columns
 
 
@@ -177,7 +177,9 @@ class ShadowUploader:
     Transient failures (connect errors, timeouts, 408, 429, 5xx) are retried with exponential
     backoff from ``retry_initial`` to ``retry_max`` seconds (jittered, ``Retry-After`` honoured
     up to ``retry_max``); the rows stay held meanwhile. Any other answer but 2xx drops the batch:
-    401/403 count as ``unauthorized`` and log an ERROR, the rest (400, 404, 409, 413, 415, 422, ...)
+    A 413 (body too large) sends the same rows again with half as many rows per request
+    (``resized``; the smaller size stays). 401/403 count as ``unauthorized`` and log an ERROR,
+    the rest (400, 404, 409, 415, 422, a 413 for one row, ...)
     as ``rejected`` with a WARNING; each once per (status, version) until an upload succeeds.
     """
 
@@ -212,6 +214,7 @@ class ShadowUploader:
             raise ValueError(f"shadow retry_max ({retry_max!r}) must be >= retry_initial ({retry_initial!r})")
         self.where = f"{model}@{env}"
         self.max_rows, self.batch_rows, self.flush_interval = max_rows, batch_rows, float(flush_interval)
+        self.body_rows = batch_rows  # rows per request: halved on 413 until the server takes them
         self.retry_initial, self.retry_max = float(retry_initial), float(retry_max)
         self._path, self._env, self._timeout = f"/v1/models/{quote(model, safe='')}/shadow", env, float(timeout)
         self._shape = None if n_exits is None or n_classes is None else (n_exits, n_classes)
@@ -432,9 +435,9 @@ class ShadowUploader:
             if mark is not None and seq > mark:
                 return None
             queue, taken, n = self._groups[key], [], 0
-            while queue and n < self.batch_rows:
+            while queue and n < self.body_rows:
                 rows = queue.popleft()
-                room = self.batch_rows - n
+                room = self.body_rows - n
                 if len(rows) > room:
                     queue.appendleft(rows.part(slice(room, None)))
                     rows = rows.part(slice(0, room))
@@ -459,6 +462,14 @@ class ShadowUploader:
             with self._lock:
                 self._put_back(key, taken, n)
             raise
+        if status == 413 and n > 1:  # too large for the server: the same rows again, in smaller requests
+            with self._lock:
+                self._put_back(key, taken, n)
+                self.body_rows = max(1, n // 2)
+                self._counts["resized"] += 1
+            log.warning("exitwise shadow %s: the server refused %d rows as too large (HTTP 413: %s); sending at "
+                        "most %d rows per request from now on", self.where, n, detail, self.body_rows)
+            return "resized"
         transient = status is None or status in (408, 429) or status >= 500
         with self._lock:
             if transient:

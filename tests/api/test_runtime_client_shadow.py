@@ -208,7 +208,7 @@ def test_an_unreachable_server_keeps_the_rows_until_the_flush_gives_up() -> None
     assert up.counters()["dropped_at_close"] == 3
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 415, 422])
+@pytest.mark.parametrize("status", [400, 404, 409, 415, 422])
 def test_a_permanent_refusal_drops_the_batch_and_says_why_once(policy_stub: Any, status: int,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     up = _uploader(policy_stub.url, batch_rows=4)
@@ -227,6 +227,29 @@ def test_a_permanent_refusal_drops_the_batch_and_says_why_once(policy_stub: Any,
     up.record(_logits(1), version=5)
     assert up.flush(timeout=30) and up.counters()["uploaded"] == 1 and up.last_error is None
     up.close()
+
+
+def test_a_body_too_large_is_sent_again_in_smaller_requests(policy_stub: Any) -> None:
+    """413: the same rows go again, half as many per request, until the server takes them; one row
+    that is still too large is dropped like any refusal."""
+    up = _uploader(policy_stub.url, batch_rows=8)
+    policy_stub.answer_posts((413, _problem(413, "too large")), (413, _problem(413, "too large")))
+    up.record(_logits(8), version=5)
+    assert up.flush(timeout=30)
+    counters = up.counters()
+    assert (counters["resized"], counters["uploaded"], counters["rejected"], counters["pending"]) == (2, 8, 0, 0)
+    assert [_rows_of(p.body) for p in policy_stub.posts] == [8, 4, 2, 2, 2, 2]
+    assert up.body_rows == 2
+    policy_stub.answer_posts((413, _problem(413, "too large")), (413, _problem(413, "too large")))
+    up.record(_logits(2), version=5)
+    assert up.flush(timeout=30)
+    assert (up.counters()["rejected"], up.body_rows) == (1, 1) and up.counters()["uploaded"] == 9
+    up.close()
+
+
+def _rows_of(body: bytes) -> int:
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        return int(npz["logits"].shape[0])
 
 
 @pytest.mark.parametrize("status", [401, 403])
