@@ -446,10 +446,11 @@ def monitor_svg(points: Sequence[Mapping[str, Any]], max_panels: int = 4) -> byt
             risk = [(x, 100 * p["risk"]) for x, p in zip(n, pts, strict=True) if _finite(p.get("risk"))]
             if risk:
                 ax.plot(*zip(*risk, strict=True), "o", color="#0f172a", ms=2.5, label="realised risk")
-            ax.axhline(100 * eps, color="#dc2626", ls="--", lw=1, label=f"ε = {100 * eps:.2f}%")
-            ax.set_title(name, fontsize=9)
+            ax.axhline(100 * eps, color="#dc2626", ls="--", lw=1, label="budget ε")
+            ax.set_title(f"{name} (ε = {100 * eps:.2f}%)", fontsize=9)
             ax.set_xlabel("shadow rows")
-            ax.set_ylim(0, max(3 * 100 * eps, min(100.0, 1.2 * max(100 * p["lower"] for p in pts) + 1e-9)))
+            seen = [100 * p["lower"] for p in pts] + [r for _, r in risk]
+            ax.set_ylim(0, min(100.0, max(3 * 100 * eps, 1.25 * max(seen))))
         axes[0].set_ylabel("risk (%)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)

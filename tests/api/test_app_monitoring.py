@@ -247,3 +247,16 @@ def test_policy_client_shadow_traffic_reaches_a_verdict_on_a_real_server(world: 
     assert counters["shadow"]["uploaded"] == 300 and counters["exited"][0] == 300
     h = _health(live_client, world, active)
     assert h["verdict"] == "breach" and h["rows"] == 300 and h["version"] == 1
+
+
+def test_the_audit_report_shows_the_monitoring_of_the_version(asgi_client: Any, world: Any, active: str,
+                                                               shadow_body: Any) -> None:
+    api = asgi_client
+    assert _upload(api, world, active, shadow_body(400)).status_code == 200
+    assert _upload(api, world, active, shadow_body(300, disagree=0.5, seed=4)).json()["verdict"] == "breach"
+    r = api.get(f"/v1/models/{active}/versions/1/report", params={"format": "html"}, headers=world.auth("rita"))
+    assert r.status_code == 200, r.text
+    section = r.text.split('<section id="monitoring">', 1)[1].split("</section>", 1)[0]
+    assert "production:" in section and ">breach<" in section and "(700 shadow rows)" in section
+    assert "risk over budget in segment studio" in section and "Recommendation:" in section
+    assert section.count("data:image/svg+xml") == 1  # the bounds against eps over the shadow rows
