@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
-import re
 import threading
 import time
 from collections import Counter
@@ -51,7 +49,6 @@ import httpx
 import numpy as np
 
 from exitwise.calibration.rule import CompiledPolicy, decide
-from exitwise.policies.canonical import SCHEMA, content_hash
 from exitwise.policies.names import NOT_FOUND_PROBLEM
 from exitwise.policies.runtime_cache import PolicyCacheFile, default_cache_dir
 from exitwise.policies.runtime_errors import PolicyAuthError, PolicyClientError, PolicyRejected
@@ -63,6 +60,7 @@ from exitwise.policies.runtime_shadow import (
     ShadowUploader,
 )
 from exitwise.policies.runtime_status import ClientStatus, ExitCounter, Outcome, Source
+from exitwise.policies.runtime_verify import check_etag, short, verify_policy_document
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -80,69 +78,6 @@ __all__ = [
 log = logging.getLogger("exitwise.runtime")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # policies are tens of KB; this only stops a runaway body
-# The exitwise server's policy ETag (exitwise.api.cache.policy_etag): content hash, version, kill state.
-_POLICY_ETAG = re.compile(r'^(?:W/)?"([0-9a-f]{64})\.v([0-9]+)\.(live|killed)(?:\.a[0-9a-f]{1,16})?"$')
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}…"
-
-
-def _check_runtime_fields(doc: Mapping[str, Any], env: str | None) -> None:
-    """The fields the runtime acts on beyond the thresholds must be what the rule expects."""
-    rate = doc.get("shadow_rate", 0.0)
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) \
-            or not 0.0 <= rate <= 1.0:
-        raise PolicyRejected(f"policy field shadow_rate must be a number in [0, 1], got {_short(rate)}", "field")
-    if "killed" in doc and not isinstance(doc["killed"], bool):
-        raise PolicyRejected(f"policy field killed must be true or false, got {_short(doc['killed'])}", "field")
-    version = doc.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise PolicyRejected(f"policy field version must be a positive integer, got {_short(version)}", "field")
-    if env is not None and "environment" in doc and doc["environment"] != env:
-        raise PolicyRejected(f"policy is for environment {_short(doc['environment'])}, expected {env!r}",
-                             "environment")
-
-
-def verify_policy_document(doc: Any, model: str | None = None, *, env: str | None = None,
-                           n_exits: int | None = None, n_classes: int | None = None) -> CompiledPolicy:
-    """Check a served policy document and compile it; raise :class:`PolicyRejected` if unusable.
-
-    Checks: a JSON object with the v1 schema, the model asked for, a ``content_hash`` equal to
-    the hash of its content (governance fields excluded, see :mod:`exitwise.policies.canonical`),
-    the runtime fields (``shadow_rate`` a finite number in [0, 1]; ``killed`` a bool, ``version``
-    a positive int and ``environment`` equal to ``env`` when present), a shape the decision rule
-    accepts and, when given, the runtime's own number of exits and classes (a policy solved for
-    another architecture is never applied).
-    """
-    if not isinstance(doc, dict):
-        raise PolicyRejected(f"policy body is not a JSON object ({type(doc).__name__})", "not_object")
-    if doc.get("schema") != SCHEMA:
-        raise PolicyRejected(f"policy schema is {_short(doc.get('schema'))}, expected {SCHEMA!r}", "schema")
-    name = (doc.get("model") or {}).get("name") if isinstance(doc.get("model"), dict) else None
-    if model is not None and name != model:
-        raise PolicyRejected(f"policy is for model {_short(name)}, expected {model!r}", "model")
-    claimed = doc.get("content_hash")
-    try:
-        actual = content_hash(doc)
-    except (TypeError, ValueError) as exc:
-        raise PolicyRejected(f"policy cannot be hashed: {exc}", "hash") from None
-    if claimed != actual:
-        raise PolicyRejected(f"content_hash mismatch: body claims {_short(claimed, 80)}, content hashes to {actual!r}",
-                             "hash")
-    _check_runtime_fields(doc, env)
-    try:
-        compiled = CompiledPolicy.from_document(doc)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise PolicyRejected(f"policy does not compile: {type(exc).__name__}: {exc}", "compile") from None
-    if n_exits is not None and compiled.n_exits != n_exits:
-        raise PolicyRejected(f"policy has {compiled.n_exits} exits, this runtime's model has {n_exits}", "shape")
-    if n_classes is not None and compiled.n_classes != n_classes:
-        raise PolicyRejected(f"policy has {compiled.n_classes} classes, this runtime's model has {n_classes}", "shape")
-    return compiled
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class RuntimePolicy:
     """One verified policy (or the full-depth fallback) as the runtime applies it.
@@ -531,7 +466,7 @@ class PolicyClient:
         etag = resp_headers.get("etag")
         try:
             compiled = self._verify(doc)
-            exitwise_etag = _check_etag(etag, doc)
+            exitwise_etag = check_etag(etag, doc)
         except PolicyRejected as exc:
             return RefreshResult("rejected", 200, str(exc), exc.reason)
         fetched_at = time.time()
@@ -556,8 +491,8 @@ class PolicyClient:
             if cached is None:
                 return None
             compiled = self._verify(cached.document)
-            if not _check_etag(cached.etag, cached.document):
-                raise PolicyRejected(f"stored ETag {_short(cached.etag)} is not an exitwise policy ETag", "etag")
+            if not check_etag(cached.etag, cached.document):
+                raise PolicyRejected(f"stored ETag {short(cached.etag)} is not an exitwise policy ETag", "etag")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.warning("exitwise: ignoring the policy cache %s: %s; full depth until the server answers",
                         self._cache.path, exc)
@@ -577,30 +512,9 @@ class PolicyClient:
         try:
             if not exitwise_etag:
                 log.warning("exitwise: not caching the policy of %s@%s: the answer has no exitwise ETag (%s)",
-                            self.model, self.env, _short(etag))
+                            self.model, self.env, short(etag))
                 self._cache.remove()
                 return
             self._cache.save(body, etag, fetched_at)
         except OSError as exc:  # a read-only cache dir must not stop decisions
             log.warning("exitwise: cannot write the policy cache %s: %s", self._cache.path, exc)
-
-
-def _check_etag(etag: str | None, doc: Mapping[str, Any]) -> bool:
-    """Whether ``etag`` is an exitwise policy ETag; raise :class:`PolicyRejected` if it contradicts ``doc``.
-
-    The ETag carries the content hash, the version and the kill state (``.killed``/``.live``,
-    see ``exitwise.api.cache.policy_etag``); the body carries them too, and they must agree.
-    """
-    match = _POLICY_ETAG.match(etag) if isinstance(etag, str) else None
-    if match is None:
-        return False
-    digest, version, state = match.groups()
-    killed = doc.get("killed", False)
-    if digest != doc.get("content_hash") or int(version) != doc.get("version", int(version)) \
-            or (state == "killed") != killed:
-        raise PolicyRejected(f"ETag {etag} disagrees with the body (content_hash "
-                             f"{_short(doc.get('content_hash'), 20)}, version {doc.get('version')!r}, "
-                             f"killed {killed!r})", "etag")
-    return True
-
-
