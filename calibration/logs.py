@@ -13,6 +13,8 @@ import numpy as np
 
 from exitwise.calibration.exceptions import CardError, InputError
 
+MAX_VOCAB = 1 << 22  # 4 Mi tokens: larger than any vocabulary in use, small enough to map in memory
+
 
 @dataclass(frozen=True)
 class ExitSpec:
@@ -33,6 +35,9 @@ class ModelCard:
     id_column: str = "request_id"
     segment_columns: tuple[str, ...] = ()
     version: str | None = None
+    vocab_size: int | None = None  # set: token-level logs of a language model (top-k per exit)
+    group_column: str | None = None  # rows sharing its value are dependent (a sequence, a user)
+    position_column: str = "position"  # token position in its sequence (token logs)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -54,6 +59,19 @@ class ModelCard:
             raise CardError(f"model card: exit names must be unique, got {names}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise CardError("model card: class names must be unique")
+        if self.vocab_size is not None:
+            if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or not (
+                    2 <= self.vocab_size <= MAX_VOCAB):
+                raise CardError(f"model card: 'vocab_size' must be an integer in 2..{MAX_VOCAB}, "
+                                f"got {self.vocab_size!r}")
+            if self.classes is not None:
+                raise CardError("model card: give 'classes' (a classifier) or 'vocab_size' (a language model), "
+                                "not both")
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the card describes token-level logs of a language model (top-k per exit)."""
+        return self.vocab_size is not None
 
     @property
     def n_exits(self) -> int:
