@@ -6,13 +6,16 @@ At exit k < K-1, for a sample with segment value s:
    (calibration never changes the answer, only the confidence in it).
 2. score = p[c] (``max_prob``), p[c] - max_{j != c} p[j] (``margin``), or
    1 - H(p) / log C (``entropy``, normalised entropy).
-3. tau = thresholds[s][k][c], falling back to ``default`` for an unknown segment;
+3. tau = thresholds[s][k][b(c)], falling back to ``default`` for an unknown segment;
    NaN (``null`` in JSON) means "never exit here".
 4. Exit iff score >= tau, the policy is not killed, k <= max_exit, c is not a
    forced-full-depth class and s is not a forced-full-depth segment.
 
-The last exit always answers. This module is imported by the solver, the evaluator, the
-MLflow model and the runtime client, so it depends on numpy and the standard library only.
+For a language model's large vocabulary (``vocabulary`` in the document) b(c) is the token's
+bucket and the scores come from the exit's top-k and log-sum-exp
+(:mod:`exitwise.calibration.topk`); for a classifier b(c) = c. The last exit always answers.
+This module is imported by the solver, the evaluator, the MLflow model and the runtime client,
+so it depends on numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from exitwise.calibration.buckets import decode_bucket_map
+from exitwise.calibration.topk import dense_topk, topk_exit_scores
 
 SCORES = ("max_prob", "margin", "entropy")
 CALIBRATORS = ("identity", "temperature", "platt")
@@ -114,12 +120,14 @@ def score_from_probs(probs: np.ndarray, pred: np.ndarray, score: str) -> np.ndar
 
 
 def exit_scores(
-    logits: np.ndarray, calibrator: Mapping[str, Any], score: str
+    logits: np.ndarray, calibrator: Mapping[str, Any], score: str, top_k: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score (n,) float64 and predicted class (n,) int64 of one exit, in bounded-memory chunks.
 
     This is the only function that computes scores for decisions (solver, evaluator, MLflow
     model and runtime client all come through here), so every caller gets the same bits.
+    With ``top_k`` (a large-vocabulary policy) the score is computed from the row's top-k and
+    log-sum-exp, exactly as the solver computed it from token-level logs.
     """
     logits = np.asarray(logits)
     n, c = logits.shape
@@ -130,7 +138,11 @@ def exit_scores(
     step = max(1, _CHUNK_ELEMENTS // max(c, 1))
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        scores[sl], preds[sl] = _chunk_scores(logits[sl], calibrator, score)
+        if top_k is None:
+            scores[sl], preds[sl] = _chunk_scores(logits[sl], calibrator, score)
+        else:
+            vals, ids, lse = dense_topk(logits[sl], top_k)
+            scores[sl], preds[sl] = topk_exit_scores(vals, lse, c, calibrator, score), ids[:, 0]
     return scores, preds
 
 
@@ -178,7 +190,9 @@ class CompiledPolicy:
     """A policy document turned into arrays for the decision rule.
 
     ``thresholds`` has shape (S + 1, K - 1, C); row 0 is ``default`` and row i > 0 the
-    segment whose value maps to i in ``segment_index``; NaN means never exit.
+    segment whose value maps to i in ``segment_index``; NaN means never exit. For a
+    large-vocabulary policy the C columns are token buckets: ``class_bucket`` (V,) maps a token
+    id to its column and ``top_k`` is the width the scores are computed from.
     """
 
     thresholds: np.ndarray
@@ -190,6 +204,8 @@ class CompiledPolicy:
     calibrators: tuple[Mapping[str, Any], ...]
     score: str
     segment_keys: tuple[str, ...]
+    class_bucket: np.ndarray | None = None
+    top_k: int | None = None
 
     @property
     def n_exits(self) -> int:
@@ -197,7 +213,17 @@ class CompiledPolicy:
 
     @property
     def n_classes(self) -> int:
+        """Columns of the threshold table: classes, or token buckets of a vocabulary."""
         return int(self.thresholds.shape[2])
+
+    @property
+    def n_outputs(self) -> int:
+        """Logits per row an exit gives: the classes, or the vocabulary size."""
+        return self.n_classes if self.class_bucket is None else int(self.class_bucket.shape[0])
+
+    def columns(self, preds: np.ndarray) -> np.ndarray:
+        """The threshold-table column of each predicted class (its bucket for a vocabulary)."""
+        return preds if self.class_bucket is None else self.class_bucket[preds]
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> CompiledPolicy:
@@ -230,6 +256,7 @@ class CompiledPolicy:
         for name in forced_segs:
             fs[index[name]] = True
         max_exit = doc.get("max_exit")
+        bucket, top_k = _vocabulary(doc.get("vocabulary"), c)
         return cls(
             thresholds=thr,
             segment_index=index,
@@ -240,6 +267,8 @@ class CompiledPolicy:
             calibrators=tuple(e.get("calibrator") or {"type": "identity"} for e in exits),
             score=score,
             segment_keys=tuple(doc.get("segment_keys") or ()),
+            class_bucket=bucket,
+            top_k=top_k,
         )
 
     def segment_codes(self, segments: Sequence[str] | np.ndarray | None, n: int) -> np.ndarray:
@@ -253,6 +282,21 @@ class CompiledPolicy:
             return np.zeros(n, dtype=np.intp)
         get = self.segment_index.get
         return np.fromiter((get(v, 0) for v in values), dtype=np.intp, count=n)
+
+
+def _vocabulary(vocab: Any, n_buckets: int) -> tuple[np.ndarray | None, int | None]:
+    """The token-to-bucket map and top-k width of a document's ``vocabulary`` (None: a classifier)."""
+    if vocab is None:
+        return None, None
+    if not isinstance(vocab, Mapping):
+        raise ValueError("policy: vocabulary must be an object {size, top_k, bucket_of}")
+    size, top_k = vocab.get("size"), vocab.get("top_k")
+    for name, value in (("size", size), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"policy: vocabulary.{name} must be a positive integer, got {value!r}")
+    if not 2 <= size <= 1 << 22 or top_k > size:
+        raise ValueError(f"policy: vocabulary.size {size} must be in 2..{1 << 22} and top_k {top_k} at most size")
+    return decode_bucket_map(vocab.get("bucket_of"), size, n_buckets), int(top_k)
 
 
 def _threshold_rows(rows: Any, k: int, c: int, where: str) -> np.ndarray:
@@ -279,10 +323,11 @@ def exit_mask(
         return np.ones(n, dtype=bool)
     if policy.killed or k > policy.max_exit:
         return np.zeros(n, dtype=bool)
-    tau = policy.thresholds[seg_codes, k, preds]
+    cols = policy.columns(preds)
+    tau = policy.thresholds[seg_codes, k, cols]
     with np.errstate(invalid="ignore"):
         mask = scores >= tau  # NaN threshold compares False: never exit
-    mask &= ~policy.forced_classes[preds]
+    mask &= ~policy.forced_classes[cols]
     mask &= ~policy.forced_segments[seg_codes]
     return mask
 
@@ -295,8 +340,8 @@ def decide(
 ) -> np.ndarray:
     """Boolean exit mask for a batch of exit-``k`` logits (n, C): the whole rule."""
     logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[1] != policy.n_classes:
-        raise ValueError(f"logits must have shape (n, {policy.n_classes}), got {logits.shape}")
+    if logits.ndim != 2 or logits.shape[1] != policy.n_outputs:
+        raise ValueError(f"logits must have shape (n, {policy.n_outputs}), got {logits.shape}")
     if not 0 <= k < policy.n_exits:
         raise ValueError(f"exit index {k} out of range 0..{policy.n_exits - 1}")
     n = logits.shape[0]
@@ -304,7 +349,7 @@ def decide(
         return np.ones(n, dtype=bool)
     if policy.killed or k > policy.max_exit:
         return np.zeros(n, dtype=bool)
-    scores, preds = exit_scores(logits, policy.calibrators[k], policy.score)
+    scores, preds = exit_scores(logits, policy.calibrators[k], policy.score, policy.top_k)
     return exit_mask(policy, k, scores, preds, policy.segment_codes(segments, n))
 
 
@@ -337,14 +382,14 @@ def first_exit(
 
 
 def score_all_exits(
-    logits: np.ndarray, calibrators: Sequence[Mapping[str, Any]], score: str
+    logits: np.ndarray, calibrators: Sequence[Mapping[str, Any]], score: str, top_k: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores and predictions of every exit: two (n, K) arrays (float64, int64)."""
     n, k_total, _ = logits.shape
     scores = np.empty((n, k_total), dtype=np.float64)
     preds = np.empty((n, k_total), dtype=np.int64)
     for k in range(k_total):
-        scores[:, k], preds[:, k] = exit_scores(logits[:, k, :], calibrators[k], score)
+        scores[:, k], preds[:, k] = exit_scores(logits[:, k, :], calibrators[k], score, top_k)
     return scores, preds
 
 
@@ -355,9 +400,9 @@ def route(
 ) -> Routing:
     """The rule over full-depth logs (n, K, C): exit taken, answer and confidence per sample."""
     logits = np.asarray(logits)
-    if logits.ndim != 3 or logits.shape[1:] != (policy.n_exits, policy.n_classes):
+    if logits.ndim != 3 or logits.shape[1:] != (policy.n_exits, policy.n_outputs):
         raise ValueError(
-            f"logits must have shape (n, {policy.n_exits}, {policy.n_classes}), got {logits.shape}"
+            f"logits must have shape (n, {policy.n_exits}, {policy.n_outputs}), got {logits.shape}"
         )
-    scores, preds = score_all_exits(logits, policy.calibrators, policy.score)
+    scores, preds = score_all_exits(logits, policy.calibrators, policy.score, policy.top_k)
     return first_exit(policy, scores, preds, policy.segment_codes(segments, logits.shape[0]))
