@@ -35,8 +35,11 @@ from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
 from exitwise.calibration.sequential import fixed_n_interval
+from exitwise.calibration.tokens import TokenLogs
+from exitwise.calibration.topk import topk_exit_scores
 
-RISKS = ("disagreement", "induced_error")
+SEQUENCE_RISKS = ("sequence_disagreement",)  # defined per group: any token of the group disagrees
+RISKS = ("disagreement", "induced_error", *SEQUENCE_RISKS)
 BATCH_SIZES = (1, 8, 32)
 
 
@@ -78,9 +81,12 @@ class ScoredLogs:
 
     @classmethod
     def from_logs(
-        cls, logs: ExitLogs, calibrators: Sequence[Mapping[str, Any]], score: str = "max_prob"
+        cls, logs: ExitLogs | TokenLogs, calibrators: Sequence[Mapping[str, Any]], score: str = "max_prob"
     ) -> ScoredLogs:
-        scores, preds = score_all_exits(logs.logits, calibrators, score)
+        if isinstance(logs, TokenLogs):
+            scores, preds = score_token_exits(logs, calibrators, score)
+        else:
+            scores, preds = score_all_exits(logs.logits, calibrators, score)
         return cls(scores=scores, preds=preds, costs=logs.card.costs, labels=logs.labels,
                    segments=dict(logs.segments), n_classes=logs.n_classes, score=score,
                    calibrators=tuple(calibrators))
@@ -111,7 +117,7 @@ class ScoredLogs:
         """(n, K) bool: the loss a sample would incur if it exited at exit k."""
         check_risk(risk, self.labels is not None)
         wrong_vs_final = self.preds != self.final[:, None]
-        if risk == "disagreement":
+        if risk in ("disagreement", *SEQUENCE_RISKS):  # a sequence's risk is built from its tokens' losses
             return wrong_vs_final
         y = self.labels
         return (self.preds != y[:, None]) & (self.final == y)[:, None]
@@ -119,6 +125,15 @@ class ScoredLogs:
     def segment_codes(self, keys: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
         """Composite segment code per sample and the composite levels (sorted) for ``keys``."""
         return composite_segments(self.segments, keys, self.n)
+
+
+def score_token_exits(logs: TokenLogs, calibrators: Sequence[Mapping[str, Any]], score: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and answers (n, K) of token-level logs: the rule's top-k scores, the top token."""
+    scores = np.empty((logs.n, logs.n_exits), dtype=np.float64)
+    for k in range(logs.n_exits):
+        scores[:, k] = topk_exit_scores(logs.values[:, k], logs.lse[:, k], logs.vocab_size, calibrators[k], score)
+    return scores, logs.indices[:, :, 0].astype(np.int64)
 
 
 def composite_segments(

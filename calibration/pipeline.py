@@ -20,12 +20,25 @@ from typing import Any, Literal
 
 import numpy as np
 
+from exitwise.calibration.buckets import DEFAULT_SHARES, frequency_buckets, mapping_buckets
 from exitwise.calibration.calibrate import fit_exit_calibrators
 from exitwise.calibration.calibrators import Calibrator
-from exitwise.calibration.certify import ALL, Certification, Constraint, aim, fixed_sequence, min_rows, upper_bound
-from exitwise.calibration.evaluate import ScoredLogs, check_risk, composite_segments
+from exitwise.calibration.certify import (
+    ALL,
+    Certification,
+    Constraint,
+    aim,
+    fixed_sequence,
+    hb_upper_bound,
+    min_groups,
+    min_rows,
+    upper_bound,
+)
+from exitwise.calibration.evaluate import SEQUENCE_RISKS, ScoredLogs, check_risk, composite_segments
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.families import FAMILIES, Family, candidate_families, family_path, fixed_shared_path
+from exitwise.calibration.group_solve import choose_group_risk, group_splits, resolve_groups, token_aim
+from exitwise.calibration.groups import GroupIndex, group_losses
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
 from exitwise.calibration.selection import (
@@ -42,6 +55,8 @@ from exitwise.calibration.selection import (
 )
 from exitwise.calibration.solver import Problem, ProgressFn, SolverPath, SolverSettings, compile_thresholds
 from exitwise.calibration.splits import Splits, SplitSpec
+from exitwise.calibration.tokens import TokenLogs
+from exitwise.calibration.topk_calibrate import fit_topk_calibrators
 
 __all__ = [
     "Prepared",
@@ -78,6 +93,13 @@ class SolveSpec:
     folds: int = 5  # cross-validation folds for the family choice (3 when more than cv_large rows)
     cv_rows: int = 12_000  # choose rows used by the cross-validation, at most
     cv_large: int = 10_000
+    group_column: str | None = None  # dependent rows: split and certify by group (token logs: the sequence)
+    bucket_shares: tuple[float, ...] = DEFAULT_SHARES  # token-frequency buckets of a vocabulary ...
+    bucket_mapping: Mapping[str, Any] | None = None  # ... or a user mapping {bucket: [token ids]}
+
+    @property
+    def budgets_need_constant_segments(self) -> bool:
+        return bool(self.segment_budgets)
 
     @property
     def calibration_target(self) -> Literal["labels", "final"]:
@@ -93,10 +115,24 @@ class SolveSpec:
             "forbid_classes": list(self.forbid_classes), "forbid_segments": list(self.forbid_segments),
             "max_exit": self.max_exit, "seed": self.seed,
             "split": self.split.to_json(), "families": list(self.families), "folds": self.folds,
-            "cv_rows": self.cv_rows,
+            "cv_rows": self.cv_rows, "group_column": self.group_column,
+            "buckets": ({"method": "mapping"} if self.bucket_mapping is not None
+                        else {"method": "frequency", "shares": list(self.bucket_shares)}),
             "min_cell": self.settings.min_cell, "min_pool": self.settings.min_pool,
             "passes": self.settings.passes, "order": "safe to aggressive",
         }
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """The token buckets of a language model's policy: the threshold table's columns."""
+
+    size: int
+    top_k: int
+    bucket_of: np.ndarray  # (V,) uint8
+    names: tuple[str, ...]
+    tokens: tuple[int, ...]  # tokens per bucket
+    method: str  # "frequency" or "mapping"
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +152,18 @@ class Prepared:
     forced_segments: np.ndarray  # (S,) user-forbidden segments
     budgets: Mapping[int, float]  # constrained segment code -> eps
     variants: dict[bool, Prepared] = field(default_factory=dict, repr=False)
+    groups: GroupIndex | None = None  # dependent rows: certification is over groups
+    vocabulary: Vocabulary | None = None  # token-level logs: thresholds per token bucket
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def cert_groups(self) -> GroupIndex | None:
+        """The groups of the certify rows (codes 0..G-1 in certify-row order), or None."""
+        if self.groups is None:
+            return None
+        if "cert_groups" not in self.memo:
+            self.memo["cert_groups"] = GroupIndex.from_values(self.groups.codes[self.splits.certify])
+        return self.memo["cert_groups"]
 
     @property
     def calibrated(self) -> bool:
@@ -127,7 +175,7 @@ class Prepared:
         rows = np.asarray(rows)
         every = Splits(choose=np.arange(rows.size), certify=np.zeros(0, dtype=np.int64), seed=self.splits.seed)
         return replace(self, logs=self.logs.take(rows), splits=every, scored=self.scored.take(rows),
-                       loss=self.loss[rows], seg_codes=self.seg_codes[rows], variants={})
+                       loss=self.loss[rows], seg_codes=self.seg_codes[rows], variants={}, groups=None, memo={})
 
     def variant(self, calibrated: bool) -> Prepared:
         """This preparation on the fitted calibrators' scores (True) or the raw softmax's (False:
@@ -152,18 +200,32 @@ class Prepared:
     def problem(self, rows: np.ndarray, forced_segments: np.ndarray | None = None) -> Problem:
         """The solver's view of some rows (the select split, or any other for oracles)."""
         sc = self.scored
+        vocab = self.vocabulary
+        preds = sc.preds[rows] if vocab is None else vocab.bucket_of[sc.preds[rows]].astype(np.int64)
         return Problem(
-            scores=sc.scores[rows], preds=sc.preds[rows], loss=self.loss[rows], seg=self.seg_codes[rows],
-            costs=sc.costs / sc.costs[-1], n_classes=sc.n_classes, n_segments=len(self.seg_levels),
+            scores=sc.scores[rows], preds=preds, loss=self.loss[rows], seg=self.seg_codes[rows],
+            costs=sc.costs / sc.costs[-1], n_classes=self.n_columns, n_segments=len(self.seg_levels),
             allowed_exits=self.allowed_exits, forced_classes=self.forced_classes,
             forced_segments=self.forced_segments if forced_segments is None else forced_segments,
         )
 
+    @property
+    def n_columns(self) -> int:
+        """Columns of the threshold table: classes, or token buckets."""
+        return self.scored.n_classes if self.vocabulary is None else len(self.vocabulary.names)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return self.logs.class_names if self.vocabulary is None else self.vocabulary.names
+
     def compile(self, tau: np.ndarray, forced_segments: np.ndarray) -> CompiledPolicy:
+        vocab = self.vocabulary
         return compile_thresholds(
             tau, segment_levels=self.seg_levels, segment_keys=self.spec.segment_keys,
             calibrators=self.calibrators, score=self.spec.score, forced_classes=self.forced_classes,
             forced_segments=forced_segments, max_exit=self.spec.max_exit,
+            class_bucket=None if vocab is None else vocab.bucket_of.astype(np.intp),
+            top_k=None if vocab is None else vocab.top_k,
         )
 
     def policy_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -195,25 +257,27 @@ def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
-    """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once."""
+def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
+    """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once.
+
+    With groups (a group column, or token-level logs) the split is cut between groups; for
+    token-level logs the threshold columns are token buckets chosen on the choose rows.
+    """
     check_budget(spec.eps, "eps")
     check_budget(spec.delta, "delta")
     check_risk(spec.risk, logs.labels is not None, logs.source)
+    groups = resolve_groups(logs, spec.group_column)
+    if spec.risk in SEQUENCE_RISKS and groups is None:
+        raise InputError(f"risk {spec.risk!r} is defined per group: give --group-column (the sequence id column)")
     if spec.score not in SCORES:
         raise InputError(f"unknown score {spec.score!r}; expected one of {', '.join(SCORES)}")
     if spec.calibrator not in CALIBRATORS:
         raise InputError(f"unknown calibrator {spec.calibrator!r}; expected one of {', '.join(CALIBRATORS)}")
-    k_total, classes = logs.n_exits, logs.class_names
+    k_total = logs.n_exits
     if spec.max_exit is not None and not 0 <= spec.max_exit <= k_total - 1:
         raise InputError(f"--max-exit {spec.max_exit} is out of range 0..{k_total - 1}")
     seg_codes, seg_levels = composite_segments(logs.segments, spec.segment_keys, logs.n)
     counts = np.bincount(seg_codes, minlength=len(seg_levels))
-    forced_classes = np.zeros(logs.n_classes, dtype=bool)
-    for name in spec.forbid_classes:
-        if name not in classes:
-            raise InputError(f"--forbid-class {name!r} is not a class of the model; classes: {', '.join(classes)}")
-        forced_classes[classes.index(name)] = True
     forced_segments = np.zeros(len(seg_levels), dtype=bool)
     for name in spec.forbid_segments:
         if not spec.segment_keys:
@@ -237,7 +301,18 @@ def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = No
                              f"in {'|'.join(spec.segment_keys)}; values: {', '.join(seg_levels)}")
         explicit[seg_levels.index(name)] = eps
     budgets.update(explicit)
-    splits = Splits.draw(logs.n, spec.split, spec.seed)
+    splits = Splits.draw(logs.n, spec.split, spec.seed) if groups is None else group_splits(groups, spec.split,
+                                                                                               spec.seed)
+    if groups is not None and spec.budgets_need_constant_segments:
+        _check_group_segments(groups, seg_codes, seg_levels, spec)
+    vocabulary = _vocabulary(logs, spec, splits) if isinstance(logs, TokenLogs) else None
+    classes = logs.class_names if vocabulary is None else vocabulary.names
+    forced_classes = np.zeros(len(classes), dtype=bool)
+    kind = "class" if vocabulary is None else "token bucket"
+    for name in spec.forbid_classes:
+        if name not in classes:
+            raise InputError(f"--forbid-class {name!r} is not a {kind} of the model; {kind}s: {', '.join(classes)}")
+        forced_classes[classes.index(name)] = True
     if spec.folds < 2:
         raise InputError(f"cross-validation needs at least 2 folds, got {spec.folds}")
     candidate_families(segmented=bool(spec.segment_keys), calibrated=True, names=spec.families)  # names valid?
@@ -245,8 +320,12 @@ def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = No
         progress("fitting calibrators", 0.0)
     # too few rows to choose from: nothing is fitted, the raw scores certify on every row
     method = spec.calibrator if splits.choose.size else "identity"
-    cal_objects = fit_exit_calibrators(logs, method, target=spec.calibration_target,
-                                       index=splits.choose if splits.choose.size else None)  # identity: no fit
+    if isinstance(logs, TokenLogs):
+        cal_objects = fit_topk_calibrators(logs, method, target=spec.calibration_target,
+                                           index=splits.choose if splits.choose.size else None, seed=spec.seed)
+    else:
+        cal_objects = fit_exit_calibrators(logs, method, target=spec.calibration_target,
+                                           index=splits.choose if splits.choose.size else None)  # identity: no fit
     cal_dicts = tuple(c.to_dict() for c in cal_objects)
     if progress is not None:
         progress("scoring exits", 0.0)
@@ -255,7 +334,38 @@ def prepare(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = No
         spec=spec, logs=logs, splits=splits, calibrators=cal_dicts, calibrator_objects=tuple(cal_objects),
         scored=scored, loss=scored.loss_matrix(spec.risk), seg_codes=seg_codes, seg_levels=seg_levels,
         forced_classes=forced_classes, forced_segments=forced_segments, budgets=budgets,
+        groups=groups, vocabulary=vocabulary,
     )
+
+
+def _vocabulary(logs: TokenLogs, spec: SolveSpec, splits: Splits) -> Vocabulary:
+    """Token buckets from the choose rows' final answers (their frequency), or the user's mapping."""
+    try:
+        if spec.bucket_mapping is not None:
+            bucket_of, names, sizes = mapping_buckets(spec.bucket_mapping, logs.vocab_size)
+            method = "mapping"
+        else:
+            finals = logs.indices[splits.choose, -1, 0]
+            bucket_of, names, sizes = frequency_buckets(finals, logs.vocab_size, spec.bucket_shares)
+            method = "frequency"
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return Vocabulary(size=logs.vocab_size, top_k=logs.top_k, bucket_of=bucket_of, names=names, tokens=sizes,
+                      method=method)
+
+
+def _check_group_segments(groups: GroupIndex, seg_codes: np.ndarray, seg_levels: Sequence[str],
+                          spec: SolveSpec) -> None:
+    """Per-segment budgets over groups need one segment value per group."""
+    first = np.full(groups.n_groups, -1, dtype=np.int64)
+    first[groups.codes[::-1]] = seg_codes[::-1]
+    bad = np.flatnonzero(first[groups.codes] != seg_codes)
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"--segment-budget with --group-column: row {row} has segment value {seg_levels[seg_codes[row]]!r} but "
+            f"an earlier row of its group has {seg_levels[first[groups.codes[row]]]!r}; a group's budget needs one "
+            f"segment value per group ({'|'.join(spec.segment_keys)})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,6 +398,13 @@ def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str
                                                       dict[int, float]]:
     spec = prepared.spec
     cert_codes = prepared.seg_codes[prepared.splits.certify]
+    fewest = min_rows
+    if prepared.cert_groups is not None:  # one unit per certify group (its first row's segment)
+        gi = prepared.cert_groups
+        first = np.full(gi.n_groups, -1, dtype=np.int64)
+        first[gi.codes[::-1]] = cert_codes[::-1]
+        cert_codes = first
+        fewest = min_rows if spec.risk in SEQUENCE_RISKS else min_groups
     n_cert = int(cert_codes.size)
     constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]
     uncertified: dict[str, tuple[float, int]] = {}
@@ -298,7 +415,7 @@ def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str
             continue
         idx = np.flatnonzero(cert_codes == s)
         name = prepared.seg_levels[s]
-        if idx.size < min_rows(eps, spec.delta):
+        if idx.size < fewest(eps, spec.delta):
             uncertified[name] = (eps, int(idx.size))
             forced[s] = True
             continue
@@ -326,6 +443,7 @@ def certify_candidates(
     preds_c = np.asfortranarray(prepared.scored.preds[cert_rows])
     loss_c = prepared.loss[cert_rows]
     costs = prepared.scored.costs / prepared.scored.costs[-1]
+    groups = prepared.cert_groups
     rows_idx = np.arange(cert_rows.size)
     stats: dict[int, tuple[float, float]] = {}
     layouts: dict[tuple[Any, ...], np.ndarray] = {}
@@ -348,7 +466,10 @@ def certify_candidates(
         pol = policies[j]
         exit_at = first_exit(pol, scores_c, preds_c, table_rows(pol)).exit
         loss = loss_c[rows_idx, exit_at]
-        stats[j] = (float(loss.mean()) if loss.size else 0.0, float(costs[exit_at].mean()) if loss.size else 1.0)
+        compute = float(costs[exit_at].mean()) if loss.size else 1.0
+        if groups is not None:  # one number per certify group: the units that are independent
+            loss = group_losses(groups, loss, prepared.spec.risk)
+        stats[j] = (float(loss.mean()) if loss.size else 0.0, compute)
         return loss
 
     n_pts = len(policies)
@@ -400,6 +521,7 @@ class _PathRequest:
     aims: Mapping[int, float]
     segment_eps: Mapping[int, float]
     settings: SolverSettings | None = None  # None: the spec's
+    scale: float = 1.0  # token risk per unit of group risk (groups: where the path is refined)
 
     def path(self, family: Family, prepared: Prepared, rows: np.ndarray, forced: np.ndarray,
              progress: ProgressFn | None = None) -> SolverPath:
@@ -435,7 +557,7 @@ def choose_family(
     folds = spec.folds if rows.size <= spec.cv_large else min(spec.folds, 3)
     ids = fold_ids(rows.size, folds, spec.seed)
     masks = _group_masks(sample, rows, constraints)
-    targets = np.array([aim(c.n, c.eps, spec.delta, spec.settings.floor_power) for c in constraints])
+    targets = request.scale * np.array([aim(c.n, c.eps, spec.delta, spec.settings.floor_power) for c in constraints])
     # a coarser lambda path per fold: the pooled curve only has to rank the families
     fold_request = replace(request, settings=replace(spec.settings, grid=12, max_points=28, max_points_large=28))
     table: list[CandidateScore] = []
@@ -470,11 +592,14 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     spec = prepared.spec
     t0 = time.perf_counter()
     constraints, uncertified, forced, aims = _certify_constraints(prepared)
+    n_units = int(constraints[0].n)  # certify rows, or certify groups
     request = _PathRequest(
         eps=min([spec.eps, *prepared.budgets.values()]),
-        target=aim(int(prepared.splits.certify.size), spec.eps, spec.delta, spec.settings.floor_power),
+        target=aim(n_units, spec.eps, spec.delta, spec.settings.floor_power),
         aims=aims, segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims})
     choose_rows = prepared.splits.choose
+    if prepared.groups is not None and choose_rows.size:
+        request = _token_request(prepared, request, forced)
     selection: Selection | None = None
     if choose_rows.size == 0:
         family = FAMILIES["shared_raw"]  # nothing to choose from: the path fixed before seeing any row
@@ -497,7 +622,6 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
         chosen_prep, policies, constraints,
         progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
     )
-    cert_rows = prepared.splits.certify
     n_pts = len(policies)
     t3 = time.perf_counter()
     # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
@@ -510,12 +634,12 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     curve = tuple(
         {path.knob: float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
          "risk": stats[j][0], "compute_fraction": stats[j][1],
-         "eps": upper_bound(round(stats[j][0] * cert_rows.size), int(cert_rows.size), spec.delta) or 1.0,
+         "eps": _bound(prepared, stats[j][0], n_units),
          "certified": cert.chosen is not None and j <= cert.chosen}
         for j in sorted(stats)
     )
     t4 = time.perf_counter()
-    s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.scored.n_classes
+    s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.n_columns
     tau = path.points[cert.chosen].tau if cert.chosen is not None else np.full((s_total, k1, c), np.nan)
     if progress is not None:
         progress("done", 1.0)
@@ -527,6 +651,47 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     )
 
 
-def solve(logs: ExitLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Solution:
+def _bound(prepared: Prepared, risk: float, n: int) -> float:
+    """The upper confidence bound of a realised risk on n certify units (rows, or groups)."""
+    spec = prepared.spec
+    if prepared.groups is not None and spec.risk not in SEQUENCE_RISKS:
+        return hb_upper_bound(risk, n, spec.delta) or 1.0
+    return upper_bound(round(risk * n), n, spec.delta) or 1.0
+
+
+def _token_request(prepared: Prepared, request: _PathRequest, forced: np.ndarray) -> _PathRequest:
+    """The path request in token units for a group risk (see :mod:`exitwise.calibration.group_solve`).
+
+    A first path (the default family, on the choose rows) is walked safe to aggressive; the
+    token risk of its last point whose choose-group risk is within the group aim becomes the
+    risk the real path is refined around.
+    """
+    spec = prepared.spec
+    rows = prepared.splits.choose
+    family = candidate_families(segmented=bool(spec.segment_keys), calibrated=prepared.calibrated,
+                                names=spec.families)[0]
+    variant = prepared.variant(family.calibrated)
+    probe = request.path(family, variant, rows, forced)
+    if not probe.points:
+        return request
+    sc = variant.scored
+    scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
+    table_rows, loss_rows, at = variant.policy_rows(rows), variant.loss[rows], np.arange(rows.size)
+
+    def group_risk(j: int) -> float:
+        exit_at = first_exit(variant.compile(probe.points[j].tau, forced), scores, preds, table_rows).exit
+        return choose_group_risk(prepared.groups, rows, loss_rows[at, exit_at], spec.risk)
+
+    token_risks = np.array([p.select_risk for p in probe.points])
+    target = token_aim(group_risk, token_risks, request.target)
+    scale = target / request.target if request.target > 0 else 1.0
+    if target <= 0:
+        return replace(request, scale=0.0)
+    return replace(request, eps=request.eps * scale, target=target, scale=scale,
+                   aims={s: a * scale for s, a in request.aims.items()},
+                   segment_eps={s: e * scale for s, e in request.segment_eps.items()})
+
+
+def solve(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Solution:
     """Validate, split, calibrate, solve the path and certify it: the whole of ``exitwise solve``."""
     return solve_prepared(prepare(logs, spec, progress=progress), progress=progress)

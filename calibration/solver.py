@@ -609,8 +609,11 @@ def compile_thresholds(
     forced_classes: np.ndarray,
     forced_segments: np.ndarray,
     max_exit: int | None,
+    class_bucket: np.ndarray | None = None,
+    top_k: int | None = None,
 ) -> CompiledPolicy:
-    """A :class:`CompiledPolicy` from solver thresholds (S, K-1, C).
+    """A :class:`CompiledPolicy` from solver thresholds (S, K-1, C); for a vocabulary the C
+    columns are token buckets (``class_bucket`` maps a token id to its column).
 
     Without segment keys the single segment is the ``default`` row. With segment keys row 0
     (``default``, unseen segment values) never exits and segment s is row s + 1.
@@ -628,4 +631,5 @@ def compile_thresholds(
         thresholds=thr, segment_index=index, forced_classes=np.asarray(forced_classes, dtype=bool),
         forced_segments=np.asarray(fs, dtype=bool), max_exit=k1 if max_exit is None else int(max_exit),
         killed=False, calibrators=tuple(calibrators), score=score, segment_keys=tuple(segment_keys),
+        class_bucket=class_bucket, top_k=top_k,
     )

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import numpy as np
 
 from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["fingerprint", "segment_counts", "time_window"]
 
 
-def fingerprint(logs: ExitLogs) -> str:
+def fingerprint(logs: ExitLogs | TokenLogs) -> str:
     """``"sha256:<hex>"`` over logits bytes, labels, segments, request ids and ts.
 
     Deterministic and cheap (array bytes are hashed in place): equal logs give equal
@@ -20,6 +22,8 @@ def fingerprint(logs: ExitLogs) -> str:
     logs saved as float16 fingerprint differently from their float32 source.
     """
     h = hashlib.sha256()
+    if isinstance(logs, TokenLogs):
+        return _token_fingerprint(logs, h)
     header = {
         "shape": list(logs.logits.shape),
         "labels": logs.labels is not None,
@@ -38,6 +42,46 @@ def fingerprint(logs: ExitLogs) -> str:
         col = logs.segments[name].compact()
         h.update(json.dumps([name, list(col.levels)]).encode())
         h.update(np.ascontiguousarray(col.codes, dtype=np.int32))
+    _hash_rows(h, logs)
+    return "sha256:" + h.hexdigest()
+
+
+def _token_fingerprint(logs: TokenLogs, h: Any) -> str:
+    """The fingerprint of token-level logs: top-k values, ids and lse, groups, positions, the rest."""
+    header = {"form": "tokens", "shape": list(logs.values.shape), "vocab_size": logs.vocab_size,
+              "labels": logs.labels is not None, "segments": sorted(logs.segments),
+              "groups": logs.groups is not None, "positions": logs.positions is not None,
+              "ids": None if logs.request_ids is None else ("int" if logs.request_ids.dtype.kind in "iu" else "str"),
+              "ts": logs.ts is not None}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    step = max(1, (1 << 24) // max(1, logs.n_exits * logs.top_k))
+    for start in range(0, logs.n, step):
+        sl = slice(start, start + step)
+        h.update(np.ascontiguousarray(logs.values[sl], dtype=np.float32))
+        h.update(np.ascontiguousarray(logs.indices[sl], dtype=np.int32))
+        h.update(np.ascontiguousarray(logs.lse[sl], dtype=np.float32))
+    if logs.groups is not None:
+        levels = logs.group_levels if logs.group_levels is not None else np.unique(logs.groups)
+        values = np.asarray(levels)[logs.groups]
+        if values.dtype.kind in "iu":
+            h.update(np.ascontiguousarray(values, dtype=np.int64))
+        else:
+            h.update("\x1f".join(str(v) for v in values).encode())
+    if logs.positions is not None:
+        h.update(np.ascontiguousarray(logs.positions, dtype=np.int64))
+    if logs.labels is not None:
+        h.update(np.ascontiguousarray(logs.labels, dtype=np.int64))
+    for name in sorted(logs.segments):
+        col = logs.segments[name].compact()
+        h.update(json.dumps([name, list(col.levels)]).encode())
+        h.update(np.ascontiguousarray(col.codes, dtype=np.int32))
+    _hash_rows(h, logs)
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_rows(h: Any, logs: ExitLogs | TokenLogs) -> None:
+    """Request ids and timestamps (shared by both kinds of logs)."""
+    n = logs.n
     if logs.request_ids is not None:
         ids = logs.request_ids
         if ids.dtype.kind in "iu":
@@ -48,10 +92,9 @@ def fingerprint(logs: ExitLogs) -> str:
                 h.update(b"\x1e")
     if logs.ts is not None:
         h.update(np.ascontiguousarray(logs.ts.astype("datetime64[us]").astype(np.int64)))
-    return "sha256:" + h.hexdigest()
 
 
-def time_window(logs: ExitLogs) -> tuple[str, str] | None:
+def time_window(logs: ExitLogs | TokenLogs) -> tuple[str, str] | None:
     """First and last ``ts`` as ISO-8601 UTC strings, or None without a time column."""
     if logs.ts is None or logs.ts.size == 0:
         return None
@@ -62,7 +105,7 @@ def time_window(logs: ExitLogs) -> tuple[str, str] | None:
     )
 
 
-def segment_counts(logs: ExitLogs) -> dict[str, dict[str, int]]:
+def segment_counts(logs: ExitLogs | TokenLogs) -> dict[str, dict[str, int]]:
     """Rows per value of every segment column: ``{column: {value: count}}``."""
     out: dict[str, dict[str, int]] = {}
     for name, col in logs.segments.items():

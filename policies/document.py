@@ -19,12 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from exitwise.calibration.buckets import encode_bucket_map
 from exitwise.calibration.certify import METHOD, guarantee_segments
+from exitwise.calibration.evaluate import ScoredLogs
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.group_solve import group_method
 from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.monitor import score_reference
 from exitwise.calibration.rule import score_all_exits
 from exitwise.calibration.summaries import fingerprint, segment_counts, time_window
+from exitwise.calibration.tokens import TokenLogs
+from exitwise.calibration.topk_calibrate import topk_exit_metrics
 from exitwise.policies.canonical import SCHEMA, with_content_hash
 from exitwise.policies.schema import validate_document
 
@@ -107,12 +112,20 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
     rows = np.asarray(rows)
     if rows.size > max_rows:
         rows = rows[np.linspace(0, rows.size - 1, max_rows).astype(np.int64)]
-    y = logs.labels[rows] if target == "labels" else np.argmax(logs.logits[rows, -1, :], axis=1)
+    tokens = isinstance(logs, TokenLogs)
+    if target == "labels":
+        y = logs.labels[rows]
+    else:
+        y = logs.indices[rows, -1, 0].astype(np.int64) if tokens else np.argmax(logs.logits[rows, -1, :], axis=1)
     exits = []
     for k, spec in enumerate(logs.card.exits):
-        z = logs.logits[rows, k, :]
-        before = exit_metrics(z, y, {"type": "identity"}, n_bins=n_bins)
-        after = exit_metrics(z, y, calibrators[k], n_bins=n_bins)
+        if tokens:
+            before, after = topk_exit_metrics(logs.values[rows, k], logs.indices[rows, k], logs.lse[rows, k],
+                                              logs.vocab_size, y, [{"type": "identity"}, calibrators[k]], n_bins)
+        else:
+            z = logs.logits[rows, k, :]
+            before = exit_metrics(z, y, {"type": "identity"}, n_bins=n_bins)
+            after = exit_metrics(z, y, calibrators[k], n_bins=n_bins)
         exits.append({
             "name": spec.name,
             "before": {k2: _num(v) for k2, v in before.to_dict().items()},
@@ -121,7 +134,10 @@ def calibration_section(logs: Any, calibrators: Sequence[Mapping[str, Any]], row
         })
     out = {"target": target, "rows": int(rows.size), "split": "certify", "exits": exits}
     if score is not None:
-        scores, _ = score_all_exits(logs.logits[rows], calibrators, score)
+        if tokens:
+            scores, _ = ScoredLogs.from_logs(logs.take(rows), calibrators, score).scores, None
+        else:
+            scores, _ = score_all_exits(logs.logits[rows], calibrators, score)
         out["reference"] = score_reference(scores)
     return out
 
@@ -142,6 +158,23 @@ def data_section(logs: Any, splits: Any, evidence: Mapping[str, str] | None = No
         "segment_counts": segment_counts(logs),
         "source": Path(str(logs.source)).name,
     }
+
+
+def vocabulary_section(vocab: Any) -> dict[str, Any]:
+    """``vocabulary``: the size, the top-k width the scores use and the token-to-bucket map."""
+    return {"size": int(vocab.size), "top_k": int(vocab.top_k), "bucket_of": encode_bucket_map(vocab.bucket_of),
+            "buckets": {"method": vocab.method, "tokens": [int(t) for t in vocab.tokens]},
+            "tail_model": "equal"}
+
+
+def _unit(prep: Any) -> dict[str, Any]:
+    """What one certified unit is: a row, or a group of rows (with the group counts of the split)."""
+    if prep.groups is None:
+        return {"unit": "row"}
+    gi, cert = prep.groups, prep.cert_groups
+    return {"unit": "group", "group_column": prep.spec.group_column or prep.logs.card.group_column,
+            "groups": {"total": int(gi.n_groups), "certify": int(cert.n_groups),
+                       "choose": int(gi.n_groups - cert.n_groups)}}
 
 
 def build_document(
@@ -187,7 +220,7 @@ def build_document(
         "model": {"name": card.model, "version": model_version if model_version is not None else card.version},
         "exits": [{"name": e.name, "cost": float(e.cost), "calibrator": dict(prep.calibrators[k])}
                   for k, e in enumerate(card.exits)],
-        "classes": list(logs.class_names),
+        "classes": list(prep.column_names),
         "score": spec.score,
         "segment_keys": list(spec.segment_keys),
         "thresholds": threshold_table(solution.tau, prep.seg_levels, spec.segment_keys, solution.forced_segments),
@@ -195,8 +228,10 @@ def build_document(
         "max_exit": spec.max_exit,
         "shadow_rate": float(shadow_rate),
         "guarantee": {
-            "risk": spec.risk, "eps": spec.eps, "delta": spec.delta, "method": METHOD,
-            "n": int(prep.splits.certify.size), "certified": bool(cert.certified),
+            "risk": spec.risk, "eps": spec.eps, "delta": spec.delta,
+            "method": METHOD if prep.groups is None else group_method(spec.risk),
+            "n": int(solution.constraints[0].n), "certified": bool(cert.certified),
+            **_unit(prep),
             "segments": guarantee_segments(cert, solution.constraints, solution.uncertified),
             "uncertified_segments": sorted(solution.uncertified),
             "split": prep.splits.to_json(),
@@ -214,6 +249,8 @@ def build_document(
         },
         "parent": parent,
     }
+    if prep.vocabulary is not None:
+        doc["vocabulary"] = vocabulary_section(prep.vocabulary)
     if calibration is not None:
         doc["calibration"] = dict(calibration)
     doc = with_content_hash(doc)
