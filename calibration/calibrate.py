@@ -20,9 +20,12 @@ import numpy as np
 
 from exitwise.calibration.calibrators import METHODS, Calibrator, IdentityCalibrator, make_calibrator
 from exitwise.calibration.exceptions import CalibrationError, InputError
+from exitwise.calibration.groups import GroupIndex, split_groups
 from exitwise.calibration.logs import ExitLogs, ModelCard
 from exitwise.calibration.metrics import ExitMetrics, exit_metrics_multi
 from exitwise.calibration.splits import split_rows
+from exitwise.calibration.tokens import TokenLogs
+from exitwise.calibration.topk_calibrate import fit_topk_calibrators, topk_exit_metrics, topk_targets
 
 __all__ = [
     "TARGETS",
@@ -240,6 +243,48 @@ def _fit_size(n: int, fit_fraction: float) -> int:
     return n_fit
 
 
+def _calibrate_tokens(logs: Any, method: str, fit_fraction: float, seed: int, *, report_logs: Any,
+                      target: TargetKind, n_bins: int, progress: ProgressFn | None) -> CalibrationResult:
+    """:func:`calibrate_logs` for token-level logs: the split is cut between sequences (groups),
+    the calibrators and metrics work on the top-k (:mod:`exitwise.calibration.topk_calibrate`)."""
+    if not isinstance(logs, TokenLogs) or (report_logs is not None and not isinstance(report_logs, TokenLogs)):
+        raise InputError("calibrate: the fit and report logs must both be token-level logs, or neither")
+    if report_logs is not None and (report_logs.n_exits, report_logs.vocab_size) != (logs.n_exits, logs.vocab_size):
+        raise InputError(f"{report_logs.source}: report logs have {report_logs.n_exits} exits and vocabulary "
+                         f"{report_logs.vocab_size}, the fit logs {logs.n_exits} and {logs.vocab_size}")
+    kind = "labels" if target in ("auto", "labels") and logs.labels is not None else "final"
+    if target == "labels" and logs.labels is None:
+        raise InputError(f"{logs.source}: the logs have no labels; use target 'final' (agreement with the final exit)")
+    if report_logs is None:
+        groups = GroupIndex.from_values(logs.groups if logs.groups is not None else np.arange(logs.n))
+        if groups.n_groups < 2:
+            raise InputError(f"{logs.source}: need at least 2 sequences to fit on one split and report on another")
+        fit_idx, rep_idx = split_groups(groups, _fit_size(groups.n_groups, fit_fraction), seed)
+        rep = logs.take(rep_idx)
+        fit_fraction_used: float | None = float(fit_fraction)
+    else:
+        fit_idx, rep = None, report_logs
+        fit_fraction_used = None
+    cals = fit_topk_calibrators(logs, method, target=kind, index=fit_idx, seed=seed,
+                                progress=None if progress is None else (lambda k: progress("fit", k)))
+    if kind == "labels" and rep.labels is None:
+        raise InputError(f"{rep.source}: the report logs have no labels")
+    y_rep = topk_targets(rep, kind)
+    before, after = [], []
+    for k in range(logs.n_exits):
+        b, a = topk_exit_metrics(rep.values[:, k], rep.indices[:, k], rep.lse[:, k], rep.vocab_size, y_rep,
+                                 [{"type": "identity"}, cals[k].to_dict()], n_bins)
+        before.append(b)
+        after.append(a)
+        if progress is not None:
+            progress("metrics", k)
+    return CalibrationResult(
+        method=method, target=kind, exit_names=tuple(e.name for e in logs.card.exits), calibrators=tuple(cals),
+        before=tuple(before), after=tuple(after), n_fit=logs.n if fit_idx is None else int(fit_idx.size),
+        n_report=rep.n, seed=int(seed), fit_fraction=fit_fraction_used, n_bins=int(n_bins), source=logs.source,
+        report_source=rep.source)
+
+
 def calibrate_logs(
     logs: ExitLogs,
     method: str = "temperature",
@@ -264,6 +309,9 @@ def calibrate_logs(
         raise InputError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise InputError(f"bins must be a positive integer, got {n_bins!r}")
+    if isinstance(logs, TokenLogs) or isinstance(report_logs, TokenLogs):
+        return _calibrate_tokens(logs, method, fit_fraction, seed, report_logs=report_logs, target=target,
+                                 n_bins=n_bins, progress=progress)
     if report_logs is None and logs.n < 2:
         raise InputError(f"{logs.source}: need at least 2 rows to fit on one split and report on another")
     if report_logs is not None and report_logs.logits.shape[1:] != logs.logits.shape[1:]:

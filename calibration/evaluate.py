@@ -78,18 +78,21 @@ class ScoredLogs:
     n_classes: int = 0
     score: str = "max_prob"
     calibrators: tuple[Mapping[str, Any], ...] = ()
+    groups: np.ndarray | None = None  # (n,) group code of each row (dependent rows: a sequence)
 
     @classmethod
     def from_logs(
         cls, logs: ExitLogs | TokenLogs, calibrators: Sequence[Mapping[str, Any]], score: str = "max_prob"
     ) -> ScoredLogs:
+        groups = None
         if isinstance(logs, TokenLogs):
             scores, preds = score_token_exits(logs, calibrators, score)
+            groups = logs.groups
         else:
             scores, preds = score_all_exits(logs.logits, calibrators, score)
         return cls(scores=scores, preds=preds, costs=logs.card.costs, labels=logs.labels,
                    segments=dict(logs.segments), n_classes=logs.n_classes, score=score,
-                   calibrators=tuple(calibrators))
+                   calibrators=tuple(calibrators), groups=groups)
 
     @property
     def n(self) -> int:
@@ -111,6 +114,7 @@ class ScoredLogs:
             labels=None if self.labels is None else self.labels[index],
             segments={k: v.take(index) for k, v in self.segments.items()},
             n_classes=self.n_classes, score=self.score, calibrators=self.calibrators,
+            groups=None if self.groups is None else self.groups[index],
         )
 
     def loss_matrix(self, risk: str) -> np.ndarray:
@@ -234,6 +238,7 @@ class Evaluation:
     loss: np.ndarray
     losses: Mapping[str, int]
     delta: float | None = None
+    groups: Mapping[str, Any] | None = None  # group-level figures (dependent rows), see group_summary
 
     @property
     def overall(self) -> SegmentStats:
@@ -269,6 +274,7 @@ class Evaluation:
             "batch_compute_fraction": {str(b): v for b, v in self.batch_compute_fraction.items()},
             "segments": {col: {v: s.to_json(self.delta) for v, s in vals.items()}
                          for col, vals in self.segments.items()},
+            **({"groups": dict(self.groups)} if self.groups is not None else {}),
         }
 
     def segment_summary(self, column: str) -> dict[str, dict[str, Any]]:
@@ -320,7 +326,7 @@ def summarise(
         right_final = final == y
         induced = (answer != y) & right_final
         acc, full_acc = _mean(answer == y), _mean(right_final)
-    loss = disagree if risk == "disagreement" else induced
+    loss = induced if risk == "induced_error" else disagree
     cost = (scored.costs / scored.costs[-1])[exit_at]
     exit_rate = np.bincount(exit_at, minlength=k_total) / max(n, 1)
     columns: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
@@ -356,14 +362,39 @@ def summarise(
         segments=segments, accuracy=acc, full_depth_accuracy=full_acc,
         exit=exit_at, answer=answer, loss=loss,
         losses={key: int(np.count_nonzero(arr)) for key, arr in measured.items()}, delta=delta,
+        groups=None if scored.groups is None else group_summary(scored.groups, disagree, induced, cost, delta),
     )
+
+
+def group_summary(groups: np.ndarray, disagree: np.ndarray, induced: np.ndarray | None, cost: np.ndarray,
+                  delta: float | None) -> dict[str, Any]:
+    """Figures per group (a sequence): how many, the mean over groups of their token disagreement
+    (and induced error) rate, the share of groups with any disagreeing token
+    (``sequence_disagreement``; 1 - it is the share answered exactly as at full depth) with its
+    Clopper-Pearson interval at 1 - delta, and the mean per-group compute fraction."""
+    codes, inverse = np.unique(groups, return_inverse=True)
+    g = codes.size
+    sizes = np.bincount(inverse, minlength=g)
+    any_dis = np.bincount(inverse, weights=disagree, minlength=g) > 0
+    out: dict[str, Any] = {
+        "n": int(g),
+        "mean_disagreement": float(np.mean(np.bincount(inverse, weights=disagree, minlength=g) / sizes)) if g else None,
+        "sequence_disagreement": float(any_dis.mean()) if g else None,
+        "sequences_with_disagreement": int(any_dis.sum()),
+        "compute_fraction": float(np.mean(np.bincount(inverse, weights=cost, minlength=g) / sizes)) if g else None,
+        "sequence_disagreement_interval": (None if delta is None or not g
+                                           else list(risk_interval(int(any_dis.sum()), g, delta) or ())),
+    }
+    if induced is not None:
+        out["mean_induced_error"] = float(np.mean(np.bincount(inverse, weights=induced, minlength=g) / sizes))
+    return out
 
 
 def route_scored(policy: CompiledPolicy, scored: ScoredLogs) -> np.ndarray:
     """Exit index per sample under ``policy`` (the rule on precomputed scores)."""
-    if policy.n_exits != scored.n_exits or policy.n_classes != scored.n_classes:
+    if policy.n_exits != scored.n_exits or policy.n_outputs != scored.n_classes:
         raise InputError(
-            f"the policy has {policy.n_exits} exits and {policy.n_classes} classes, "
+            f"the policy has {policy.n_exits} exits and {policy.n_outputs} classes, "
             f"the logs {scored.n_exits} and {scored.n_classes}"
         )
     rows = policy_rows(policy, scored.segments, scored.n)
@@ -401,7 +432,11 @@ def evaluate(
         if delta is None:
             delta = (policy.get("guarantee") or {}).get("delta")
         doc_classes = policy.get("classes")
-        if doc_classes is not None and len(doc_classes) != logs.n_classes:
+        if policy.get("vocabulary") is not None:
+            if int(policy["vocabulary"].get("size", -1)) != logs.n_classes:
+                raise InputError(f"{logs.source}: the policy's vocabulary has {policy['vocabulary'].get('size')} "
+                                 f"tokens, the logs {logs.n_classes}")
+        elif doc_classes is not None and len(doc_classes) != logs.n_classes:
             raise InputError(f"{logs.source}: the policy has {len(doc_classes)} classes, the logs {logs.n_classes}")
         try:
             policy = CompiledPolicy.from_document(policy)

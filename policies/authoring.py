@@ -110,8 +110,17 @@ def check_same_model(document: Mapping[str, Any], logs: ExitLogs) -> None:
     policy_model = (document.get("model") or {}).get("name")
     if policy_model != logs.card.model:
         raise InputError(f"{where}: the card names model {logs.card.model!r}, the policy is for {policy_model!r}")
-    policy_classes = [str(c) for c in document.get("classes", [])]
-    log_classes = [str(c) for c in logs.class_names]
+    vocab = document.get("vocabulary")
+    if vocab is not None or logs.card.token_level:
+        size = None if vocab is None else vocab.get("size")
+        if size != logs.card.vocab_size:
+            what = "a classifier" if vocab is None else f"a vocabulary of {size} tokens"
+            raise InputError(f"{where}: the policy is for {what}, the logs have "
+                             f"{'no vocabulary' if logs.card.vocab_size is None else logs.card.vocab_size}")
+        policy_classes = log_classes = []
+    else:
+        policy_classes = [str(c) for c in document.get("classes", [])]
+        log_classes = [str(c) for c in logs.class_names]
     if policy_classes != log_classes:
         raise InputError(f"{where}: the logs' classes {_short(log_classes)} differ from the policy's "
                          f"{_short(policy_classes)}")

@@ -61,13 +61,35 @@ def _load(logs_path: Path, card_path: Path) -> Any:
     return load_logs(logs_path, load_card(card_path))
 
 
+_MAX_BUCKET_MAP_BYTES = 64 << 20
+
+
+def _bucket_map(path: Path | None) -> dict[str, Any] | None:
+    """The ``--bucket-map`` JSON object, read with a size limit; InputError naming the file."""
+    if path is None:
+        return None
+    try:
+        if path.stat().st_size > _MAX_BUCKET_MAP_BYTES:
+            raise InputError(f"{path}: bucket map larger than {_MAX_BUCKET_MAP_BYTES >> 20} MiB")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the bucket map ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: the bucket map is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the bucket map must be a JSON object {{bucket: [token ids]}}")
+    return data
+
+
 def register(app: typer.Typer) -> None:
     @app.command("solve")
     def solve_cmd(
         logs: Annotated[Path, typer.Argument(help="Calibration exit logs (Parquet, JSONL or NPZ).", dir_okay=False)],
         card: Annotated[Path, typer.Option("--card", help="Model card (JSON or YAML).", dir_okay=False)],
         out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the policy JSON.", dir_okay=False)],
-        risk: Annotated[str, typer.Option(help="disagreement | induced_error (needs labels).")] = "disagreement",
+        risk: Annotated[str, typer.Option(
+            help="disagreement | induced_error (needs labels) | sequence_disagreement (share of groups with any "
+                 "disagreeing row; needs groups).")] = "disagreement",
         eps: Annotated[float, typer.Option(help="Risk budget, in (0, 1).")] = 0.01,
         delta: Annotated[float, typer.Option(help="1 - confidence of the guarantee, in (0, 1).")] = 0.05,
         score: Annotated[str, typer.Option(help="max_prob | margin | entropy.")] = "max_prob",
@@ -91,6 +113,15 @@ def register(app: typer.Typer) -> None:
         family: Annotated[list[str] | None, typer.Option(
             "--family", help="Restrict the policy families to choose among (repeatable; default: all; "
                              "one: no cross-validation). " + ", ".join(FAMILIES) + ".")] = None,
+        group_column: Annotated[str | None, typer.Option(
+            "--group-column", help="Rows sharing this column's value are dependent (a sequence, a user): split and "
+                                   "certify by group. Token-level logs: the card's group column by default.")] = None,
+        bucket_share: Annotated[list[float] | None, typer.Option(
+            "--bucket-share", help="Token-level logs: cumulative traffic shares that cut the token-frequency "
+                                   "buckets (repeatable; default 0.5 0.8 0.95: four buckets).")] = None,
+        bucket_map: Annotated[Path | None, typer.Option(
+            "--bucket-map", help="Token-level logs: a JSON object {bucket: [token ids or 'a-b' ranges]} instead "
+                                 "of frequency buckets.", dir_okay=False)] = None,
         test: Annotated[Path | None, typer.Option(
             "--test", help="Held-out test logs for the summary (default: the certify split).", dir_okay=False)] = None,
         no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines (faster).")] = False,
@@ -108,6 +139,8 @@ def register(app: typer.Typer) -> None:
             segment_keys=tuple(segment_key or ()), segment_budgets=parse_budgets(segment_budget or ()),
             forbid_classes=tuple(forbid_class or ()), forbid_segments=tuple(forbid_segment or ()),
             max_exit=max_exit, seed=seed, split=SplitSpec(choose=choose_fraction), families=tuple(family or ()),
+            group_column=group_column, bucket_mapping=_bucket_map(bucket_map),
+            **({"bucket_shares": tuple(bucket_share)} if bucket_share else {}),
         )
         with _progress(not as_json) as update:
             update("loading logs", 0.0)
@@ -225,6 +258,18 @@ def _print_evaluation(ev: Evaluation, checks: tuple[BudgetCheck, ...], policy: P
         table.add_row(f"compute fraction, batch {b}", _pct(v))
     table.add_row("exit rate", " / ".join(_pct(r, 0) for r in ev.exit_rate))
     console.print(table)
+    if ev.groups is not None:
+        g = ev.groups
+        gt = Table(title=f"per group ({g['n']:,} groups: sequences)")
+        gt.add_column("")
+        gt.add_column("value", justify="right")
+        gt.add_row("mean per-group disagreement", _risk(g["mean_disagreement"]))
+        gt.add_row("sequence disagreement (any token)", _risk(g["sequence_disagreement"]))
+        ci = g.get("sequence_disagreement_interval")
+        gt.add_row(f"sequence disagreement, {conf} interval", _interval(tuple(ci) if ci else None))
+        gt.add_row("identical to full depth", _pct(1.0 - g["sequence_disagreement"]))
+        gt.add_row("mean per-group compute fraction", _pct(g["compute_fraction"]))
+        console.print(gt)
     for col, vals in ev.segments.items():
         st = Table(title=f"segment column {col}")
         for h in ("value", "rows", "compute", "risk", f"{conf} interval"):
