@@ -15,7 +15,7 @@ claimed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -95,3 +95,17 @@ def choose_group_risk(index: GroupIndex, rows: np.ndarray, loss_rows: np.ndarray
     """The group risk of losses on ``rows`` (whole groups): mean over their groups."""
     sub = GroupIndex.from_values(index.codes[rows])
     return float(np.mean(group_losses(sub, loss_rows, risk))) if sub.n_groups else 0.0
+
+
+def check_group_segments(groups: GroupIndex, seg_codes: np.ndarray, seg_levels: Sequence[str],
+                          keys: Sequence[str]) -> None:
+    """Per-segment budgets over groups need one segment value per group."""
+    first = np.full(groups.n_groups, -1, dtype=np.int64)
+    first[groups.codes[::-1]] = seg_codes[::-1]
+    bad = np.flatnonzero(first[groups.codes] != seg_codes)
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"--segment-budget with --group-column: row {row} has segment value {seg_levels[seg_codes[row]]!r} but "
+            f"an earlier row of its group has {seg_levels[first[groups.codes[row]]]!r}; a group's budget needs one "
+            f"segment value per group ({'|'.join(keys)})")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from exitwise.calibration.buckets import DEFAULT_SHARES, frequency_buckets, mapping_buckets
+from exitwise.calibration.buckets import DEFAULT_SHARES
 from exitwise.calibration.calibrate import fit_exit_calibrators
 from exitwise.calibration.calibrators import Calibrator
 from exitwise.calibration.certify import (
@@ -37,26 +37,25 @@ from exitwise.calibration.certify import (
 from exitwise.calibration.evaluate import SEQUENCE_RISKS, ScoredLogs, check_risk, composite_segments
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.families import FAMILIES, Family, candidate_families, family_path, fixed_shared_path
-from exitwise.calibration.group_solve import choose_group_risk, group_splits, resolve_groups, token_aim
+from exitwise.calibration.family_choice import choose_family
+from exitwise.calibration.group_solve import (
+    check_group_segments,
+    choose_group_risk,
+    group_splits,
+    resolve_groups,
+    token_aim,
+)
 from exitwise.calibration.groups import GroupIndex, group_losses
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
 from exitwise.calibration.selection import (
-    TOLERANCE,
-    CandidateScore,
-    FoldCurve,
     Selection,
-    fold_computes,
-    fold_ids,
-    operating_point,
-    pick,
-    pool,
-    strict_knobs,
 )
 from exitwise.calibration.solver import Problem, ProgressFn, SolverPath, SolverSettings, compile_thresholds
 from exitwise.calibration.splits import Splits, SplitSpec
 from exitwise.calibration.tokens import TokenLogs
 from exitwise.calibration.topk_calibrate import fit_topk_calibrators
+from exitwise.calibration.vocabulary import Vocabulary, choose_buckets
 
 __all__ = [
     "Prepared",
@@ -121,18 +120,6 @@ class SolveSpec:
             "min_cell": self.settings.min_cell, "min_pool": self.settings.min_pool,
             "passes": self.settings.passes, "order": "safe to aggressive",
         }
-
-
-@dataclass(frozen=True, eq=False)
-class Vocabulary:
-    """The token buckets of a language model's policy: the threshold table's columns."""
-
-    size: int
-    top_k: int
-    bucket_of: np.ndarray  # (V,) uint8
-    names: tuple[str, ...]
-    tokens: tuple[int, ...]  # tokens per bucket
-    method: str  # "frequency" or "mapping"
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,8 +291,9 @@ def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn
     splits = Splits.draw(logs.n, spec.split, spec.seed) if groups is None else group_splits(groups, spec.split,
                                                                                                spec.seed)
     if groups is not None and spec.budgets_need_constant_segments:
-        _check_group_segments(groups, seg_codes, seg_levels, spec)
-    vocabulary = _vocabulary(logs, spec, splits) if isinstance(logs, TokenLogs) else None
+        check_group_segments(groups, seg_codes, seg_levels, spec.segment_keys)
+    vocabulary = (choose_buckets(logs, splits.choose, spec.bucket_shares, spec.bucket_mapping)
+                  if isinstance(logs, TokenLogs) else None)
     classes = logs.class_names if vocabulary is None else vocabulary.names
     forced_classes = np.zeros(len(classes), dtype=bool)
     kind = "class" if vocabulary is None else "token bucket"
@@ -336,36 +324,6 @@ def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn
         forced_classes=forced_classes, forced_segments=forced_segments, budgets=budgets,
         groups=groups, vocabulary=vocabulary,
     )
-
-
-def _vocabulary(logs: TokenLogs, spec: SolveSpec, splits: Splits) -> Vocabulary:
-    """Token buckets from the choose rows' final answers (their frequency), or the user's mapping."""
-    try:
-        if spec.bucket_mapping is not None:
-            bucket_of, names, sizes = mapping_buckets(spec.bucket_mapping, logs.vocab_size)
-            method = "mapping"
-        else:
-            finals = logs.indices[splits.choose, -1, 0]
-            bucket_of, names, sizes = frequency_buckets(finals, logs.vocab_size, spec.bucket_shares)
-            method = "frequency"
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    return Vocabulary(size=logs.vocab_size, top_k=logs.top_k, bucket_of=bucket_of, names=names, tokens=sizes,
-                      method=method)
-
-
-def _check_group_segments(groups: GroupIndex, seg_codes: np.ndarray, seg_levels: Sequence[str],
-                          spec: SolveSpec) -> None:
-    """Per-segment budgets over groups need one segment value per group."""
-    first = np.full(groups.n_groups, -1, dtype=np.int64)
-    first[groups.codes[::-1]] = seg_codes[::-1]
-    bad = np.flatnonzero(first[groups.codes] != seg_codes)
-    if bad.size:
-        row = int(bad[0])
-        raise InputError(
-            f"--segment-budget with --group-column: row {row} has segment value {seg_levels[seg_codes[row]]!r} but "
-            f"an earlier row of its group has {seg_levels[first[groups.codes[row]]]!r}; a group's budget needs one "
-            f"segment value per group ({'|'.join(spec.segment_keys)})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -480,38 +438,6 @@ def certify_candidates(
     return cert, stats, losses
 
 
-def _group_masks(prepared: Prepared, rows: np.ndarray, constraints: Sequence[Constraint]) -> np.ndarray:
-    """(G, len(rows)) membership of ``rows`` in each constraint (all traffic, or one segment value)."""
-    seg = prepared.seg_codes[rows]
-    masks = np.ones((len(constraints), rows.size), dtype=bool)
-    for g, con in enumerate(constraints):
-        if con.name != ALL:
-            masks[g] = seg == prepared.seg_levels.index(con.name)
-    return masks
-
-
-def _fold_curve(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.ndarray,
-                masks: np.ndarray) -> FoldCurve:
-    """Route ``rows`` (a held-out fold) through every point of ``path`` with the rule."""
-    sc = prepared.scored
-    scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
-    table_rows = prepared.policy_rows(rows)
-    loss_rows = prepared.loss[rows]
-    costs = sc.costs / sc.costs[-1]
-    at = np.arange(rows.size)
-    weights = masks.astype(np.float64)
-    p_total = len(path.points)
-    losses = np.zeros((p_total, masks.shape[0]))
-    cost = np.zeros(p_total)
-    for j, point in enumerate(path.points):
-        exit_at = first_exit(prepared.compile(point.tau, forced), scores, preds, table_rows).exit
-        loss = loss_rows[at, exit_at]
-        losses[j] = weights @ loss
-        cost[j] = costs[exit_at].sum()
-    return FoldCurve(knobs=strict_knobs([p.lam for p in path.points]), losses=losses, cost=cost,
-                     rows=masks.sum(axis=1), n=int(rows.size))
-
-
 @dataclass(frozen=True)
 class _PathRequest:
     """What every family's path is fitted for: the risk resolution, certification target and segment floors."""
@@ -531,59 +457,6 @@ class _PathRequest:
                            segment_aims=self.aims, segment_eps=self.segment_eps,
                            settings=self.settings or prepared.spec.settings,
                            progress=progress)
-
-
-def choose_family(
-    prepared: Prepared,
-    families: Sequence[Family],
-    constraints: Sequence[Constraint],
-    forced: np.ndarray,
-    request: _PathRequest,
-    *,
-    progress: ProgressFn | None = None,
-) -> Selection:
-    """K-fold cross-validation of ``families`` on the choose rows (see :mod:`exitwise.calibration.selection`).
-
-    Each fold's path is fitted on the other folds and scored on the fold; targets are the risks
-    the certify split is expected to pass (:func:`~exitwise.calibration.certify.aim`). At most
-    ``spec.cv_rows`` choose rows take part (a seeded subsample), in 3 folds above ``spec.cv_large``.
-    """
-    spec = prepared.spec
-    rows = prepared.splits.choose
-    if rows.size > spec.cv_rows:
-        rows = np.sort(np.random.default_rng(spec.seed + 1).choice(rows, spec.cv_rows, replace=False))
-    sample = prepared.take(rows)  # raw-softmax scores, if a family needs them, for these rows only
-    rows = np.arange(rows.size)
-    folds = spec.folds if rows.size <= spec.cv_large else min(spec.folds, 3)
-    ids = fold_ids(rows.size, folds, spec.seed)
-    masks = _group_masks(sample, rows, constraints)
-    targets = request.scale * np.array([aim(c.n, c.eps, spec.delta, spec.settings.floor_power) for c in constraints])
-    # a coarser lambda path per fold: the pooled curve only has to rank the families
-    fold_request = replace(request, settings=replace(spec.settings, grid=12, max_points=28, max_points_large=28))
-    table: list[CandidateScore] = []
-    for f_idx, family in enumerate(families):
-        variant = sample.variant(family.calibrated)
-        curves = []
-        for j in range(folds):
-            train, held = rows[ids != j], rows[ids == j]
-            path = fold_request.path(family, variant, train, forced)
-            curves.append(_fold_curve(variant, path, held, forced, masks[:, ids == j]))
-            if progress is not None:
-                progress(f"cross-validating {family.name}", (f_idx * folds + j + 1) / (len(families) * folds))
-        op = operating_point(*pool(curves), targets)
-        per_fold = tuple(float(x) for x in fold_computes(curves, op.knob))
-        table.append(CandidateScore(
-            family=family.name, label=family.label, compute=op.compute, risk=float(op.risk[0]),
-            knob=op.knob,
-            points=float(np.mean([c.knobs.size for c in curves])), folds=per_fold))
-    best = pick(table)
-    return Selection(
-        chosen=best.family,
-        reason=f"least out-of-fold compute at the target risk; the default {table[0].family} stays unless another "
-               f"is lower by more than {100 * TOLERANCE:g} point(s) of compute and twice the standard error of the "
-               "paired fold differences",
-        folds=folds, rows=int(rows.size), targets={c.name: float(t) for c, t in zip(constraints, targets, strict=True)},
-        table=tuple(table))
 
 
 def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
