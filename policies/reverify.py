@@ -28,9 +28,11 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from sqlalchemy import Engine
 
-from exitwise.calibration.certify import ALL, binomial_p_value, upper_bound
+from exitwise.calibration.certify import ALL, Constraint, check_constraints
 from exitwise.calibration.evaluate import ScoredLogs, route_scored
 from exitwise.calibration.exceptions import ExitwiseError
+from exitwise.calibration.group_solve import resolve_groups
+from exitwise.calibration.groups import GroupIndex, group_losses, split_groups
 from exitwise.calibration.logfiles.cards import load_card
 from exitwise.calibration.logfiles.readers import load_logs
 from exitwise.calibration.rule import CompiledPolicy
@@ -134,23 +136,43 @@ def reverify(doc: Mapping[str, Any], *, roots: Sequence[Path] | None = None) -> 
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (choose, certify, seed)) \
             or choose + certify != logs.n:
         return not_reverified(f"guarantee.split {split} does not describe the {logs.n} logged rows")
+    grouped = guarantee.get("unit") == "group"
     try:
         policy = CompiledPolicy.from_document(doc)
-        rows = split_rows(logs.n, [choose], seed)[1]
+        if grouped:
+            groups = resolve_groups(logs, guarantee.get("group_column"))
+            n_choose = int((guarantee.get("groups") or {}).get("choose", -1))
+            if groups is None or not 0 <= n_choose <= groups.n_groups:
+                return not_reverified(f"guarantee.groups {guarantee.get('groups')} does not describe the logs' groups")
+            rows = split_groups(groups, n_choose, seed)[1]
+        else:
+            rows = split_rows(logs.n, [choose], seed)[1]
         scored = ScoredLogs.from_logs(logs.take(rows), policy.calibrators, policy.score)
         exits = route_scored(policy, scored)
     except (ExitwiseError, KeyError, TypeError, ValueError) as exc:
         return not_reverified(f"the policy cannot be applied to its evidence: {exc}")
     loss = scored.loss_matrix(str(guarantee.get("risk")))[np.arange(scored.n), exits]
+    if grouped:
+        if rows.size != certify:
+            return not_reverified(f"the group split gives {rows.size} certify rows, guarantee.split says {certify}")
+        cert_groups = groups.take(rows)
+        loss = group_losses(cert_groups, loss, str(guarantee.get("risk")))
+        return _compare(guarantee, loss, _constraint_rows(doc, scored, cert_groups))
     return _compare(guarantee, loss, _constraint_rows(doc, scored))
 
 
-def _constraint_rows(doc: Mapping[str, Any], scored: ScoredLogs) -> dict[str, np.ndarray]:
-    out = {ALL: np.arange(scored.n)}
+def _constraint_rows(doc: Mapping[str, Any], scored: ScoredLogs,
+                     groups: GroupIndex | None = None) -> dict[str, np.ndarray]:
+    """The certify units (rows, or groups by their first row's segment) of every constraint."""
     keys = list(doc.get("segment_keys") or [])
+    codes = scored.segment_codes(keys)[0] if keys else np.zeros(scored.n, dtype=np.int64)
+    if groups is not None:
+        first = np.full(groups.n_groups, -1, dtype=np.int64)
+        first[groups.codes[::-1]] = codes[::-1]
+        codes = first
+    out = {ALL: np.arange(codes.size)}
     if keys:
-        codes, levels = scored.segment_codes(keys)
-        for s, name in enumerate(levels):
+        for s, name in enumerate(scored.segment_codes(keys)[1]):
             out[str(name)] = np.flatnonzero(codes == s)
     return out
 
@@ -172,9 +194,9 @@ def _compare(guarantee: Mapping[str, Any], loss: np.ndarray, rows: Mapping[str, 
         if index is None:
             problems.append(f"{name}: no certify row has this segment value")
             continue
-        eps, n, k = float(claim["eps"]), int(index.size), int(np.count_nonzero(loss[index]))
-        bound = upper_bound(k, n, delta)
-        passed = n > 0 and binomial_p_value(k, n, eps) <= delta
+        eps, n = float(claim["eps"]), int(index.size)
+        result = check_constraints(loss, [Constraint(name=name, eps=eps, index=index)], delta).results[0]
+        k, bound, passed = result.losses, result.upper_bound, result.passed
         recomputed[name] = {"eps": eps, "n": n, "losses": k, "upper_bound": bound, "certified": passed}
         if not passed:
             problems.append(f"{name}: {k} losses in {n} rows do not certify risk <= {eps} at delta {delta}")
