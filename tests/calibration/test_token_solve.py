@@ -137,7 +137,7 @@ def test_group_column_on_classification_logs() -> None:
 
 def test_group_risks_need_groups_and_known_columns(tokens: TokenLogs) -> None:
     logs = synthetic_logs(2000, seed=0)
-    with pytest.raises(InputError, match="sequence_disagreement.*--group-column"):
+    with pytest.raises(InputError, match=r"sequence_disagreement.*--group-column"):
         prepare(logs, SolveSpec(risk="sequence_disagreement"))
     with pytest.raises(InputError, match="--group-column 'nope'"):
         prepare(logs, SolveSpec(group_column="nope"))
