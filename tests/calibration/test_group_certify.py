@@ -27,6 +27,7 @@ from exitwise.calibration.certify import (
     check_constraints,
     fixed_sequence,
     guarantee_segments,
+    hb_critical_mean,
     hb_p_value,
     hb_upper_bound,
     min_groups,
@@ -101,6 +102,17 @@ def test_on_zero_one_data_hb_is_never_below_the_exact_binomial(n, frac, eps, del
     k = int(frac * n)
     assert hb_p_value(k / n, n, eps) >= binomial_p_value(k, n, eps) * (1 - 1e-9)
     assert hb_upper_bound(k / n, n, delta) >= upper_bound(k, n, delta) - 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 50_000), eps=st.floats(0.001, 0.5), delta=st.floats(0.001, 0.5))
+def test_the_critical_mean_is_the_largest_mean_that_passes(n, eps, delta):
+    crit = hb_critical_mean(n, eps, delta)
+    if n < min_groups(eps, delta):
+        assert crit is None
+        return
+    assert 0.0 <= crit < eps
+    assert hb_p_value(crit, n, eps) <= delta < hb_p_value(min(crit + 1e-9, 1.0), n, eps)
 
 
 def test_fewest_groups_to_certify_with_zero_loss():
