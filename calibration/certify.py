@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import rel_entr
+from scipy.special import bdtr, rel_entr
 from scipy.stats import beta, binom
 
 from exitwise.calibration.exceptions import InputError
@@ -111,7 +111,7 @@ def hb_p_value(mean: float, n: int, eps: float) -> float:
         return 1.0
     m = _check_hb(mean, n, eps)
     p_h = math.exp(-n * _h1(min(m, eps), eps))
-    p_b = math.e * float(binom.cdf(_bentkus_count(m, n), n, eps))
+    p_b = math.e * float(bdtr(_bentkus_count(m, n), n, eps))  # the binomial cdf, without scipy.stats' overhead
     return min(p_h, p_b, 1.0)
 
 
@@ -135,7 +135,7 @@ def hb_upper_bound(mean: float, n: int, delta: float) -> float | None:
         return lo
     while hi - lo > _BISECT_TOL:
         mid = 0.5 * (lo + hi)
-        if mid <= 0.0 or hb_p_value(m, n, mid) > delta:
+        if hb_p_value(m, n, mid) > delta:
             lo = mid
         else:
             hi = mid
@@ -153,6 +153,23 @@ def min_groups(eps: float, delta: float) -> int:
     while n > 1 and hb_p_value(0.0, n - 1, eps) <= delta:
         n -= 1
     return n
+
+
+def hb_critical_mean(n: int, eps: float, delta: float) -> float | None:
+    """Largest mean loss of n groups that still passes (hb_p_value <= delta), to 1e-10; None if
+    none does (n < :func:`min_groups`). The group analogue of :func:`critical_count`.
+    """
+    n = int(n)
+    if n <= 0 or hb_p_value(0.0, n, eps) > delta:
+        return None
+    lo, hi = 0.0, eps  # the p-value rises with the mean and is 1 at mean = eps
+    while hi - lo > _BISECT_TOL:
+        mid = 0.5 * (lo + hi)
+        if hb_p_value(mid, n, eps) <= delta:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def critical_count(n: int, eps: float, delta: float) -> int:
