@@ -19,21 +19,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from exitwise.calibration.evaluate import SEQUENCE_RISKS
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.groups import GroupIndex, group_losses, split_groups
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.splits import MIN_CHOOSE, Splits, SplitSpec, choose_fraction
 from exitwise.calibration.tokens import TokenLogs
 
-__all__ = ["choose_group_risk", "group_method", "group_splits", "resolve_groups", "token_aim"]
-
-
-def group_method(risk: str) -> str:
-    """``guarantee.method`` of a policy certified over groups."""
-    if risk in SEQUENCE_RISKS:
-        return "learn-then-test (fixed-sequence) over groups: exact binomial on the share of groups with any loss"
-    return "learn-then-test (fixed-sequence) over groups: Hoeffding-Bentkus bound on the mean per-group loss rate"
+__all__ = ["check_group_segments", "choose_group_risk", "group_splits", "resolve_groups", "token_aim"]
 
 
 def resolve_groups(logs: ExitLogs | TokenLogs, column: str | None) -> GroupIndex | None:
@@ -98,14 +90,7 @@ def choose_group_risk(index: GroupIndex, rows: np.ndarray, loss_rows: np.ndarray
 
 
 def check_group_segments(groups: GroupIndex, seg_codes: np.ndarray, seg_levels: Sequence[str],
-                          keys: Sequence[str]) -> None:
-    """Per-segment budgets over groups need one segment value per group."""
-    first = np.full(groups.n_groups, -1, dtype=np.int64)
-    first[groups.codes[::-1]] = seg_codes[::-1]
-    bad = np.flatnonzero(first[groups.codes] != seg_codes)
-    if bad.size:
-        row = int(bad[0])
-        raise InputError(
-            f"--segment-budget with --group-column: row {row} has segment value {seg_levels[seg_codes[row]]!r} but "
-            f"an earlier row of its group has {seg_levels[first[groups.codes[row]]]!r}; a group's budget needs one "
-            f"segment value per group ({'|'.join(keys)})")
+                         keys: Sequence[str]) -> None:
+    """Per-segment budgets over groups need one segment value per group (InputError naming the group)."""
+    groups.per_group(np.asarray(seg_levels, dtype=object)[seg_codes],
+                     f"--segment-budget with groups: segment column(s) {'|'.join(keys)}")

@@ -149,7 +149,7 @@ class Prepared:
         if self.groups is None:
             return None
         if "cert_groups" not in self.memo:
-            self.memo["cert_groups"] = GroupIndex.from_values(self.groups.codes[self.splits.certify])
+            self.memo["cert_groups"] = self.groups.take(self.splits.certify)
         return self.memo["cert_groups"]
 
     @property
@@ -359,9 +359,8 @@ def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str
     fewest = min_rows
     if prepared.cert_groups is not None:  # one unit per certify group (its first row's segment)
         gi = prepared.cert_groups
-        first = np.full(gi.n_groups, -1, dtype=np.int64)
-        first[gi.codes[::-1]] = cert_codes[::-1]
-        cert_codes = first
+        first = np.unique(gi.codes, return_index=True)[1]  # budgets need one segment per group (checked)
+        cert_codes = cert_codes[first]
         fewest = min_rows if spec.risk in SEQUENCE_RISKS else min_groups
     n_cert = int(cert_codes.size)
     constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]

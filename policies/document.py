@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from exitwise.calibration.buckets import encode_bucket_map
-from exitwise.calibration.certify import METHOD, guarantee_segments
+from exitwise.calibration.certify import BOUND_BINOMIAL, BOUND_HB, METHOD, guarantee_segments
 from exitwise.calibration.evaluate import ScoredLogs
 from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.group_solve import group_method
+from exitwise.calibration.groups import GROUP_RISKS, group_method
 from exitwise.calibration.metrics import exit_metrics
 from exitwise.calibration.monitor import score_reference
 from exitwise.calibration.rule import score_all_exits
@@ -232,7 +232,8 @@ def build_document(
             "method": METHOD if prep.groups is None else group_method(spec.risk),
             "n": int(solution.constraints[0].n), "certified": bool(cert.certified),
             **_unit(prep),
-            "segments": guarantee_segments(cert, solution.constraints, solution.uncertified),
+            "segments": guarantee_segments(cert, solution.constraints, solution.uncertified, bound=BOUND_HB if (
+                prep.groups is not None and GROUP_RISKS[spec.risk] == "mean") else BOUND_BINOMIAL),
             "uncertified_segments": sorted(solution.uncertified),
             "split": prep.splits.to_json(),
         },
