@@ -1,4 +1,4 @@
-"""Write exit logs in any of the four file forms (:func:`write_logs`), atomically."""
+"""Write exit logs in any file form (:func:`write_logs`), atomically; token logs go to :mod:`.token_writers`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from exitwise.calibration.logfiles.forms import (
     FORMS,
     LOGITS_COLUMN,
     SEGMENT_PREFIX,
+    TOKEN_FORMS,
     TS_COLUMN,
     form_from_suffix,
 )
+from exitwise.calibration.logfiles.token_writers import write_token_logs
 from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["write_logs"]
 
@@ -29,7 +32,7 @@ _WRITE_CHUNK_ROWS = 1 << 17  # rows per Parquet row group / JSONL batch: bounds 
 
 
 def write_logs(
-    logs: ExitLogs,
+    logs: ExitLogs | TokenLogs,
     path: str | os.PathLike[str],
     *,
     form: str | None = None,
@@ -42,8 +45,19 @@ def write_logs(
     ``form`` defaults from the extension (.parquet -> wide, .jsonl, .npz); ``dtype`` is
     float32 or float16 for the stored logits; ``label_names`` writes labels as class names
     instead of indices. Column names come from the logs' model card.
+
+    :class:`TokenLogs` are written as "tokens" (.parquet) or "token_npz" (.npz), float32 values
+    and lse, int32 ids: they read back exactly.
     """
     target = Path(path)
+    if isinstance(logs, TokenLogs):
+        form = form or form_from_suffix(target, tokens=True)
+        if np.dtype(dtype) != np.float32 or label_names:
+            raise InputError("token-level logs are stored as float32 values with integer token-id labels; "
+                             "dtype and label_names do not apply")
+        if form not in TOKEN_FORMS:
+            raise InputError(f"token-level logs are written as one of {', '.join(TOKEN_FORMS)}, not {form!r}")
+        return write_token_logs(logs, target, form, compression)
     form = form or form_from_suffix(target)
     if form not in FORMS:
         raise InputError(f"unknown log form {form!r}; expected one of {', '.join(FORMS)}")
