@@ -23,7 +23,7 @@ __all__ = ["write_token_logs"]
 _WRITE_CHUNK_ROWS = 1 << 16  # tokens per Parquet row group: 65536 x 12 x 32 x 8 B = 200 MB of top-k data
 
 
-def write_token_logs(logs: TokenLogs, target: Path, form: str, compression: str = "zstd") -> Path:
+def write_token_logs(logs: TokenLogs, target: Path, form: str, compression: str = "lz4") -> Path:
     """Write ``logs`` as ``form`` ("tokens" or "token_npz") to ``target`` atomically; returns the path."""
     if form not in TOKEN_FORMS:
         raise InputError(f"token-level logs are written as one of {', '.join(TOKEN_FORMS)}, not {form!r}")
