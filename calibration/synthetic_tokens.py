@@ -13,9 +13,9 @@ Generative model (all draws seeded, see below), for sequence s of ``seq_len`` to
   rising with depth from ``agreement[0]`` to ``agreement[1]`` (rho = ``noise_corr``); when it
   disagrees it predicts another Zipf-drawn token, and a_i is usually (``answer_in_topk``) among
   its top-k at a low rank;
-* its top probability (the confidence) is sigmoid(T_k (M_ik + s o_ik) + ``confidence_bias``),
-  o_ik ~ N(0, 1), s = ``confidence_noise``: informative but over-confident (T_k from ``overconfidence[0]`` to
-  ``overconfidence[1]``); the final exit's confidence follows the same law at alpha_{K-1};
+* its top probability (the confidence) is the posterior P(M_ik > 0 | O_ik) of a noisy view
+  O_ik = M_ik + s o_ik (s = ``confidence_noise``) pushed through sigmoid(T_k logit(.) + ``confidence_bias``):
+  informative but over-confident (T_k from ``overconfidence[0]`` to ``overconfidence[1]``, bias > 0);
 * the other k - 1 probabilities decay geometrically from the top one, and the tail (the V - k
   other tokens) holds a share ``tail_share`` of what the top-k leaves: the logits are
   ``values = lse + log(p)``, ``lse`` a per-row offset, so the top-k probabilities are exact and
@@ -24,20 +24,23 @@ Generative model (all draws seeded, see below), for sequence s of ``seq_len`` to
   frequency rank (more frequent tokens get higher logits), with a_i placed among them;
 * the label (the true next token) is a_i with probability ``label_agreement``, else another token.
 
-Draws come from per-chunk streams ``SeedSequence(seed, spawn_key=(chunk,))`` over chunks of
-whole sequences (their count depends on ``seq_len`` only): the output depends on (spec,
-n_sequences, seq_len, seed) only, and the first m sequences do not depend on n_sequences.
-10^6 tokens x 12 exits x top-32 is 1.5 GB (float32 values + int32 ids); the work is
-vectorised per chunk of about 8k tokens, so memory beyond the output is a few tens of MB.
+Draws come from per-chunk streams ``SeedSequence(seed, spawn_key=(chunk, stream))``, one per kind
+of draw, over chunks of whole sequences (their count depends on ``seq_len`` only): the output
+depends on (spec, n_sequences, seq_len, seed) only, and the first m sequences do not depend on
+n_sequences. 10^6 tokens x 12 exits x top-32 is 3.1 GB (1.5 GB of float32 values + 1.5 GB of
+int32 ids); the work is vectorised per chunk of about 8k tokens, so memory beyond the output is
+a few tens of MB.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.special import expit, log_ndtr
 
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import MAX_VOCAB, ExitSpec, ModelCard, SegmentColumn
@@ -48,6 +51,8 @@ __all__ = ["TokenSpec", "synthetic_token_card", "synthetic_token_logs"]
 CHUNK_TOKENS = 1 << 13
 _PERMUTATION_SEED = 20240613  # the vocabulary's rank -> id map: a property of the "model", not of the traffic
 _TS_START = np.datetime64("2024-01-01T00:00:00", "us")
+_STREAMS = ("segments", "sequence", "token", "answer", "shared", "exit", "observe", "other", "tail", "second",
+            "ratio", "offset", "start", "spread", "place", "slot", "label", "label_other")
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class TokenSpec:
     noise_corr: float = 0.6
     overconfidence: tuple[float, float] = (2.0, 1.5)
     confidence_noise: float = 1.3
-    confidence_bias: float = 2.0
+    confidence_bias: float = 1.0
     answer_in_topk: float = 0.85
     tail_share: tuple[float, float] = (0.1, 0.6)
     label_agreement: float = 0.6
@@ -205,6 +210,35 @@ def _vocabulary(vocab_size: int, exponent: float) -> tuple[np.ndarray, np.ndarra
     return cdf, perm
 
 
+def _segment_cdf(levels: int) -> np.ndarray:
+    """Segment level probabilities w_j ∝ (j + 1)^(-1/2), cumulated (the last entry exactly 1)."""
+    w = 1.0 / np.sqrt(np.arange(1, levels + 1))
+    cum = np.cumsum(w / w.sum())
+    cum[-1] = 1.0
+    return cum
+
+
+def _confidence(spec: TokenSpec, observed: np.ndarray) -> np.ndarray:
+    """The top probability: the posterior P(agree | observed margin), made over-confident.
+
+    With d's segment mixture approximated by a normal, M ~ N(m0_k, v) and O = M + s o, so
+    P(M > 0 | O) = Phi(z), z = (m0 + g (O - m0)) / sqrt(g s^2), g = v / (v + s^2); the confidence is
+    sigmoid(T_k logit(Phi(z)) + bias): temperature T_k > 1 and a positive bias over-state it.
+    """
+    beta, s = spec.difficulty_weight, spec.confidence_noise
+    mean_shift = var_shift = 0.0
+    if spec.segments and spec.segments[0][1] > 1:
+        cdf = _segment_cdf(spec.segments[0][1])
+        w = 1.0 - cdf[-2]  # probability of the hard (last) level
+        mean_shift, var_shift = spec.hard_shift * w, spec.hard_shift**2 * w * (1.0 - w)
+    v = beta**2 * (1.0 + var_shift) + 1.0
+    m0 = (spec.margins - beta * mean_shift)[None, :]
+    g = v / (v + s**2)
+    z = (m0 + g * (observed - m0)) / np.sqrt(g * s**2) if s > 0 else np.where(observed > 0, 40.0, -40.0)
+    logit = log_ndtr(z) - log_ndtr(-z)
+    return expit(spec.temperatures[None, :] * logit + spec.confidence_bias)
+
+
 def _zipf(rng: np.random.Generator, cdf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, rng.random(shape), side="right"), len(cdf) - 1).astype(np.int32)
 
@@ -219,43 +253,48 @@ def _chunk(
     spec: TokenSpec, seed: int, chunk: int, n_seq: int, seq_len: int,
     values: np.ndarray, indices: np.ndarray, lse: np.ndarray, labels: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Fill one chunk of whole sequences in place; return the per-sequence segment codes."""
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chunk,)))
+    """Fill one chunk of whole sequences in place; return the per-sequence segment codes.
+
+    Every kind of draw has its own stream, drawn in row order: a chunk's first rows do not depend
+    on how many rows it has (so the first sequences do not depend on ``n_sequences``).
+    """
+    def rng(stream: str) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chunk, _STREAMS.index(stream))))
+
     m, k_exits, top = values.shape
     vocab = spec.vocab_size
     cdf, perm = _vocabulary(vocab, spec.zipf_exponent)
     # ---- sequences: segments and the shared difficulty
     seg: dict[str, np.ndarray] = {}
     shift = np.zeros(n_seq)
+    uniforms = rng("segments").random((n_seq, max(1, len(spec.segments))))
     for j, (name, levels) in enumerate(spec.segments):
-        w = 1.0 / np.sqrt(np.arange(1, levels + 1))
-        cum = np.cumsum(w / w.sum())
-        cum[-1] = 1.0
-        seg[name] = np.searchsorted(cum, rng.random(n_seq), side="right")
+        seg[name] = np.searchsorted(_segment_cdf(levels), uniforms[:, j], side="right")
         if j == 0 and levels > 1:
             shift += spec.hard_shift * (seg[name] == levels - 1)
     c = spec.sequence_share
-    d = np.repeat(np.sqrt(c) * rng.standard_normal(n_seq) + shift, seq_len)
-    d += np.sqrt(1.0 - c) * rng.standard_normal(m)
+    d = np.repeat(np.sqrt(c) * rng("sequence").standard_normal(n_seq) + shift, seq_len)
+    d += np.sqrt(1.0 - c) * rng("token").standard_normal(m)
     # ---- answers, agreement and confidence per (token, exit)
-    answer = _zipf(rng, cdf, (m,))
+    answer = _zipf(rng("answer"), cdf, (m,))
     rho = spec.noise_corr
-    noise = np.sqrt(rho) * rng.standard_normal((m, 1)) + np.sqrt(1.0 - rho) * rng.standard_normal((m, k_exits))
+    noise = np.sqrt(rho) * rng("shared").standard_normal((m, 1))
+    noise = noise + np.sqrt(1.0 - rho) * rng("exit").standard_normal((m, k_exits))
     margin = spec.margins[None, :] - spec.difficulty_weight * d[:, None] + noise
     agree = margin > 0
     agree[:, -1] = True
-    observed = margin + spec.confidence_noise * rng.standard_normal((m, k_exits))
-    conf = 1.0 / (1.0 + np.exp(-(spec.temperatures[None, :] * observed + spec.confidence_bias)))
-    top_p = np.clip(conf, 0.02, 0.995)
-    pred = np.where(agree, answer[:, None], _other(rng, cdf, np.broadcast_to(answer[:, None], (m, k_exits))))
+    observed = margin + spec.confidence_noise * rng("observe").standard_normal((m, k_exits))
+    top_p = np.clip(_confidence(spec, observed), 0.02, 0.995)
+    other = _other(rng("other"), cdf, np.broadcast_to(answer[:, None], (m, k_exits)))
+    pred = np.where(agree, answer[:, None], other)
     # ---- probabilities (per row and exit, float64): the top one, the geometric rest of the top-k, the tail
     _fill_values(spec, rng, top_p, values, lse)
     # ---- ids: prediction first, then distractors of increasing frequency rank, the answer among them
     ranks = np.empty((m, k_exits, top), dtype=np.int32)
     ranks[:, :, 0] = pred
     if top > 1:
-        start = np.floor(rng.exponential(3.0, (m, k_exits))).astype(np.float32)
-        spread = rng.uniform(0.5, 4.0, (m, k_exits)).astype(np.float32)
+        start = np.floor(rng("start").exponential(3.0, (m, k_exits))).astype(np.float32)
+        spread = rng("spread").uniform(0.5, 4.0, (m, k_exits)).astype(np.float32)
         steps = np.arange(top - 1, dtype=np.float32)
         distract = ranks[:, :, 1:]
         pattern = spread[:, :, None] * steps**1.5
@@ -265,21 +304,21 @@ def _chunk(
         pattern += steps  # strictly increasing, in [0, V - 2]
         distract[...] = pattern
         distract += distract >= pred[:, :, None]  # skip the prediction: distinct ranks in [0, V)
-        place = ~agree & (rng.random((m, k_exits)) < spec.answer_in_topk)
+        place = ~agree & (rng("place").random((m, k_exits)) < spec.answer_in_topk)
+        slot = 1 + np.minimum(np.floor(rng("slot").exponential(1.5, (m, k_exits))), top - 2).astype(np.int64)
         i, k = np.nonzero(place)
         present = (distract[i, k] == answer[i, None]).any(axis=-1)
         i, k = i[~present], k[~present]
-        slot = 1 + np.minimum(np.floor(rng.exponential(1.5, i.size)), top - 2).astype(np.int64)
-        ranks[i, k, slot] = answer[i]
+        ranks[i, k, slot[i, k]] = answer[i]
     indices[...] = perm[ranks]  # (fancy indexing: np.take with out= is ~10x slower here)
     # ---- labels: the true next token
-    keep = rng.random(m) < spec.label_agreement
-    labels[...] = perm[np.where(keep, answer, _other(rng, cdf, answer))]
+    keep = rng("label").random(m) < spec.label_agreement
+    labels[...] = perm[np.where(keep, answer, _other(rng("label_other"), cdf, answer))]
     return seg
 
 
 def _fill_values(
-    spec: TokenSpec, rng: np.random.Generator, top_p: np.ndarray, values: np.ndarray, lse: np.ndarray
+    spec: TokenSpec, rng: Callable[[str], np.random.Generator], top_p: np.ndarray, values: np.ndarray, lse: np.ndarray
 ) -> None:
     """Top-k logits and lse of every (row, exit) from the top probability ``top_p`` (m, K).
 
@@ -290,10 +329,10 @@ def _fill_values(
     m, k_exits, top = values.shape
     vocab = spec.vocab_size
     lo, hi = spec.tail_share
-    budget = (1.0 - top_p) * (1.0 - rng.uniform(lo, hi, (m, k_exits)))  # what the top-k after the first may hold
+    budget = (1.0 - top_p) * (1.0 - rng("tail").uniform(lo, hi, (m, k_exits)))  # for the top-k after the first
     if top > 1:
-        p2 = top_p * rng.uniform(0.1, 1.0, (m, k_exits))
-        ratio = rng.uniform(np.log(0.03), np.log(0.5), (m, k_exits))  # log(p_k / p_2)
+        p2 = top_p * rng("second").uniform(0.1, 1.0, (m, k_exits))
+        ratio = rng("ratio").uniform(np.log(0.03), np.log(0.5), (m, k_exits))  # log(p_k / p_2)
         step = ratio / max(1, top - 2)  # < 0: log p_{j+1} - log p_j
         rest = p2 * (np.expm1(step * (top - 1)) / np.expm1(step))  # p_2 (1 - q^(k-1)) / (1 - q), q = e^step
         scale = np.minimum(1.0, budget / rest)
@@ -305,7 +344,7 @@ def _fill_values(
         last = top_p
     tail = np.minimum(1.0 - top_p - rest, (vocab - top) * last)
     total = top_p + rest + tail
-    offset = 14.0 + 3.0 * rng.standard_normal((m, k_exits))  # lse: the logits' scale varies by row
+    offset = 14.0 + 3.0 * rng("offset").standard_normal((m, k_exits))  # lse: the logits' scale varies by row
     values[:, :, 0] = offset + np.log(top_p / total)
     if top > 1:
         np.multiply(step.astype(np.float32)[:, :, None], np.arange(top - 1, dtype=np.float32), out=values[:, :, 1:])
