@@ -1,7 +1,8 @@
 """Model cards (design contract, "The model card"): load a JSON or YAML card, check every field, write one.
 
-A card names the model, its exits with cumulative costs, the classes and the log columns
-(label, request id, segments). :func:`load_card` reads it, :func:`card_from_dict` checks it
+A card names the model, its exits with cumulative costs, the classes (or, for token-level logs
+of a language model, the ``vocab_size``) and the log columns (label, request id, segments,
+group and position). :func:`load_card` reads it, :func:`card_from_dict` checks it
 and :class:`~exitwise.calibration.exceptions.CardError` names the file and the field that is wrong.
 """
 
@@ -18,8 +19,15 @@ import yaml
 
 from exitwise.calibration.atomic import atomic_path
 from exitwise.calibration.exceptions import CardError
-from exitwise.calibration.logfiles.forms import EXIT_COLUMN, EXIT_RE, LOGITS_COLUMN, TS_COLUMN
-from exitwise.calibration.logs import ExitSpec, ModelCard
+from exitwise.calibration.logfiles.forms import (
+    EXIT_COLUMN,
+    EXIT_RE,
+    LOGITS_COLUMN,
+    TOKEN_ARRAYS,
+    TOKEN_EXIT_RE,
+    TS_COLUMN,
+)
+from exitwise.calibration.logs import MAX_VOCAB, ExitSpec, ModelCard
 
 __all__ = ["card_from_dict", "card_to_dict", "load_card", "write_card"]
 
@@ -31,9 +39,14 @@ _CARD_FIELDS = (
     "label_column",
     "id_column",
     "segment_columns",
+    "vocab_size",
+    "group_column",
+    "position_column",
     "description",
     "metadata",
 )
+DEFAULT_GROUP_COLUMN = "sequence_id"  # token cards: the group column when the card names none
+DEFAULT_POSITION_COLUMN = "position"
 
 
 def load_card(path: str | os.PathLike[str]) -> ModelCard:
@@ -112,10 +125,16 @@ def card_from_dict(data: Any, *, source: str = "<card>") -> ModelCard:
             raise CardError(f"{source}: field 'segment_columns' lists a column twice: {list(segment_columns)}")
     reserved = {label_column: "label_column", id_column: "id_column", TS_COLUMN: "the time column"}
     for name in segment_columns:
-        if name in reserved or EXIT_RE.fullmatch(name) or name in (EXIT_COLUMN, LOGITS_COLUMN):
+        if name in reserved or _is_data_column(name):
             raise CardError(f"{source}: field 'segment_columns': {name!r} is already used as a non-segment column")
     if label_column == id_column:
         raise CardError(f"{source}: fields 'label_column' and 'id_column' are both {label_column!r}")
+    vocab_size = _card_vocab(data, source)
+    group_column = _card_name(data, "group_column", None, source)
+    if group_column is None and vocab_size is not None and "group_column" not in data:
+        group_column = DEFAULT_GROUP_COLUMN
+    position_column = _card_name(data, "position_column", DEFAULT_POSITION_COLUMN, source)
+    _check_token_columns(group_column, position_column, reserved, segment_columns, source)
     try:
         return ModelCard(
             model=model,
@@ -125,9 +144,57 @@ def card_from_dict(data: Any, *, source: str = "<card>") -> ModelCard:
             id_column=id_column,
             segment_columns=segment_columns,
             version=version,
+            vocab_size=vocab_size,
+            group_column=group_column,
+            position_column=position_column,
         )
     except CardError as exc:
         raise CardError(f"{source}: {exc}") from None
+
+
+def _is_data_column(name: str, *, npz: bool = False) -> bool:
+    """A column name some log form uses for logits or top-k data (``npz``: or a top-level NPZ array)."""
+    if EXIT_RE.fullmatch(name) or TOKEN_EXIT_RE.fullmatch(name) or name in (EXIT_COLUMN, LOGITS_COLUMN):
+        return True
+    return npz and name in (*TOKEN_ARRAYS, "labels")
+
+
+def _card_vocab(data: Mapping[str, Any], source: str) -> int | None:
+    value = data.get("vocab_size")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_VOCAB:
+        raise CardError(
+            f"{source}: field 'vocab_size' must be an integer in 2..{MAX_VOCAB} (the language model's "
+            f"vocabulary size), got {value!r}"
+        )
+    if data.get("classes") is not None:
+        raise CardError(
+            f"{source}: fields 'classes' and 'vocab_size' exclude each other: give 'classes' (a classifier) "
+            "or 'vocab_size' (a language model's token logs)"
+        )
+    return value
+
+
+def _check_token_columns(
+    group_column: str | None,
+    position_column: str,
+    reserved: dict[str, str],
+    segment_columns: tuple[str, ...],
+    source: str,
+) -> None:
+    """The group and position columns may not be any other column of the logs (nor each other)."""
+    for field, name in (("group_column", group_column), ("position_column", position_column)):
+        if name is None:
+            continue
+        if name in reserved:
+            raise CardError(f"{source}: field {field!r}: {name!r} is already used as {reserved[name]}")
+        if name in segment_columns:
+            raise CardError(f"{source}: field {field!r}: {name!r} is already a segment column")
+        if _is_data_column(name, npz=True):
+            raise CardError(f"{source}: field {field!r}: {name!r} is the name of an exit-log data column or array")
+    if group_column == position_column:
+        raise CardError(f"{source}: fields 'group_column' and 'position_column' are both {group_column!r}")
 
 
 def _card_model(data: Mapping[str, Any], source: str) -> tuple[str, str | None]:
@@ -165,7 +232,7 @@ def _card_exits(data: Mapping[str, Any], source: str) -> tuple[ExitSpec, ...]:
     return tuple(exits)
 
 
-def _card_name(data: Mapping[str, Any], field: str, default: str, source: str) -> str:
+def _card_name(data: Mapping[str, Any], field: str, default: str | None, source: str) -> str | None:
     value = data.get(field)
     if value is None:
         return default
@@ -187,6 +254,12 @@ def card_to_dict(card: ModelCard) -> dict[str, Any]:
     out["label_column"] = card.label_column
     out["id_column"] = card.id_column
     out["segment_columns"] = list(card.segment_columns)
+    if card.vocab_size is not None:
+        out["vocab_size"] = card.vocab_size
+    if card.group_column is not None or card.token_level:
+        out["group_column"] = card.group_column  # a token card without groups says so (null)
+    if card.token_level or card.position_column != DEFAULT_POSITION_COLUMN:
+        out["position_column"] = card.position_column
     return out
 
 

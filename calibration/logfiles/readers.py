@@ -1,6 +1,7 @@
-"""Load exit logs from any of the four file forms (:func:`load_logs`); JSON Lines and NPZ are read here.
+"""Load exit logs from any file form (:func:`load_logs`); JSON Lines and NPZ are read here.
 
 Parquet (wide or long) goes to :mod:`.tables`; every column is checked by :mod:`.columns`.
+Token-level logs (a card with ``vocab_size``) go to :mod:`.tokens`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from exitwise.calibration.exceptions import LogFormatError
+from exitwise.calibration.exceptions import CardError, LogFormatError
 from exitwise.calibration.logfiles.columns import (
     Where,
     build_logs,
@@ -25,18 +26,29 @@ from exitwise.calibration.logfiles.columns import (
     decode_timestamps,
     exit_namer,
 )
-from exitwise.calibration.logfiles.forms import EXIT_RE, FORMS, SEGMENT_PREFIX, TS_COLUMN, detect_form
+from exitwise.calibration.logfiles.forms import (
+    EXIT_RE,
+    FORMS,
+    SEGMENT_PREFIX,
+    TOKEN_FORMS,
+    TS_COLUMN,
+    detect_form,
+)
 from exitwise.calibration.logfiles.tables import open_parquet, read_long_table, read_wide_table
+from exitwise.calibration.logfiles.tokens import read_token_npz, read_token_parquet
 from exitwise.calibration.logs import ExitLogs, ModelCard
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["load_logs"]
 
 
-def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None = None) -> ExitLogs:
-    """Load exit logs in any form of the design contract into dense float32 (n, K, C) :class:`ExitLogs`.
+def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None = None) -> ExitLogs | TokenLogs:
+    """Load exit logs in any form of the design contract.
 
+    A classifier's card gives dense float32 (n, K, C) :class:`ExitLogs`; a card with
+    ``vocab_size`` gives top-k :class:`TokenLogs` (forms "tokens" and "token_npz").
     ``form`` overrides detection from the extension/contents. Raises :class:`LogFormatError`
-    naming the file, the row (index and request id) or column, and the cause.
+    naming the file, the row (index and request id, or group and position) or column, and the cause.
     """
     p = Path(path)
     if not p.exists():
@@ -47,9 +59,17 @@ def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None
         raise LogFormatError(f"{p}: empty file (no rows)")
     if form is None:
         form = detect_form(p)
-    if form not in FORMS:
-        raise LogFormatError(f"{p}: unknown log form {form!r}; expected one of {', '.join(FORMS)}")
+    if form not in FORMS + TOKEN_FORMS:
+        raise LogFormatError(f"{p}: unknown log form {form!r}; expected one of {', '.join(FORMS + TOKEN_FORMS)}")
     src = str(p)
+    if card.token_level:
+        return _load_tokens(p, card, form, src)
+    if form in TOKEN_FORMS:
+        held = "columns exit_k_values, exit_k_indices, exit_k_lse" if form == "tokens" else "array 'topk_values'"
+        raise CardError(
+            f"{src}: the file holds token-level logs ({held}) but the model card has no 'vocab_size': "
+            "token logs need a card with 'vocab_size' (the vocabulary size) instead of 'classes'"
+        )
     if form == "npz":
         return _load_npz(p, card, src)
     if form == "jsonl":
@@ -58,6 +78,18 @@ def load_logs(path: str | os.PathLike[str], card: ModelCard, *, form: str | None
     if form == "long":
         return read_long_table(table, card, src)
     return read_wide_table(table, card, src)
+
+
+def _load_tokens(p: Path, card: ModelCard, form: str, src: str) -> TokenLogs:
+    """Token logs: Parquet -> the tokens form, NPZ -> the token NPZ form; anything else is refused."""
+    if form in ("tokens", "wide", "long"):
+        return read_token_parquet(open_parquet(p), card, src)  # wide/long: its "missing column" error says so
+    if form in ("token_npz", "npz"):
+        return read_token_npz(p, card, src)
+    raise LogFormatError(
+        f"{src}: the model card has 'vocab_size' (token-level logs), which are read from Parquet (form 'tokens') "
+        f"or NPZ (form 'token_npz'), not {form!r}"
+    )
 
 
 def _load_jsonl(p: Path, card: ModelCard, src: str) -> ExitLogs:

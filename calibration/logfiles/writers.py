@@ -1,4 +1,4 @@
-"""Write exit logs in any of the four file forms (:func:`write_logs`), atomically."""
+"""Write exit logs in any file form (:func:`write_logs`), atomically; token logs go to :mod:`.token_writers`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from exitwise.calibration.logfiles.forms import (
     FORMS,
     LOGITS_COLUMN,
     SEGMENT_PREFIX,
+    TOKEN_FORMS,
     TS_COLUMN,
     form_from_suffix,
 )
+from exitwise.calibration.logfiles.token_writers import write_token_logs
 from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["write_logs"]
 
@@ -29,21 +32,35 @@ _WRITE_CHUNK_ROWS = 1 << 17  # rows per Parquet row group / JSONL batch: bounds 
 
 
 def write_logs(
-    logs: ExitLogs,
+    logs: ExitLogs | TokenLogs,
     path: str | os.PathLike[str],
     *,
     form: str | None = None,
     dtype: Any = np.float32,
     label_names: bool = False,
-    compression: str = "zstd",
+    compression: str | None = None,
 ) -> Path:
     """Write ``logs`` in one of the forms of the design contract, atomically (temp file + ``os.replace``).
 
     ``form`` defaults from the extension (.parquet -> wide, .jsonl, .npz); ``dtype`` is
     float32 or float16 for the stored logits; ``label_names`` writes labels as class names
     instead of indices. Column names come from the logs' model card.
+
+    ``compression`` (Parquet) defaults to zstd, and to lz4 for token logs: their float values
+    barely compress and lz4 decodes them ~30 % faster (10^6 x 12 x top-32: 2.3 GB instead of 1.8 GB).
+
+    :class:`TokenLogs` are written as "tokens" (.parquet) or "token_npz" (.npz), float32 values
+    and lse, int32 ids: they read back exactly.
     """
     target = Path(path)
+    if isinstance(logs, TokenLogs):
+        form = form or form_from_suffix(target, tokens=True)
+        if np.dtype(dtype) != np.float32 or label_names:
+            raise InputError("token-level logs are stored as float32 values with integer token-id labels; "
+                             "dtype and label_names do not apply")
+        if form not in TOKEN_FORMS:
+            raise InputError(f"token-level logs are written as one of {', '.join(TOKEN_FORMS)}, not {form!r}")
+        return write_token_logs(logs, target, form, compression or "lz4")
     form = form or form_from_suffix(target)
     if form not in FORMS:
         raise InputError(f"unknown log form {form!r}; expected one of {', '.join(FORMS)}")
@@ -62,7 +79,7 @@ def write_logs(
         elif form == "jsonl":
             _write_jsonl(logs, tmp, dt, label_names)
         else:
-            _write_parquet(logs, tmp, dt, label_names, long=form == "long", compression=compression)
+            _write_parquet(logs, tmp, dt, label_names, long=form == "long", compression=compression or "zstd")
     return target
 
 
