@@ -327,6 +327,7 @@ def summarise(
         induced = (answer != y) & right_final
         acc, full_acc = _mean(answer == y), _mean(right_final)
     loss = induced if risk == "induced_error" else disagree
+    row_risk = "disagreement" if risk in SEQUENCE_RISKS else risk  # a sequence risk's rows: token disagreement
     cost = (scored.costs / scored.costs[-1])[exit_at]
     exit_rate = np.bincount(exit_at, minlength=k_total) / max(n, 1)
     columns: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
@@ -348,7 +349,7 @@ def summarise(
                 continue
             k = {key: int(v[j]) for key, v in lost.items()}
             out[level] = SegmentStats(
-                n=cnt, compute_fraction=float(cost_sum[j] / cnt), risk=k[risk] / cnt,
+                n=cnt, compute_fraction=float(cost_sum[j] / cnt), risk=k[row_risk] / cnt,
                 disagreement=k["disagreement"] / cnt,
                 induced_error=None if induced is None else k["induced_error"] / cnt,
                 risk_type=risk, losses=k,

@@ -6,7 +6,7 @@ vocabulary at temperature 1 (``lse``): the top-k probabilities are then exact, a
 other V - k tokens share (the tail) is known. Rows of one sequence (``groups``) are dependent,
 so splits and certification work on whole groups (:mod:`exitwise.calibration.groups`).
 
-10^6 tokens x 12 exits x top-32 is 1.5 GB as float32 values + int32 ids: the dense (n, K, V)
+10^6 tokens x 12 exits x top-32 is 3.1 GB as float32 values + int32 ids: the dense (n, K, V)
 logits of the same traffic at V = 32k would be 1.5 TB.
 """
 
