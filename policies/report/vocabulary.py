@@ -16,7 +16,7 @@ from exitwise.policies.report.formatting import MISSING, finite, fmt_int, fmt_pc
 
 TAIL_MODEL = "scores computed from the top-k and the full log-sum-exp; tail shared equally"
 METHODS: Mapping[str, str] = {
-    "frequency": "by token frequency (most frequent tokens first, cut at shares of the traffic)",
+    "frequency": "by token frequency: the most frequent tokens first, cut at shares of the traffic",
     "mapping": "from a mapping given by the author",
 }
 
