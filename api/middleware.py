@@ -10,7 +10,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exitwise.api.problems import PROBLEM_MEDIA_TYPE
+from exitwise.api.problems import PROBLEM_MEDIA_TYPE, TOO_LARGE_PROBLEM, TOO_LARGE_TITLE
 
 
 class BodyTooLarge(HTTPException):
@@ -21,11 +21,12 @@ class BodyTooLarge(HTTPException):
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+        super().__init__(413, _detail(limit))
+        self.limit = limit
 
 
 class BodySizeLimit:
-    """Answer 413 (problem+json) to request bodies larger than ``max_bytes``.
+    """Answer 413 (problem+json of type ``urn:exitwise:problem:body-too-large``) to bodies over ``max_bytes``.
 
     Checks ``Content-Length`` before the app runs and counts the bytes of bodies sent
     without one (chunked), so the limit cannot be bypassed by omitting the header.
@@ -56,7 +57,7 @@ class BodySizeLimit:
                     await _send_problem(send, scope, 400, "Bad Request", "invalid Content-Length header")
                     return
                 if declared > limit:
-                    await _send_problem(send, scope, 413, "Content Too Large", _detail(limit))
+                    await _too_large(send, scope, limit)
                     return
         seen = 0
         started = False
@@ -80,16 +81,22 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _send_problem(send, scope, 413, "Content Too Large", _detail(limit))
+                await _too_large(send, scope, limit)
 
 
 def _detail(limit: int) -> str:
     return f"request body is larger than the limit of {limit} bytes"
 
 
-async def _send_problem(send: Send, scope: Scope, status: int, title: str, detail: str) -> None:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail,
-                            "instance": scope.get("path")}
+async def _too_large(send: Send, scope: Scope, limit: int) -> None:
+    await _send_problem(send, scope, 413, TOO_LARGE_TITLE, _detail(limit), type_=TOO_LARGE_PROBLEM,
+                        limit_bytes=limit)
+
+
+async def _send_problem(send: Send, scope: Scope, status: int, title: str, detail: str, *,
+                        type_: str = "about:blank", **extra: Any) -> None:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail,
+                            "instance": scope.get("path"), **extra}
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),

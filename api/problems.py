@@ -6,7 +6,10 @@ One place maps errors to HTTP answers:
   ``title``, ``detail`` = the error's message, ``type`` = ``urn:exitwise:problem:<kind>``;
   errors that carry a list of problems (``DocumentError.errors``) add ``errors``;
 - request validation -> 422 with ``errors`` = [{loc, msg, type}] naming every bad field;
-- Starlette HTTP errors (404 unknown route, 405, 413 from the size limit...) -> ``about:blank``;
+- a request body over the size limit (413, :mod:`exitwise.api.middleware`) -> ``TOO_LARGE_PROBLEM``
+  (``urn:exitwise:problem:body-too-large``), the detail naming the limit in bytes and the
+  ``limit_bytes`` member carrying it;
+- other Starlette HTTP errors (404 unknown route, 405...) -> ``about:blank``;
 - anything else -> a generic 500; no 5xx answer carries the error's text (it may name hosts,
   paths or SQL): the traceback goes to the log, the answer carries an ``error_id`` to find it.
 """
@@ -29,6 +32,8 @@ from exitwise.calibration.exceptions import ExitwiseError
 from exitwise.policies.names import REQUEST_VALIDATION_PROBLEM, kebab, problem_urn
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+TOO_LARGE_PROBLEM = problem_urn("body-too-large")  # 413: the request body is over the configured limit
+TOO_LARGE_TITLE = "Request body too large"
 log = logging.getLogger("exitwise.api")
 
 
@@ -166,6 +171,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != _phrase(exc.status_code) else None
+        if exc.status_code == 413:
+            limit = getattr(exc, "limit", None)
+            return problem(413, title=TOO_LARGE_TITLE, detail=detail, type_=TOO_LARGE_PROBLEM,
+                           instance=request.url.path, headers=exc.headers, limit_bytes=limit)
         return problem(exc.status_code, detail=detail, instance=request.url.path, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -23,6 +23,10 @@ The semantics are chosen for a reviewer, who must never be told "unchanged" for 
   ``default`` table and a null table, row or cell means "never exit", as in the decision rule
   (:mod:`exitwise.calibration.rule`). Cells of exits or classes on one side only cannot be
   paired; :attr:`PolicyDiff.unpaired` names them (and the ``exits``/``classes`` fields show the change).
+- **Large vocabularies** (``vocabulary`` in a document): the classes are token buckets, so the
+  thresholds are compared per bucket; the vocabulary's size, top-k, bucketing method and tokens
+  per bucket are reviewed fields, and the token-to-bucket map is compared by its ``sha256``:
+  a changed map is one change (:attr:`PolicyDiff.bucket_map_change`), never one per token.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ from typing import Any
 
 from exitwise.policies.canonical import GOVERNANCE_FIELDS
 
-__all__ = ["ALL_SEGMENTS", "DEFAULT_SEGMENT", "FieldChange", "PolicyDiff", "ThresholdChange", "Unpaired",
-           "Weakening", "diff_documents", "same", "segment_rows", "weakenings"]
+__all__ = ["ALL_SEGMENTS", "BUCKET_MAP_FIELD", "DEFAULT_SEGMENT", "FieldChange", "PolicyDiff", "ThresholdChange",
+           "Unpaired", "Weakening", "diff_documents", "same", "segment_rows", "weakenings"]
 
 ALL_SEGMENTS = "__all__"  # the guarantee's entry for all traffic
 DEFAULT_SEGMENT = "default"  # the threshold table of every segment without its own
 HEADLINE_EXPECTED = ("compute_fraction", "risk", "disagreement", "induced_error")
+BUCKET_MAP_FIELD = "vocabulary.bucket_of"  # reviewed by its sha256, not its data
 
 Doc = Mapping[str, Any]
 
@@ -122,6 +127,14 @@ class PolicyDiff:
         """The reviewed fields that differ."""
         return tuple(f for f in self.fields if f.changed)
 
+    @property
+    def bucket_map_change(self) -> str | None:
+        """``"vocabulary bucket map changed: sha256 a -> b"`` when the token-to-bucket map differs, else None."""
+        f = next((f for f in self.fields if f.path == BUCKET_MAP_FIELD), None)
+        if f is None or not f.changed:
+            return None
+        return f"vocabulary bucket map changed: sha256 {f.before or 'none'} -> {f.after or 'none'}"
+
 
 def diff_documents(before: Doc, after: Doc) -> PolicyDiff:
     """Compare two policy documents: reviewed fields, every changed top-level field and the thresholds."""
@@ -202,7 +215,7 @@ def weakenings(before: Doc, after: Doc) -> tuple[Weakening, ...]:
         elif budget.get("certified") is True and new.get("certified") is not True:
             out.append(Weakening(f"guarantee.segments.{name}.certified", True, new.get("certified"),
                                  f"segment {name!r} is no longer certified"))
-    for key, noun in (("classes", "class"), ("segments", "segment")):
+    for key, noun in (("classes", "token bucket" if "vocabulary" in after else "class"), ("segments", "segment")):
         fb = set(_get(before, "forced_full_depth", key) or [])
         fa = set(_get(after, "forced_full_depth", key) or [])
         for name in sorted(fb - fa):
@@ -259,6 +272,13 @@ _STATIC: tuple[tuple[str, str, Callable[[Doc], Any]], ...] = (
     ("structure", "segment_keys", lambda d: list(d.get("segment_keys") or [])),
     ("structure", "thresholds.segments", _named_tables),
 )
+_VOCABULARY: tuple[tuple[str, Callable[[Doc], Any]], ...] = (
+    ("vocabulary.size", lambda d: _get(d, "vocabulary", "size")),
+    ("vocabulary.top_k", lambda d: _get(d, "vocabulary", "top_k")),
+    ("vocabulary.buckets.method", lambda d: _get(d, "vocabulary", "buckets", "method")),
+    ("vocabulary.buckets.tokens", lambda d: _get(d, "vocabulary", "buckets", "tokens")),
+    (BUCKET_MAP_FIELD, lambda d: _get(d, "vocabulary", "bucket_of", "sha256")),
+)
 _GUARANTEE = ("risk", "eps", "delta", "method", "n", "certified")
 _DECISION: tuple[tuple[str, Callable[[Doc], Any]], ...] = (
     ("score", lambda d: d.get("score")),
@@ -276,6 +296,8 @@ def _reviewed_fields(a: Doc, b: Doc) -> list[FieldChange]:
         return FieldChange(group, ".".join(path), _get(a, *path), _get(b, *path))
 
     out = [FieldChange(group, path, get(a), get(b)) for group, path, get in _STATIC]
+    if "vocabulary" in a or "vocabulary" in b:
+        out += [FieldChange("structure", path, get(a), get(b)) for path, get in _VOCABULARY]
     exits_a = dict(zip(_keyed(_names(a.get("exits"))), a.get("exits") or [], strict=True))
     exits_b = dict(zip(_keyed(_names(b.get("exits"))), b.get("exits") or [], strict=True))
     for key in (k for k in exits_b if k in exits_a):

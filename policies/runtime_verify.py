@@ -54,7 +54,9 @@ def verify_policy_document(doc: Any, model: str | None = None, *, env: str | Non
     the runtime fields (``shadow_rate`` a finite number in [0, 1]; ``killed`` a bool, ``version``
     a positive int and ``environment`` equal to ``env`` when present), a shape the decision rule
     accepts and, when given, the runtime's own number of exits and classes (a policy solved for
-    another architecture is never applied).
+    another architecture is never applied). For a large-vocabulary policy ``n_classes`` is the
+    logits per exit (the vocabulary size; its thresholds have one column per token bucket) and
+    the token-to-bucket map must match its ``sha256`` (the rule decodes and checks it).
     """
     if not isinstance(doc, dict):
         raise PolicyRejected(f"policy body is not a JSON object ({type(doc).__name__})", "not_object")
@@ -78,8 +80,10 @@ def verify_policy_document(doc: Any, model: str | None = None, *, env: str | Non
         raise PolicyRejected(f"policy does not compile: {type(exc).__name__}: {exc}", "compile") from None
     if n_exits is not None and compiled.n_exits != n_exits:
         raise PolicyRejected(f"policy has {compiled.n_exits} exits, this runtime's model has {n_exits}", "shape")
-    if n_classes is not None and compiled.n_classes != n_classes:
-        raise PolicyRejected(f"policy has {compiled.n_classes} classes, this runtime's model has {n_classes}", "shape")
+    if n_classes is not None and compiled.n_outputs != n_classes:
+        what = (f"{compiled.n_classes} classes" if compiled.class_bucket is None
+                else f"a vocabulary of {compiled.n_outputs} tokens")
+        raise PolicyRejected(f"policy has {what}, this runtime's model has {n_classes}", "shape")
     return compiled
 
 

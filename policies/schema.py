@@ -12,7 +12,9 @@ JSON. In order:
    thresholds in [0, 1] or null, temperatures positive and finite within
    [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``], costs positive and increasing, version
    numbers within the store's range;
-3. internal consistency: shapes agree with the exits and classes, forced classes exist;
+3. internal consistency: shapes agree with the exits and classes, forced classes exist; for a
+   large-vocabulary policy (``vocabulary``, see :class:`PolicyVocabulary`) the classes are the
+   token buckets and the token-to-bucket map decodes to one bucket of them per token;
 4. the content hash.
 
 ``certified`` in a document is what its author claims; the service re-runs the
@@ -24,8 +26,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from exitwise.calibration.buckets import MAX_BUCKETS, decode_bucket_map
 from exitwise.calibration.exceptions import InputError
 from exitwise.policies.canonical import SCHEMA, content_hash
 from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN, control_character
@@ -40,6 +44,8 @@ MAX_NODES = 2_000_000
 MAX_SAFE_INT = 2**53 - 1
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
+MAX_VOCABULARY = 1 << 22  # tokens; the decision rule's limit (exitwise.calibration.rule)
+SHARE_TOLERANCE = 1e-3  # bucket traffic shares, rounded in the document, sum to 1 within this
 
 
 class _Open(BaseModel):
@@ -97,6 +103,45 @@ class Guarantee(_Open):
 ThresholdRow = list[Unit | None] | None
 
 
+class VocabularyBucketMap(_Open):
+    """The token-to-bucket map: ``zlib+base64:uint8`` data and the sha256 of the raw uint8 bytes."""
+
+    encoding: Literal["zlib+base64:uint8"]
+    data: Annotated[str, Field(min_length=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class VocabularyBuckets(_Open):
+    """How the buckets were made, tokens per bucket and (optionally) each bucket's share of the traffic."""
+
+    method: Literal["frequency", "mapping"]
+    tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    share: list[Unit] | None = None
+
+
+class PolicyVocabulary(_Open):
+    """A language model's vocabulary: ``classes`` are then token buckets (the threshold columns).
+
+    ``size`` tokens, scores from the ``top_k`` largest logits and the full log-sum-exp
+    (:mod:`exitwise.calibration.topk`), ``bucket_of`` the bucket of every token id.
+    """
+
+    size: Annotated[int, Field(ge=2, le=MAX_VOCABULARY)]
+    top_k: Annotated[int, Field(ge=1)]
+    bucket_of: VocabularyBucketMap
+    buckets: VocabularyBuckets | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PolicyVocabulary:
+        if self.top_k > self.size:
+            raise ValueError(f"vocabulary.top_k ({self.top_k}) must be at most vocabulary.size ({self.size})")
+        tokens = self.buckets.tokens if self.buckets is not None else None
+        if tokens is not None and sum(tokens) != self.size:
+            raise ValueError(f"vocabulary.buckets.tokens sums to {sum(tokens)}, expected vocabulary.size "
+                             f"({self.size})")
+        return self
+
+
 class PolicyDocument(_Open):
     """A policy document; unknown extra fields are kept (and hashed) as they are."""
 
@@ -114,6 +159,7 @@ class PolicyDocument(_Open):
     expected: dict[str, Any]
     data: dict[str, Any]
     parent: VersionNumber | None = None
+    vocabulary: PolicyVocabulary | None = None
     content_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
@@ -144,8 +190,47 @@ class PolicyDocument(_Open):
             raise ValueError(f"max_exit {self.max_exit} is beyond the last exit {k - 1}")
         return self
 
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_buckets(cls, vocab: PolicyVocabulary | None, info: ValidationInfo) -> PolicyVocabulary | None:
+        classes = info.data.get("classes")
+        if vocab is not None and classes is not None:  # classes that did not validate are reported already
+            _check_vocabulary(vocab, len(classes))
+        return vocab
+
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        out = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        if "vocabulary" not in self.model_fields_set:  # a classifier's document has no such key
+            out.pop("vocabulary", None)
+        return out
+
+
+def _check_vocabulary(vocab: PolicyVocabulary, n_buckets: int) -> None:
+    """The bucket map against the buckets (``classes``): it decodes, each token has one of them, counts agree."""
+    if n_buckets > MAX_BUCKETS:
+        raise ValueError(f"classes: a policy with a vocabulary has at most {MAX_BUCKETS} token buckets as classes, "
+                         f"got {n_buckets}")
+    try:
+        bucket_of = decode_bucket_map(vocab.bucket_of.model_dump(), vocab.size, n_buckets)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("policy: ")) from None
+    if vocab.buckets is None:
+        return
+    counts = np.bincount(bucket_of, minlength=n_buckets).tolist()
+    tokens, share = vocab.buckets.tokens, vocab.buckets.share
+    if tokens is not None and len(tokens) != n_buckets:
+        raise ValueError(f"vocabulary.buckets.tokens has {len(tokens)} entries, expected one per bucket "
+                         f"(classes: {n_buckets})")
+    if tokens is not None and tokens != counts:
+        b = next(i for i, (t, n) in enumerate(zip(tokens, counts, strict=True)) if t != n)
+        raise ValueError(f"vocabulary.buckets.tokens[{b}] is {tokens[b]}, but the bucket map puts {counts[b]} "
+                         f"tokens in bucket {b}")
+    if share is not None and len(share) != n_buckets:
+        raise ValueError(f"vocabulary.buckets.share has {len(share)} entries, expected one per bucket "
+                         f"(classes: {n_buckets})")
+    if share is not None and abs(math.fsum(share) - 1.0) > SHARE_TOLERANCE:
+        raise ValueError(f"vocabulary.buckets.share sums to {math.fsum(share):.6g}, expected 1 "
+                         f"(within {SHARE_TOLERANCE})")
 
 
 class DocumentError(InputError):

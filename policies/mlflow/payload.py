@@ -74,6 +74,11 @@ def run_params(doc: Mapping[str, Any]) -> dict[str, str]:
         "forced_full_depth.segments": ",".join(forced.get("segments") or []),
         "model_version": (doc.get("model") or {}).get("version"), "parent": doc.get("parent"),
     }
+    vocab = doc.get("vocabulary")
+    if isinstance(vocab, Mapping):  # a language model's policy: the classes are token buckets
+        p |= {"vocabulary.size": vocab.get("size"), "vocabulary.top_k": vocab.get("top_k"),
+              "vocabulary.buckets.method": (vocab.get("buckets") or {}).get("method"),
+              "vocabulary.bucket_of.sha256": (vocab.get("bucket_of") or {}).get("sha256")}
     for e in doc.get("exits") or []:
         cal = e.get("calibrator") or {"type": "identity"}
         p[f"calibrator.{_key(e.get('name'))}"] = cal.get("type")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -181,13 +182,16 @@ def log_run(
                 (plots / "compute_vs_risk.png").write_bytes(curve)
             for name, png in reliability_pngs(doc).items():
                 (plots / f"reliability_{name}.png").write_bytes(png)
-            with fluent_uris(config), mlflow.start_run(run_id=run_id):
+            example = pyfunc.input_example(doc)
+            with fluent_uris(config), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                if example is None:  # a vocabulary policy: left out on purpose (K x V floats a row)
+                    warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME,
                     python_model=str(entry),
                     artifacts={pyfunc.POLICY_ARTIFACT: str(doc_path)},
                     signature=pyfunc.signature(doc),
-                    input_example=pyfunc.input_example(doc),
+                    input_example=example,
                     pip_requirements=pyfunc.pip_requirements(),
                     metadata={"exitwise": identity_tags(rec, doc)},
                 )

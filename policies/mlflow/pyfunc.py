@@ -7,6 +7,12 @@ and one string column per segment key, and answers per sample the exit taken, th
 :func:`exitwise.calibration.rule.route` on the policy JSON stored with the model, so the MLflow model,
 the evaluator and the runtime client give the same bits on the same logits.
 
+A large-vocabulary policy (``vocabulary`` in the document) takes the exits' dense logits over
+the whole vocabulary (V floats per cell) and scores them from their top-k and log-sum-exp, as
+the solver did; the answer is the token id (``answer_name`` its decimal text) and the extra
+output column ``bucket`` names the token's bucket. The model stores only the policy document
+(tens of KB at V = 150k) and logs no input example (one would hold K x V floats per row).
+
 The model is saved as "models from code" (MLflow's recommended form, no pickle): the entry
 file only imports :class:`ExitPolicyModel`, so loading needs ``exitwise`` importable
 (``pip install exitwise``) next to mlflow, numpy and pandas. This module imports mlflow and
@@ -58,7 +64,7 @@ class ExitPolicyModel(mlflow.pyfunc.PythonModel):
         self.document = dict(doc)
         self.policy = CompiledPolicy.from_document(doc)
         self.exit_names = tuple(str(e["name"]) for e in doc["exits"])
-        self.classes = tuple(str(c) for c in doc["classes"])
+        self.classes = tuple(str(c) for c in doc["classes"])  # the token buckets of a vocabulary policy
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -69,7 +75,10 @@ class ExitPolicyModel(mlflow.pyfunc.PythonModel):
 
 
 def frame_logits(frame: pd.DataFrame, n_exits: int, n_classes: int) -> np.ndarray:
-    """Stack the ``exit_k`` columns of ``frame`` into float64 logits (n, K, C), checked."""
+    """Stack the ``exit_k`` columns of ``frame`` into float64 logits (n, K, C), checked.
+
+    ``n_classes`` is the logits per cell: the classes, or the vocabulary size of a vocabulary policy.
+    """
     n = len(frame)
     out = np.empty((n, n_exits, n_classes), dtype=np.float64)
     for k in range(n_exits):
@@ -117,20 +126,21 @@ def predict_frame(
         frame = pd.DataFrame(frame)
     if not isinstance(frame, pd.DataFrame):
         raise InputError(f"input: expected a pandas DataFrame, got {type(frame).__name__}")
-    logits = frame_logits(frame, policy.n_exits, policy.n_classes)
+    logits = frame_logits(frame, policy.n_exits, policy.n_outputs)
     routing = route(policy, logits, frame_segments(frame, policy.segment_keys))
     names = np.asarray(exit_names, dtype=object)
     labels = np.asarray(classes, dtype=object)
-    return pd.DataFrame(
-        {
-            "exit": routing.exit,
-            "exit_name": names[routing.exit],
-            "answer": routing.answer,
-            "answer_name": labels[routing.answer],
-            "confidence": routing.confidence,
-        },
-        index=frame.index,
-    )
+    out = {
+        "exit": routing.exit,
+        "exit_name": names[routing.exit],
+        "answer": routing.answer,
+        "answer_name": labels[routing.answer] if policy.class_bucket is None
+        else np.asarray([str(t) for t in routing.answer.tolist()], dtype=object),
+        "confidence": routing.confidence,
+    }
+    if policy.class_bucket is not None:
+        out["bucket"] = labels[policy.columns(routing.answer)]
+    return pd.DataFrame(out, index=frame.index)
 
 
 def pip_requirements() -> list[str]:
@@ -149,12 +159,20 @@ def signature(doc: Mapping[str, Any]) -> ModelSignature:
         ColSpec(DataType.string, "answer_name"),
         ColSpec(DataType.double, "confidence"),
     ]
+    if doc.get("vocabulary") is not None:
+        outputs.append(ColSpec(DataType.string, "bucket"))
     params = ParamSchema([ParamSpec("killed", DataType.boolean, False)])
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs), params=params)
 
 
-def input_example(doc: Mapping[str, Any]) -> pd.DataFrame:
-    """Two rows: one sure of class 0 at every exit (likely exits early), one undecided (full depth)."""
+def input_example(doc: Mapping[str, Any]) -> pd.DataFrame | None:
+    """Two rows: one sure of class 0 at every exit (likely exits early), one undecided (full depth).
+
+    None for a vocabulary policy: a row holds K x V logits (megabytes at V = 150k), which the
+    model's payload must not carry; the signature documents the input instead.
+    """
+    if doc.get("vocabulary") is not None:
+        return None
     k, c = len(doc["exits"]), len(doc["classes"])
     sure = [8.0] + [0.0] * (c - 1)
     flat = [0.0] * c

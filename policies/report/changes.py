@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exitwise.policies.diff import ALL_SEGMENTS, PolicyDiff, ThresholdChange
+from exitwise.policies.diff import ALL_SEGMENTS, BUCKET_MAP_FIELD, PolicyDiff, ThresholdChange
 from exitwise.policies.report.formatting import (
     MISSING,
     fmt_calibrator,
@@ -53,6 +53,10 @@ def _rates(v: Any) -> str:
     return ", ".join(fmt_pct(x) for x in v) if isinstance(v, list | tuple) else fmt_value(v)
 
 
+def _counts(v: Any) -> str:
+    return ", ".join(fmt_int(x) for x in v) if isinstance(v, list | tuple) else fmt_value(v)
+
+
 Formatter = Callable[[Any], str]
 # the rows always shown (changed or not); every other reviewed field is shown when it changed
 _SHOWN: Mapping[str, tuple[str, Formatter]] = {
@@ -85,6 +89,11 @@ _WHEN_CHANGED: Mapping[str, tuple[str, Formatter]] = {
     "expected.exit_rate": ("exit rates", _rates),
     "data.rows": ("data rows", fmt_value),
     "data.time_window": ("data time window", _time_window),
+    "vocabulary.size": ("vocabulary size (tokens)", fmt_int),
+    "vocabulary.top_k": ("top-k of the scores", fmt_int),
+    "vocabulary.buckets.method": ("token bucket method", _text),
+    "vocabulary.buckets.tokens": ("tokens per bucket", _counts),
+    BUCKET_MAP_FIELD: ("token-to-bucket map (sha256)", lambda v: short_hash(v, 16)),
 }
 _SEGMENT_FIELDS: Mapping[str, tuple[str, Formatter]] = {
     "eps": ("budget ε", fmt_risk), "upper_bound": ("certified upper bound", fmt_risk),
@@ -200,4 +209,14 @@ def diff_view(diff: PolicyDiff, parent_version: int | None) -> dict[str, Any]:
         "groups": [_change_group(s, x, chs) for (s, x), chs in by_group.items()],
         "field_groups": _field_groups(rows),
         "note": _unpaired_note(diff, parent_version),
+        "bucket_note": _bucket_note(diff),
     }
+
+
+def _bucket_note(diff: PolicyDiff) -> str:
+    """A changed token-to-bucket map, in words: one change, and what it means for the paired thresholds."""
+    f = next((f for f in diff.fields if f.path == BUCKET_MAP_FIELD), None)
+    if f is None or not f.changed:
+        return ""
+    return (f"Vocabulary bucket map changed: sha256 {short_hash(f.before, 16)} → {short_hash(f.after, 16)}. "
+            "Thresholds are compared by bucket name; a bucket may now hold other tokens.")

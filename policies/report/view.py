@@ -34,6 +34,7 @@ from exitwise.policies.report.formatting import (
     fmt_value,
     short_hash,
 )
+from exitwise.policies.report.vocabulary import buckets, vocabulary_view
 from exitwise.policies.reverify import LABELS
 
 ACTION_LABELS: Mapping[str, str] = {
@@ -82,8 +83,9 @@ class ThresholdTable:
     heading: str
     note: str
     exit_headers: tuple[str, ...]
-    rows: tuple[tuple[str, bool, tuple[Cell, ...]], ...]  # (class, forced, cells)
+    rows: tuple[tuple[str, bool, tuple[Cell, ...], str], ...]  # (class or token bucket, forced, cells, detail)
     part: str = ""
+    row_header: str = "Predicted class"
 
 
 def _cells(doc: Mapping[str, Any], segment: str) -> list[list[float | None]]:
@@ -97,9 +99,16 @@ def _cells(doc: Mapping[str, Any], segment: str) -> list[list[float | None]]:
 
 
 def _threshold_tables(doc: Mapping[str, Any]) -> list[ThresholdTable]:
-    """Readable threshold tables: one per segment, classes down, exits across, split by exit."""
+    """Readable threshold tables: one per segment, classes down, exits across, split by exit.
+
+    For a large-vocabulary policy the rows are its token buckets (with their token counts and
+    traffic shares), never its tokens.
+    """
     exits = [str(e.get("name", i)) for i, e in enumerate(doc["exits"])]
     classes = [str(c) for c in doc["classes"]]
+    is_vocab = isinstance(doc.get("vocabulary"), Mapping)
+    details = [b.detail for b in buckets(doc)] if is_vocab else [""] * len(classes)
+    row_header = "Token bucket of the predicted token" if is_vocab else "Predicted class"
     forced = doc.get("forced_full_depth") or {}
     forced_classes = set(forced.get("classes") or [])
     forced_segments = set(forced.get("segments") or [])
@@ -144,9 +153,9 @@ def _threshold_tables(doc: Mapping[str, Any]) -> list[ThresholdTable]:
                                               if is_forced else "not used: beyond max_exit"))
                     else:
                         row_cells.append(Cell(fmt_num(v)))
-                rows.append((cls, is_forced, tuple(row_cells)))
+                rows.append((cls, is_forced, tuple(row_cells), details[ci] if ci < len(details) else ""))
             part = f"exits {idx[0] + 1}–{idx[-1] + 1} of {n_early}" if len(chunks) > 1 else ""
-            tables.append(ThresholdTable(seg, heading, "", headers, tuple(rows), part))
+            tables.append(ThresholdTable(seg, heading, "", headers, tuple(rows), part, row_header))
     return tables
 
 
@@ -223,7 +232,14 @@ def plain_summary(ctx: ReportContext) -> Markup:
         parts.append(Markup("Segment{s} {names} always run{v} at full depth. ").format(
             s="" if len(fseg) == 1 else "s", names=", ".join(fseg), v="s" if len(fseg) == 1 else ""))
     fcls = list(forced.get("classes") or [])
-    if fcls:
+    vocab = vocabulary_view(doc)
+    if vocab is not None:
+        parts.append(Markup("Decisions are per token of a {size}-token vocabulary; the thresholds are per token "
+                            "bucket ({n} buckets), not per token. ").format(size=vocab["size"], n=vocab["n_buckets"]))
+    if fcls and vocab is not None:
+        parts.append(Markup("Tokens whose early answer falls in bucket{s} {names} always go to full depth. ").format(
+            s="" if len(fcls) == 1 else "s", names=", ".join(fcls)))
+    elif fcls:
         parts.append(Markup("Requests whose early answer is {names} always go to full depth. ").format(
             names=", ".join(fcls)))
     if finite(doc.get("shadow_rate")) and doc["shadow_rate"] > 0:
@@ -377,6 +393,7 @@ def build_view(ctx: ReportContext) -> dict[str, Any]:
         "cal_reference": str(exits[-1].get("name", len(exits) - 1)) if exits and reference_is_final(cal) else None,
         "classes": [str(c) for c in doc.get("classes") or []],
         "thresholds": _threshold_tables(doc),
+        "vocabulary": vocabulary_view(doc),
         "forced": doc.get("forced_full_depth") or {},
         "max_exit": doc.get("max_exit"),
         "max_exit_name": (str(exits[doc["max_exit"]].get("name")) if finite(doc.get("max_exit"))
