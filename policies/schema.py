@@ -35,7 +35,7 @@ from exitwise.policies.canonical import SCHEMA, content_hash
 from exitwise.policies.names import MODEL_NAME_MAX, MODEL_NAME_PATTERN, control_character
 
 Score = Literal["max_prob", "margin", "entropy"]
-Risk = Literal["disagreement", "induced_error"]
+Risk = Literal["disagreement", "induced_error", "sequence_disagreement"]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 VersionNumber = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
