@@ -157,7 +157,7 @@ def reverify(doc: Mapping[str, Any], *, roots: Sequence[Path] | None = None) -> 
             return not_reverified(f"the group split gives {rows.size} certify rows, guarantee.split says {certify}")
         cert_groups = groups.take(rows)
         loss = group_losses(cert_groups, loss, str(guarantee.get("risk")))
-        return _compare(guarantee, loss, _constraint_rows(doc, scored, cert_groups))
+        return _compare(guarantee, loss, _constraint_rows(doc, scored, cert_groups), unit="groups")
     return _compare(guarantee, loss, _constraint_rows(doc, scored))
 
 
@@ -177,7 +177,8 @@ def _constraint_rows(doc: Mapping[str, Any], scored: ScoredLogs,
     return out
 
 
-def _compare(guarantee: Mapping[str, Any], loss: np.ndarray, rows: Mapping[str, np.ndarray]) -> Reverification:
+def _compare(guarantee: Mapping[str, Any], loss: np.ndarray, rows: Mapping[str, np.ndarray],
+             unit: str = "rows") -> Reverification:
     delta = float(guarantee["delta"])
     claims = dict(guarantee.get("segments") or {})
     overall = dict(claims.get(ALL) or {})
@@ -199,9 +200,9 @@ def _compare(guarantee: Mapping[str, Any], loss: np.ndarray, rows: Mapping[str, 
         k, bound, passed = result.losses, result.upper_bound, result.passed
         recomputed[name] = {"eps": eps, "n": n, "losses": k, "upper_bound": bound, "certified": passed}
         if not passed:
-            problems.append(f"{name}: {k} losses in {n} rows do not certify risk <= {eps} at delta {delta}")
+            problems.append(f"{name}: {k} losses in {n} {unit} do not certify risk <= {eps} at delta {delta}")
         elif claim.get("n") is not None and int(claim["n"]) != n:
-            problems.append(f"{name}: the document claims {claim['n']} certify rows, the evidence has {n}")
+            problems.append(f"{name}: the document claims {claim['n']} certify {unit}, the evidence has {n}")
         elif claim.get("upper_bound") is not None and (
                 bound is None or not math.isclose(bound, float(claim["upper_bound"]), abs_tol=BOUND_TOLERANCE)):
             problems.append(f"{name}: the document claims an upper bound of {claim['upper_bound']}, "
@@ -211,4 +212,4 @@ def _compare(guarantee: Mapping[str, Any], loss: np.ndarray, rows: Mapping[str, 
     if not recomputed:
         return Reverification("reverified", "no certificate is claimed (the policy never exits early)")
     return Reverification("reverified", f"{len(recomputed)} constraint(s) recomputed on "
-                                        f"{int(rows[ALL].size)} certify rows: all pass", recomputed)
+                                        f"{int(rows[ALL].size)} certify {unit}: all pass", recomputed)
