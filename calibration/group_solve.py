@@ -72,14 +72,22 @@ def group_splits(index: GroupIndex, spec: SplitSpec, seed: int) -> Splits:
 
 
 def token_aim(group_risk_of: Callable[[int], float], token_risks: np.ndarray, group_aim: float) -> float:
-    """The token-level risk of the most aggressive path point whose choose-group risk stays
-    within ``group_aim`` (walking safe to aggressive, as the certification will); the safest
-    point's token risk when none does."""
-    best = float(token_risks[0]) if token_risks.size else 0.0
+    """The token-level risk at which the path's candidates reach ``group_aim`` on the choose groups.
+
+    Walking the path safe to aggressive (as the certification will): the token risk of the last
+    point whose choose-group risk stays within the aim. When even the last point stays within
+    it, the path ended early: its token risk is scaled up in proportion to the remaining room.
+    0 when the first point already exceeds the aim.
+    """
+    best = 0.0
+    last_group = 0.0
     for j in range(token_risks.size):
-        if group_risk_of(j) > group_aim:
-            break
+        last_group = group_risk_of(j)
+        if last_group > group_aim:
+            return best
         best = float(token_risks[j])
+    if best > 0 and last_group > 0:
+        return best * group_aim / last_group
     return best
 
 

@@ -47,12 +47,12 @@ from exitwise.calibration.group_solve import (
 )
 from exitwise.calibration.groups import GroupIndex, group_losses
 from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.ramp import ramp_in
 from exitwise.calibration.rule import CALIBRATORS, SCORES, CompiledPolicy, first_exit
 from exitwise.calibration.selection import (
     Selection,
 )
 from exitwise.calibration.solver import (
-    PathPoint,
     Problem,
     ProgressFn,
     SolverPath,
@@ -477,8 +477,8 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
         target=aim(n_units, spec.eps, spec.delta, spec.settings.floor_power),
         aims=aims, segment_eps={s_: e_ for s_, e_ in prepared.budgets.items() if s_ in aims})
     choose_rows = prepared.splits.choose
-    if prepared.groups is not None and choose_rows.size:
-        request = _token_request(prepared, request, forced)
+    if prepared.groups is not None and spec.risk in SEQUENCE_RISKS and choose_rows.size:
+        request = _token_request(prepared, request, forced)  # the mean per-group risks are on the token scale
     selection: Selection | None = None
     if choose_rows.size == 0:
         family = FAMILIES["shared_raw"]  # nothing to choose from: the path fixed before seeing any row
@@ -495,7 +495,8 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     t1 = time.perf_counter()
     path = request.path(family, chosen_prep, choose_rows, forced,
                         progress=None if progress is None else (lambda m, f: progress(m, 0.5 + 0.35 * f)))
-    path = ramp_in(chosen_prep, path, choose_rows, forced, request.target)
+    if prepared.groups is not None:  # group targets sit far below the token path's resolution
+        path = ramp_in(chosen_prep, path, choose_rows, forced, request.target)
     t2 = time.perf_counter()
     policies = [chosen_prep.compile(p.tau, forced) for p in path.points]
     cert, stats, losses = certify_candidates(
@@ -531,55 +532,6 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     )
 
 
-RAMP_POINTS = 12
-
-
-def ramp_in(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.ndarray, target: float) -> SolverPath:
-    """Safer candidates in front of a path whose first point is already past half the target.
-
-    The path solver's loss model is flat at the highest scores, so at very small targets (a
-    sequence-level risk in token units) a whole cell can flip from "never" to "exit" at one
-    multiplier, leaving nothing between full depth and a point the certify split rejects.
-    The ramp moves the first point's thresholds towards 1, tau_t = 1 - t (1 - tau): same shape,
-    fewer exits. t is read off the choose rows so that roughly a geometric sequence of shares
-    (2 % .. 90 %) of the rows the first point lets out early still leave. The order (ramp,
-    then the path) is fixed on the choose rows, so the fixed-sequence test stays valid.
-    """
-    if not path.points or rows.size == 0 or path.points[0].select_risk <= 0.5 * target:
-        return path
-    first = path.points[0]
-    sc = prepared.scored
-    scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
-    table_rows, loss_rows, at = prepared.policy_rows(rows), prepared.loss[rows], np.arange(rows.size)
-    costs = sc.costs / sc.costs[-1]
-    compiled = prepared.compile(first.tau, forced)
-    routing = first_exit(compiled, scores, preds, table_rows)
-    early = np.flatnonzero(routing.exit < sc.n_exits - 1)
-    if early.size == 0:
-        return path
-    k_at = routing.exit[early]
-    tau_at = compiled.thresholds[table_rows[early], k_at, compiled.columns(preds[early, k_at])]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slack = np.clip((routing.confidence[early] - tau_at) / (1.0 - tau_at), 0.0, 1.0)
-    slack = np.where(np.isfinite(slack), slack, 1.0)
-    shares = np.geomspace(0.02, 0.9, RAMP_POINTS)
-    ts = np.unique(np.clip(1.0 - np.quantile(slack, 1.0 - shares), 1e-6, 1.0))
-    ramp = []
-    for t in ts[ts < 1.0]:
-        tau = 1.0 - t * (1.0 - first.tau)
-        exit_at = first_exit(prepared.compile(tau, forced), scores, preds, table_rows).exit
-        loss = loss_rows[at, exit_at]
-        seg = prepared.seg_codes[rows]
-        seg_risk = np.bincount(seg, weights=loss, minlength=first.select_segment_risk.size) / np.maximum(
-            np.bincount(seg, minlength=first.select_segment_risk.size), 1)
-        knob = first.lam / t if path.knob == "lambda" else 1.0 - t * (1.0 - first.lam)
-        ramp.append(PathPoint(lam=float(knob), segment_lams=first.segment_lams / t, tau=tau,
-                              select_risk=float(loss.mean()), select_compute=float(costs[exit_at].mean()),
-                              select_segment_risk=seg_risk))
-    kept = [p for j, p in enumerate(ramp) if j == 0 or not np.array_equal(p.tau, ramp[j - 1].tau, equal_nan=True)]
-    return replace(path, points=(*kept, *path.points))
-
-
 def _bound(prepared: Prepared, risk: float, n: int) -> float:
     """The upper confidence bound of a realised risk on n certify units (rows, or groups)."""
     spec = prepared.spec
@@ -613,10 +565,11 @@ def _token_request(prepared: Prepared, request: _PathRequest, forced: np.ndarray
 
     token_risks = np.array([p.select_risk for p in probe.points])
     target = token_aim(group_risk, token_risks, request.target)
+    if target <= 0:  # the probe jumps past the aim at once: a sequence of L tokens is lost ~L times as often
+        mean_len = float(prepared.groups.sizes.mean())
+        target = request.target / mean_len if spec.risk in SEQUENCE_RISKS else request.target
     scale = target / request.target if request.target > 0 else 1.0
-    if target <= 0:
-        return replace(request, scale=0.0)
-    return replace(request, eps=request.eps * scale, target=target, scale=scale,
+    return replace(request, eps=max(request.eps * scale, 2.5 * target), target=target, scale=scale,
                    aims={s: a * scale for s, a in request.aims.items()},
                    segment_eps={s: e * scale for s, e in request.segment_eps.items()})
 
