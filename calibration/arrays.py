@@ -204,14 +204,9 @@ class NumpyNamespace(Namespace):
     def iexp(self, x: np.ndarray) -> np.ndarray:
         return np.exp(x, out=x)
 
-    def sum(self, x: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
-        return x.sum(axis=axis, keepdims=keepdims)
-
-    def amax(self, x: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
-        return x.max(axis=axis, keepdims=keepdims)
-
-    def argmax(self, x: np.ndarray, axis: int) -> np.ndarray:
-        return np.argmax(x, axis=axis)
+    sum = staticmethod(np.add.reduce)  # what ndarray.sum calls
+    amax = staticmethod(np.maximum.reduce)  # what ndarray.max calls
+    argmax = staticmethod(np.argmax)
 
     def rowdot(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->i", a, b)
@@ -424,10 +419,10 @@ _NAMESPACES: dict[int, Namespace] = {}
 def namespace(x: Any) -> Namespace:
     """The :class:`Namespace` of an array: numpy for numpy arrays, lists and anything unknown,
     torch for a torch tensor (torch is never imported here), else its ``__array_namespace__()``."""
-    if isinstance(x, np.ndarray | list | tuple | np.generic):
+    if type(x) is np.ndarray or isinstance(x, np.ndarray | list | tuple | np.generic):
         return NUMPY
-    if type(x).__module__.startswith("torch"):
-        torch = sys.modules["torch"]  # loaded: a tensor exists
+    torch = sys.modules.get("torch")  # never imported here: loaded if a tensor exists
+    if torch is not None and type(x).__module__.startswith("torch") and isinstance(x, torch.Tensor):
         ns = _NAMESPACES.get(id(torch))
         if ns is None:
             ns = _NAMESPACES[id(torch)] = TorchNamespace(torch)

@@ -143,7 +143,11 @@ def exit_scores(
     :mod:`exitwise.calibration.arrays`).
     """
     o = namespace(logits)
-    logits = o.prepare(logits)
+    return _exit_scores(o, o.prepare(logits), calibrator, score, top_k)
+
+
+def _exit_scores(o: Namespace, logits: Any, calibrator: Mapping[str, Any], score: str, top_k: int | None
+                 ) -> tuple[Any, Any]:
     n, c = logits.shape
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
@@ -250,12 +254,19 @@ class CompiledPolicy:
         return preds if self.class_bucket is None else self.class_bucket[preds]
 
     def arrays(self, o: Namespace, like: Any) -> RuleArrays:
-        """The rule's arrays in namespace ``o`` on ``like``'s device (thresholds in its float dtype),
-        copied there once and kept: a GPU decision does not move the policy every call."""
+        """The rule's arrays in namespace ``o`` on ``like``'s device (thresholds in its float dtype).
+
+        numpy: the policy's own arrays. Elsewhere they are copied to the device once and kept
+        (a GPU decision does not move the policy every call), so treat a compiled policy's
+        arrays as immutable.
+        """
         if o is NUMPY:
-            key: Hashable = "numpy"
-        else:
-            key = (o.name, o.device_key(like), str(o.float_dtype(like)))
+            got = self._on_device.get("numpy")
+            if got is None:  # the same array objects: nothing to go stale
+                got = self._on_device["numpy"] = RuleArrays(self.thresholds, self.forced_classes,
+                                                            self.forced_segments, self.class_bucket)
+            return got
+        key = (o.name, o.device_key(like), str(o.float_dtype(like)))
         got = self._on_device.get(key)
         if got is None:
             bucket = self.class_bucket
@@ -409,8 +420,11 @@ def decide(
         return o.full_bool(n, True, logits)
     if policy.killed or k > policy.max_exit:
         return o.full_bool(n, False, logits)
-    scores, preds = exit_scores(logits, policy.calibrators[k], policy.score, policy.top_k)
-    codes = o.from_host(policy.segment_codes(segments, n), logits)
+    scores, preds = _exit_scores(o, logits, policy.calibrators[k], policy.score, policy.top_k)
+    codes = policy.segment_codes(segments, n)  # host-side: segment values are strings
+    if o is not NUMPY:
+        no_segments = segments is None or not policy.segment_index
+        codes = o.zeros_index(n, logits) if no_segments else o.from_host(codes, logits)
     return _exit_mask(o, policy.arrays(o, scores), k, scores, preds, codes)
 
 

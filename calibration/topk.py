@@ -9,12 +9,16 @@ probabilities exp(v_i - lse) are then exact, and the mass the other V - k tokens
 At temperature T the log-partition is LSE_T = logaddexp(logsumexp(v / T), log(V - k) + u / T);
 at T = 1 this is exactly ``lse``. Scores (with p_i = exp(v_i / T - LSE_T)):
 
-* ``max_prob`` = p_1 and ``margin`` = p_1 - p_2: exact at T = 1; at T != 1 the tail's share of
-  the partition is modelled (a tail of equal logits is the most spread one, so at T > 1 it
-  is the largest and at T < 1 the smallest the true tail can be);
+* ``max_prob`` = p_1 and ``margin`` = p_1 - p_2: exact at T = 1 (the margin for k >= 2; with
+  k = 1 the runner-up is not logged and the tail token q stands in for it, which can only
+  overstate the margin); at T != 1 the tail's share of the partition is modelled (a tail of
+  equal logits is the most spread one, so at T > 1 it is the largest and at T < 1 the smallest
+  the true tail can be). m is known to ~1e-16 (float64 lse; ~1e-7 for a float32 lse), and a
+  smaller tail counts as none: at large T its amplified share is then missed and p_1 overstated;
 * ``entropy`` = 1 - H / log V with H = -sum_i p_i log p_i - (V - k) q log q, q = exp(u / T - LSE_T):
-  the equal tail has the largest entropy any tail of mass m can have, so this confidence is
-  a lower bound of the true one (a token exits no earlier than with the exact entropy).
+  at T = 1 the equal tail has the largest entropy any tail of mass m can have, so this
+  confidence is a lower bound of the true one (a token exits no earlier than with the exact
+  entropy); at T != 1 it is an estimate, not a bound.
 
 The solver scores logs with this function and the runtime scores a dense exit head's logits
 with the same function after taking their top-k and log-sum-exp (:func:`dense_topk`), so both
