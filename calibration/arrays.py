@@ -321,6 +321,10 @@ class ArrayAPINamespace(Namespace):
     def to_float(self, x: Any) -> Any:
         return self.xp.astype(x, self.float_dtype(x))
 
+    def errstate(self, **kwargs: str) -> Any:
+        errstate = getattr(self.xp, "errstate", None)  # numpy-like libraries warn on log(0)
+        return nullcontext() if errstate is None else errstate(**kwargs)
+
     def from_host(self, arr: np.ndarray, like: Any, floating: bool = False) -> Any:
         dtype = self.float_dtype(like) if floating else self.xp.bool if arr.dtype == np.bool_ else self.xp.int64
         return self.xp.asarray(np.ascontiguousarray(arr), dtype=dtype, device=like.device)
