@@ -56,12 +56,13 @@ def dense_topk(logits: Any, k: int) -> tuple[Any, Any, Any]:
 
 def _dense_topk(o: Namespace, logits: Any, k: int, *, ids: bool) -> tuple[Any, Any, Any]:
     """:func:`dense_topk` in namespace ``o``; without ``ids`` only the values and lse (ids None)."""
+    k = min(int(k), logits.shape[1])
+    # selected in the input's dtype (float32: half the memory): widening is exact and keeps the order
+    vals, top_ids = o.topk(logits, k) if ids else (o.topk_values(logits, k), None)
+    vals = o.to_float(vals)
     z = o.to_float(logits)
-    v = z.shape[1]
-    k = min(int(k), v)
-    vals, top_ids = o.topk(z, k) if ids else (o.topk_values(z, k), None)
     top = o.amax(z, axis=1, keepdims=True)
-    lse = top[:, 0] + o.log(o.sum(o.exp(z - top), axis=1))
+    lse = top[:, 0] + o.log(o.sum(o.iexp(z - top), axis=1))  # in place: one (n, V) temporary less
     return vals, top_ids, lse
 
 
