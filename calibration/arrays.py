@@ -9,10 +9,13 @@ recognised by its type's module and the ``torch`` module is taken from ``sys.mod
 loaded if a tensor exists). Other libraries with ``__array_namespace__`` (CuPy, JAX, ...) go
 through the standard's functions (:class:`ArrayAPINamespace`).
 
-Arithmetic is float64 wherever the device has it. Apple's MPS has no float64: there the rule
-computes in float32 (:meth:`Namespace.float_dtype`), so scores differ from the numpy ones by
-~1e-7 relative and a score within that of its threshold may decide differently. numpy and the
-standard library only.
+Arithmetic is float64 wherever the device has it; results then equal numpy's to ~1e-12 (top-k
+scores at T != 1: to ~1e-16 / m, m the tail mass, see :mod:`exitwise.calibration.topk`). Apple's
+MPS has no float64: there the rule computes in float32 (:meth:`Namespace.float_dtype`), scores
+differ from numpy's by up to ~1e-5 and a score that close to its threshold may decide
+differently; for a vocabulary policy with a temperature above 1 the tail mass is then known to
+~1e-7 only and a small tail's scores can be off by ~1e-2 (move such logits to the CPU). numpy
+and the standard library only.
 """
 
 from __future__ import annotations

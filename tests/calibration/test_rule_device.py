@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exitwise.calibration.arrays import NUMPY, ArrayAPINamespace, namespace
+from exitwise.calibration.arrays import NUMPY, ArrayAPINamespace, TorchNamespace, namespace
 from exitwise.calibration.buckets import encode_bucket_map
 from exitwise.calibration.rule import CompiledPolicy, _exit_mask, _exit_scores, decide, exit_mask, exit_scores
 from exitwise.calibration.topk import dense_topk, topk_exit_scores
@@ -39,16 +39,25 @@ def _tol(device: str, cal: dict | None = None, vals: np.ndarray | None = None, l
          ) -> float | np.ndarray:
     """How far a library's scores may be from numpy's.
 
-    float64 everywhere: 1e-12 (MPS has no float64: the rule runs in float32 there, 1e-6). Top-k
-    scores (``vals``, ``lse``) at T != 1 depend on the tail mass m = 1 - sum(exp(vals - lse)),
-    whose absolute rounding error (~1e-16 per term: the libraries' log-sum-exp differ in the last
-    bits) is amplified by 1/(T m); each row gets that share of slack.
+    float64: 1e-12. Top-k scores (``vals``, ``lse``) at T != 1 depend on the tail mass
+    m = 1 - sum(exp(vals - lse)), whose absolute rounding error (~1e-16: the libraries'
+    log-sum-exp differ in the last bits) is amplified by 1/(T m); each row gets that share of
+    slack. A device without float64 (MPS, or ``_Float32Torch`` here) computes in float32: 1e-4,
+    and the tail mass is known to ~1e-7 only.
     """
-    base = 1e-6 if device == "mps" else 1e-12
+    f32 = device in ("mps", "float32")
+    base, eps = (1e-4, 2e-6) if f32 else (1e-12, 1e-15)
     if vals is None or lse is None or cal is None or cal["type"] != "temperature":
         return base
     m = np.clip(1.0 - np.exp(vals - lse[:, None]).sum(axis=1), 1e-300, 1.0)
-    return base + 1e-15 * (vals.shape[1] + 1) / (float(cal["temperature"]) * m)
+    return base + eps * (1 if f32 else vals.shape[1] + 1) / (float(cal["temperature"]) * m)
+
+
+class _Float32Torch(TorchNamespace):
+    """torch as on a device without float64 (Apple MPS), which this machine does not have."""
+
+    def float_dtype(self, like: torch.Tensor) -> torch.dtype:
+        return torch.float32
 
 
 def _tensor(x: np.ndarray, device: str) -> torch.Tensor:
@@ -150,6 +159,26 @@ def test_dense_topk_and_topk_scores_equal_numpy(device: str, seed: int, v: int, 
             got = topk_exit_scores(t_vals, t_lse, v, cal, score)
             assert isinstance(got, torch.Tensor) and got.device == t_vals.device
             assert np.all(np.abs(got.cpu().numpy() - want) <= _tol(device, cal, vals, lse)), (cal, score)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), v=st.integers(2, 500), data=st.data(), score=st.sampled_from(SCORES),
+       cal=st.sampled_from(CALIBRATORS))
+def test_without_float64_the_rule_runs_in_float32(seed: int, v: int, data: st.DataObject, score: str,
+                                                  cal: dict) -> None:
+    """The float32 fallback (MPS) on CPU: float32 results, no NaN, near the numpy scores, and the
+    policy's thresholds copied in float32."""
+    ns = _Float32Torch(torch)
+    top_k = data.draw(st.one_of(st.none(), st.integers(1, min(v, 64))), label="top_k")
+    x, _ = _logits(seed, 40, v)
+    want, want_pred = exit_scores(x, cal, score, top_k)
+    got, got_pred = _exit_scores(ns, torch.from_numpy(x), cal, score, top_k)
+    assert got.dtype == torch.float32 and not torch.isnan(got).any()
+    vals, lse = dense_topk(x, top_k)[::2] if top_k is not None else (None, None)
+    assert np.all(np.abs(got.numpy().astype(np.float64) - want) <= _tol("float32", cal, vals, lse))
+    np.testing.assert_array_equal(got_pred.numpy(), want_pred)
+    policy = CompiledPolicy.from_document(_classification_doc(seed, 3, 4, score, cal))
+    assert policy.arrays(ns, got).thresholds.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
