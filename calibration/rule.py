@@ -15,7 +15,9 @@ For a language model's large vocabulary (``vocabulary`` in the document) b(c) is
 bucket and the scores come from the exit's top-k and log-sum-exp
 (:mod:`exitwise.calibration.topk`); for a classifier b(c) = c. The last exit always answers.
 This module is imported by the solver, the evaluator, the MLflow model and the runtime client,
-so it depends on numpy and the standard library only.
+so it depends on numpy and the standard library only. The formulas are written once against an
+array :class:`~exitwise.calibration.arrays.Namespace`: numpy (the same calls and bits as the
+solver's) or, at the runtime, a torch tensor on its device, without torch being a dependency.
 """
 
 from __future__ import annotations
