@@ -15,19 +15,22 @@ For a language model's large vocabulary (``vocabulary`` in the document) b(c) is
 bucket and the scores come from the exit's top-k and log-sum-exp
 (:mod:`exitwise.calibration.topk`); for a classifier b(c) = c. The last exit always answers.
 This module is imported by the solver, the evaluator, the MLflow model and the runtime client,
-so it depends on numpy and the standard library only.
+so it depends on numpy and the standard library only. The formulas are written once against an
+array :class:`~exitwise.calibration.arrays.Namespace`: numpy (the same calls and bits as the
+solver's) or, at the runtime, a torch tensor on its device, without torch being a dependency.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from exitwise.calibration.arrays import NUMPY, Namespace, namespace
 from exitwise.calibration.buckets import decode_bucket_map
-from exitwise.calibration.topk import dense_topk, topk_exit_scores
+from exitwise.calibration.topk import dense_exit_scores
 
 SCORES = ("max_prob", "margin", "entropy")
 CALIBRATORS = ("identity", "temperature", "platt")
@@ -37,10 +40,14 @@ _CHUNK_ELEMENTS = 1 << 22  # rows x classes processed at once, bounds temporary 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature`` in float64, stable for large logits."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
+    return _softmax(NUMPY, logits, temperature)
+
+
+def _softmax(o: Namespace, logits: Any, temperature: float = 1.0) -> Any:
+    z = o.to_float(logits) / float(temperature)
+    z = z - o.amax(z, axis=-1, keepdims=True)
+    z = o.iexp(z)
+    z /= o.sum(z, axis=-1, keepdims=True)
     return z
 
 
@@ -50,32 +57,33 @@ def platt_features(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
     phi = [logit(p_c), p_c - p_(2), 1 - H(p)/log C] with p the uncalibrated softmax,
     c the predicted class and p_(2) the runner-up probability.
     """
-    n = probs.shape[0]
-    top = probs[np.arange(n), pred]
+    return _platt_features(NUMPY, probs, pred)
+
+
+def _platt_features(o: Namespace, probs: Any, pred: Any) -> Any:
+    top = o.take_rows(probs, pred)
     eps = 1e-12
-    top_c = np.clip(top, eps, 1.0 - eps)
-    logit = np.log(top_c) - np.log1p(-top_c)
-    runner = _runner_up(probs, pred)
-    ent = _normalised_confidence(probs)
-    return np.stack([logit, top - runner, ent], axis=1)
+    top_c = o.clip(top, eps, 1.0 - eps)
+    logit = o.log(top_c) - o.log1p(-top_c)
+    runner = _runner_up(o, probs, pred)
+    ent = _normalised_confidence(o, probs)
+    return o.stack([logit, top - runner, ent], axis=1)
 
 
-def _runner_up(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def _runner_up(o: Namespace, probs: Any, pred: Any) -> Any:
     if probs.shape[1] < 2:
-        return np.zeros(probs.shape[0])
-    masked = probs.copy()
-    masked[np.arange(probs.shape[0]), pred] = -np.inf
-    return masked.max(axis=1)
+        return o.zeros(probs.shape[0], like=probs)
+    return o.max_excluding(probs, pred)
 
 
-def _normalised_confidence(probs: np.ndarray) -> np.ndarray:
+def _normalised_confidence(o: Namespace, probs: Any) -> Any:
     """1 - H(p)/log C, in [0, 1]; 1 for a one-hot p, 0 for the uniform p."""
     c = probs.shape[1]
     if c < 2:
-        return np.ones(probs.shape[0])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(probs > 0, probs * np.log(probs), 0.0)
-    return 1.0 + plogp.sum(axis=1) / np.log(c)
+        return o.ones(probs.shape[0], like=probs)
+    with o.errstate(divide="ignore", invalid="ignore"):
+        plogp = o.where(probs > 0, probs * o.log(probs), 0.0)
+    return 1.0 + o.sum(plogp, axis=1) / float(np.log(c))
 
 
 def calibrated_probs(logits: np.ndarray, calibrator: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,66 +95,77 @@ def calibrated_probs(logits: np.ndarray, calibrator: Mapping[str, Any]) -> tuple
     probability is sigmoid(w . phi + b) and the rest is shared in proportion to the
     uncalibrated probabilities of the other classes.
     """
+    return _calibrated_probs(NUMPY, logits, calibrator)
+
+
+def _calibrated_probs(o: Namespace, logits: Any, calibrator: Mapping[str, Any]) -> tuple[Any, Any]:
     kind = calibrator.get("type")
-    pred = np.argmax(logits, axis=1)
+    pred = o.argmax(logits, axis=1)
     if kind == "identity":
-        return softmax(logits), pred
+        return _softmax(o, logits), pred
     if kind == "temperature":
-        return softmax(logits, float(calibrator["temperature"])), pred
+        return _softmax(o, logits, float(calibrator["temperature"])), pred
     if kind == "platt":
-        q = softmax(logits)
-        phi = platt_features(q, pred)
-        w = np.asarray(calibrator["coef"], dtype=np.float64)
-        conf = 1.0 / (1.0 + np.exp(-(phi @ w + float(calibrator["intercept"]))))
-        rows = np.arange(q.shape[0])
-        qc = q[rows, pred]
-        rest = np.where(qc < 1.0, (1.0 - conf) / np.maximum(1.0 - qc, 1e-300), 0.0)
+        q = _softmax(o, logits)
+        phi = _platt_features(o, q, pred)
+        conf = 1.0 / (1.0 + o.exp(-(o.lincomb(phi, calibrator["coef"]) + float(calibrator["intercept"]))))
+        qc = o.take_rows(q, pred)
+        rest = o.where(qc < 1.0, (1.0 - conf) / o.maximum(1.0 - qc, 1e-300), 0.0)
         p = q * rest[:, None]
-        p[rows, pred] = conf
-        return p, pred
+        return o.put_rows(p, pred, conf), pred
     raise ValueError(f"unknown calibrator type {kind!r}; expected one of {CALIBRATORS}")
 
 
 def score_from_probs(probs: np.ndarray, pred: np.ndarray, score: str) -> np.ndarray:
     """The exit score of each row from calibrated probabilities (see module docstring)."""
-    rows = np.arange(probs.shape[0])
+    return _score_from_probs(NUMPY, probs, pred, score)
+
+
+def _score_from_probs(o: Namespace, probs: Any, pred: Any, score: str) -> Any:
     if score == "max_prob":
-        return probs[rows, pred]
+        return o.take_rows(probs, pred)
     if score == "margin":
-        return probs[rows, pred] - _runner_up(probs, pred)
+        return o.take_rows(probs, pred) - _runner_up(o, probs, pred)
     if score == "entropy":
-        return _normalised_confidence(probs)
+        return _normalised_confidence(o, probs)
     raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
 
 
 def exit_scores(
-    logits: np.ndarray, calibrator: Mapping[str, Any], score: str, top_k: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    logits: Any, calibrator: Mapping[str, Any], score: str, top_k: int | None = None
+) -> tuple[Any, Any]:
     """Score (n,) float64 and predicted class (n,) int64 of one exit, in bounded-memory chunks.
 
     This is the only function that computes scores for decisions (solver, evaluator, MLflow
     model and runtime client all come through here), so every caller gets the same bits.
     With ``top_k`` (a large-vocabulary policy) the score is computed from the row's top-k and
-    log-sum-exp, exactly as the solver computed it from token-level logs.
+    log-sum-exp, exactly as the solver computed it from token-level logs. ``logits`` is a numpy
+    array (numpy results) or another library's array, e.g. a torch tensor (results of that
+    library on its device; float32 where the device has no float64, see
+    :mod:`exitwise.calibration.arrays`).
     """
-    logits = np.asarray(logits)
+    o = namespace(logits)
+    return _exit_scores(o, o.prepare(logits), calibrator, score, top_k)
+
+
+def _exit_scores(o: Namespace, logits: Any, calibrator: Mapping[str, Any], score: str, top_k: int | None
+                 ) -> tuple[Any, Any]:
     n, c = logits.shape
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
-    scores = np.empty(n, dtype=np.float64)
-    preds = np.empty(n, dtype=np.int64)
+    scores = o.empty_float(n, logits)
+    preds = o.empty_int(n, logits)
     step = max(1, _CHUNK_ELEMENTS // max(c, 1))
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
         if top_k is None:
-            scores[sl], preds[sl] = _chunk_scores(logits[sl], calibrator, score)
+            scores[sl], preds[sl] = _chunk_scores(o, logits[sl], calibrator, score)
         else:
-            vals, ids, lse = dense_topk(logits[sl], top_k)
-            scores[sl], preds[sl] = topk_exit_scores(vals, lse, c, calibrator, score), ids[:, 0]
+            scores[sl], preds[sl] = dense_exit_scores(o, logits[sl], top_k, calibrator, score)
     return scores, preds
 
 
-def _chunk_scores(logits: np.ndarray, calibrator: Mapping[str, Any], score: str) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_scores(o: Namespace, logits: Any, calibrator: Mapping[str, Any], score: str) -> tuple[Any, Any]:
     """Scores of one chunk from e = exp(z), z = logits/T - max(logits/T), S = sum(e).
 
     e[c] == 1 exactly, so p[c] = 1/S and the margin is (1 - e_(2))/S; the normalised
@@ -158,31 +177,40 @@ def _chunk_scores(logits: np.ndarray, calibrator: Mapping[str, Any], score: str)
     if kind not in CALIBRATORS:
         raise ValueError(f"unknown calibrator type {kind!r}; expected one of {CALIBRATORS}")
     if kind == "platt" and score != "max_prob":
-        p, pred = calibrated_probs(logits, calibrator)
-        return score_from_probs(p, pred, score), pred
+        p, pred = _calibrated_probs(o, logits, calibrator)
+        return _score_from_probs(o, p, pred, score), pred
     t = float(calibrator["temperature"]) if kind == "temperature" else 1.0
-    pred = np.argmax(logits, axis=1)
-    z = np.asarray(logits, dtype=np.float64) / t
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    total = e.sum(axis=1)
+    pred = o.argmax(logits, axis=1)
+    z = o.to_float(logits) / t
+    z -= o.amax(z, axis=1, keepdims=True)
+    e = o.exp(z)
+    total = o.sum(e, axis=1)
     n, c = e.shape
     if kind != "platt" and score == "max_prob":
         return 1.0 / total, pred
-    second = np.partition(e, -2, axis=1)[:, -2] if c > 1 else np.zeros(n)
+    second = o.second_largest(e) if c > 1 else o.zeros(n, like=e)
     if kind != "platt" and score == "margin":
         return (1.0 - second) / total, pred
     if c > 1:
-        conf = 1.0 - (np.log(total) - np.einsum("ij,ij->i", e, z) / total) / np.log(c)
+        conf = 1.0 - (o.log(total) - o.rowdot(e, z) / total) / float(np.log(c))
     else:
-        conf = np.ones(n)
+        conf = o.ones(n, like=e)
     if kind != "platt":
         return conf, pred
     top = 1.0 / total
-    top_c = np.clip(top, 1e-12, 1.0 - 1e-12)
-    phi = np.stack([np.log(top_c) - np.log1p(-top_c), top - second / total, conf], axis=1)
-    w = np.asarray(calibrator["coef"], dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-(phi @ w + float(calibrator["intercept"])))), pred
+    top_c = o.clip(top, 1e-12, 1.0 - 1e-12)
+    phi = o.stack([o.log(top_c) - o.log1p(-top_c), top - second / total, conf], axis=1)
+    return 1.0 / (1.0 + o.exp(-(o.lincomb(phi, calibrator["coef"]) + float(calibrator["intercept"])))), pred
+
+
+@dataclass(frozen=True, eq=False)
+class RuleArrays:
+    """A policy's arrays as one array library holds them on one device (None: nothing forced)."""
+
+    thresholds: Any
+    forced_classes: Any
+    forced_segments: Any
+    class_bucket: Any
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +234,8 @@ class CompiledPolicy:
     segment_keys: tuple[str, ...]
     class_bucket: np.ndarray | None = None
     top_k: int | None = None
+    # copies of the small arrays on the devices decisions ran on, made once per (library, device, dtype)
+    _on_device: dict[Hashable, RuleArrays] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def n_exits(self) -> int:
@@ -224,6 +254,32 @@ class CompiledPolicy:
     def columns(self, preds: np.ndarray) -> np.ndarray:
         """The threshold-table column of each predicted class (its bucket for a vocabulary)."""
         return preds if self.class_bucket is None else self.class_bucket[preds]
+
+    def arrays(self, o: Namespace, like: Any) -> RuleArrays:
+        """The rule's arrays in namespace ``o`` on ``like``'s device (thresholds in its float dtype).
+
+        numpy: the policy's own arrays. Elsewhere they are copied to the device once and kept
+        (a GPU decision does not move the policy every call), so treat a compiled policy's
+        arrays as immutable.
+        """
+        if o is NUMPY:
+            got = self._on_device.get("numpy")
+            if got is None:  # the same array objects: nothing to go stale
+                got = self._on_device["numpy"] = RuleArrays(self.thresholds, self.forced_classes,
+                                                            self.forced_segments, self.class_bucket)
+            return got
+        key = (o.name, o.device_key(like), str(o.float_dtype(like)))
+        got = self._on_device.get(key)
+        if got is None:
+            bucket = self.class_bucket
+            got = RuleArrays(
+                thresholds=o.from_host(self.thresholds, like, floating=True),
+                forced_classes=o.from_host(self.forced_classes, like) if self.forced_classes.any() else None,
+                forced_segments=o.from_host(self.forced_segments, like) if self.forced_segments.any() else None,
+                class_bucket=None if bucket is None else o.from_host(bucket, like),
+            )
+            self._on_device[key] = got
+        return got
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> CompiledPolicy:
@@ -314,43 +370,64 @@ def _threshold_rows(rows: Any, k: int, c: int, where: str) -> np.ndarray:
     return out
 
 
-def exit_mask(
-    policy: CompiledPolicy, k: int, scores: np.ndarray, preds: np.ndarray, seg_codes: np.ndarray
-) -> np.ndarray:
-    """Steps 3-4 of the rule: which samples exit at exit ``k`` given their scores."""
+def exit_mask(policy: CompiledPolicy, k: int, scores: Any, preds: Any, seg_codes: Any) -> Any:
+    """Steps 3-4 of the rule: which samples exit at exit ``k`` given their scores.
+
+    numpy arrays, or another library's on one device (``seg_codes`` may be a host array then).
+    """
+    o = namespace(scores)
     n = scores.shape[0]
     if k >= policy.n_exits - 1:
-        return np.ones(n, dtype=bool)
+        return o.full_bool(n, True, scores)
     if policy.killed or k > policy.max_exit:
-        return np.zeros(n, dtype=bool)
-    cols = policy.columns(preds)
-    tau = policy.thresholds[seg_codes, k, cols]
-    with np.errstate(invalid="ignore"):
+        return o.full_bool(n, False, scores)
+    if o is not NUMPY and namespace(seg_codes) is NUMPY:
+        seg_codes = o.from_host(np.asarray(seg_codes), scores)
+    return _exit_mask(o, policy.arrays(o, scores), k, scores, preds, seg_codes)
+
+
+def _exit_mask(o: Namespace, arr: RuleArrays, k: int, scores: Any, preds: Any, seg_codes: Any) -> Any:
+    cols = preds if arr.class_bucket is None else o.take(arr.class_bucket, preds)
+    tau = o.lookup(arr.thresholds, seg_codes, k, cols)
+    with o.errstate(invalid="ignore"):
         mask = scores >= tau  # NaN threshold compares False: never exit
-    mask &= ~policy.forced_classes[cols]
-    mask &= ~policy.forced_segments[seg_codes]
+    if arr.forced_classes is not None:
+        mask &= ~o.take(arr.forced_classes, cols)
+    if arr.forced_segments is not None:
+        mask &= ~o.take(arr.forced_segments, seg_codes)
     return mask
 
 
 def decide(
     policy: CompiledPolicy,
     k: int,
-    logits: np.ndarray,
+    logits: Any,
     segments: Sequence[str] | np.ndarray | None = None,
-) -> np.ndarray:
-    """Boolean exit mask for a batch of exit-``k`` logits (n, C): the whole rule."""
-    logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[1] != policy.n_outputs:
-        raise ValueError(f"logits must have shape (n, {policy.n_outputs}), got {logits.shape}")
+) -> Any:
+    """Boolean exit mask for a batch of exit-``k`` logits (n, C): the whole rule.
+
+    ``logits``: a numpy array (a numpy mask) or an array of another library, e.g. a torch tensor
+    on any device (a bool tensor on that device; torch is not a dependency). Segment values stay
+    host strings; their codes are moved to the device.
+    """
+    o = namespace(logits)
+    logits = o.prepare(logits)
+    shape = tuple(logits.shape)
+    if len(shape) != 2 or shape[1] != policy.n_outputs:
+        raise ValueError(f"logits must have shape (n, {policy.n_outputs}), got {shape}")
     if not 0 <= k < policy.n_exits:
         raise ValueError(f"exit index {k} out of range 0..{policy.n_exits - 1}")
-    n = logits.shape[0]
+    n = shape[0]
     if k >= policy.n_exits - 1:
-        return np.ones(n, dtype=bool)
+        return o.full_bool(n, True, logits)
     if policy.killed or k > policy.max_exit:
-        return np.zeros(n, dtype=bool)
-    scores, preds = exit_scores(logits, policy.calibrators[k], policy.score, policy.top_k)
-    return exit_mask(policy, k, scores, preds, policy.segment_codes(segments, n))
+        return o.full_bool(n, False, logits)
+    scores, preds = _exit_scores(o, logits, policy.calibrators[k], policy.score, policy.top_k)
+    codes = policy.segment_codes(segments, n)  # host-side: segment values are strings
+    if o is not NUMPY:
+        no_segments = segments is None or not policy.segment_index
+        codes = o.zeros_index(n, logits) if no_segments else o.from_host(codes, logits)
+    return _exit_mask(o, policy.arrays(o, scores), k, scores, preds, codes)
 
 
 @dataclass(frozen=True, eq=False)

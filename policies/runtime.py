@@ -7,7 +7,7 @@ it without the service's dependencies (no fastapi, sqlalchemy, mlflow, pandas or
     client = PolicyClient("http://policies:8000", "fashion-cnn", "production", token)
     client.start()                       # poll now (PolicyAuthError on a refused token), then in the background
     policy = client.policy               # an immutable snapshot, safe to use from any thread
-    mask = policy.decide(k, logits_k)    # (n,) bool: which samples stop at exit k
+    mask = policy.decide(k, logits_k)    # (n,) bool: which samples stop at exit k (numpy or torch, any device)
     if policy.shadow():                  # also run this request at full depth and upload its exit logits:
         client.record_shadow(all_exit_logits, policy=policy)   # (K, C) or (n, K, C); never blocks
     client.status()                      # source, version, age, fallback time, failures: for health checks
@@ -48,6 +48,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
+from exitwise.calibration.arrays import namespace
 from exitwise.calibration.rule import CompiledPolicy, decide
 from exitwise.policies.names import NOT_FOUND_PROBLEM
 from exitwise.policies.runtime_cache import PolicyCacheFile, default_cache_dir
@@ -137,27 +138,30 @@ class RuntimePolicy:
     def decide(
         self,
         exit_index: int,
-        logits_batch: np.ndarray,
+        logits_batch: Any,
         segments: Sequence[str] | np.ndarray | None = None,
-    ) -> np.ndarray:
+    ) -> Any:
         """Boolean exit mask (n,) for the exit-``exit_index`` logits (n, C) of a batch.
 
-        Delegates to :func:`exitwise.calibration.rule.decide`. Under the fallback every early exit
+        Delegates to :func:`exitwise.calibration.rule.decide`: numpy logits give a numpy mask, a
+        torch tensor (any device) a bool tensor on its device. Under the fallback every early exit
         refuses: the caller runs to its last exit, which always answers (all True there when
         the client was told ``n_exits``; without it the fallback cannot tell which is last).
-        Counts the rows decided and stopped at ``exit_index`` (``PolicyClient.counters``).
+        Counts the rows decided and stopped at ``exit_index`` (``PolicyClient.counters``; for a
+        GPU tensor that count waits for the device).
         """
-        logits = np.asarray(logits_batch)
+        o = namespace(logits_batch)
+        logits = o.prepare(logits_batch)
         if self.compiled is None:
-            if logits.ndim != 2:
-                raise ValueError(f"logits must have shape (n, C), got {logits.shape}")
+            if len(logits.shape) != 2:
+                raise ValueError(f"logits must have shape (n, C), got {tuple(logits.shape)}")
             if self.n_exits is not None and not 0 <= exit_index < self.n_exits:
                 raise ValueError(f"exit index {exit_index} out of range 0..{self.n_exits - 1}")
             last = self.n_exits is not None and exit_index == self.n_exits - 1
-            mask = np.full(logits.shape[0], last, dtype=bool)
+            mask = o.full_bool(logits.shape[0], last, logits)
         else:
             mask = decide(self.compiled, exit_index, logits, segments)
-        self._counts.add(exit_index, mask.shape[0], int(np.count_nonzero(mask)))
+        self._counts.add(exit_index, int(mask.shape[0]), o.count_true(mask))
         return mask
 
     def shadow(self) -> bool:
