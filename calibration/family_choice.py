@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +30,10 @@ from exitwise.calibration.selection import (
 )
 from exitwise.calibration.solver import ProgressFn, SolverPath
 
-if TYPE_CHECKING:
-    from exitwise.calibration.pipeline import Prepared, _PathRequest
-
 __all__ = ["choose_family"]
 
 
-def _group_masks(prepared: Prepared, rows: np.ndarray, constraints: Sequence[Constraint]) -> np.ndarray:
+def _group_masks(prepared: Any, rows: np.ndarray, constraints: Sequence[Constraint]) -> np.ndarray:
     """(G, len(rows)) membership of ``rows`` in each constraint (all traffic, or one segment value)."""
     seg = prepared.seg_codes[rows]
     masks = np.ones((len(constraints), rows.size), dtype=bool)
@@ -46,7 +43,7 @@ def _group_masks(prepared: Prepared, rows: np.ndarray, constraints: Sequence[Con
     return masks
 
 
-def _fold_curve(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.ndarray,
+def _fold_curve(prepared: Any, path: SolverPath, rows: np.ndarray, forced: np.ndarray,
                 masks: np.ndarray) -> FoldCurve:
     """Route ``rows`` (a held-out fold) through every point of ``path`` with the rule."""
     sc = prepared.scored
@@ -69,11 +66,11 @@ def _fold_curve(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: 
 
 
 def choose_family(
-    prepared: Prepared,
+    prepared: Any,
     families: Sequence[Family],
     constraints: Sequence[Constraint],
     forced: np.ndarray,
-    request: _PathRequest,
+    request: Any,
     *,
     progress: ProgressFn | None = None,
 ) -> Selection:

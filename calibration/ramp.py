@@ -14,15 +14,12 @@ choose rows, so the fixed-sequence test on the certify rows stays valid.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from exitwise.calibration.rule import first_exit
 from exitwise.calibration.solver import PathPoint, SolverPath
-
-if TYPE_CHECKING:
-    from exitwise.calibration.pipeline import Prepared
 
 __all__ = ["RAMP_POINTS", "ramp_in"]
 
@@ -32,7 +29,7 @@ REACH = 1.5  # ... up to a point at most this multiple of the target
 MAX_RAMPS = 3
 
 
-def ramp_in(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.ndarray, target: float) -> SolverPath:
+def ramp_in(prepared: Any, path: SolverPath, rows: np.ndarray, forced: np.ndarray, target: float) -> SolverPath:
     """``path`` with ramps before its jumps around ``target`` (see the module docstring)."""
     if rows.size == 0 or target <= 0 or not path.points:
         return path
@@ -48,7 +45,7 @@ def ramp_in(prepared: Prepared, path: SolverPath, rows: np.ndarray, forced: np.n
     return replace(path, points=tuple(out))
 
 
-def _ramp(prepared: Prepared, point: PathPoint, knob: str, rows: np.ndarray, forced: np.ndarray) -> list[PathPoint]:
+def _ramp(prepared: Any, point: PathPoint, knob: str, rows: np.ndarray, forced: np.ndarray) -> list[PathPoint]:
     sc = prepared.scored
     scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
     table_rows, loss_rows, at = prepared.policy_rows(rows), prepared.loss[rows], np.arange(rows.size)

@@ -37,7 +37,7 @@ import numpy as np
 
 from exitwise.calibration.arrays import Namespace, namespace
 
-__all__ = ["dense_topk", "topk_exit_scores"]
+__all__ = ["dense_topk", "tail_model", "topk_exit_scores"]
 
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -124,6 +124,14 @@ def _chunk(o: Namespace, values: Any, lse: Any, vocab: int, calibrator: Mapping[
     if score == "margin":
         return top - second
     return conf
+
+
+def tail_model(values: np.ndarray, lse: np.ndarray, vocab: int, temperature: float = 1.0
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The distribution at ``temperature`` under the tail model (numpy): the top-k probabilities
+    (n, k), the probability of each tail token (n,) and the number of tail tokens V - k."""
+    v, s = np.asarray(values, dtype=np.float64), np.asarray(lse, dtype=np.float64)
+    return _parts(namespace(v), v, s, int(vocab), float(temperature), need_conf=False, raw=True)
 
 
 def _parts(o: Namespace, v: Any, lse: Any, vocab: int, t: float, *, need_conf: bool, raw: bool = False) -> Any:

@@ -27,7 +27,7 @@ from exitwise.calibration.calibrators import Calibrator, _fit_logistic, calibrat
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.metrics import ExitMetrics, _summarise
 from exitwise.calibration.tokens import TokenLogs
-from exitwise.calibration.topk import _parts, topk_exit_scores
+from exitwise.calibration.topk import tail_model, topk_exit_scores
 
 __all__ = ["fit_topk_calibrators", "topk_exit_metrics", "topk_nll", "topk_targets"]
 
@@ -138,8 +138,7 @@ def topk_exit_metrics(values: np.ndarray, ids: np.ndarray, lse: np.ndarray, voca
     for cal in calibrators:
         conf = topk_exit_scores(values, lse, vocab, cal, "max_prob")
         t = float(cal["temperature"]) if cal.get("type") == "temperature" else 1.0
-        probs, q, tail_n = _parts(np.asarray(values, dtype=np.float64), np.asarray(lse, dtype=np.float64), vocab, t,
-                                  need_conf=False, raw=True)
+        probs, q, tail_n = tail_model(values, lse, vocab, t)
         if cal.get("type") == "platt":  # the answer takes the calibrated confidence, the rest shares 1 - it
             rest = np.where(probs[:, 0] < 1.0, (1.0 - conf) / np.maximum(1.0 - probs[:, 0], 1e-300), 0.0)
             probs = probs * rest[:, None]

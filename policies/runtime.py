@@ -352,7 +352,7 @@ class PolicyClient:
         compiled = snapshot.compiled
         return self._shadow.record(logits, version=snapshot.version, segments=segments, labels=labels,
                                    request_ids=request_ids,
-                                   shape=None if compiled is None else (compiled.n_exits, compiled.n_classes))
+                                   shape=None if compiled is None else (compiled.n_exits, compiled.n_outputs))
 
     def flush_shadow(self, timeout: float = 10.0) -> bool:
         """Upload the shadow rows recorded so far, now, in this thread; True when none is left."""
