@@ -6,7 +6,7 @@ the synthetic generator (``exitwise.calibration.synthetic``) builds one directly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +119,17 @@ class SegmentColumn:
         )
 
 
+def check_row_arrays(source: str, n: int, arrays: Mapping[str, np.ndarray | None],
+                     segments: Mapping[str, SegmentColumn]) -> None:
+    """Every per-row array (None: absent) and segment column has one entry per row."""
+    for name, arr in arrays.items():
+        if arr is not None and arr.shape != (n,):
+            raise InputError(f"{source}: {name} must have shape ({n},), got {arr.shape}")
+    for name, col in segments.items():
+        if col.codes.shape != (n,):
+            raise InputError(f"{source}: segment column {name!r} has {col.codes.shape[0]} rows, expected {n}")
+
+
 @dataclass(frozen=True, eq=False)
 class ExitLogs:
     """Dense exit logs: ``logits`` (n, K, C) float32 with labels, segments and ids.
@@ -143,11 +154,7 @@ class ExitLogs:
             raise CardError(f"{self.source}: logs have {k} exits but the model card lists {self.card.n_exits}")
         if self.card.classes is not None and len(self.card.classes) != c:
             raise CardError(f"{self.source}: logs have {c} classes but the model card lists {len(self.card.classes)}")
-        if self.labels is not None and self.labels.shape != (n,):
-            raise InputError(f"{self.source}: labels must have shape ({n},), got {self.labels.shape}")
-        for name, col in self.segments.items():
-            if col.codes.shape != (n,):
-                raise InputError(f"{self.source}: segment column {name!r} has {col.codes.shape[0]} rows, expected {n}")
+        check_row_arrays(self.source, n, {"labels": self.labels}, self.segments)
 
     @property
     def n(self) -> int:

@@ -36,12 +36,6 @@ def fingerprint(logs: ExitLogs | TokenLogs) -> str:
     step = max(1, (1 << 24) // max(1, logs.n_exits * logs.n_classes))
     for start in range(0, n, step):
         h.update(np.ascontiguousarray(logs.logits[start : start + step], dtype=np.float32))
-    if logs.labels is not None:
-        h.update(np.ascontiguousarray(logs.labels, dtype=np.int64))
-    for name in sorted(logs.segments):
-        col = logs.segments[name].compact()
-        h.update(json.dumps([name, list(col.levels)]).encode())
-        h.update(np.ascontiguousarray(col.codes, dtype=np.int32))
     _hash_rows(h, logs)
     return "sha256:" + h.hexdigest()
 
@@ -69,19 +63,19 @@ def _token_fingerprint(logs: TokenLogs, h: Any) -> str:
             h.update("\x1f".join(str(v) for v in values).encode())
     if logs.positions is not None:
         h.update(np.ascontiguousarray(logs.positions, dtype=np.int64))
+    _hash_rows(h, logs)
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_rows(h: Any, logs: ExitLogs | TokenLogs) -> None:
+    """Labels, segments, request ids and timestamps (shared by both kinds of logs)."""
+    n = logs.n
     if logs.labels is not None:
         h.update(np.ascontiguousarray(logs.labels, dtype=np.int64))
     for name in sorted(logs.segments):
         col = logs.segments[name].compact()
         h.update(json.dumps([name, list(col.levels)]).encode())
         h.update(np.ascontiguousarray(col.codes, dtype=np.int32))
-    _hash_rows(h, logs)
-    return "sha256:" + h.hexdigest()
-
-
-def _hash_rows(h: Any, logs: ExitLogs | TokenLogs) -> None:
-    """Request ids and timestamps (shared by both kinds of logs)."""
-    n = logs.n
     if logs.request_ids is not None:
         ids = logs.request_ids
         if ids.dtype.kind in "iu":

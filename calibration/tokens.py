@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exitwise.calibration.exceptions import CardError, InputError
-from exitwise.calibration.logs import ModelCard, SegmentColumn
+from exitwise.calibration.logs import ModelCard, SegmentColumn, check_row_arrays
 
 __all__ = ["TokenLogs"]
 
@@ -57,12 +57,8 @@ class TokenLogs:
             raise InputError(f"{self.source}: top-k width {top} must be in 1..vocab_size ({self.card.vocab_size})")
         if self.lse.shape != (n, k_exits):
             raise InputError(f"{self.source}: lse must have shape ({n}, {k_exits}), got {self.lse.shape}")
-        for name, arr in (("groups", self.groups), ("positions", self.positions), ("labels", self.labels)):
-            if arr is not None and arr.shape != (n,):
-                raise InputError(f"{self.source}: {name} must have shape ({n},), got {arr.shape}")
-        for name, col in self.segments.items():
-            if col.codes.shape != (n,):
-                raise InputError(f"{self.source}: segment column {name!r} has {col.codes.shape[0]} rows, expected {n}")
+        check_row_arrays(self.source, n, {"groups": self.groups, "positions": self.positions, "labels": self.labels},
+                         self.segments)
 
     @property
     def n(self) -> int:

@@ -9,7 +9,9 @@ segment values, request ids and times. Each raises
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -334,3 +336,17 @@ def build_logs(
     except InputError as exc:
         raise LogFormatError(str(exc)) from None
 
+
+def read_npz_arrays(p: Path, src: str) -> dict[str, np.ndarray]:
+    """Every array of an NPZ file (no pickles), or LogFormatError naming the file."""
+    try:
+        with p.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:  # own handle: closed even if corrupt
+            return {name: npz[name] for name in npz.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise LogFormatError(
+                f"{src}: holds object (pickled) arrays, which are not loaded; store strings as unicode arrays"
+            ) from None
+        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None

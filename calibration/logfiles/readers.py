@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from exitwise.calibration.logfiles.columns import (
     decode_segment,
     decode_timestamps,
     exit_namer,
+    read_npz_arrays,
 )
 from exitwise.calibration.logfiles.forms import (
     EXIT_RE,
@@ -157,17 +157,7 @@ def _json_list_column(values: list[Any], name: str, src: str, lines: np.ndarray)
 
 
 def _load_npz(p: Path, card: ModelCard, src: str) -> ExitLogs:
-    try:
-        with p.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:  # own handle: closed even if corrupt
-            arrays = {name: npz[name] for name in npz.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise LogFormatError(
-                f"{src}: holds object (pickled) arrays, which are not loaded; store strings as unicode arrays"
-            ) from None
-        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
-        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None
+    arrays = read_npz_arrays(p, src)
     if "logits" not in arrays:
         raise LogFormatError(f"{src}: missing array 'logits' of shape (n, K, C); found arrays {sorted(arrays)}")
     raw = arrays["logits"]

@@ -14,7 +14,6 @@ with the widths taken from the list offsets (no Python loop per row). Every chec
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from exitwise.calibration.logfiles.columns import (
     exit_namer,
     first_null,
     is_list_type,
+    read_npz_arrays,
 )
 from exitwise.calibration.logfiles.forms import (
     EXIT_RE,
@@ -261,20 +261,6 @@ def _finish(
         raise LogFormatError(str(exc)) from None
 
 
-def _npz_arrays(p: Path, src: str) -> dict[str, np.ndarray]:
-    try:
-        with p.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:  # own handle: closed even if corrupt
-            return {name: npz[name] for name in npz.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise LogFormatError(
-                f"{src}: holds object (pickled) arrays, which are not loaded; store strings as unicode arrays"
-            ) from None
-        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
-        raise LogFormatError(f"{src}: cannot read NPZ file (corrupt or not NPZ): {exc}") from None
-
-
 def _to_arrow(arr: np.ndarray, name: str, src: str) -> pa.Array:
     try:
         return pa.array(arr)
@@ -284,7 +270,7 @@ def _to_arrow(arr: np.ndarray, name: str, src: str) -> pa.Array:
 
 def read_token_npz(p: Path, card: ModelCard, src: str) -> TokenLogs:
     """Token logs from a token NPZ file (``topk_values``, ``topk_indices``, ``lse`` and per-token arrays)."""
-    arrays = _npz_arrays(p, src)
+    arrays = read_npz_arrays(p, src)
     required = [*TOKEN_ARRAYS, *(c for c in (card.group_column, card.position_column) if c is not None)]
     missing = [a for a in required if a not in arrays]
     if missing:
