@@ -9,15 +9,20 @@
   quarter of the positions of each step (``--exit-sample``, the same positions for all five): with
   V = 4096 one head costs about 2.7 blocks, and scoring all six heads on every position made a
   step 3-4x slower on this machine;
+- bfloat16 autocast on the CPU for the training steps (``--no-bf16`` to switch off): 2.7x faster
+  per token here (AVX-512 BF16); the weights, AdamW state and the held-out evaluation are float32;
 - AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices only), 40 warm-up steps then a
   cosine decay to 10 %, gradient clipping at 1.0; ``torch.manual_seed(seed)``,
   ``torch.set_num_threads(2)``;
 - held-out loss per exit on a fixed set of held-out windows every ``--eval-every`` steps.
 
 ``--steps`` fixes the run (the result is a function of the seed and the step count);
-``--max-seconds`` is only a safety stop, and metadata.json records ``steps_run``.
+``--max-seconds`` is a safety stop (wall clock), and train_meta.json records ``steps_run``;
+``--steps S --stop-after steps_run`` replays a run the safety stop ended (same schedule, same
+batches, stopped at the same step). The shipped model: ``--steps 6000`` stopped by the 1500 s
+budget after 5786 steps (other work shared the two cores), i.e. ``--steps 6000 --stop-after 5786``.
 
-    .venv/bin/python examples/lm/train.py                  # ~22 min on 2 shared cores
+    .venv/bin/python examples/lm/train.py                  # 25 min on 2 shared cores (0.15-0.45 s/step)
     .venv/bin/python examples/lm/train.py --steps 20 --out /tmp/lm_smoke   # smoke run
 
 Writes ``<out>/model.pt`` (config + state dict), ``<out>/tokenizer.json``, ``<out>/train_log.jsonl``
@@ -74,7 +79,7 @@ def exit_losses(model: ExitLM, x: torch.Tensor, y: torch.Tensor, sel: torch.Tens
     hs = model.hidden_states(x)
     for i, h in enumerate(hs):
         hy = (h, y) if sel is None or i == len(hs) - 1 else (h[:, sel], y[:, sel])
-        logits = model.head(i, hy[0])
+        logits = model.head(i, hy[0]).float()
         losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), hy[1].reshape(-1)))
     return torch.stack(losses)
 
@@ -93,15 +98,19 @@ def evaluate(model: ExitLM, x: torch.Tensor, y: torch.Tensor) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="bfloat16 autocast for the training steps (weights and optimizer stay float32)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--exit-sample", type=float, default=0.25,
                     help="share of positions (drawn per step) on which exits 1..L-1 are scored; the last exit: all")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--max-seconds", type=float, default=1500.0, help="safety stop (wall clock)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps (the schedule still follows --steps): replays a safety stop")
     ap.add_argument("--d-model", type=int, default=LMConfig.d_model)
     ap.add_argument("--context", type=int, default=LMConfig.context)
     args = ap.parse_args()
@@ -143,7 +152,8 @@ def main() -> None:
         sel = None
         if args.exit_sample < 1.0:
             sel = torch.randperm(cfg.context, generator=gen)[:max(1, int(args.exit_sample * cfg.context))]
-        per_exit = exit_losses(model, x, y, sel)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            per_exit = exit_losses(model, x, y, sel)
         loss = (weights * per_exit).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,6 +166,8 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
         log.write(json.dumps(rec) + "\n")
         log.flush()
+        if args.stop_after is not None and step + 1 >= args.stop_after:
+            break
         if time.time() - t_train > args.max_seconds:
             print(f"safety stop after {step + 1} steps", flush=True)
             break
@@ -165,8 +177,9 @@ def main() -> None:
     torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict()}, args.out / "model.pt")
     meta = {
         "model": "pystd-lm", "config": cfg.to_dict(), "parameters": n_params,
-        "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-        "exit_sample": args.exit_sample,
+        "steps": args.steps, "steps_run": steps_run, "stop_after": args.stop_after,
+        "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "exit_sample": args.exit_sample, "bf16_autocast": args.bf16,
         "seed": args.seed, "exit_weights": [round(w, 6) for w in weights.tolist()],
         "train_tokens_seen": steps_run * args.batch * cfg.context,
         "train_files": len(train_files), "heldout_files": len(heldout_files),
