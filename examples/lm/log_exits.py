@@ -1,4 +1,4 @@
-"""Token-level exit logs of the trained LM on held-out stdlib files (spec13 "Token Parquet").
+"""Token-level exit logs of the trained LM on held-out stdlib files (the token-level Parquet form of docs/formats.md).
 
 Sequences: every held-out file (``data.split_files``) is cut into non-overlapping windows of
 ``WINDOW + 1`` = 65 tokens (stride 64, never across files; shorter files are skipped); ``--sequences``
@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from model import ExitLM, block_macs, head_macs, load_model
+from model import ExitLM, block_macs, greedy_generate, head_macs, load_model
 from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,7 +151,7 @@ def write_parquet(tab: pa.Table, path: Path) -> None:
 
 
 def card(model: ExitLM, top_k: int) -> dict[str, Any]:
-    """card.json (spec13): exits with cumulative MAC costs, vocab_size, group/position columns."""
+    """card.json (a token-level model card): exits with cumulative MAC costs, vocab_size, group/position columns."""
     cfg = model.cfg
     per_exit = block_macs(cfg, (WINDOW + 1) / 2) + head_macs(cfg)
     return {
@@ -196,6 +196,9 @@ def main() -> None:
     ap.add_argument("--log-from", type=int, default=32, help="first logged position (0..63)")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=2013)
+    ap.add_argument("--traffic", choices=("generated", "text"), default="generated",
+                    help="log the model's own greedy continuation of each prompt (what a served decoder sees) or "
+                         "the held-out text itself (teacher forcing)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
@@ -204,7 +207,14 @@ def main() -> None:
     windows, kinds, where = heldout_windows(tok)
     sel = select(len(windows), args.sequences, args.seed)
     tokens, kinds = windows[sel], [kinds[i] for i in sel]
-    res = {key: a[:, args.log_from:] for key, a in run(model, tokens, args.top_k).items()}
+    fed = tokens
+    if args.traffic == "generated":  # the full model's greedy continuation of the first log_from + 1 tokens
+        prompts = torch.from_numpy(tokens[:, :args.log_from + 1])
+        with torch.no_grad():
+            gen = torch.cat([greedy_generate(model, prompts[i:i + 64], WINDOW - args.log_from)
+                             for i in range(0, len(prompts), 64)])
+        fed = np.concatenate([tokens[:, :args.log_from + 1], gen.numpy()], axis=1)
+    res = {key: a[:, args.log_from:] for key, a in run(model, fed, args.top_k).items()}
     labels = tokens[:, 1 + args.log_from:]
     positions = np.arange(args.log_from, WINDOW)
     values = floor_grid(res["values"])
@@ -217,7 +227,8 @@ def main() -> None:
     (args.data_dir / "card.json").write_text(json.dumps(c, indent=2) + "\n")
     meta = {
         "command": (f"examples/lm/log_exits.py --sequences {args.sequences} --top-k {args.top_k} "
-                    f"--seed {args.seed} --log-from {args.log_from}"),
+                    f"--seed {args.seed} --log-from {args.log_from} --traffic {args.traffic}"),
+        "traffic": args.traffic,
         "seed": args.seed, "log_from": args.log_from,
         "values_grid": f"2^-{GRID_BITS}, rounded down", "rows": n * t, "sequences": n, "window": WINDOW,
         "top_k": k, "heldout_windows": len(windows),

@@ -1,6 +1,6 @@
 """How wrong is the top-k "tail model" at temperature T != 1? A markdown table per exit.
 
-spec13's tail model: the V - k tokens outside the top-k share the known tail mass
+The tail model of exitwise.calibration.topk: the V - k tokens outside the top-k share the known tail mass
 m = 1 - sum_i exp(v_i - lse) equally, each with logit u = log(m) + lse - log(V - k); at
 temperature T, LSE_T = logaddexp(logsumexp(v / T), log(V - k) + u / T) and
 max_prob(T) = exp(v_1 / T - LSE_T) (``tail_max_prob``, the spec's formula; m is clipped at 0).
@@ -55,7 +55,7 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 def tail_max_prob(values: np.ndarray, lse: np.ndarray, vocab_size: int, temperature: float) -> np.ndarray:
     """max_prob at temperature T from top-k values (n, k) and the full log-sum-exp (n,) under
-    the uniform-tail model of spec13 (float64)."""
+    the equal-tail model of exitwise.calibration.topk (float64)."""
     v = values.astype(np.float64)
     z = lse.astype(np.float64)
     n_tail = vocab_size - v.shape[1]
