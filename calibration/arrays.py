@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from contextlib import nullcontext
 from types import ModuleType
@@ -32,7 +33,7 @@ import numpy as np
 __all__ = ["NUMPY", "ArrayAPINamespace", "Namespace", "NumpyNamespace", "TorchNamespace", "namespace"]
 
 
-class Namespace:
+class Namespace(ABC):
     """The operations the decision rule needs from one array library (``name``, module ``xp``).
 
     Subclasses map each to the library's call; arrays stay on the device of the input (``like``).
@@ -53,13 +54,13 @@ class Namespace:
         """float64, or float32 on a device without float64 (MPS)."""
         return self.xp.float64
 
+    @abstractmethod
     def to_float(self, x: Any) -> Any:
         """``x`` in :meth:`float_dtype` (float64 when the device has it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_host(self, arr: np.ndarray, like: Any, floating: bool = False) -> Any:
         """A numpy array copied to ``like``'s device (float: :meth:`float_dtype`; ints: int64; bools: bool)."""
-        raise NotImplementedError
 
     def errstate(self, **kwargs: str) -> Any:
         """numpy's floating-point warning control; other libraries do not warn."""

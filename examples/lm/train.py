@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def main() -> None:
         "train_stream_tokens": len(train), "heldout_stream_tokens": len(held),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
         "final_heldout_loss": evaluate(model, ex, ey), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "stdlib": str(data.STDLIB),
+        "torch_threads": torch.get_num_threads(), "stdlib": platform.python_version(),
         "numpy": np.__version__,
     }
     (args.out / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
