@@ -32,6 +32,7 @@ import numpy as np
 
 from exitwise.calibration.certify import ALL
 from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.groups import GroupIndex
 from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.rule import SEGMENT_SEPARATOR, CompiledPolicy, first_exit, score_all_exits
 from exitwise.calibration.sequential import fixed_n_interval
@@ -373,21 +374,20 @@ def group_summary(groups: np.ndarray, disagree: np.ndarray, induced: np.ndarray 
     (and induced error) rate, the share of groups with any disagreeing token
     (``sequence_disagreement``; 1 - it is the share answered exactly as at full depth) with its
     Clopper-Pearson interval at 1 - delta, and the mean per-group compute fraction."""
-    codes, inverse = np.unique(groups, return_inverse=True)
-    g = codes.size
-    sizes = np.bincount(inverse, minlength=g)
-    any_dis = np.bincount(inverse, weights=disagree, minlength=g) > 0
+    index = GroupIndex.from_values(groups)
+    g = index.n_groups
+    any_dis = index.any(disagree)
     out: dict[str, Any] = {
         "n": int(g),
-        "mean_disagreement": float(np.mean(np.bincount(inverse, weights=disagree, minlength=g) / sizes)) if g else None,
+        "mean_disagreement": float(index.mean(disagree).mean()) if g else None,
         "sequence_disagreement": float(any_dis.mean()) if g else None,
         "sequences_with_disagreement": int(any_dis.sum()),
-        "compute_fraction": float(np.mean(np.bincount(inverse, weights=cost, minlength=g) / sizes)) if g else None,
+        "compute_fraction": float(index.mean(cost).mean()) if g else None,
         "sequence_disagreement_interval": (None if delta is None or not g
                                            else list(risk_interval(int(any_dis.sum()), g, delta) or ())),
     }
     if induced is not None:
-        out["mean_induced_error"] = float(np.mean(np.bincount(inverse, weights=induced, minlength=g) / sizes))
+        out["mean_induced_error"] = float(index.mean(induced).mean())
     return out
 
 

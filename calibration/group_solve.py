@@ -91,10 +91,9 @@ def token_aim(group_risk_of: Callable[[int], float], token_risks: np.ndarray, gr
     return best
 
 
-def choose_group_risk(index: GroupIndex, rows: np.ndarray, loss_rows: np.ndarray, risk: str) -> float:
-    """The group risk of losses on ``rows`` (whole groups): mean over their groups."""
-    sub = GroupIndex.from_values(index.codes[rows])
-    return float(np.mean(group_losses(sub, loss_rows, risk))) if sub.n_groups else 0.0
+def choose_group_risk(index: GroupIndex, loss_rows: np.ndarray, risk: str) -> float:
+    """The group risk of per-row losses (one per row of ``index``): the mean over the groups."""
+    return float(np.mean(group_losses(index, loss_rows, risk))) if index.n_groups else 0.0
 
 
 def check_group_segments(groups: GroupIndex, seg_codes: np.ndarray, seg_levels: Sequence[str],

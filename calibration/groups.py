@@ -147,6 +147,10 @@ class GroupIndex:
         arr = self._check(loss_rows)
         return self.sum(arr != 0) > 0
 
+    def first(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one per row) at each group's first row, one per group (no constancy check)."""
+        return np.asarray(values)[np.unique(self.codes, return_index=True)[1]]
+
     def per_group(self, values: np.ndarray, what: str = "column") -> np.ndarray:
         """The value every row of a group shares (e.g. a segment), one per group.
 

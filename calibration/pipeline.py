@@ -366,8 +366,7 @@ def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str
     fewest = min_rows
     if prepared.cert_groups is not None:  # one unit per certify group (its first row's segment)
         gi = prepared.cert_groups
-        first = np.unique(gi.codes, return_index=True)[1]  # budgets need one segment per group (checked)
-        cert_codes = cert_codes[first]
+        cert_codes = gi.first(cert_codes)  # budgets need one segment per group (checked)
         fewest = min_rows if spec.risk in SEQUENCE_RISKS else min_groups
     n_cert = int(cert_codes.size)
     constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]
@@ -558,10 +557,11 @@ def _token_request(prepared: Prepared, request: _PathRequest, forced: np.ndarray
     sc = variant.scored
     scores, preds = np.asfortranarray(sc.scores[rows]), np.asfortranarray(sc.preds[rows])
     table_rows, loss_rows, at = variant.policy_rows(rows), variant.loss[rows], np.arange(rows.size)
+    choose_groups = prepared.groups.take(rows)
 
     def group_risk(j: int) -> float:
         exit_at = first_exit(variant.compile(probe.points[j].tau, forced), scores, preds, table_rows).exit
-        return choose_group_risk(prepared.groups, rows, loss_rows[at, exit_at], spec.risk)
+        return choose_group_risk(choose_groups, loss_rows[at, exit_at], spec.risk)
 
     token_risks = np.array([p.select_risk for p in probe.points])
     target = token_aim(group_risk, token_risks, request.target)

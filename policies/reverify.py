@@ -167,9 +167,7 @@ def _constraint_rows(doc: Mapping[str, Any], scored: ScoredLogs,
     keys = list(doc.get("segment_keys") or [])
     codes = scored.segment_codes(keys)[0] if keys else np.zeros(scored.n, dtype=np.int64)
     if groups is not None:
-        first = np.full(groups.n_groups, -1, dtype=np.int64)
-        first[groups.codes[::-1]] = codes[::-1]
-        codes = first
+        codes = groups.first(codes)
     out = {ALL: np.arange(codes.size)}
     if keys:
         for s, name in enumerate(scored.segment_codes(keys)[1]):
