@@ -215,6 +215,15 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class CountedConstraint:
+    """A constraint known by its size alone: the scale engine counts its losses in a stream."""
+
+    name: str
+    eps: float
+    n: int
+
+
+@dataclass(frozen=True)
 class ConstraintResult:
     """One constraint's test. ``n`` rows (or groups); ``losses`` how many of them have a nonzero
     loss; ``risk`` the mean loss, the tested statistic (= losses / n for 0/1 losses); ``bound``
@@ -296,9 +305,18 @@ def check_constraints(loss: np.ndarray, constraints: Sequence[Constraint], delta
     if loss.dtype.kind == "f":
         _check_unit(loss)
         return StepResult(index=index, results=tuple(_check_mean(loss, con, delta) for con in constraints))
+    counts = [int(np.count_nonzero(loss[con.index])) if con.index.size else 0 for con in constraints]
+    return check_counts(counts, constraints, delta, index)
+
+
+def check_counts(losses: Sequence[int], constraints: Sequence[Constraint | CountedConstraint], delta: float,
+                 index: int = 0) -> StepResult:
+    """Test one candidate from its loss count per constraint (0/1 losses): the exact binomial."""
     results = []
-    for con in constraints:
-        k = int(np.count_nonzero(loss[con.index])) if con.index.size else 0
+    for con, k in zip(constraints, losses, strict=True):
+        k = int(k)
+        if not 0 <= k <= con.n:
+            raise InputError(f"constraint {con.name}: {k} losses out of {con.n} rows")
         p = binomial_p_value(k, con.n, con.eps)
         results.append(ConstraintResult(
             name=con.name, eps=con.eps, n=con.n, losses=k, risk=k / con.n if con.n else 0.0, p_value=p,
@@ -346,7 +364,26 @@ def fixed_sequence(
                          constraints=tuple(c.name for c in constraints))
 
 
-def guarantee_segments(cert: Certification, constraints: Sequence[Constraint],
+def fixed_sequence_counts(
+    counts: Callable[[int], Sequence[int]],
+    n_candidates: int,
+    constraints: Sequence[Constraint | CountedConstraint],
+    delta: float,
+) -> Certification:
+    """:func:`fixed_sequence` from loss counts: ``counts(j)`` is candidate j's losses per constraint."""
+    steps: list[StepResult] = []
+    chosen = None
+    for j in range(n_candidates):
+        step = check_counts(counts(j), constraints, delta, j)
+        steps.append(step)
+        if not step.passed:
+            break
+        chosen = j
+    return Certification(chosen=chosen, steps=tuple(steps), delta=delta,
+                         constraints=tuple(c.name for c in constraints))
+
+
+def guarantee_segments(cert: Certification, constraints: Sequence[Constraint | CountedConstraint],
                        uncertified: Mapping[str, tuple[float, int]], *,
                        bound: str = BOUND_BINOMIAL) -> dict[str, dict[str, object]]:
     """``guarantee.segments`` of the policy document: the chosen candidate's bound per constraint.

@@ -65,13 +65,17 @@ from exitwise.calibration.topk_calibrate import fit_topk_calibrators
 from exitwise.calibration.vocabulary import Vocabulary, choose_buckets
 
 __all__ = [
+    "PathPlan",
     "Prepared",
     "Solution",
     "SolveSpec",
     "certify_candidates",
     "check_budget",
     "choose_family",
+    "curve_indices",
+    "finish_solution",
     "parse_budgets",
+    "plan_path",
     "prepare",
     "solve",
     "solve_prepared",
@@ -251,11 +255,14 @@ def parse_budgets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn | None = None) -> Prepared:
+def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn | None = None,
+            splits: Splits | None = None, calibrators: Sequence[Calibrator] | None = None) -> Prepared:
     """Validate ``spec`` against ``logs``, split, fit calibrators and score every row once.
 
     With groups (a group column, or token-level logs) the split is cut between groups; for
     token-level logs the threshold columns are token buckets chosen on the choose rows.
+    ``splits`` and ``calibrators`` given (the scale engine: a sample, every row choosing, and
+    calibrators fitted on the whole stream) replace the drawn split and the fit.
     """
     check_budget(spec.eps, "eps")
     check_budget(spec.delta, "delta")
@@ -295,8 +302,9 @@ def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn
                              f"in {'|'.join(spec.segment_keys)}; values: {', '.join(seg_levels)}")
         explicit[seg_levels.index(name)] = eps
     budgets.update(explicit)
-    splits = Splits.draw(logs.n, spec.split, spec.seed) if groups is None else group_splits(groups, spec.split,
-                                                                                               spec.seed)
+    if splits is None:
+        splits = (Splits.draw(logs.n, spec.split, spec.seed) if groups is None
+                  else group_splits(groups, spec.split, spec.seed))
     if groups is not None and spec.budgets_need_constant_segments:
         check_group_segments(groups, seg_codes, seg_levels, spec.segment_keys)
     vocabulary = (choose_buckets(logs, splits.choose, spec.bucket_shares, spec.bucket_mapping)
@@ -315,7 +323,9 @@ def prepare(logs: ExitLogs | TokenLogs, spec: SolveSpec, *, progress: ProgressFn
         progress("fitting calibrators", 0.0)
     # too few rows to choose from: nothing is fitted, the raw scores certify on every row
     method = spec.calibrator if splits.choose.size else "identity"
-    if isinstance(logs, TokenLogs):
+    if calibrators is not None:
+        cal_objects = list(calibrators)
+    elif isinstance(logs, TokenLogs):
         cal_objects = fit_topk_calibrators(logs, method, target=spec.calibration_target,
                                            index=splits.choose if splits.choose.size else None, seed=spec.seed)
     else:
@@ -464,12 +474,32 @@ class _PathRequest:
                            progress=progress)
 
 
-def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
-                   curve_points: int = 6) -> Solution:
-    """Choose the family on the choose rows, fit its path there, certify it on the certify rows."""
+@dataclass(frozen=True, eq=False)
+class PathPlan:
+    """The chosen family and its path fitted on the choose rows, compiled: the candidates to certify.
+
+    ``prepared`` is the chosen family's variant (the raw-softmax one for ``shared_raw``);
+    ``policies`` follow the path, safe to aggressive.
+    """
+
+    prepared: Prepared
+    family: str
+    selection: Selection | None
+    path: SolverPath
+    policies: tuple[CompiledPolicy, ...]
+    seconds: Mapping[str, float]
+
+
+def plan_path(prepared: Prepared, constraints: Sequence[Constraint], forced: np.ndarray, aims: Mapping[int, float],
+              *, progress: ProgressFn | None = None) -> PathPlan:
+    """Choose the family by cross-validation on the choose rows and fit its path there.
+
+    ``constraints`` need only their names, budgets and sizes (certify rows or groups): the
+    targets the path is refined around follow from them, the certify rows themselves are
+    not looked at.
+    """
     spec = prepared.spec
     t0 = time.perf_counter()
-    constraints, uncertified, forced, aims = _certify_constraints(prepared)
     n_units = int(constraints[0].n)  # certify rows, or certify groups
     request = _PathRequest(
         eps=min([spec.eps, *prepared.budgets.values()]),
@@ -493,42 +523,73 @@ def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
     chosen_prep = prepared.variant(family.calibrated)
     t1 = time.perf_counter()
     path = request.path(family, chosen_prep, choose_rows, forced,
-                        progress=None if progress is None else (lambda m, f: progress(m, 0.5 + 0.35 * f)))
+                        progress=None if progress is None else (lambda m, f: progress(m, 0.5 + 0.5 * f)))
     if prepared.groups is not None:  # group targets sit far below the token path's resolution
         path = ramp_in(chosen_prep, path, choose_rows, forced, request.target)
-    t2 = time.perf_counter()
-    policies = [chosen_prep.compile(p.tau, forced) for p in path.points]
-    cert, stats, losses = certify_candidates(
-        chosen_prep, policies, constraints,
-        progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
-    )
-    n_pts = len(policies)
-    t3 = time.perf_counter()
-    # the compute-vs-risk curve on the certify split (for the report), a subsample of the path
-    if curve_points and n_pts > len(stats):
-        rest = np.arange(len(stats), n_pts)
+    policies = tuple(chosen_prep.compile(p.tau, forced) for p in path.points)
+    return PathPlan(prepared=chosen_prep, family=family.name, selection=selection, path=path, policies=policies,
+                    seconds={"choose": t1 - t0, "path": time.perf_counter() - t1})
+
+
+def curve_indices(n_points: int, n_tested: int, curve_points: int) -> list[int]:
+    """The candidates on the reported compute-vs-risk curve: every tested one, and up to
+    ``curve_points`` evenly spaced among the untested rest."""
+    out = list(range(n_tested))
+    if curve_points and n_points > n_tested:
+        rest = np.arange(n_tested, n_points)
         want = rest[np.unique(np.linspace(0, rest.size - 1, min(curve_points, rest.size)).round().astype(int))]
-        for j in want:
-            if int(j) not in stats:
-                losses(int(j))
-    curve = tuple(
+        out += [int(j) for j in want]
+    return out
+
+
+def finish_solution(prepared: Prepared, plan: PathPlan, cert: Certification, stats: Mapping[int, tuple[float, float]],
+                    constraints: Sequence[Constraint], uncertified: Mapping[str, tuple[float, int]],
+                    forced: np.ndarray, timings: Mapping[str, float], curve: Sequence[int]) -> Solution:
+    """The :class:`Solution` of a certified path: the chosen thresholds, compiled, and the curve.
+
+    ``stats`` maps a candidate to its (risk, compute fraction) on the certify split, for at
+    least every candidate in ``curve``.
+    """
+    path = plan.path
+    n_units = int(constraints[0].n)
+    points = tuple(
         {path.knob: float(path.points[j].lam), "select_risk": float(path.points[j].select_risk),
          "risk": stats[j][0], "compute_fraction": stats[j][1],
          "eps": _bound(prepared, stats[j][0], n_units),
          "certified": cert.chosen is not None and j <= cert.chosen}
-        for j in sorted(stats)
+        for j in sorted(set(curve))
     )
-    t4 = time.perf_counter()
     s_total, k1, c = len(prepared.seg_levels), prepared.scored.n_exits - 1, prepared.n_columns
     tau = path.points[cert.chosen].tau if cert.chosen is not None else np.full((s_total, k1, c), np.nan)
+    chosen_prep = plan.prepared
+    return Solution(
+        prepared=chosen_prep, path=path, family=plan.family, selection=plan.selection, certification=cert,
+        constraints=tuple(constraints), uncertified=uncertified, forced_segments=forced, tau=tau,
+        policy=chosen_prep.compile(tau, forced), curve=points, timings=dict(timings),
+    )
+
+
+def solve_prepared(prepared: Prepared, *, progress: ProgressFn | None = None,
+                   curve_points: int = 6) -> Solution:
+    """Choose the family on the choose rows, fit its path there, certify it on the certify rows."""
+    constraints, uncertified, forced, aims = _certify_constraints(prepared)
+    plan = plan_path(prepared, constraints, forced, aims,
+                     progress=None if progress is None else (lambda m, f: progress(m, 0.85 * f)))
+    t2 = time.perf_counter()
+    cert, stats, losses = certify_candidates(
+        plan.prepared, plan.policies, constraints,
+        progress=None if progress is None else (lambda f: progress("certifying", 0.85 + 0.1 * f)),
+    )
+    t3 = time.perf_counter()
+    curve = curve_indices(len(plan.policies), len(stats), curve_points)
+    for j in curve:  # the compute-vs-risk curve on the certify split (for the report)
+        if j not in stats:
+            losses(j)
+    t4 = time.perf_counter()
     if progress is not None:
         progress("done", 1.0)
-    return Solution(
-        prepared=chosen_prep, path=path, family=family.name, selection=selection, certification=cert,
-        constraints=tuple(constraints), uncertified=uncertified, forced_segments=forced, tau=tau,
-        policy=chosen_prep.compile(tau, forced), curve=curve,
-        timings={"choose": t1 - t0, "path": t2 - t1, "certify": t3 - t2, "curve": t4 - t3},
-    )
+    return finish_solution(prepared, plan, cert, stats, constraints, uncertified, forced,
+                           {**plan.seconds, "certify": t3 - t2, "curve": t4 - t3}, curve)
 
 
 def _bound(prepared: Prepared, risk: float, n: int) -> float:

@@ -8,6 +8,8 @@ options, calls one of these, prints and writes), also run by the benchmarks:
   (:data:`exitwise.calibration.baselines.NAMES`), measure everything on the certify split
   for the document's ``expected`` section, measure again on held-out test logs when given
   (recorded as ``expected.held_out``) and build the validated policy document;
+* :func:`solve_policy_at_scale` — the same from logs streamed in batches (a Parquet dataset,
+  on one machine or on Spark; :mod:`exitwise.calibration.scale`), without the baselines;
 * :func:`evaluate_policy` — apply a saved policy document to other logs of the same model.
 """
 
@@ -17,14 +19,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from exitwise.calibration.baselines import NAMES, HeldOut, baselines_json, choose_baselines, evaluate_held_out
 from exitwise.calibration.evaluate import Evaluation, evaluate
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logs import ExitLogs
 from exitwise.calibration.pipeline import Solution, SolveSpec, prepare, solve_prepared
+from exitwise.calibration.scale.dataset import Source
+from exitwise.calibration.scale.engine import ScaleSettings, ScaleSolve, solve_at_scale
+from exitwise.calibration.scale.runner import Runner, run_local
 from exitwise.policies.document import build_document, calibration_section, data_section, held_out_section
 
-__all__ = ["SolveOutcome", "check_same_model", "evaluate_policy", "solve_policy"]
+__all__ = ["ScaleOutcome", "SolveOutcome", "check_same_model", "evaluate_policy", "solve_policy",
+           "solve_policy_at_scale"]
 
 ProgressFn = Callable[[str, float], None]
 
@@ -91,6 +99,40 @@ def solve_policy(
             test_logs, held_out.solver, baselines_json(held_out.baselines, column), column),
     )
     return SolveOutcome(document=document, solution=solution, certify=certify, held_out=held_out)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleOutcome:
+    """A policy solved at scale: its document and the passes behind it (counts, timings)."""
+
+    document: dict[str, Any]
+    result: ScaleSolve
+
+
+def solve_policy_at_scale(
+    source: Source,
+    spec: SolveSpec,
+    *,
+    settings: ScaleSettings | None = None,
+    runner: Runner = run_local,
+    shadow_rate: float = 0.01,
+    progress: ProgressFn | None = None,
+    evidence: Mapping[str, str] | None = None,
+    where: str | None = None,
+) -> ScaleOutcome:
+    """Solve and certify ``spec`` on a streamed ``source`` and build the validated document.
+
+    ``expected`` holds the certify-split figures from the counts (no per-batch compute: the
+    engine keeps no row order); the calibration report is measured on the certify sample.
+    """
+    result = solve_at_scale(source, spec, settings, runner=runner, progress=progress, where=where)
+    report = result.report
+    calibration = calibration_section(report, result.solution.prepared.calibrators, np.arange(report.n),
+                                      spec.calibration_target, score=spec.score)
+    data = {**({"evidence": dict(evidence)} if evidence else {}), **result.data}
+    document = build_document(result.solution, expected=result.expected, calibration=calibration, data=data,
+                              shadow_rate=shadow_rate)
+    return ScaleOutcome(document=document, result=result)
 
 
 def evaluate_policy(document: Mapping[str, Any], logs: ExitLogs, *, risk: str | None = None) -> Evaluation:

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from exitwise.api.cli.output import percent, stdout_console
+from exitwise.api.cli.solve_scale import check_engine_options, scale_summary, solve_scale
 from exitwise.calibration.baselines import LABELS, NAMES, baselines_json
 from exitwise.calibration.certify import ALL
 from exitwise.calibration.evaluate import BudgetCheck, Evaluation, check_budgets
@@ -84,7 +85,9 @@ def _bucket_map(path: Path | None) -> dict[str, Any] | None:
 def register(app: typer.Typer) -> None:
     @app.command("solve")
     def solve_cmd(
-        logs: Annotated[Path, typer.Argument(help="Calibration exit logs (Parquet, JSONL or NPZ).", dir_okay=False)],
+        logs: Annotated[Path, typer.Argument(
+            help="Calibration exit logs (Parquet, JSONL or NPZ); with --engine stream|spark a Parquet file or "
+                 "dataset directory (hive partitions such as date=.../model=...).")],
         card: Annotated[Path, typer.Option("--card", help="Model card (JSON or YAML).", dir_okay=False)],
         out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the policy JSON.", dir_okay=False)],
         risk: Annotated[str, typer.Option(
@@ -125,11 +128,29 @@ def register(app: typer.Typer) -> None:
         test: Annotated[Path | None, typer.Option(
             "--test", help="Held-out test logs for the summary (default: the certify split).", dir_okay=False)] = None,
         no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines (faster).")] = False,
+        engine: Annotated[str, typer.Option(
+            help="memory: load the logs whole | stream: read a Parquet dataset in batches (logs larger than "
+                 "memory; split by a hash of the request id) | spark: the same passes on Apache Spark "
+                 "(the [spark] extra).")] = "memory",
+        where: Annotated[str | None, typer.Option(
+            help="--engine stream|spark: keep the partitions that match, e.g. \"date >= '2026-11-01' and "
+                 "model = 'a'\".")] = None,
+        sample_rows: Annotated[int, typer.Option(
+            help="--engine stream|spark: choose rows the path is chosen on (a stratified sample by hash).")]
+        = 100_000,
+        batch_rows: Annotated[int | None, typer.Option(
+            help="--engine stream|spark: rows per batch (bounds memory; default 65,536).", show_default=False)]
+        = None,
+        master: Annotated[str | None, typer.Option(
+            help="--engine spark: the Spark master URL (default: local[2], or what spark-submit set).",
+            show_default=False)] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (nothing else on stdout).")]
         = False,
     ) -> None:
         """Solve least-compute thresholds under a certified risk budget and write the policy document."""
         t0 = time.perf_counter()
+        check_engine_options(engine, where=where, test=test, bucket_options=bool(bucket_share or bucket_map),
+                             spark_only=master is not None)
         check_budget(eps, "--eps")
         check_budget(delta, "--delta")
         if not 0.0 <= shadow_rate <= 1.0:
@@ -142,6 +163,16 @@ def register(app: typer.Typer) -> None:
             group_column=group_column, bucket_mapping=_bucket_map(bucket_map),
             **({"bucket_shares": tuple(bucket_share)} if bucket_share else {}),
         )
+        if engine != "memory":
+            with _progress(not as_json) as update:
+                scaled = solve_scale(logs, load_card(card), card, spec, engine=engine, where=where,
+                                     sample_rows=sample_rows, batch_rows=batch_rows, master=master,
+                                     shadow_rate=shadow_rate, progress=update)
+                path = write_document(scaled.document, out)
+            _report_scale(scaled, path, spec, time.perf_counter() - t0, as_json)
+            return
+        if logs.is_dir():
+            raise InputError(f"{logs}: is a directory; a dataset of Parquet files is read with --engine stream")
         with _progress(not as_json) as update:
             update("loading logs", 0.0)
             data = _load(logs, card)
@@ -215,6 +246,33 @@ def register(app: typer.Typer) -> None:
             for c in over:
                 typer.echo(_over_line(c), err=True)
             raise typer.Exit(OVER_BUDGET_EXIT)
+
+
+def _report_scale(scaled: Any, path: Path, spec: SolveSpec, elapsed: float, as_json: bool) -> None:
+    """The summary of a solve at scale: the one of ``solve``, with the passes and no baselines."""
+    doc = scaled.document
+    g = doc["guarantee"]
+    seg_col = "|".join(spec.segment_keys) or None
+    ev = scaled.result.expected
+    summary = {
+        "out": str(path), "content_hash": doc["content_hash"], "certified": g["certified"],
+        "risk_type": spec.risk, "eps": spec.eps, "delta": spec.delta,
+        "upper_bound": (g["segments"].get("__all__") or {}).get("upper_bound"),
+        "uncertified_segments": g["uncertified_segments"], "evaluated_on": f"certify split ({ev.n} rows)",
+        "figures_from": _source(None, ev.n),
+        "certify_split": {"rows": ev.n, **_row_json(ev, seg_col, g["certified"])},
+        "solution": _row_json(ev, seg_col, g["certified"]), "baselines": {},
+        "split": g["split"], "family": doc["solver"]["family"], "selection": doc["solver"]["selection"],
+        "passes": scale_summary(scaled), "seconds": round(elapsed, 3),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, sort_keys=True, allow_nan=False, default=_json_default))
+        return
+    _print_summary(summary, doc, seg_col)
+    console = stdout_console()
+    for name, p in summary["passes"].items():
+        rate = p["rows"] / p["seconds"] if p["seconds"] > 0 else 0.0
+        console.print(f"pass {name}: {p['rows']:,} rows in {p['seconds']:.1f} s ({rate:,.0f} rows/s)")
 
 
 def _confidence(delta: float) -> str:

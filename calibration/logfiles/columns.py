@@ -55,10 +55,12 @@ class ColumnSource(Protocol):
 class Where:
     """Formats 'row i (request_id ...)' lazily: ids are only decoded for the error message."""
 
-    def __init__(self, ids: pa.Array | np.ndarray | None, id_column: str, lines: np.ndarray | None = None):
+    def __init__(self, ids: pa.Array | np.ndarray | None, id_column: str, lines: np.ndarray | None = None,
+                 first_row: int = 0):
         self.ids = ids
         self.id_column = id_column
         self.lines = lines
+        self.first_row = first_row  # the file row of the table's row 0 (a batch read on its own)
 
     def __call__(self, row: int) -> str:
         parts = []
@@ -70,7 +72,7 @@ class Where:
             if isinstance(value, np.generic):
                 value = value.item()
             parts.append(f"{self.id_column} {value!r}")
-        return f"row {row}" + (f" ({', '.join(parts)})" if parts else "")
+        return f"row {self.first_row + row}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def column_array(table: ColumnSource, name: str) -> pa.Array:

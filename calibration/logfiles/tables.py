@@ -101,9 +101,13 @@ def _column_blocks(
 
 
 def read_wide_table(
-    table: pa.Table | ParquetColumns, card: ModelCard, src: str, lines: np.ndarray | None = None
+    table: pa.Table | ParquetColumns, card: ModelCard, src: str, lines: np.ndarray | None = None,
+    *, first_row: int = 0,
 ) -> ExitLogs:
-    """Logs from a one-row-per-sample table with ``exit_k`` list columns; ``lines`` (JSON Lines) name rows."""
+    """Logs from a one-row-per-sample table with ``exit_k`` list columns; ``lines`` (JSON Lines) name rows.
+
+    ``first_row``: the file row of the table's first row (a batch of a larger file), for error messages.
+    """
     n = table.num_rows
     if n == 0:
         raise LogFormatError(f"{src}: empty file (no rows)")
@@ -123,7 +127,7 @@ def read_wide_table(
             f"columns, the card lists {k_card} exits"
         )
     id_arr = column_array(table, card.id_column) if card.id_column in names else None
-    where = Where(id_arr, card.id_column, lines)
+    where = Where(id_arr, card.id_column, lines, first_row)
     ids = None if id_arr is None else decode_ids(id_arr, card.id_column, src, where)
     logits: np.ndarray | None = None
     for offset, group, cols in _column_blocks(table, [f"exit_{k}" for k in range(k_card)]):

@@ -1,0 +1,1 @@
+"""Logs larger than memory: streamed Parquet datasets, hash splits, mergeable passes, Spark."""

@@ -1,0 +1,335 @@
+"""The scale engine: solve and certify a policy from logs that do not fit in memory.
+
+Three passes over the rows (:mod:`exitwise.calibration.scale.passes`), each a reducer that a
+runner folds batches into — on this machine (:func:`~exitwise.calibration.scale.runner.run_local`)
+or on Spark — and only small things on the driver in between:
+
+1. every row: which split each request id hashes to, the stratified sample of choose rows
+   (by hash, so the same whatever the layout), a sample of certify rows for the
+   calibration report, the fingerprint and the row counts;
+2. the choose rows: temperatures. A pilot is fitted on the sample, then each pass adds up
+   the NLL's exact gradient and curvature at the current temperature over every choose row
+   and takes one Newton step, until the step is below ``newton_tol`` (skipped when the
+   sample holds every choose row: the pilot is then the fit);
+3. the certify rows: the loss counts of every candidate of the path, chosen on the sample by
+   the same family choice and solver as in memory, and the fixed-sequence test on them.
+
+Nothing touches the certify rows before pass 3, so the guarantee is the in-memory one. The
+same data and seed give the same counts and the same policy bit for bit, in memory, streamed
+or on Spark (see the equality tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from exitwise.calibration.calibrators import Calibrator, TemperatureScaler, calibrator_from_dict
+from exitwise.calibration.certify import ALL, CountedConstraint, aim, fixed_sequence_counts, min_rows
+from exitwise.calibration.evaluate import SEQUENCE_RISKS, Evaluation, SegmentStats, check_risk
+from exitwise.calibration.exceptions import InputError
+from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.pipeline import (
+    PathPlan,
+    Prepared,
+    Solution,
+    SolveSpec,
+    check_budget,
+    curve_indices,
+    finish_solution,
+    plan_path,
+    prepare,
+)
+from exitwise.calibration.scale.dataset import Source
+from exitwise.calibration.scale.passes import (
+    ALL_COLUMN,
+    CertifyPass,
+    SamplePass,
+    SplitSelector,
+    TemperaturePass,
+)
+from exitwise.calibration.scale.runner import Meter, ProgressFn, Runner, run_local
+from exitwise.calibration.splits import MIN_CHOOSE, Splits, choose_fraction
+
+__all__ = ["HashSplit", "ScaleSettings", "ScaleSolve", "evaluation_from_counts", "solve_at_scale"]
+
+_T_BOUNDS = (1e-2, 1e2)
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """How the scale engine samples and fits (see the scale page of the docs for the measurements)."""
+
+    sample_rows: int = 100_000  # choose rows the path is chosen on (uniform by hash) ...
+    floor_rows: int = 2_000  # ... topped up to this many per stratum (segment value)
+    report_rows: int = 100_000  # certify rows the calibration report is measured on
+    newton_passes: int = 4  # most temperature passes over the choose rows
+    newton_tol: float = 1e-4  # stop when the Newton step on log T is below this
+
+    def check(self) -> ScaleSettings:
+        for name in ("sample_rows", "report_rows"):
+            if not 1_000 <= int(getattr(self, name)) <= 5_000_000:
+                raise InputError(f"{name.replace('_', '-')} must be in 1,000..5,000,000, got {getattr(self, name)}")
+        if not 0 <= int(self.floor_rows) <= int(self.sample_rows):
+            raise InputError(f"floor-rows must be in 0..sample-rows, got {self.floor_rows}")
+        if not 0 <= int(self.newton_passes) <= 20:
+            raise InputError(f"newton-passes must be in 0..20, got {self.newton_passes}")
+        return self
+
+
+@dataclass(frozen=True)
+class HashSplit:
+    """The choose / certify split by a hash of the request id (``guarantee.split`` of the document)."""
+
+    seed: int
+    choose_fraction: float
+    id_column: str
+    choose: int
+    certify: int
+    sample: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": "hash", "id_column": self.id_column, "choose_fraction": self.choose_fraction,
+                "choose": self.choose, "certify": self.certify, "sample": self.sample, "seed": self.seed}
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleSolve:
+    """A policy solved at scale, with what its document needs and what the passes measured."""
+
+    solution: Solution
+    expected: Evaluation
+    report: ExitLogs  # the certify sample the calibration report is measured on
+    data: Mapping[str, Any]
+    counts: CertifyPass
+    passes: Mapping[str, Mapping[str, float]]  # per pass: rows read and seconds
+
+
+def _check_spec(spec: SolveSpec) -> None:
+    check_budget(spec.eps, "eps")
+    check_budget(spec.delta, "delta")
+    if spec.group_column is not None or spec.risk in SEQUENCE_RISKS:
+        raise InputError("the scale engine certifies rows; risks over groups (--group-column, "
+                         "sequence_disagreement) are solved in memory for now: drop --engine")
+
+
+def _choose_fraction(spec: SolveSpec, n: int) -> float:
+    """The share of request ids in the choose split (0 when too few rows would choose)."""
+    if n < 2:
+        raise InputError(f"too few rows to solve a policy: {n}")
+    frac = choose_fraction(n) if spec.split.choose is None else float(spec.split.choose)
+    if not 0 < frac < 1:
+        raise InputError(f"the choose fraction must be in (0, 1), got {frac}")
+    return frac if round(frac * n) >= MIN_CHOOSE else 0.0
+
+
+def _refine_temperatures(source: Source, runner: Runner, prepared: Prepared, settings: ScaleSettings,
+                         progress: ProgressFn | None, split: SplitSelector, passes: dict[str, dict[str, float]]
+                         ) -> list[Calibrator]:
+    """Newton steps on log(1/T) of each temperature exit from exact sums over every choose row."""
+    cals = list(prepared.calibrator_objects)
+    lo, hi = -math.log(_T_BOUNDS[1]), -math.log(_T_BOUNDS[0])
+    u: list[float | None] = [
+        math.log(1.0 / c.temperature_) if isinstance(c, TemperatureScaler) and not c.at_bound_ else None
+        for c in cals]
+    for it in range(settings.newton_passes):
+        if all(v is None for v in u):
+            break
+        reducer = TemperaturePass(betas=tuple(None if v is None else math.exp(v) for v in u),
+                                  target=prepared.spec.calibration_target)
+        meter = Meter(f"pass 2/3 temperatures ({it + 1})", source.rows, progress, (0.35, 0.55))
+        reducer = runner(source, reducer, split, meter)
+        passes[f"temperature_{it + 1}"] = {"rows": float(reducer.rows), "seconds": meter.seconds}
+        moved = 0.0
+        for k, v in enumerate(u):
+            if v is None:
+                continue
+            g, h = reducer.step(k)
+            beta = math.exp(v)
+            slope = beta * h  # d NLL' / d log beta
+            if not (math.isfinite(g) and math.isfinite(slope)) or slope <= 0:
+                u[k] = None  # flat: keep the pilot
+                continue
+            new = min(max(v - g / slope, lo), hi)
+            moved = max(moved, abs(new - v))
+            u[k] = new
+        for k, v in enumerate(u):
+            if v is not None:
+                cals[k] = calibrator_from_dict({"type": "temperature", "temperature": float(math.exp(-v))})
+        if moved <= settings.newton_tol:
+            break
+    return cals
+
+
+def _constraints(prepared: Prepared, certify_counts: Mapping[str, int]
+                 ) -> tuple[list[CountedConstraint], list[CountedConstraint], dict[str, tuple[float, int]],
+                            np.ndarray, dict[int, float]]:
+    """The constraints from the certify rows per stratum: (for the path, for the test, uncertified, forced, aims).
+
+    A ``*=EPS`` budget also covers values that have certify rows but no choose row: they are
+    tested (at the policy's default thresholds) but give the path no target.
+    """
+    spec = prepared.spec
+    n_cert = sum(certify_counts.values())
+    path_cons = [CountedConstraint(ALL, spec.eps, n_cert)]
+    uncertified: dict[str, tuple[float, int]] = {}
+    forced = prepared.forced_segments.copy()
+    aims: dict[int, float] = {}
+    for s, eps in sorted(prepared.budgets.items()):
+        if forced[s]:
+            continue
+        name = prepared.seg_levels[s]
+        n_s = int(certify_counts.get(name, 0))
+        if n_s < min_rows(eps, spec.delta):
+            uncertified[name] = (eps, n_s)
+            forced[s] = True
+            continue
+        path_cons.append(CountedConstraint(name, eps, n_s))
+        aims[s] = aim(n_s, eps, spec.delta, spec.settings.floor_power)
+    star = dict(spec.segment_budgets).get("*")
+    test_cons = list(path_cons)
+    if star is not None:
+        for name in sorted(set(certify_counts) - set(prepared.seg_levels)):
+            n_s = int(certify_counts[name])
+            if n_s < min_rows(star, spec.delta):
+                uncertified[name] = (star, n_s)  # too few to test: a value the path never saw
+                continue
+            test_cons.append(CountedConstraint(name, star, n_s))
+    return path_cons, test_cons, uncertified, forced, aims
+
+
+def _fingerprint(p1: SamplePass) -> str:
+    body = {"rows": p1.rows, "sum64": f"{p1.fingerprint:016x}", "shape": list(p1.shape or ()),
+            "labels": bool(p1.labelled), "segments": sorted(p1.segment_counts)}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _iso(us: int) -> str:
+    return np.datetime_as_string(np.datetime64(us, "us"), unit="s") + "Z"
+
+
+def _data(p1: SamplePass, source: Source, split: HashSplit, where: str | None) -> dict[str, Any]:
+    """The document's ``data`` section (no evidence: the caller adds where the logs are)."""
+    out: dict[str, Any] = {
+        "fingerprint": _fingerprint(p1),
+        "rows": {"total": p1.rows, "labelled": p1.rows if p1.labelled else 0, "skipped": 0,
+                 "choose": split.choose, "certify": split.certify},
+        "time_window": None if p1.ts_range is None else [_iso(p1.ts_range[0]), _iso(p1.ts_range[1])],
+        "segment_counts": {c: dict(sorted(v.items())) for c, v in sorted(p1.segment_counts.items())},
+        "source": source.name,
+    }
+    if where:
+        out["where"] = where
+    return out
+
+
+def evaluation_from_counts(counts: CertifyPass, j: int, risk: str, costs: np.ndarray, labelled: bool) -> Evaluation:
+    """Candidate j's :class:`Evaluation` on the certify rows, from the pass's counts alone.
+
+    Per-row arrays are empty and batch compute fractions are not measured: both depend on
+    the order of the rows, which the scale engine does not keep.
+    """
+    from exitwise.calibration.scale.passes import _DIS, _EXITS, _IND, _N, _RIGHT  # lazy: count vector layout
+
+    cost = np.asarray(costs, dtype=np.float64) / float(costs[-1])
+    risk_slot = _IND if risk == "induced_error" else _DIS
+
+    def stats(row: np.ndarray) -> SegmentStats:
+        n = int(row[_N])
+        losses = {"disagreement": int(row[_DIS])} | ({"induced_error": int(row[_IND])} if labelled else {})
+        return SegmentStats(n=n, compute_fraction=float(row[_EXITS:] @ cost) / n, risk=int(row[risk_slot]) / n,
+                            disagreement=int(row[_DIS]) / n,
+                            induced_error=int(row[_IND]) / n if labelled else None, risk_type=risk, losses=losses)
+
+    table = counts.counts[j]
+    whole = table[ALL_COLUMN][""]
+    overall = stats(whole)
+    n = overall.n
+    full_right = counts.full_right.get(ALL_COLUMN, {}).get("", 0)
+    segments = {name: {level: stats(row) for level, row in sorted(rows.items())}
+                for name, rows in sorted(table.items()) if name != ALL_COLUMN}
+    empty = np.zeros(0, dtype=np.int64)
+    return Evaluation(
+        risk_type=risk, n=n, compute_fraction=overall.compute_fraction, risk=overall.risk,
+        disagreement=overall.disagreement, induced_error=overall.induced_error,
+        exit_rate=tuple(float(v) / n for v in whole[_EXITS:]), batch_compute_fraction={}, segments=segments,
+        accuracy=int(whole[_RIGHT]) / n if labelled else None,
+        full_depth_accuracy=full_right / n if labelled else None,
+        exit=empty, answer=empty, loss=empty.astype(bool), losses=dict(overall.losses),
+    )
+
+
+def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | None = None, *,
+                   runner: Runner = run_local, progress: ProgressFn | None = None,
+                   where: str | None = None) -> ScaleSolve:
+    """Solve and certify ``spec`` on ``source`` in three passes (see the module docstring)."""
+    settings = (settings or ScaleSettings()).check()
+    _check_spec(spec)
+    card = source.card
+    n_total = source.rows
+    frac = _choose_fraction(spec, n_total)
+    passes: dict[str, dict[str, float]] = {}
+    meter = Meter("pass 1/3 sample", n_total, progress, (0.0, 0.35))
+    p1 = runner(source, SamplePass(seed=spec.seed, choose_fraction=frac, strata_keys=spec.segment_keys,
+                                   sample_rows=settings.sample_rows, floor_rows=settings.floor_rows,
+                                   report_rows=settings.report_rows), None, meter)
+    passes["sample"] = {"rows": float(p1.rows), "seconds": meter.seconds}
+    if p1.rows < 2:
+        raise InputError(f"{source.name}: too few rows to solve a policy: {p1.rows}")
+    check_risk(spec.risk, bool(p1.labelled), source.name)
+    sample = p1.choose_sample()
+    report = p1.report_sample()
+    if report is None:
+        raise InputError(f"{source.name}: no certify rows: every request id hashed to the choose split")
+    choose_split = SplitSelector(spec.seed, frac, True)
+    if sample is None:  # nothing chooses: the raw shared threshold certified on every row
+        base = report.to_logs(card, source.name)
+        splits = Splits(choose=np.zeros(0, dtype=np.int64), certify=np.zeros(0, dtype=np.int64), seed=spec.seed)
+    else:
+        base = sample.to_logs(card, source.name)
+        splits = Splits(choose=np.arange(base.n), certify=np.zeros(0, dtype=np.int64), seed=spec.seed)
+    if progress is not None:
+        progress("fitting pilot calibrators on the sample", 0.35)
+    prepared = prepare(base, spec, splits=splits)
+    if sample is not None and spec.calibrator == "temperature" and p1.n_choose > base.n:
+        cals = _refine_temperatures(source, runner, prepared, settings, progress, choose_split, passes)
+        prepared = prepare(base, spec, splits=splits, calibrators=cals)
+    path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_counts)
+    if progress is not None:
+        progress("choosing the family and its path on the sample", 0.55)
+    plan: PathPlan = plan_path(prepared, path_cons, forced, aims)
+    full_depth = plan.prepared.compile(np.full_like(plan.path.points[0].tau, np.nan) if plan.path.points else
+                                       np.full((len(prepared.seg_levels), base.n_exits - 1, prepared.n_columns),
+                                               np.nan), forced)
+    candidates = (*plan.policies, full_depth)
+    meter = Meter("pass 3/3 certify", n_total, progress, (0.6, 1.0))
+    p3 = runner(source, CertifyPass(policies=candidates, calibrators=plan.prepared.calibrators, score=spec.score,
+                                    strata_keys=spec.segment_keys), SplitSelector(spec.seed, frac, False), meter)
+    passes["certify"] = {"rows": float(p3.rows), "seconds": meter.seconds}
+    strata = "|".join(spec.segment_keys)
+
+    def losses(j: int) -> list[int]:
+        return [p3.losses(j, ALL_COLUMN if c.name == ALL else strata, "" if c.name == ALL else c.name,
+                          spec.risk)[0] for c in test_cons]
+
+    n_pts = len(plan.policies)
+    cert = fixed_sequence_counts(losses, n_pts, test_cons, spec.delta)
+    costs = card.costs
+    labelled = bool(p1.labelled)
+    evals = {j: evaluation_from_counts(p3, j, spec.risk, costs, labelled)
+             for j in range(n_pts + 1)}
+    stats = {j: (e.risk, e.compute_fraction) for j, e in evals.items()}
+    split = HashSplit(seed=spec.seed, choose_fraction=frac, id_column=card.id_column, choose=p1.n_choose,
+                      certify=p1.n_certify, sample=0 if sample is None else base.n)
+    solution = finish_solution(prepared, replace(plan, prepared=replace(plan.prepared, splits=split)), cert, stats,
+                               test_cons, uncertified, forced, {k: v["seconds"] for k, v in passes.items()},
+                               curve_indices(n_pts, len(cert.steps), 6))
+    chosen = n_pts if cert.chosen is None else cert.chosen
+    return ScaleSolve(solution=solution, expected=evals[chosen], report=report.to_logs(card, source.name),
+                      data=_data(p1, source, split, where), counts=p3, passes=passes)

@@ -1,0 +1,391 @@
+"""The three passes of the scale engine, as mergeable reducers over batches of rows.
+
+Each pass is an object with ``update(chunk)`` (fold in one batch) and ``merge(other)`` (fold
+in another reducer's state): a single machine updates one reducer batch by batch, Spark
+updates one per partition and merges them on the driver. Every piece of state is exact and
+order-free — integer counts, sums of fixed-point integers, bottom-k samples by hash, minima
+and maxima — so the result is the same bit for bit whatever the file layout, the batch size
+or the partitioning.
+
+1. :class:`SamplePass` (every row): the split counts, the stratified choose sample, a
+   sample of certify rows for the calibration report, the data fingerprint and summaries.
+2. :class:`TemperaturePass` (choose rows): the gradient and curvature of each exit's NLL
+   at the current temperature, the sufficient statistics of one Newton step.
+3. :class:`CertifyPass` (certify rows): per candidate policy, rows, losses, answers and
+   exits per segment value: the certification counts and the expected figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from exitwise.calibration.evaluate import ScoredLogs, composite_segments, policy_rows
+from exitwise.calibration.exceptions import LogFormatError
+from exitwise.calibration.rule import CompiledPolicy, first_exit
+from exitwise.calibration.scale.dataset import Chunk
+from exitwise.calibration.scale.hashing import (
+    SALT_SAMPLE,
+    SALT_SPLIT,
+    hash_ids,
+    mix,
+    row_hashes,
+    unit_interval,
+    value_hashes,
+)
+from exitwise.calibration.scale.sample import Reservoir, Rows
+
+__all__ = ["ALL_COLUMN", "CertifyPass", "SamplePass", "SplitSelector", "TemperaturePass", "fixed_sum"]
+
+ALL_COLUMN = ""  # the pseudo segment column of all rows (one level, "")
+_FIXED = float(1 << 32)  # fixed-point scale of the temperature statistics
+
+
+@dataclass(frozen=True)
+class SplitSelector:
+    """Selects the rows of one split by a hash of their request ids (picklable, for Spark)."""
+
+    seed: int
+    choose_fraction: float
+    choose: bool  # True: the choose rows; False: the certify rows
+
+    def mask(self, ids: np.ndarray) -> np.ndarray:
+        """True for the rows of the chosen split."""
+        in_choose = unit_interval(hash_ids(ids, self.seed, SALT_SPLIT)) < self.choose_fraction
+        return in_choose if self.choose else ~in_choose
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.mask(ids)
+
+
+def fixed_sum(values: np.ndarray) -> int:
+    """The exact sum of ``values`` rounded to multiples of 2**-32, as an integer count of them.
+
+    Each value is rounded on its own and the integers add exactly (split into 32-bit halves),
+    so the sum does not depend on how the rows were batched or ordered.
+    """
+    q = np.rint(np.asarray(values, dtype=np.float64) * _FIXED).astype(np.int64)
+    hi, lo = q >> np.int64(32), q & np.int64(0xFFFFFFFF)
+    return (int(hi.sum()) << 32) + int(lo.sum())
+
+
+def _row_keys(chunk: Chunk) -> np.ndarray:
+    """A 64-bit hash of every column of each row: what the fingerprint adds up and ties break on."""
+    logs = chunk.logs
+    h = row_hashes(logs.logits)
+    assert logs.request_ids is not None
+    with np.errstate(over="ignore"):
+        h = mix(h ^ value_hashes(logs.request_ids))
+        if logs.labels is not None:
+            h = mix(h ^ value_hashes(logs.labels) * np.uint64(3))
+        for i, name in enumerate(sorted(logs.segments)):
+            col = logs.segments[name]
+            level_hash = value_hashes(np.asarray([f"{name}={v}" for v in col.levels], dtype=object))
+            h = mix(h ^ level_hash[col.codes] * np.uint64(5 + 2 * i))
+        if logs.ts is not None:
+            h = mix(h ^ logs.ts.astype("datetime64[us]").astype(np.int64).view(np.uint64))
+    return h
+
+
+def _add_counts(into: dict[str, int], values: np.ndarray, counts: np.ndarray) -> None:
+    for v, c in zip(values, counts, strict=True):
+        if c:
+            into[str(v)] = into.get(str(v), 0) + int(c)
+
+
+@dataclass(eq=False)
+class SamplePass:
+    """Pass 1 over every row: split counts per stratum, the samples, the fingerprint and summaries.
+
+    The choose sample is the ``sample_rows`` choose rows of smallest priority, topped up so
+    that every stratum (a value of the segment keys) has its ``floor_rows`` smallest too.
+    """
+
+    seed: int
+    choose_fraction: float
+    strata_keys: tuple[str, ...]
+    sample_rows: int
+    floor_rows: int
+    report_rows: int
+    rows: int = 0
+    choose_counts: dict[str, int] = field(default_factory=dict)
+    certify_counts: dict[str, int] = field(default_factory=dict)
+    segment_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    fingerprint: int = 0  # sum of row keys mod 2**64
+    ts_range: tuple[int, int] | None = None  # microseconds since the epoch
+    shape: tuple[int, int] | None = None  # (K, C)
+    labelled: bool | None = None
+    shape_source: str = ""
+    sample: Reservoir | None = None
+    strata: dict[str, Reservoir] = field(default_factory=dict)
+    report: Reservoir | None = None
+
+    def __post_init__(self) -> None:
+        self.sample = self.sample or Reservoir(self.sample_rows)
+        self.report = self.report or Reservoir(self.report_rows)
+
+    def _check_shape(self, chunk: Chunk) -> None:
+        logs = chunk.logs
+        shape = (logs.n_exits, logs.n_classes)
+        if self.shape is None:
+            self.shape, self.labelled, self.shape_source = shape, logs.labels is not None, chunk.file
+            return
+        if shape != self.shape:
+            raise LogFormatError(f"{chunk.file}: rows from {chunk.first_row} have {shape[1]} classes at "
+                                 f"{shape[0]} exits, {self.shape_source} has {self.shape[1]} at {self.shape[0]}")
+        if (logs.labels is not None) != self.labelled:
+            have = "has" if logs.labels is not None else "has no"
+            raise LogFormatError(f"{chunk.file}: {have} label column, unlike {self.shape_source}: label every "
+                                 "file of the dataset or none")
+
+    def update(self, chunk: Chunk) -> None:
+        self._check_shape(chunk)
+        logs = chunk.logs
+        assert logs.request_ids is not None and self.sample is not None and self.report is not None
+        n = logs.n
+        self.rows += n
+        choose = SplitSelector(self.seed, self.choose_fraction, True).mask(logs.request_ids)
+        priority = hash_ids(logs.request_ids, self.seed, SALT_SAMPLE)
+        keys = _row_keys(chunk)
+        self.fingerprint = (self.fingerprint + int(keys.sum(dtype=np.uint64))) % (1 << 64)
+        codes, levels = composite_segments(logs.segments, self.strata_keys, n)
+        for mask, counts in ((choose, self.choose_counts), (~choose, self.certify_counts)):
+            _add_counts(counts, np.asarray(levels, dtype=object), np.bincount(codes[mask], minlength=len(levels)))
+        for name, col in logs.segments.items():
+            _add_counts(self.segment_counts.setdefault(name, {}), np.asarray(col.levels, dtype=object),
+                        np.bincount(col.codes, minlength=len(col.levels)))
+        if logs.ts is not None and n:
+            us = logs.ts.astype("datetime64[us]").astype(np.int64)
+            lo, hi = int(us.min()), int(us.max())
+            self.ts_range = (lo, hi) if self.ts_range is None else (min(lo, self.ts_range[0]),
+                                                                     max(hi, self.ts_range[1]))
+        chosen = np.flatnonzero(choose)
+        if chosen.size:
+            rows = Rows.of(logs, chosen, priority, keys)
+            self.sample.add(rows)
+            if self.floor_rows > 0:
+                level_of = codes[chosen]
+                for code in np.unique(level_of):
+                    part = rows.take(np.flatnonzero(level_of == code))
+                    self.strata.setdefault(levels[int(code)], Reservoir(self.floor_rows)).add(part)
+        rest = np.flatnonzero(~choose)
+        if rest.size:
+            self.report.add(Rows.of(logs, rest, priority, keys))
+
+    def merge(self, other: SamplePass) -> None:
+        assert self.sample is not None and self.report is not None
+        assert other.sample is not None and other.report is not None
+        if other.shape is not None:
+            if self.shape is not None and (other.shape != self.shape or other.labelled != self.labelled):
+                raise LogFormatError(f"{other.shape_source}: {other.shape[1]} classes at {other.shape[0]} exits "
+                                     f"(labelled: {other.labelled}), {self.shape_source}: {self.shape[1]} classes "
+                                     f"at {self.shape[0]} exits (labelled: {self.labelled})")
+            if self.shape is None:
+                self.shape, self.labelled, self.shape_source = other.shape, other.labelled, other.shape_source
+        self.rows += other.rows
+        for mine, theirs in ((self.choose_counts, other.choose_counts), (self.certify_counts, other.certify_counts)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        for name, counts in other.segment_counts.items():
+            mine = self.segment_counts.setdefault(name, {})
+            for k, v in counts.items():
+                mine[k] = mine.get(k, 0) + v
+        self.fingerprint = (self.fingerprint + other.fingerprint) % (1 << 64)
+        if other.ts_range is not None:
+            self.ts_range = other.ts_range if self.ts_range is None else (
+                min(self.ts_range[0], other.ts_range[0]), max(self.ts_range[1], other.ts_range[1]))
+        self.sample.merge(other.sample)
+        self.report.merge(other.report)
+        for level, res in other.strata.items():
+            self.strata.setdefault(level, Reservoir(self.floor_rows)).merge(res)
+
+    @property
+    def n_choose(self) -> int:
+        return sum(self.choose_counts.values())
+
+    @property
+    def n_certify(self) -> int:
+        return sum(self.certify_counts.values())
+
+    def choose_sample(self) -> Rows | None:
+        """The stratified choose sample: the global bottom-k plus each stratum's floor rows beyond it."""
+        assert self.sample is not None
+        rows = self.sample.rows()
+        bound = self.sample.bound
+        extra = []
+        for level in sorted(self.strata):
+            part = self.strata[level].rows()
+            if part is None or bound is None:
+                continue  # no bound: the global sample holds every choose row already
+            p0, h0 = bound
+            beyond = (part.priority > p0) | ((part.priority == p0) & (part.row_hash > h0))
+            if beyond.any():
+                extra.append(part.take(np.flatnonzero(beyond)))
+        parts = ([rows] if rows is not None else []) + extra
+        return Rows.concat(parts) if parts else None
+
+    def report_sample(self) -> Rows | None:
+        assert self.report is not None
+        return self.report.rows()
+
+
+@dataclass(eq=False)
+class TemperaturePass:
+    """Pass 2 over the choose rows: per exit, the NLL's gradient and curvature in beta = 1/T.
+
+    With d_ij = z_ij - max_j z_ij and p = softmax(beta d_i), a row adds
+    g_i = E_p[d_i] - d_{i,y_i} and h_i = Var_p[d_i] (float64, class by class, so a row's
+    numbers do not depend on its batch), kept as exact fixed-point sums.
+    """
+
+    betas: tuple[float | None, ...]  # per exit (None: not refined, e.g. the identity of the final exit)
+    target: str  # "labels" or "final"
+    rows: int = 0
+    grad: list[int] = field(default_factory=list)
+    curv: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.grad = self.grad or [0] * len(self.betas)
+        self.curv = self.curv or [0] * len(self.betas)
+
+    def update(self, chunk: Chunk) -> None:
+        logs = chunk.logs
+        z = logs.logits
+        n, _, c = z.shape
+        if self.target == "labels":
+            assert logs.labels is not None
+            y = logs.labels
+        else:
+            y = np.argmax(z[:, -1, :], axis=1)
+        rows = np.arange(n)
+        self.rows += n
+        for k, beta in enumerate(self.betas):
+            if beta is None:
+                continue
+            zk = z[:, k, :].astype(np.float64)
+            d = zk - zk.max(axis=1, keepdims=True)
+            s0 = np.zeros(n)
+            s1 = np.zeros(n)
+            s2 = np.zeros(n)
+            for j in range(c):
+                dj = d[:, j]
+                e = np.exp(beta * dj)
+                s0 += e
+                s1 += dj * e
+                s2 += dj * dj * e
+            m1 = s1 / s0
+            self.grad[k] += fixed_sum(m1 - d[rows, y])
+            self.curv[k] += fixed_sum(np.maximum(s2 / s0 - m1 * m1, 0.0))
+
+    def merge(self, other: TemperaturePass) -> None:
+        self.rows += other.rows
+        self.grad = [a + b for a, b in zip(self.grad, other.grad, strict=True)]
+        self.curv = [a + b for a, b in zip(self.curv, other.curv, strict=True)]
+
+    def step(self, k: int) -> tuple[float, float]:
+        """(mean gradient, mean curvature) of exit k's NLL in beta."""
+        n = max(self.rows, 1)
+        return self.grad[k] / _FIXED / n, self.curv[k] / _FIXED / n
+
+
+_N, _DIS, _IND, _RIGHT, _EXITS = 0, 1, 2, 3, 4  # layout of a count vector; exits from _EXITS on
+
+
+@dataclass(eq=False)
+class CertifyPass:
+    """Pass 3 over the certify rows: what every candidate policy does, per segment value.
+
+    ``counts[j][column][value]`` is candidate j's int64 vector [rows, disagreements, induced
+    errors, right answers, rows exiting at 0 .. K-1] (column ``""``: all rows; the strata
+    column: the composite segment keys). ``full_right`` counts right answers at full depth.
+    """
+
+    policies: tuple[CompiledPolicy, ...]
+    calibrators: tuple[Mapping[str, Any], ...]
+    score: str
+    strata_keys: tuple[str, ...]
+    rows: int = 0
+    counts: list[dict[str, dict[str, np.ndarray]]] = field(default_factory=list)
+    full_right: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [{} for _ in self.policies]
+
+    @property
+    def strata_column(self) -> str:
+        return "|".join(self.strata_keys)
+
+    def _columns(self, logs: Any, n: int) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        cols: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {ALL_COLUMN: (np.zeros(n, dtype=np.int64), ("",))}
+        for name, col in logs.segments.items():
+            cols[name] = (col.codes.astype(np.int64), col.levels)
+        if len(self.strata_keys) > 1:
+            cols[self.strata_column] = composite_segments(logs.segments, self.strata_keys, n)
+        return cols
+
+    def update(self, chunk: Chunk) -> None:
+        logs = chunk.logs
+        n = logs.n
+        self.rows += n
+        scored = ScoredLogs.from_logs(logs, self.calibrators, self.score)
+        scores, preds = np.asfortranarray(scored.scores), np.asfortranarray(scored.preds)
+        k_total = scores.shape[1]
+        final = scored.final
+        y = logs.labels
+        cols = self._columns(logs, n)
+        at = np.arange(n)
+        if y is not None:
+            right_final = final == y
+            for name, (codes, levels) in cols.items():
+                mine = self.full_right.setdefault(name, {})
+                _add_counts(mine, np.asarray(levels, dtype=object),
+                            np.bincount(codes, weights=right_final, minlength=len(levels)).astype(np.int64))
+        for j, pol in enumerate(self.policies):
+            exit_at = first_exit(pol, scores, preds, policy_rows(pol, logs.segments, n)).exit
+            answer = preds[at, exit_at]
+            flags = [answer != final]
+            flags.append(np.zeros(n, dtype=bool) if y is None else (answer != y) & right_final)
+            flags.append(np.zeros(n, dtype=bool) if y is None else answer == y)
+            for name, (codes, levels) in cols.items():
+                m = len(levels)
+                vec = np.zeros((m, _EXITS + k_total), dtype=np.int64)
+                vec[:, _N] = np.bincount(codes, minlength=m)
+                for slot, flag in zip((_DIS, _IND, _RIGHT), flags, strict=True):
+                    vec[:, slot] = np.bincount(codes[flag], minlength=m)
+                vec[:, _EXITS:] = np.bincount(codes * k_total + exit_at, minlength=m * k_total).reshape(m, k_total)
+                table = self.counts[j].setdefault(name, {})
+                for level, row in zip(levels, vec, strict=True):
+                    if row[_N]:
+                        have = table.get(level)
+                        table[level] = row.copy() if have is None else have + row
+
+    def merge(self, other: CertifyPass) -> None:
+        self.rows += other.rows
+        for mine, theirs in zip(self.counts, other.counts, strict=True):
+            for name, table in theirs.items():
+                into = mine.setdefault(name, {})
+                for level, row in table.items():
+                    have = into.get(level)
+                    into[level] = row.copy() if have is None else have + row
+        for name, table in other.full_right.items():
+            into_right = self.full_right.setdefault(name, {})
+            for level, v in table.items():
+                into_right[level] = into_right.get(level, 0) + v
+
+    def losses(self, j: int, column: str, level: str, risk: str) -> tuple[int, int]:
+        """(losses, rows) of candidate j in one segment value (column ``""``: all rows)."""
+        row = self.counts[j].get(column, {}).get(level)
+        if row is None:
+            return 0, 0
+        return int(row[_IND if risk == "induced_error" else _DIS]), int(row[_N])
+
+
+def merge_all(reducers: Sequence[Any]) -> Any:
+    """Fold reducers left to right into the first (the engine's merge of partial passes)."""
+    first = reducers[0]
+    for other in reducers[1:]:
+        first.merge(other)
+    return first
