@@ -56,11 +56,11 @@ class Where:
     """Formats 'row i (request_id ...)' lazily: ids are only decoded for the error message."""
 
     def __init__(self, ids: pa.Array | np.ndarray | None, id_column: str, lines: np.ndarray | None = None,
-                 first_row: int = 0):
+                 first_row: int | None = 0):
         self.ids = ids
         self.id_column = id_column
         self.lines = lines
-        self.first_row = first_row  # the file row of the table's row 0 (a batch read on its own)
+        self.first_row = first_row  # the file row of the table's row 0 (a batch); None: unknown (Spark)
 
     def __call__(self, row: int) -> str:
         parts = []
@@ -72,7 +72,9 @@ class Where:
             if isinstance(value, np.generic):
                 value = value.item()
             parts.append(f"{self.id_column} {value!r}")
-        return f"row {self.first_row + row}" + (f" ({', '.join(parts)})" if parts else "")
+        if self.first_row is None and parts:  # rows of a file in an order that is not the file's
+            return ", ".join(parts)
+        return f"row {(self.first_row or 0) + row}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def column_array(table: ColumnSource, name: str) -> pa.Array:

@@ -102,11 +102,12 @@ def _column_blocks(
 
 def read_wide_table(
     table: pa.Table | ParquetColumns, card: ModelCard, src: str, lines: np.ndarray | None = None,
-    *, first_row: int = 0,
+    *, first_row: int | None = 0,
 ) -> ExitLogs:
     """Logs from a one-row-per-sample table with ``exit_k`` list columns; ``lines`` (JSON Lines) name rows.
 
-    ``first_row``: the file row of the table's first row (a batch of a larger file), for error messages.
+    ``first_row``: the file row of the table's first row (a batch of a larger file), for error messages
+    (None: unknown; errors then name the row by its request id).
     """
     n = table.num_rows
     if n == 0:

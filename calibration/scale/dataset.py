@@ -216,18 +216,34 @@ class ParquetDataset:
                         f"must have the same columns and types")
         return ref
 
-    def _table(self, f: LogFile, batch: pa.RecordBatch) -> pa.Table:
-        table = pa.Table.from_batches([batch])
-        for key, value in f.partition:
+    def partition_of(self, path: str | os.PathLike[str]) -> tuple[tuple[str, str], ...]:
+        """The hive partition values of a file of the dataset, from its path."""
+        base = self.root if self.root.is_dir() else self.root.parent
+        p = Path(path)
+        return _partition_of(p.relative_to(base) if p.is_absolute() else p, p)
+
+    def decode(self, table: pa.Table, file: str, partition: tuple[tuple[str, str], ...],
+               first_row: int | None, read: int) -> Chunk:
+        """Rows of one file as a checked :class:`Chunk`: the partition values the card uses become columns.
+
+        ``first_row`` None (rows not in file order, as on Spark): errors name rows by request id.
+        """
+        for key, value in partition:
             if key in self.card.segment_columns:
                 table = table.append_column(key, pa.array([value] * table.num_rows, type=pa.string()))
-        return table
+        logs = read_wide_table(table, self.card, file, first_row=first_row)
+        return Chunk(logs=logs, file=file, first_row=0 if first_row is None else first_row, read=read)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a pass reads from the files (partition columns come from the paths)."""
+        return [] if self.schema is None else self._needed(self.schema)
 
     def chunks(self, select: RowSelector | None = None) -> Iterator[Chunk]:
         """Every file's rows in batches (the files in path order), decoded and checked."""
         if self.schema is None:
             return
-        columns = self._needed(self.schema)
+        columns = self.columns
         skipped = 0
         for f in self.files:
             first_row = 0
@@ -248,8 +264,8 @@ class ParquetDataset:
                             skipped += n
                             continue
                         batch = batch.filter(pa.array(keep))
-                    logs = read_wide_table(self._table(f, batch), self.card, str(f.path), first_row=first_row)
-                    yield Chunk(logs=logs, file=str(f.path), first_row=first_row, read=skipped + n)
+                    yield self.decode(pa.Table.from_batches([batch]), str(f.path), f.partition, first_row,
+                                      skipped + n)
                     first_row += n
                     skipped = 0
             except (pa.ArrowException, OSError) as exc:
