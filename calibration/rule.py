@@ -458,6 +458,51 @@ def first_exit(
     return Routing(exit=exit_at, answer=preds[rows, exit_at], confidence=scores[rows, exit_at])
 
 
+def _same_but_thresholds(policies: Sequence[CompiledPolicy]) -> bool:
+    base = policies[0]
+    return base.class_bucket is None and all(
+        p.class_bucket is None and p.thresholds.shape == base.thresholds.shape
+        and p.segment_index == base.segment_index and p.max_exit == base.max_exit and p.killed == base.killed
+        and np.array_equal(p.forced_classes, base.forced_classes)
+        and np.array_equal(p.forced_segments, base.forced_segments)
+        for p in policies[1:])
+
+
+def first_exits(
+    policies: Sequence[CompiledPolicy], scores: np.ndarray, preds: np.ndarray, seg_codes: np.ndarray
+) -> np.ndarray:
+    """The exit of every sample (n, P) under each of ``policies``: :func:`first_exit` for many at once.
+
+    Candidates of one path differ only in their thresholds; the rule then runs once over all of
+    them, exit by exit on (n, P) arrays (the same comparisons, ``score >= tau`` with NaN never
+    exiting, the same forced classes and segments). Policies that differ in more fall back to
+    one :func:`first_exit` each.
+    """
+    n, k_total = scores.shape
+    if not policies:
+        return np.zeros((n, 0), dtype=np.int64)
+    if not _same_but_thresholds(policies):
+        return np.stack([first_exit(p, scores, preds, seg_codes).exit for p in policies], axis=1)
+    base = policies[0]
+    exit_at = np.full((n, len(policies)), k_total - 1, dtype=np.int64)
+    if base.killed:
+        return exit_at
+    tau = np.stack([p.thresholds for p in policies])  # (P, S + 1, K - 1, C)
+    allowed_seg = ~base.forced_segments[seg_codes]
+    pending = np.ones(exit_at.shape, dtype=bool)
+    for k in range(min(k_total - 1, base.max_exit + 1)):
+        cols = preds[:, k]
+        with np.errstate(invalid="ignore"):
+            taken = scores[:, k, None] >= tau[:, seg_codes, k, cols].T  # NaN threshold compares False
+        taken &= (allowed_seg & ~base.forced_classes[cols])[:, None]
+        taken &= pending
+        exit_at[taken] = k
+        pending &= ~taken
+        if not pending.any():
+            break
+    return exit_at
+
+
 def score_all_exits(
     logits: np.ndarray, calibrators: Sequence[Mapping[str, Any]], score: str, top_k: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ __all__ = ["ArraySource", "Chunk", "LogFile", "ParquetDataset", "RowSelector", "
 
 DEFAULT_BATCH_ROWS = 65_536
 MAX_FILES = 200_000
+_DATA_SUFFIXES = (".parquet", ".parq", "")  # "": Hive's part-00000 files
 # selects rows of a batch by their request ids before the logits are decoded (None: all)
 RowSelector = Callable[[np.ndarray], np.ndarray]
 
@@ -102,8 +103,8 @@ def _list_files(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         for name in sorted(filenames):
-            if name.startswith((".", "_")) or name.endswith((".crc", ".tmp")):
-                continue  # Spark's _SUCCESS and .crc files, hidden and temporary files
+            if name.startswith((".", "_")) or Path(name).suffix.lower() not in _DATA_SUFFIXES:
+                continue  # Spark's _SUCCESS and .crc files, hidden files, cards and notes beside the data
             out.append(Path(dirpath) / name)
             if len(out) > MAX_FILES:
                 raise InputError(f"{root}: more than {MAX_FILES:,} files; point at a partition directory or "

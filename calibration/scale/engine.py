@@ -46,7 +46,7 @@ from exitwise.calibration.pipeline import (
     plan_path,
     prepare,
 )
-from exitwise.calibration.scale.dataset import Source
+from exitwise.calibration.scale.dataset import DEFAULT_BATCH_ROWS, Source
 from exitwise.calibration.scale.passes import (
     ALL_COLUMN,
     CertifyPass,
@@ -55,6 +55,7 @@ from exitwise.calibration.scale.passes import (
     TemperaturePass,
 )
 from exitwise.calibration.scale.runner import Meter, ProgressFn, Runner, run_local
+from exitwise.calibration.scale.spill import Spill, SpillSource, Tee
 from exitwise.calibration.splits import MIN_CHOOSE, Splits, choose_fraction
 
 __all__ = ["HashSplit", "ScaleSettings", "ScaleSolve", "evaluation_from_counts", "solve_at_scale"]
@@ -71,6 +72,8 @@ class ScaleSettings:
     report_rows: int = 100_000  # certify rows the calibration report is measured on
     newton_passes: int = 4  # most temperature passes over the choose rows
     newton_tol: float = 1e-4  # stop when the Newton step on log T is below this
+    spill: bool = True  # on one machine, keep the choose rows on local disk for the temperature passes
+    spill_dir: str | None = None  # where (None: the system's temporary directory)
 
     def check(self) -> ScaleSettings:
         for name in ("sample_rows", "report_rows"):
@@ -130,9 +133,10 @@ def _choose_fraction(spec: SolveSpec, n: int) -> float:
 
 
 def _refine_temperatures(source: Source, runner: Runner, prepared: Prepared, settings: ScaleSettings,
-                         progress: ProgressFn | None, split: SplitSelector, passes: dict[str, dict[str, float]]
-                         ) -> list[Calibrator]:
-    """Newton steps on log(1/T) of each temperature exit from exact sums over every choose row."""
+                         progress: ProgressFn | None, split: SplitSelector, passes: dict[str, dict[str, float]],
+                         spilled: SpillSource | None) -> list[Calibrator]:
+    """Newton steps on log(1/T) of each temperature exit from exact sums over every choose row
+    (read from ``spilled`` when pass 1 kept them on local disk, else from the source)."""
     cals = list(prepared.calibrator_objects)
     lo, hi = -math.log(_T_BOUNDS[1]), -math.log(_T_BOUNDS[0])
     u: list[float | None] = [
@@ -143,8 +147,12 @@ def _refine_temperatures(source: Source, runner: Runner, prepared: Prepared, set
             break
         reducer = TemperaturePass(betas=tuple(None if v is None else math.exp(v) for v in u),
                                   target=prepared.spec.calibration_target)
-        meter = Meter(f"pass 2/3 temperatures ({it + 1})", source.rows, progress, (0.35, 0.55))
-        reducer = runner(source, reducer, split, meter)
+        if spilled is not None:
+            meter = Meter(f"pass 2/3 temperatures ({it + 1}, spilled rows)", spilled.rows, progress, (0.35, 0.55))
+            reducer = run_local(spilled, reducer, None, meter)
+        else:
+            meter = Meter(f"pass 2/3 temperatures ({it + 1})", source.rows, progress, (0.35, 0.55))
+            reducer = runner(source, reducer, split, meter)
         passes[f"temperature_{it + 1}"] = {"rows": float(reducer.rows), "seconds": meter.seconds}
         moved = 0.0
         for k, v in enumerate(u):
@@ -204,6 +212,11 @@ def _constraints(prepared: Prepared, certify_counts: Mapping[str, int]
     return path_cons, test_cons, uncertified, forced, aims
 
 
+def source_batch(source: Source) -> int:
+    """The batch size of ``source`` (the default when it has none)."""
+    return int(getattr(source, "batch_rows", DEFAULT_BATCH_ROWS))
+
+
 def _fingerprint(p1: SamplePass) -> str:
     body = {"rows": p1.rows, "sum64": f"{p1.fingerprint:016x}", "shape": list(p1.shape or ()),
             "labels": bool(p1.labelled), "segments": sorted(p1.segment_counts)}
@@ -247,13 +260,12 @@ def evaluation_from_counts(counts: CertifyPass, j: int, risk: str, costs: np.nda
                             disagreement=int(row[_DIS]) / n,
                             induced_error=int(row[_IND]) / n if labelled else None, risk_type=risk, losses=losses)
 
-    table = counts.counts[j]
-    whole = table[ALL_COLUMN][""]
+    whole = counts.counts[ALL_COLUMN][""][j]
     overall = stats(whole)
     n = overall.n
     full_right = counts.full_right.get(ALL_COLUMN, {}).get("", 0)
-    segments = {name: {level: stats(row) for level, row in sorted(rows.items())}
-                for name, rows in sorted(table.items()) if name != ALL_COLUMN}
+    segments = {name: {level: stats(block[j]) for level, block in sorted(blocks.items())}
+                for name, blocks in sorted(counts.counts.items()) if name != ALL_COLUMN}
     empty = np.zeros(0, dtype=np.int64)
     return Evaluation(
         risk_type=risk, n=n, compute_fraction=overall.compute_fraction, risk=overall.risk,
@@ -274,11 +286,27 @@ def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | No
     card = source.card
     n_total = source.rows
     frac = _choose_fraction(spec, n_total)
+    choose_split = SplitSelector(spec.seed, frac, True)
+    spill = (Spill(card, choose_split, settings.spill_dir) if settings.spill and runner is run_local and frac > 0
+             and spec.calibrator == "temperature" and frac * n_total > settings.sample_rows else None)
+    try:
+        return _solve(source, spec, settings, runner, progress, where, frac, spill)
+    finally:
+        if spill is not None:
+            spill.remove()
+
+
+def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Runner, progress: ProgressFn | None,
+           where: str | None, frac: float, spill: Spill | None) -> ScaleSolve:
+    card = source.card
+    n_total = source.rows
     passes: dict[str, dict[str, float]] = {}
     meter = Meter("pass 1/3 sample", n_total, progress, (0.0, 0.35))
-    p1 = runner(source, SamplePass(seed=spec.seed, choose_fraction=frac, strata_keys=spec.segment_keys,
-                                   sample_rows=settings.sample_rows, floor_rows=settings.floor_rows,
-                                   report_rows=settings.report_rows), None, meter)
+    p1 = SamplePass(seed=spec.seed, choose_fraction=frac, strata_keys=spec.segment_keys,
+                    sample_rows=settings.sample_rows, floor_rows=settings.floor_rows, report_rows=settings.report_rows)
+    p1 = runner(source, p1 if spill is None else Tee(p1, spill), None, meter)
+    if isinstance(p1, Tee):
+        p1 = p1.reducer
     passes["sample"] = {"rows": float(p1.rows), "seconds": meter.seconds}
     if p1.rows < 2:
         raise InputError(f"{source.name}: too few rows to solve a policy: {p1.rows}")
@@ -298,7 +326,8 @@ def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | No
         progress("fitting pilot calibrators on the sample", 0.35)
     prepared = prepare(base, spec, splits=splits)
     if sample is not None and spec.calibrator == "temperature" and p1.n_choose > base.n:
-        cals = _refine_temperatures(source, runner, prepared, settings, progress, choose_split, passes)
+        cals = _refine_temperatures(source, runner, prepared, settings, progress, choose_split, passes,
+                                    None if spill is None else spill.source(source_batch(source)))
         prepared = prepare(base, spec, splits=splits, calibrators=cals)
     path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_counts)
     if progress is not None:

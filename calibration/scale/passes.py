@@ -25,7 +25,7 @@ import numpy as np
 
 from exitwise.calibration.evaluate import ScoredLogs, composite_segments, policy_rows
 from exitwise.calibration.exceptions import LogFormatError
-from exitwise.calibration.rule import CompiledPolicy, first_exit
+from exitwise.calibration.rule import CompiledPolicy, first_exits
 from exitwise.calibration.scale.dataset import Chunk
 from exitwise.calibration.scale.hashing import (
     SALT_SAMPLE,
@@ -163,17 +163,13 @@ class SamplePass:
             self.ts_range = (lo, hi) if self.ts_range is None else (min(lo, self.ts_range[0]),
                                                                      max(hi, self.ts_range[1]))
         chosen = np.flatnonzero(choose)
-        if chosen.size:
-            rows = Rows.of(logs, chosen, priority, keys)
-            self.sample.add(rows)
-            if self.floor_rows > 0:
-                level_of = codes[chosen]
-                for code in np.unique(level_of):
-                    part = rows.take(np.flatnonzero(level_of == code))
-                    self.strata.setdefault(levels[int(code)], Reservoir(self.floor_rows)).add(part)
-        rest = np.flatnonzero(~choose)
-        if rest.size:
-            self.report.add(Rows.of(logs, rest, priority, keys))
+        self.sample.offer(logs, chosen, priority, keys)
+        if self.floor_rows > 0 and chosen.size:
+            level_of = codes[chosen]
+            for code in np.unique(level_of):
+                stratum = self.strata.setdefault(levels[int(code)], Reservoir(self.floor_rows))
+                stratum.offer(logs, chosen[level_of == code], priority, keys)
+        self.report.offer(logs, np.flatnonzero(~choose), priority, keys)
 
     def merge(self, other: SamplePass) -> None:
         assert self.sample is not None and self.report is not None
@@ -298,9 +294,11 @@ _N, _DIS, _IND, _RIGHT, _EXITS = 0, 1, 2, 3, 4  # layout of a count vector; exit
 class CertifyPass:
     """Pass 3 over the certify rows: what every candidate policy does, per segment value.
 
-    ``counts[j][column][value]`` is candidate j's int64 vector [rows, disagreements, induced
-    errors, right answers, rows exiting at 0 .. K-1] (column ``""``: all rows; the strata
-    column: the composite segment keys). ``full_right`` counts right answers at full depth.
+    ``counts[column][value]`` is a (P, 4 + K) int64 array: per candidate, [rows, disagreements,
+    induced errors, right answers, rows exiting at 0 .. K-1] (column ``""``: all rows; with
+    several segment keys also their composite column). ``full_right`` counts right answers
+    at full depth. The candidates run through the rule together
+    (:func:`~exitwise.calibration.rule.first_exits`).
     """
 
     policies: tuple[CompiledPolicy, ...]
@@ -308,11 +306,8 @@ class CertifyPass:
     score: str
     strata_keys: tuple[str, ...]
     rows: int = 0
-    counts: list[dict[str, dict[str, np.ndarray]]] = field(default_factory=list)
+    counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     full_right: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or [{} for _ in self.policies]
 
     @property
     def strata_column(self) -> str:
@@ -333,51 +328,56 @@ class CertifyPass:
         scored = ScoredLogs.from_logs(logs, self.calibrators, self.score)
         scores, preds = np.asfortranarray(scored.scores), np.asfortranarray(scored.preds)
         k_total = scores.shape[1]
+        n_pol = len(self.policies)
         final = scored.final
         y = logs.labels
         cols = self._columns(logs, n)
-        at = np.arange(n)
+        exit_at = first_exits(self.policies, scores, preds, policy_rows(self.policies[0], logs.segments, n))
+        answer = np.take_along_axis(preds, exit_at, axis=1)  # (n, P)
+        flags = {_DIS: answer != final[:, None]}
         if y is not None:
             right_final = final == y
+            flags[_IND] = (answer != y[:, None]) & right_final[:, None]
+            flags[_RIGHT] = answer == y[:, None]
             for name, (codes, levels) in cols.items():
-                mine = self.full_right.setdefault(name, {})
-                _add_counts(mine, np.asarray(levels, dtype=object),
-                            np.bincount(codes, weights=right_final, minlength=len(levels)).astype(np.int64))
-        for j, pol in enumerate(self.policies):
-            exit_at = first_exit(pol, scores, preds, policy_rows(pol, logs.segments, n)).exit
-            answer = preds[at, exit_at]
-            flags = [answer != final]
-            flags.append(np.zeros(n, dtype=bool) if y is None else (answer != y) & right_final)
-            flags.append(np.zeros(n, dtype=bool) if y is None else answer == y)
-            for name, (codes, levels) in cols.items():
-                m = len(levels)
-                vec = np.zeros((m, _EXITS + k_total), dtype=np.int64)
-                vec[:, _N] = np.bincount(codes, minlength=m)
-                for slot, flag in zip((_DIS, _IND, _RIGHT), flags, strict=True):
-                    vec[:, slot] = np.bincount(codes[flag], minlength=m)
-                vec[:, _EXITS:] = np.bincount(codes * k_total + exit_at, minlength=m * k_total).reshape(m, k_total)
-                table = self.counts[j].setdefault(name, {})
-                for level, row in zip(levels, vec, strict=True):
-                    if row[_N]:
-                        have = table.get(level)
-                        table[level] = row.copy() if have is None else have + row
+                _add_counts(self.full_right.setdefault(name, {}), np.asarray(levels, dtype=object),
+                            np.bincount(codes[right_final], minlength=len(levels)))
+        cand = np.arange(n_pol)[None, :]
+        for name, (codes, levels) in cols.items():
+            m = len(levels)
+            vec = np.zeros((m, n_pol, _EXITS + k_total), dtype=np.int64)
+            vec[:, :, _N] = np.bincount(codes, minlength=m)[:, None]
+            cell = codes[:, None] * n_pol + cand  # (n, P): (level, candidate)
+            for slot, flag in flags.items():
+                vec[:, :, slot] = np.bincount(cell[flag], minlength=m * n_pol).reshape(m, n_pol)
+            vec[:, :, _EXITS:] = np.bincount((cell * k_total + exit_at).ravel(),
+                                             minlength=m * n_pol * k_total).reshape(m, n_pol, k_total)
+            table = self.counts.setdefault(name, {})
+            for level, block in zip(levels, vec, strict=True):
+                if block[0, _N]:
+                    have = table.get(level)
+                    table[level] = block if have is None else have + block
 
     def merge(self, other: CertifyPass) -> None:
         self.rows += other.rows
-        for mine, theirs in zip(self.counts, other.counts, strict=True):
-            for name, table in theirs.items():
-                into = mine.setdefault(name, {})
-                for level, row in table.items():
-                    have = into.get(level)
-                    into[level] = row.copy() if have is None else have + row
-        for name, table in other.full_right.items():
+        for name, table in other.counts.items():
+            into = self.counts.setdefault(name, {})
+            for level, block in table.items():
+                have = into.get(level)
+                into[level] = block.copy() if have is None else have + block
+        for name, right in other.full_right.items():
             into_right = self.full_right.setdefault(name, {})
-            for level, v in table.items():
+            for level, v in right.items():
                 into_right[level] = into_right.get(level, 0) + v
+
+    def row(self, j: int, column: str, level: str) -> np.ndarray | None:
+        """Candidate j's count vector in one segment value (None: no certify rows there)."""
+        block = self.counts.get(column, {}).get(level)
+        return None if block is None else block[j]
 
     def losses(self, j: int, column: str, level: str, risk: str) -> tuple[int, int]:
         """(losses, rows) of candidate j in one segment value (column ``""``: all rows)."""
-        row = self.counts[j].get(column, {}).get(level)
+        row = self.row(j, column, level)
         if row is None:
             return 0, 0
         return int(row[_IND if risk == "induced_error" else _DIS]), int(row[_N])

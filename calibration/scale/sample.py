@@ -87,16 +87,32 @@ class Reservoir:
     held: int = 0
     bound: tuple[int, int] | None = None  # the k-th smallest key once k rows were seen
 
+    def offer(self, logs: ExitLogs, index: np.ndarray, priority: np.ndarray, row_hash: np.ndarray) -> None:
+        """Add rows ``index`` of ``logs`` that can still be among the k smallest (the rest are never copied)."""
+        if index.size == 0 or self.k <= 0:
+            return
+        if self.bound is not None:
+            index = index[self._below(priority[index], row_hash[index])]
+        if index.size:
+            self._append(Rows.of(logs, index, priority, row_hash))
+
+    def _below(self, priority: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
+        assert self.bound is not None
+        p0, h0 = self.bound
+        return (priority < p0) | ((priority == p0) & (row_hash <= h0))
+
     def add(self, rows: Rows) -> None:
         if rows.n == 0 or self.k <= 0:
             return
         if self.bound is not None:
-            p0, h0 = self.bound
-            keep = (rows.priority < p0) | ((rows.priority == p0) & (rows.row_hash <= h0))
+            keep = self._below(rows.priority, rows.row_hash)
             if not keep.all():
                 rows = rows.take(np.flatnonzero(keep))
             if rows.n == 0:
                 return
+        self._append(rows)
+
+    def _append(self, rows: Rows) -> None:
         self.parts.append(rows)
         self.held += rows.n
         if self.held >= 2 * self.k + 1024:
