@@ -70,7 +70,10 @@ def value_hashes(values: np.ndarray | pa.Array) -> np.ndarray:
         values = np.asarray(values)
         if values.dtype.kind in "iu":
             return _fnv_uint64(values.astype(np.int64).view(np.uint64))
-        arr = pa.array(values.astype(str) if values.dtype.kind != "U" else values, type=pa.large_string())
+        # objects straight to Arrow: numpy's fixed-width strings would drop trailing NUL characters
+        items = values.tolist() if values.dtype.kind == "U" else [v if isinstance(v, str) else str(v)
+                                                                  for v in values.tolist()]
+        arr = pa.array(items, type=pa.large_string())
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     if pa.types.is_integer(arr.type):

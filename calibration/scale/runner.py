@@ -72,6 +72,10 @@ class Meter:
         left = "—" if eta == float("inf") else format_eta(eta)
         return f"{self.label}: {self.done:,}/{self.total:,} rows · {rate:,.0f} rows/s · ETA {left}"
 
+    def finish(self) -> None:
+        """The pass is over: report every row (the last batches may have had no selected row)."""
+        self.advance(max(0, self.total - self.done))
+
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -83,4 +87,5 @@ def run_local(source: Source, reducer: Any, select: RowSelector | None, meter: M
         reducer.update(chunk)
         meter.advance(chunk.read)
     source.check_unchanged()
+    meter.finish()
     return reducer
