@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from exitwise.api.cli.output import stdout_console
+from exitwise.api.cli.solve_scale import check_engine_options, open_dataset, scale_runner, scale_settings
 from exitwise.calibration.atomic import atomic_write_bytes
 from exitwise.calibration.calibrate import TARGETS, calibrate_logs
 from exitwise.calibration.calibrators import METHODS
@@ -22,6 +23,7 @@ from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.logfiles.cards import load_card
 from exitwise.calibration.logfiles.readers import load_logs
 from exitwise.calibration.optional import require
+from exitwise.calibration.scale.calibrate import calibrate_at_scale
 
 FILES = ("calibrators.json", "metrics.json", "reliability.png")
 
@@ -121,6 +123,17 @@ def register(app: typer.Typer) -> None:
         jobs: Annotated[int, typer.Option(
             "--jobs", help="Threads working on different exits at once (-1: all CPUs). Results do not "
             "depend on it.")] = -1,
+        engine: Annotated[str, typer.Option(
+            help="memory: load the logs whole | stream: a Parquet dataset read in batches, split by a hash of "
+                 "the request id (logs larger than memory) | spark: the same passes on Apache Spark.")] = "memory",
+        where: Annotated[str | None, typer.Option(
+            help="--engine stream|spark: keep the partitions that match, e.g. \"date >= '2026-11-01'\".")] = None,
+        sample_rows: Annotated[int, typer.Option(
+            help="--engine stream|spark: rows of the fit sample (pilot fit) and of the report sample.")] = 100_000,
+        batch_rows: Annotated[int | None, typer.Option(
+            help="--engine stream|spark: rows per batch (default 65,536).", show_default=False)] = None,
+        master: Annotated[str | None, typer.Option(
+            help="--engine spark: the Spark master URL (default local[2]).", show_default=False)] = None,
         as_json: Annotated[bool, typer.Option(
             "--json", help="Print one JSON object (method, per-exit parameters and metrics before/after, "
             "output directory) on stdout instead of the table.")] = False,
@@ -146,24 +159,38 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--jobs must be a positive integer or -1 (all CPUs), got {jobs}")
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a directory")
+        check_engine_options(engine, where=where, test=None, bucket_options=False, spark_only=master is not None)
         _check_file(card, "model card")
-        _check_file(logs, "exit logs")
+        if engine == "memory":
+            _check_file(logs, "exit logs")
+        elif report_logs is not None:
+            raise InputError(f"--report-logs is not available with --engine {engine}: the report rows are the "
+                             "hash split's (--fit-fraction)")
         if report_logs is not None:
             _check_file(report_logs, "report logs")
         figures = require("exitwise.policies.figures", "reports", "the reliability diagram of exitwise calibrate")
+        passes: dict[str, Any] = {}
 
         with _progress(True) as progress:
-            task = progress.add_task("loading logs", total=None)
             model_card = load_card(card)
-            fit_logs = load_logs(logs, model_card)
-            rep_logs = load_logs(report_logs, model_card) if report_logs is not None else None
-            progress.update(task, total=1, completed=1)
-            k_total = fit_logs.n_exits
-            task = progress.add_task(f"calibrating {k_total} exits", total=2 * k_total)
-            result = calibrate_logs(
-                fit_logs, method, fit_fraction, seed, report_logs=rep_logs, target=target,  # type: ignore[arg-type]
-                n_bins=bins, progress=lambda stage, k: progress.advance(task), n_jobs=jobs,
-            )
+            if engine != "memory":
+                task = progress.add_task("reading the dataset", total=1.0)
+                result, passes = calibrate_at_scale(
+                    open_dataset(logs, model_card, where, batch_rows), method, fit_fraction, seed,
+                    target=target, n_bins=bins, settings=scale_settings(sample_rows),  # type: ignore[arg-type]
+                    runner=scale_runner(engine, master),
+                    progress=lambda message, frac: progress.update(task, description=message, completed=frac))
+            else:
+                task = progress.add_task("loading logs", total=None)
+                fit_logs = load_logs(logs, model_card)
+                rep_logs = load_logs(report_logs, model_card) if report_logs is not None else None
+                progress.update(task, total=1, completed=1)
+                k_total = fit_logs.n_exits
+                task = progress.add_task(f"calibrating {k_total} exits", total=2 * k_total)
+                result = calibrate_logs(
+                    fit_logs, method, fit_fraction, seed, report_logs=rep_logs, target=target,  # type: ignore[arg-type]
+                    n_bins=bins, progress=lambda stage, k: progress.advance(task), n_jobs=jobs,
+                )
             task = progress.add_task("rendering reliability diagram", total=1)
             png = figures.reliability_png(
                 result.exit_names, result.before, result.after,
@@ -180,6 +207,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             payload = {**result.to_dict(), "model": model_card.model, "out": str(out),
                        "files": {name: str(out / name) for name in FILES}}
+            if passes:
+                payload["passes"] = {k: {"rows": int(v["rows"]), "seconds": round(v["seconds"], 3)}
+                                     for k, v in passes.items()}
             typer.echo(json.dumps(payload, sort_keys=True, allow_nan=False))
             return
         console = stdout_console()

@@ -14,7 +14,8 @@ from exitwise.calibration.scale.runner import ProgressFn, Runner, run_local
 from exitwise.calibration.scale.where import parse_where
 from exitwise.policies.authoring import ScaleOutcome, solve_policy_at_scale
 
-__all__ = ["ENGINES", "check_engine_options", "scale_runner", "solve_scale"]
+__all__ = ["ENGINES", "check_engine_options", "open_dataset", "scale_runner", "scale_settings", "scale_summary",
+           "solve_scale"]
 
 ENGINES = ("memory", "stream", "spark")
 
@@ -53,15 +54,26 @@ def scale_runner(engine: str, master: str | None) -> Runner:
     return spark_runner(master)
 
 
+def open_dataset(logs: Path, card: ModelCard, where: str | None, batch_rows: int | None) -> ParquetDataset:
+    """The dataset at ``logs`` (a Parquet file or directory), its partitions filtered by ``where``."""
+    source = ParquetDataset(logs, card, where=parse_where(where), batch_rows=batch_rows or DEFAULT_BATCH_ROWS)
+    if not source.files:
+        raise InputError(f"{logs}: --where {where!r} keeps no file of the dataset")
+    return source
+
+
+def scale_settings(sample_rows: int) -> ScaleSettings:
+    """The engine's settings for ``--sample-rows`` (the report sample is as large, at most 100,000 rows)."""
+    return ScaleSettings(sample_rows=sample_rows, report_rows=max(1_000, min(sample_rows, 100_000)))
+
+
 def solve_scale(logs: Path, card: ModelCard, card_path: Path, spec: SolveSpec, *, engine: str, where: str | None,
                 sample_rows: int, batch_rows: int | None, master: str | None, shadow_rate: float,
                 progress: ProgressFn) -> ScaleOutcome:
     """Solve ``spec`` on the dataset at ``logs`` with the scale engine ``engine``."""
-    filt = parse_where(where)
-    source = ParquetDataset(logs, card, where=filt, batch_rows=batch_rows or DEFAULT_BATCH_ROWS)
-    if not source.files:
-        raise InputError(f"{logs}: --where {where!r} keeps no file of the dataset")
-    settings = ScaleSettings(sample_rows=sample_rows, report_rows=max(1_000, min(sample_rows, 100_000)))
+    source = open_dataset(logs, card, where, batch_rows)
+    filt = source.where
+    settings = scale_settings(sample_rows)
     return solve_policy_at_scale(
         source, spec, settings=settings, runner=scale_runner(engine, master), shadow_rate=shadow_rate,
         progress=progress, where=filt.to_json(),

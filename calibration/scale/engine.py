@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,7 +58,8 @@ from exitwise.calibration.scale.runner import Meter, ProgressFn, Runner, run_loc
 from exitwise.calibration.scale.spill import Spill, SpillSource, Tee
 from exitwise.calibration.splits import MIN_CHOOSE, Splits, choose_fraction
 
-__all__ = ["HashSplit", "ScaleSettings", "ScaleSolve", "evaluation_from_counts", "solve_at_scale"]
+__all__ = ["HashSplit", "ScaleSettings", "ScaleSolve", "evaluation_from_counts", "make_spill", "refine_temperatures",
+           "sample_pass", "solve_at_scale"]
 
 _T_BOUNDS = (1e-2, 1e2)
 
@@ -132,12 +133,16 @@ def _choose_fraction(spec: SolveSpec, n: int) -> float:
     return frac if round(frac * n) >= MIN_CHOOSE else 0.0
 
 
-def _refine_temperatures(source: Source, runner: Runner, prepared: Prepared, settings: ScaleSettings,
-                         progress: ProgressFn | None, split: SplitSelector, passes: dict[str, dict[str, float]],
-                         spilled: SpillSource | None) -> list[Calibrator]:
-    """Newton steps on log(1/T) of each temperature exit from exact sums over every choose row
-    (read from ``spilled`` when pass 1 kept them on local disk, else from the source)."""
-    cals = list(prepared.calibrator_objects)
+def refine_temperatures(source: Source, runner: Runner, pilot: Sequence[Calibrator], target: str,
+                        settings: ScaleSettings, progress: ProgressFn | None, split: SplitSelector,
+                        passes: dict[str, dict[str, float]], spilled: SpillSource | None) -> list[Calibrator]:
+    """Newton steps on log(1/T) of each temperature exit of ``pilot`` from exact sums over every
+    choose row (read from ``spilled`` when pass 1 kept them on local disk, else from the source).
+
+    ``target``: "labels" or "final" (the final exit's answer). Exits that are not temperature
+    scalers, or whose pilot sits at a bound, keep the pilot.
+    """
+    cals = list(pilot)
     lo, hi = -math.log(_T_BOUNDS[1]), -math.log(_T_BOUNDS[0])
     u: list[float | None] = [
         math.log(1.0 / c.temperature_) if isinstance(c, TemperatureScaler) and not c.at_bound_ else None
@@ -145,8 +150,7 @@ def _refine_temperatures(source: Source, runner: Runner, prepared: Prepared, set
     for it in range(settings.newton_passes):
         if all(v is None for v in u):
             break
-        reducer = TemperaturePass(betas=tuple(None if v is None else math.exp(v) for v in u),
-                                  target=prepared.spec.calibration_target)
+        reducer = TemperaturePass(betas=tuple(None if v is None else math.exp(v) for v in u), target=target)
         if spilled is not None:
             meter = Meter(f"pass 2/3 temperatures ({it + 1}, spilled rows)", spilled.rows, progress, (0.35, 0.55))
             reducer = run_local(spilled, reducer, None, meter)
@@ -277,18 +281,37 @@ def evaluation_from_counts(counts: CertifyPass, j: int, risk: str, costs: np.nda
     )
 
 
+def make_spill(source: Source, runner: Runner, settings: ScaleSettings, split: SplitSelector,
+               temperature: bool) -> Spill | None:
+    """A spill of the choose rows when the temperature passes will need them and run on this machine."""
+    if not (settings.spill and temperature and runner is run_local and split.choose_fraction > 0
+            and split.choose_fraction * source.rows > settings.sample_rows):
+        return None
+    return Spill(source.card, split, settings.spill_dir)
+
+
+def sample_pass(source: Source, runner: Runner, settings: ScaleSettings, seed: int, frac: float,
+                strata_keys: tuple[str, ...], progress: ProgressFn | None, spill: Spill | None,
+                passes: dict[str, dict[str, float]]) -> SamplePass:
+    """Pass 1 over every row (teeing the choose rows into ``spill``)."""
+    meter = Meter("pass 1/3 sample", source.rows, progress, (0.0, 0.35))
+    reducer = SamplePass(seed=seed, choose_fraction=frac, strata_keys=strata_keys, sample_rows=settings.sample_rows,
+                         floor_rows=settings.floor_rows if strata_keys else 0, report_rows=settings.report_rows)
+    got = runner(source, reducer if spill is None else Tee(reducer, spill), None, meter)
+    p1: SamplePass = got.reducer if isinstance(got, Tee) else got
+    passes["sample"] = {"rows": float(p1.rows), "seconds": meter.seconds}
+    return p1
+
+
 def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | None = None, *,
                    runner: Runner = run_local, progress: ProgressFn | None = None,
                    where: str | None = None) -> ScaleSolve:
     """Solve and certify ``spec`` on ``source`` in three passes (see the module docstring)."""
     settings = (settings or ScaleSettings()).check()
     _check_spec(spec)
-    card = source.card
-    n_total = source.rows
-    frac = _choose_fraction(spec, n_total)
-    choose_split = SplitSelector(spec.seed, frac, True)
-    spill = (Spill(card, choose_split, settings.spill_dir) if settings.spill and runner is run_local and frac > 0
-             and spec.calibrator == "temperature" and frac * n_total > settings.sample_rows else None)
+    frac = _choose_fraction(spec, source.rows)
+    spill = make_spill(source, runner, settings, SplitSelector(spec.seed, frac, True),
+                       spec.calibrator == "temperature")
     try:
         return _solve(source, spec, settings, runner, progress, where, frac, spill)
     finally:
@@ -299,15 +322,8 @@ def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | No
 def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Runner, progress: ProgressFn | None,
            where: str | None, frac: float, spill: Spill | None) -> ScaleSolve:
     card = source.card
-    n_total = source.rows
     passes: dict[str, dict[str, float]] = {}
-    meter = Meter("pass 1/3 sample", n_total, progress, (0.0, 0.35))
-    p1 = SamplePass(seed=spec.seed, choose_fraction=frac, strata_keys=spec.segment_keys,
-                    sample_rows=settings.sample_rows, floor_rows=settings.floor_rows, report_rows=settings.report_rows)
-    p1 = runner(source, p1 if spill is None else Tee(p1, spill), None, meter)
-    if isinstance(p1, Tee):
-        p1 = p1.reducer
-    passes["sample"] = {"rows": float(p1.rows), "seconds": meter.seconds}
+    p1 = sample_pass(source, runner, settings, spec.seed, frac, spec.segment_keys, progress, spill, passes)
     if p1.rows < 2:
         raise InputError(f"{source.name}: too few rows to solve a policy: {p1.rows}")
     check_risk(spec.risk, bool(p1.labelled), source.name)
@@ -326,8 +342,9 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
         progress("fitting pilot calibrators on the sample", 0.35)
     prepared = prepare(base, spec, splits=splits)
     if sample is not None and spec.calibrator == "temperature" and p1.n_choose > base.n:
-        cals = _refine_temperatures(source, runner, prepared, settings, progress, choose_split, passes,
-                                    None if spill is None else spill.source(source_batch(source)))
+        cals = refine_temperatures(source, runner, prepared.calibrator_objects, spec.calibration_target, settings,
+                                   progress, choose_split, passes,
+                                   None if spill is None else spill.source(source_batch(source)))
         prepared = prepare(base, spec, splits=splits, calibrators=cals)
     path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_counts)
     if progress is not None:
@@ -337,7 +354,7 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
                                        np.full((len(prepared.seg_levels), base.n_exits - 1, prepared.n_columns),
                                                np.nan), forced)
     candidates = (*plan.policies, full_depth)
-    meter = Meter("pass 3/3 certify", n_total, progress, (0.6, 1.0))
+    meter = Meter("pass 3/3 certify", source.rows, progress, (0.6, 1.0))
     p3 = runner(source, CertifyPass(policies=candidates, calibrators=plan.prepared.calibrators, score=spec.score,
                                     strata_keys=spec.segment_keys), SplitSelector(spec.seed, frac, False), meter)
     passes["certify"] = {"rows": float(p3.rows), "seconds": meter.seconds}

@@ -9,14 +9,16 @@ through a :class:`Meter`, and both check at the end of the pass that no file cha
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from exitwise.calibration.scale.dataset import RowSelector, Source
+from exitwise.calibration.scale.dataset import Chunk, RowSelector, Source
 
-__all__ = ["Meter", "ProgressFn", "Runner", "format_eta", "run_local"]
+__all__ = ["Meter", "ProgressFn", "Runner", "format_eta", "prefetch", "run_local"]
 
 ProgressFn = Callable[[str, float], None]
 
@@ -81,9 +83,57 @@ class Meter:
         return time.perf_counter() - self.started
 
 
+_DONE = object()
+
+
+def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """The batches of ``chunks``, read and decoded by a background thread up to ``depth`` ahead.
+
+    Parquet decoding and numpy release the GIL, so reading the next batch overlaps with folding
+    this one (two cores: close to twice the throughput of a pass). An error in the reader is
+    raised here, in order; stopping early (an error or Ctrl-C in the consumer) stops the reader.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(exc)
+
+    reader = threading.Thread(target=produce, name="exitwise-prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                reader.join(0.05)
+
+
 def run_local(source: Source, reducer: Any, select: RowSelector | None, meter: Meter) -> Any:
-    """Fold every batch of ``source`` (the selected rows) into ``reducer``, in this process."""
-    for chunk in source.chunks(select):
+    """Fold every batch of ``source`` (the selected rows) into ``reducer``, in this process
+    (the next batch is read meanwhile: :func:`prefetch`)."""
+    for chunk in prefetch(source.chunks(select)):
         reducer.update(chunk)
         meter.advance(chunk.read)
     source.check_unchanged()
