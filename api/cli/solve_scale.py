@@ -46,7 +46,8 @@ def scale_runner(engine: str, master: str | None) -> Runner:
     if engine == "stream":
         return run_local
     try:
-        from exitwise.calibration.scale.spark import spark_runner  # lazy: PySpark is the [spark] extra
+        # lazy: PySpark (the [spark] extra) takes seconds to import and is not installed by default
+        from exitwise.calibration.scale.spark import spark_runner
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == "exitwise":
             raise

@@ -49,6 +49,11 @@ from exitwise.calibration.pipeline import (
 from exitwise.calibration.scale.dataset import DEFAULT_BATCH_ROWS, Source
 from exitwise.calibration.scale.passes import (
     ALL_COLUMN,
+    N_DIS,
+    N_EXITS,
+    N_IND,
+    N_RIGHT,
+    N_ROWS,
     CertifyPass,
     SamplePass,
     SplitSelector,
@@ -252,17 +257,15 @@ def evaluation_from_counts(counts: CertifyPass, j: int, risk: str, costs: np.nda
     Per-row arrays are empty and batch compute fractions are not measured: both depend on
     the order of the rows, which the scale engine does not keep.
     """
-    from exitwise.calibration.scale.passes import _DIS, _EXITS, _IND, _N, _RIGHT  # lazy: count vector layout
-
     cost = np.asarray(costs, dtype=np.float64) / float(costs[-1])
-    risk_slot = _IND if risk == "induced_error" else _DIS
+    risk_slot = N_IND if risk == "induced_error" else N_DIS
 
     def stats(row: np.ndarray) -> SegmentStats:
-        n = int(row[_N])
-        losses = {"disagreement": int(row[_DIS])} | ({"induced_error": int(row[_IND])} if labelled else {})
-        return SegmentStats(n=n, compute_fraction=float(row[_EXITS:] @ cost) / n, risk=int(row[risk_slot]) / n,
-                            disagreement=int(row[_DIS]) / n,
-                            induced_error=int(row[_IND]) / n if labelled else None, risk_type=risk, losses=losses)
+        n = int(row[N_ROWS])
+        losses = {"disagreement": int(row[N_DIS])} | ({"induced_error": int(row[N_IND])} if labelled else {})
+        return SegmentStats(n=n, compute_fraction=float(row[N_EXITS:] @ cost) / n, risk=int(row[risk_slot]) / n,
+                            disagreement=int(row[N_DIS]) / n,
+                            induced_error=int(row[N_IND]) / n if labelled else None, risk_type=risk, losses=losses)
 
     whole = counts.counts[ALL_COLUMN][""][j]
     overall = stats(whole)
@@ -274,8 +277,8 @@ def evaluation_from_counts(counts: CertifyPass, j: int, risk: str, costs: np.nda
     return Evaluation(
         risk_type=risk, n=n, compute_fraction=overall.compute_fraction, risk=overall.risk,
         disagreement=overall.disagreement, induced_error=overall.induced_error,
-        exit_rate=tuple(float(v) / n for v in whole[_EXITS:]), batch_compute_fraction={}, segments=segments,
-        accuracy=int(whole[_RIGHT]) / n if labelled else None,
+        exit_rate=tuple(float(v) / n for v in whole[N_EXITS:]), batch_compute_fraction={}, segments=segments,
+        accuracy=int(whole[N_RIGHT]) / n if labelled else None,
         full_depth_accuracy=full_right / n if labelled else None,
         exit=empty, answer=empty, loss=empty.astype(bool), losses=dict(overall.losses),
     )

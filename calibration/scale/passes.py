@@ -38,7 +38,8 @@ from exitwise.calibration.scale.hashing import (
 )
 from exitwise.calibration.scale.sample import Reservoir, Rows
 
-__all__ = ["ALL_COLUMN", "CertifyPass", "SamplePass", "SplitSelector", "TemperaturePass", "fixed_sum"]
+__all__ = ["ALL_COLUMN", "N_DIS", "N_EXITS", "N_IND", "N_RIGHT", "N_ROWS", "CertifyPass", "SamplePass", "SplitSelector",
+           "TemperaturePass", "fixed_sum"]
 
 ALL_COLUMN = ""  # the pseudo segment column of all rows (one level, "")
 _FIXED = float(1 << 32)  # fixed-point scale of the temperature statistics
@@ -287,7 +288,7 @@ class TemperaturePass:
         return self.grad[k] / _FIXED / n, self.curv[k] / _FIXED / n
 
 
-_N, _DIS, _IND, _RIGHT, _EXITS = 0, 1, 2, 3, 4  # layout of a count vector; exits from _EXITS on
+N_ROWS, N_DIS, N_IND, N_RIGHT, N_EXITS = 0, 1, 2, 3, 4  # layout of a count vector; exits from N_EXITS on
 
 
 @dataclass(eq=False)
@@ -334,27 +335,27 @@ class CertifyPass:
         cols = self._columns(logs, n)
         exit_at = first_exits(self.policies, scores, preds, policy_rows(self.policies[0], logs.segments, n))
         answer = np.take_along_axis(preds, exit_at, axis=1)  # (n, P)
-        flags = {_DIS: answer != final[:, None]}
+        flags = {N_DIS: answer != final[:, None]}
         if y is not None:
             right_final = final == y
-            flags[_IND] = (answer != y[:, None]) & right_final[:, None]
-            flags[_RIGHT] = answer == y[:, None]
+            flags[N_IND] = (answer != y[:, None]) & right_final[:, None]
+            flags[N_RIGHT] = answer == y[:, None]
             for name, (codes, levels) in cols.items():
                 _add_counts(self.full_right.setdefault(name, {}), np.asarray(levels, dtype=object),
                             np.bincount(codes[right_final], minlength=len(levels)))
         cand = np.arange(n_pol)[None, :]
         for name, (codes, levels) in cols.items():
             m = len(levels)
-            vec = np.zeros((m, n_pol, _EXITS + k_total), dtype=np.int64)
-            vec[:, :, _N] = np.bincount(codes, minlength=m)[:, None]
+            vec = np.zeros((m, n_pol, N_EXITS + k_total), dtype=np.int64)
+            vec[:, :, N_ROWS] = np.bincount(codes, minlength=m)[:, None]
             cell = codes[:, None] * n_pol + cand  # (n, P): (level, candidate)
             for slot, flag in flags.items():
                 vec[:, :, slot] = np.bincount(cell[flag], minlength=m * n_pol).reshape(m, n_pol)
-            vec[:, :, _EXITS:] = np.bincount((cell * k_total + exit_at).ravel(),
+            vec[:, :, N_EXITS:] = np.bincount((cell * k_total + exit_at).ravel(),
                                              minlength=m * n_pol * k_total).reshape(m, n_pol, k_total)
             table = self.counts.setdefault(name, {})
             for level, block in zip(levels, vec, strict=True):
-                if block[0, _N]:
+                if block[0, N_ROWS]:
                     have = table.get(level)
                     table[level] = block if have is None else have + block
 
@@ -380,7 +381,7 @@ class CertifyPass:
         row = self.row(j, column, level)
         if row is None:
             return 0, 0
-        return int(row[_IND if risk == "induced_error" else _DIS]), int(row[_N])
+        return int(row[N_IND if risk == "induced_error" else N_DIS]), int(row[N_ROWS])
 
 
 def merge_all(reducers: Sequence[Any]) -> Any:

@@ -68,7 +68,7 @@ def test_the_split_share_is_the_choose_fraction_and_the_seed_reshuffles() -> Non
 
 def test_unit_interval_is_uniform_and_below_one() -> None:
     u = unit_interval(hash_ids(np.arange(100_000), 5, SALT_SPLIT))
-    assert 0.0 <= u.min() and u.max() < 1.0
+    assert u.min() >= 0.0 and u.max() < 1.0
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
     assert np.all(np.abs(counts - 10_000) < 5 * 100)
 
