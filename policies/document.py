@@ -171,10 +171,12 @@ def _unit(prep: Any) -> dict[str, Any]:
     """What one certified unit is: a row, or a group of rows (with the group counts of the split)."""
     if prep.groups is None:
         return {"unit": "row"}
-    gi, cert = prep.groups, prep.cert_groups
+    counts = getattr(prep.splits, "group_counts", None)  # a split at scale counted its groups in a stream
+    if counts is None:
+        gi, cert = prep.groups, prep.cert_groups
+        counts = {"total": int(gi.n_groups), "certify": int(cert.n_groups), "choose": int(gi.n_groups - cert.n_groups)}
     return {"unit": "group", "group_column": prep.spec.group_column or prep.logs.card.group_column,
-            "groups": {"total": int(gi.n_groups), "certify": int(cert.n_groups),
-                       "choose": int(gi.n_groups - cert.n_groups)}}
+            "groups": dict(counts)}
 
 
 def build_document(

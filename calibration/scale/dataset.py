@@ -15,7 +15,7 @@ the same way: the in-memory path of the scale engine, and its equality tests.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,19 +26,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exitwise.calibration.exceptions import InputError, LogFormatError
-from exitwise.calibration.logfiles.columns import Where, decode_ids
+from exitwise.calibration.logfiles.columns import Where, decode_ids, decode_segment
 from exitwise.calibration.logfiles.forms import EXIT_RE, TS_COLUMN
 from exitwise.calibration.logfiles.tables import read_wide_table
 from exitwise.calibration.logs import ExitLogs, ModelCard
 from exitwise.calibration.scale.where import PartitionFilter
 
-__all__ = ["ArraySource", "Chunk", "LogFile", "ParquetDataset", "RowSelector", "Source"]
+__all__ = ["ArraySource", "Chunk", "LogFile", "ParquetDataset", "RowSelector", "Source", "row_keys"]
 
 DEFAULT_BATCH_ROWS = 65_536
 MAX_FILES = 200_000
 _DATA_SUFFIXES = (".parquet", ".parq", "")  # "": Hive's part-00000 files
-# selects rows of a batch by their request ids before the logits are decoded (None: all)
-RowSelector = Callable[[np.ndarray], np.ndarray]
+
+
+class RowSelector(Protocol):
+    """Selects rows of a batch by their keys before the logits are decoded: the request id
+    (``key`` None) or the value of a group column (the same strings :func:`row_keys` gives)."""
+
+    @property
+    def key(self) -> str | None: ...
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray: ...
+
+
+def row_keys(logs: ExitLogs, column: str | None) -> np.ndarray:
+    """What a row is split by: its request id (``column`` None) or the value of its group column."""
+    if column is None:
+        if logs.request_ids is None:
+            raise InputError(f"{logs.source}: no request ids: the scale engine splits by a hash of the request id")
+        return logs.request_ids
+    if column in logs.segments:
+        return logs.segments[column].values()
+    raise InputError(f"{logs.source}: --group-column {column!r} is not a segment column of the card "
+                     f"(segment_columns: {sorted(logs.segments) or 'none'}): the scale engine groups rows by one")
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,22 +276,34 @@ class ParquetDataset:
                     if n == 0:
                         continue
                     if select is not None:
-                        arr = batch.column(self.card.id_column)
-                        ids = decode_ids(arr, self.card.id_column, str(f.path), Where(arr, self.card.id_column,
-                                                                                     first_row=first_row))
-                        keep = select(ids)
+                        keep = select(self._keys(batch, f, select.key, first_row))
                         if not keep.any():
                             first_row += n
                             skipped += n
                             continue
                         batch = batch.filter(pa.array(keep))
-                    yield self.decode(pa.Table.from_batches([batch]), str(f.path), f.partition, first_row,
-                                      skipped + n)
+                    # selected rows are not the file's rows in order: errors name them by request id
+                    yield self.decode(pa.Table.from_batches([batch]), str(f.path), f.partition,
+                                      first_row if select is None else None, skipped + n)
                     first_row += n
                     skipped = 0
             except (pa.ArrowException, OSError) as exc:
                 raise LogFormatError(f"{f.path}: cannot read rows from row {first_row} on (corrupt Parquet "
                                      f"file): {exc}") from None
+
+    def _keys(self, batch: pa.RecordBatch, f: LogFile, column: str | None, first_row: int) -> np.ndarray:
+        """The split keys of a batch's rows, decoded as :func:`row_keys` gives them from decoded logs."""
+        name = self.card.id_column if column is None else column
+        partition = dict(f.partition)
+        if name in partition:
+            return np.full(batch.num_rows, partition[name], dtype=object)
+        arr = batch.column(name)
+        where = Where(arr, name, first_row=first_row)
+        if column is None:
+            return decode_ids(arr, name, str(f.path), where)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        return decode_segment(arr, name, str(f.path), where).values()
 
     def check_unchanged(self) -> None:
         """LogFormatError if a file changed or went away since the dataset was opened (between passes)."""
@@ -312,14 +344,13 @@ class ArraySource:
 
     def chunks(self, select: RowSelector | None = None) -> Iterator[Chunk]:
         n, step = self.logs.n, int(self.batch_rows)
-        ids = self.logs.request_ids
-        assert ids is not None
+        keys = None if select is None else row_keys(self.logs, select.key)
         skipped = 0
         for start in range(0, n, step):
             index = np.arange(start, min(n, start + step))
             read = index.size
-            if select is not None:
-                index = index[select(ids[index])]
+            if keys is not None and select is not None:
+                index = index[select(keys[index])]
                 if not index.size:
                     skipped += read
                     continue

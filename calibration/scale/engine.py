@@ -24,17 +24,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from exitwise.calibration.calibrators import Calibrator, TemperatureScaler, calibrator_from_dict
-from exitwise.calibration.certify import ALL, CountedConstraint, aim, fixed_sequence_counts, min_rows
+from exitwise.calibration.certify import (
+    ALL,
+    Certification,
+    Constraint,
+    CountedConstraint,
+    aim,
+    fixed_sequence,
+    fixed_sequence_counts,
+    min_groups,
+)
+from exitwise.calibration.certify import min_rows as min_rows_
 from exitwise.calibration.evaluate import SEQUENCE_RISKS, Evaluation, SegmentStats, check_risk
 from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.groups import GROUP_RISKS
+from exitwise.calibration.logs import ExitLogs, ModelCard
 from exitwise.calibration.pipeline import (
     PathPlan,
     Prepared,
@@ -49,6 +60,7 @@ from exitwise.calibration.pipeline import (
 from exitwise.calibration.scale.dataset import DEFAULT_BATCH_ROWS, Source
 from exitwise.calibration.scale.passes import (
     ALL_COLUMN,
+    FIXED,
     N_DIS,
     N_EXITS,
     N_IND,
@@ -94,17 +106,21 @@ class ScaleSettings:
 
 @dataclass(frozen=True)
 class HashSplit:
-    """The choose / certify split by a hash of the request id (``guarantee.split`` of the document)."""
+    """The choose / certify split by a hash of the request id or group (``guarantee.split`` of the document).
+
+    ``choose`` and ``certify`` count rows; ``group_counts`` (with groups) counts groups.
+    """
 
     seed: int
     choose_fraction: float
-    id_column: str
+    key_column: str
     choose: int
     certify: int
     sample: int
+    group_counts: Mapping[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": "hash", "id_column": self.id_column, "choose_fraction": self.choose_fraction,
+        return {"method": "hash", "key_column": self.key_column, "choose_fraction": self.choose_fraction,
                 "choose": self.choose, "certify": self.certify, "sample": self.sample, "seed": self.seed}
 
 
@@ -120,12 +136,19 @@ class ScaleSolve:
     passes: Mapping[str, Mapping[str, float]]  # per pass: rows read and seconds
 
 
-def _check_spec(spec: SolveSpec) -> None:
+def _check_spec(spec: SolveSpec, card: ModelCard) -> None:
     check_budget(spec.eps, "eps")
     check_budget(spec.delta, "delta")
-    if spec.group_column is not None or spec.risk in SEQUENCE_RISKS:
-        raise InputError("the scale engine certifies rows; risks over groups (--group-column, "
-                         "sequence_disagreement) are solved in memory for now: drop --engine")
+    if card.token_level:
+        raise InputError("the scale engine reads classifier logs (a card with 'classes'); token-level logs "
+                         "(a card with 'vocab_size') are solved in memory for now: drop --engine")
+    if spec.risk in SEQUENCE_RISKS and spec.group_column is None:
+        raise InputError(f"risk {spec.risk!r} is defined per group: give --group-column (the sequence id column)")
+
+
+def _splitter(spec: SolveSpec, frac: float, choose: bool) -> SplitSelector:
+    """The rows of one split: by request id, or by group with a group column."""
+    return SplitSelector(spec.seed, frac, choose, key=spec.group_column)
 
 
 def _choose_fraction(spec: SolveSpec, n: int) -> float:
@@ -184,16 +207,17 @@ def refine_temperatures(source: Source, runner: Runner, pilot: Sequence[Calibrat
     return cals
 
 
-def _constraints(prepared: Prepared, certify_counts: Mapping[str, int]
+def _constraints(prepared: Prepared, certify_counts: Mapping[str, int], n_cert: int
                  ) -> tuple[list[CountedConstraint], list[CountedConstraint], dict[str, tuple[float, int]],
                             np.ndarray, dict[int, float]]:
-    """The constraints from the certify rows per stratum: (for the path, for the test, uncertified, forced, aims).
+    """The constraints from the certify units (rows, or groups) per stratum: (for the path, for the
+    test, uncertified, forced, aims).
 
-    A ``*=EPS`` budget also covers values that have certify rows but no choose row: they are
+    A ``*=EPS`` budget also covers values that have certify units but no choose row: they are
     tested (at the policy's default thresholds) but give the path no target.
     """
     spec = prepared.spec
-    n_cert = sum(certify_counts.values())
+    min_rows = min_rows_ if prepared.groups is None or spec.risk in SEQUENCE_RISKS else min_groups
     path_cons = [CountedConstraint(ALL, spec.eps, n_cert)]
     uncertified: dict[str, tuple[float, int]] = {}
     forced = prepared.forced_segments.copy()
@@ -295,11 +319,12 @@ def make_spill(source: Source, runner: Runner, settings: ScaleSettings, split: S
 
 def sample_pass(source: Source, runner: Runner, settings: ScaleSettings, seed: int, frac: float,
                 strata_keys: tuple[str, ...], progress: ProgressFn | None, spill: Spill | None,
-                passes: dict[str, dict[str, float]]) -> SamplePass:
+                passes: dict[str, dict[str, float]], group_column: str | None = None) -> SamplePass:
     """Pass 1 over every row (teeing the choose rows into ``spill``)."""
     meter = Meter("pass 1/3 sample", source.rows, progress, (0.0, 0.35))
     reducer = SamplePass(seed=seed, choose_fraction=frac, strata_keys=strata_keys, sample_rows=settings.sample_rows,
-                         floor_rows=settings.floor_rows if strata_keys else 0, report_rows=settings.report_rows)
+                         floor_rows=settings.floor_rows if strata_keys else 0, report_rows=settings.report_rows,
+                         group_column=group_column)
     got = runner(source, reducer if spill is None else Tee(reducer, spill), None, meter)
     p1: SamplePass = got.reducer if isinstance(got, Tee) else got
     passes["sample"] = {"rows": float(p1.rows), "seconds": meter.seconds}
@@ -311,10 +336,9 @@ def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | No
                    where: str | None = None) -> ScaleSolve:
     """Solve and certify ``spec`` on ``source`` in three passes (see the module docstring)."""
     settings = (settings or ScaleSettings()).check()
-    _check_spec(spec)
+    _check_spec(spec, source.card)
     frac = _choose_fraction(spec, source.rows)
-    spill = make_spill(source, runner, settings, SplitSelector(spec.seed, frac, True),
-                       spec.calibrator == "temperature")
+    spill = make_spill(source, runner, settings, _splitter(spec, frac, True), spec.calibrator == "temperature")
     try:
         return _solve(source, spec, settings, runner, progress, where, frac, spill)
     finally:
@@ -326,7 +350,8 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
            where: str | None, frac: float, spill: Spill | None) -> ScaleSolve:
     card = source.card
     passes: dict[str, dict[str, float]] = {}
-    p1 = sample_pass(source, runner, settings, spec.seed, frac, spec.segment_keys, progress, spill, passes)
+    p1 = sample_pass(source, runner, settings, spec.seed, frac, spec.segment_keys, progress, spill, passes,
+                     spec.group_column)
     if p1.rows < 2:
         raise InputError(f"{source.name}: too few rows to solve a policy: {p1.rows}")
     check_risk(spec.risk, bool(p1.labelled), source.name)
@@ -334,7 +359,7 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
     report = p1.report_sample()
     if report is None:
         raise InputError(f"{source.name}: no certify rows: every request id hashed to the choose split")
-    choose_split = SplitSelector(spec.seed, frac, True)
+    choose_split = _splitter(spec, frac, True)
     if sample is None:  # nothing chooses: the raw shared threshold certified on every row
         base = report.to_logs(card, source.name)
         splits = Splits(choose=np.zeros(0, dtype=np.int64), certify=np.zeros(0, dtype=np.int64), seed=spec.seed)
@@ -349,7 +374,12 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
                                    progress, choose_split, passes,
                                    None if spill is None else spill.source(source_batch(source)))
         prepared = prepare(base, spec, splits=splits, calibrators=cals)
-    path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_counts)
+    grouped = spec.group_column is not None
+    if grouped:
+        path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_group_counts(),
+                                                                       p1.n_certify_groups())
+    else:
+        path_cons, test_cons, uncertified, forced, aims = _constraints(prepared, p1.certify_counts, p1.n_certify)
     if progress is not None:
         progress("choosing the family and its path on the sample", 0.55)
     plan: PathPlan = plan_path(prepared, path_cons, forced, aims)
@@ -358,27 +388,87 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
                                                np.nan), forced)
     candidates = (*plan.policies, full_depth)
     meter = Meter("pass 3/3 certify", source.rows, progress, (0.6, 1.0))
-    p3 = runner(source, CertifyPass(policies=candidates, calibrators=plan.prepared.calibrators, score=spec.score,
-                                    strata_keys=spec.segment_keys), SplitSelector(spec.seed, frac, False), meter)
-    passes["certify"] = {"rows": float(p3.rows), "seconds": meter.seconds}
-    strata = "|".join(spec.segment_keys)
-
-    def losses(j: int) -> list[int]:
-        return [p3.losses(j, ALL_COLUMN if c.name == ALL else strata, "" if c.name == ALL else c.name,
-                          spec.risk)[0] for c in test_cons]
-
-    n_pts = len(plan.policies)
-    cert = fixed_sequence_counts(losses, n_pts, test_cons, spec.delta)
-    costs = card.costs
     labelled = bool(p1.labelled)
-    evals = {j: evaluation_from_counts(p3, j, spec.risk, costs, labelled)
-             for j in range(n_pts + 1)}
-    stats = {j: (e.risk, e.compute_fraction) for j, e in evals.items()}
-    split = HashSplit(seed=spec.seed, choose_fraction=frac, id_column=card.id_column, choose=p1.n_choose,
-                      certify=p1.n_certify, sample=0 if sample is None else base.n)
+    p3 = runner(source, CertifyPass(policies=candidates, calibrators=plan.prepared.calibrators, score=spec.score,
+                                    strata_keys=spec.segment_keys, group_column=spec.group_column,
+                                    labelled=labelled), _splitter(spec, frac, False), meter)
+    passes["certify"] = {"rows": float(p3.rows), "seconds": meter.seconds}
+    n_pts = len(plan.policies)
+    evals = {j: evaluation_from_counts(p3, j, spec.risk, card.costs, labelled) for j in range(n_pts + 1)}
+    if grouped:
+        cert, constraints, group_risk = _certify_groups(p3, spec, test_cons, n_pts, source.name)
+        stats = {j: (group_risk(j), e.compute_fraction) for j, e in evals.items()}
+        evals = {j: replace(e, groups=group_figures(p3, j, labelled)) for j, e in evals.items()}
+        counts = {"total": len(p1.choose_groups) + p1.n_certify_groups(), "choose": len(p1.choose_groups),
+                  "certify": p1.n_certify_groups()}
+    else:
+        cert, constraints = _certify_rows(p3, spec, test_cons, n_pts), test_cons
+        stats = {j: (e.risk, e.compute_fraction) for j, e in evals.items()}
+        counts = None
+    split = HashSplit(seed=spec.seed, choose_fraction=frac, key_column=spec.group_column or card.id_column,
+                      choose=p1.n_choose, certify=p1.n_certify, sample=0 if sample is None else base.n,
+                      group_counts=counts)
     solution = finish_solution(prepared, replace(plan, prepared=replace(plan.prepared, splits=split)), cert, stats,
-                               test_cons, uncertified, forced, {k: v["seconds"] for k, v in passes.items()},
+                               constraints, uncertified, forced, {k: v["seconds"] for k, v in passes.items()},
                                curve_indices(n_pts, len(cert.steps), 6))
     chosen = n_pts if cert.chosen is None else cert.chosen
     return ScaleSolve(solution=solution, expected=evals[chosen], report=report.to_logs(card, source.name),
                       data=_data(p1, source, split, where), counts=p3, passes=passes)
+
+
+def _certify_rows(p3: CertifyPass, spec: SolveSpec, constraints: Sequence[CountedConstraint],
+                  n_pts: int) -> Certification:
+    """The fixed-sequence test from the loss counts per constraint (exact binomial over rows)."""
+    strata = "|".join(spec.segment_keys)
+
+    def losses(j: int) -> list[int]:
+        return [p3.losses(j, ALL_COLUMN if c.name == ALL else strata, "" if c.name == ALL else c.name,
+                          spec.risk)[0] for c in constraints]
+
+    return fixed_sequence_counts(losses, n_pts, constraints, spec.delta)
+
+
+def _certify_groups(p3: CertifyPass, spec: SolveSpec, counted: Sequence[CountedConstraint], n_pts: int,
+                    where: str) -> tuple[Certification, list[Constraint], Callable[[int], float]]:
+    """The fixed-sequence test over certify groups: one loss per group, as in memory.
+
+    A group's loss is the mean of its rows' losses (Hoeffding-Bentkus) or whether any row lost
+    (``sequence_disagreement``: the exact binomial); groups are in key order, so every float is
+    added up in the same order whatever the batches.
+    """
+    assert p3.groups is not None
+    table = p3.groups.consolidate()
+    size = table["rows"].astype(np.float64)
+    lost = table["ind"] if spec.risk == "induced_error" else table["dis"]
+    every = np.arange(size.size)
+    constraints = [Constraint(ALL, spec.eps, every)]
+    if len(counted) > 1:
+        strata = p3.groups.strata(p3.stratum_levels, where)
+        constraints += [Constraint(c.name, c.eps, np.flatnonzero(strata == c.name)) for c in counted[1:]]
+
+    def losses(j: int) -> np.ndarray:
+        return lost[:, j] > 0 if GROUP_RISKS[spec.risk] == "any" else lost[:, j] / size
+
+    def risk(j: int) -> float:
+        return float(losses(j).mean()) if size.size else 0.0
+
+    return fixed_sequence(losses, n_pts, constraints, spec.delta), constraints, risk
+
+
+def group_figures(p3: CertifyPass, j: int, labelled: bool) -> dict[str, Any]:
+    """Candidate j's figures per group (the ``groups`` of an evaluation, see ``group_summary``)."""
+    assert p3.groups is not None
+    table = p3.groups.consolidate()
+    size = table["rows"].astype(np.float64)
+    g = int(size.size)
+    dis = table["dis"][:, j]
+    out: dict[str, Any] = {
+        "n": g, "mean_disagreement": float((dis / size).mean()) if g else None,
+        "sequence_disagreement": float((dis > 0).mean()) if g else None,
+        "sequences_with_disagreement": int((dis > 0).sum()),
+        "compute_fraction": float((table["cost"][:, j] / FIXED / size).mean()) if g else None,
+        "sequence_disagreement_interval": None,
+    }
+    if labelled and "ind" in table:
+        out["mean_induced_error"] = float((table["ind"][:, j] / size).mean()) if g else None
+    return out

@@ -26,7 +26,8 @@ import numpy as np
 from exitwise.calibration.evaluate import ScoredLogs, composite_segments, policy_rows
 from exitwise.calibration.exceptions import LogFormatError
 from exitwise.calibration.rule import CompiledPolicy, first_exits
-from exitwise.calibration.scale.dataset import Chunk
+from exitwise.calibration.scale.dataset import Chunk, row_keys
+from exitwise.calibration.scale.grouped import GroupTable, KeySet
 from exitwise.calibration.scale.hashing import (
     SALT_SAMPLE,
     SALT_SPLIT,
@@ -38,11 +39,11 @@ from exitwise.calibration.scale.hashing import (
 )
 from exitwise.calibration.scale.sample import Reservoir, Rows
 
-__all__ = ["ALL_COLUMN", "N_DIS", "N_EXITS", "N_IND", "N_RIGHT", "N_ROWS", "CertifyPass", "SamplePass", "SplitSelector",
-           "TemperaturePass", "fixed_sum"]
+__all__ = ["ALL_COLUMN", "FIXED", "N_DIS", "N_EXITS", "N_IND", "N_RIGHT", "N_ROWS", "CertifyPass", "SamplePass",
+           "SplitSelector", "TemperaturePass", "fixed_sum"]
 
 ALL_COLUMN = ""  # the pseudo segment column of all rows (one level, "")
-_FIXED = float(1 << 32)  # fixed-point scale of the temperature statistics
+FIXED = float(1 << 32)  # fixed-point scale of the sums (temperature statistics, compute)
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,15 @@ class SplitSelector:
     seed: int
     choose_fraction: float
     choose: bool  # True: the choose rows; False: the certify rows
+    key: str | None = None  # what rows are split by: None the request id, else a group column
 
-    def mask(self, ids: np.ndarray) -> np.ndarray:
-        """True for the rows of the chosen split."""
-        in_choose = unit_interval(hash_ids(ids, self.seed, SALT_SPLIT)) < self.choose_fraction
+    def mask(self, keys: np.ndarray) -> np.ndarray:
+        """True for the rows of the chosen split (``keys``: request ids, or group values)."""
+        in_choose = unit_interval(hash_ids(keys, self.seed, SALT_SPLIT)) < self.choose_fraction
         return in_choose if self.choose else ~in_choose
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        return self.mask(ids)
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        return self.mask(keys)
 
 
 def fixed_sum(values: np.ndarray) -> int:
@@ -68,7 +70,7 @@ def fixed_sum(values: np.ndarray) -> int:
     Each value is rounded on its own and the integers add exactly (split into 32-bit halves),
     so the sum does not depend on how the rows were batched or ordered.
     """
-    q = np.rint(np.asarray(values, dtype=np.float64) * _FIXED).astype(np.int64)
+    q = np.rint(np.asarray(values, dtype=np.float64) * FIXED).astype(np.int64)
     hi, lo = q >> np.int64(32), q & np.int64(0xFFFFFFFF)
     return (int(hi.sum()) << 32) + int(lo.sum())
 
@@ -111,6 +113,7 @@ class SamplePass:
     sample_rows: int
     floor_rows: int
     report_rows: int
+    group_column: str | None = None  # split and sample whole groups (their value's hash) instead of rows
     rows: int = 0
     choose_counts: dict[str, int] = field(default_factory=dict)
     certify_counts: dict[str, int] = field(default_factory=dict)
@@ -124,9 +127,13 @@ class SamplePass:
     strata: dict[str, Reservoir] = field(default_factory=dict)
     report: Reservoir | None = None
 
+    choose_groups: KeySet = field(default_factory=KeySet)
+    certify_groups: dict[str, KeySet] = field(default_factory=dict)  # per stratum
+
     def __post_init__(self) -> None:
-        self.sample = self.sample or Reservoir(self.sample_rows)
-        self.report = self.report or Reservoir(self.report_rows)
+        grouped = self.group_column is not None
+        self.sample = self.sample or Reservoir(self.sample_rows, grouped)
+        self.report = self.report or Reservoir(self.report_rows, grouped)
 
     def _check_shape(self, chunk: Chunk) -> None:
         logs = chunk.logs
@@ -148,10 +155,11 @@ class SamplePass:
         assert logs.request_ids is not None and self.sample is not None and self.report is not None
         n = logs.n
         self.rows += n
-        choose = SplitSelector(self.seed, self.choose_fraction, True).mask(logs.request_ids)
-        priority = hash_ids(logs.request_ids, self.seed, SALT_SAMPLE)
-        keys = _row_keys(chunk)
-        self.fingerprint = (self.fingerprint + int(keys.sum(dtype=np.uint64))) % (1 << 64)
+        keys = row_keys(logs, self.group_column)
+        choose = SplitSelector(self.seed, self.choose_fraction, True).mask(keys)
+        priority = hash_ids(keys, self.seed, SALT_SAMPLE)
+        row_keys_ = _row_keys(chunk)
+        self.fingerprint = (self.fingerprint + int(row_keys_.sum(dtype=np.uint64))) % (1 << 64)
         codes, levels = composite_segments(logs.segments, self.strata_keys, n)
         for mask, counts in ((choose, self.choose_counts), (~choose, self.certify_counts)):
             _add_counts(counts, np.asarray(levels, dtype=object), np.bincount(codes[mask], minlength=len(levels)))
@@ -164,13 +172,20 @@ class SamplePass:
             self.ts_range = (lo, hi) if self.ts_range is None else (min(lo, self.ts_range[0]),
                                                                      max(hi, self.ts_range[1]))
         chosen = np.flatnonzero(choose)
-        self.sample.offer(logs, chosen, priority, keys)
+        self.sample.offer(logs, chosen, priority, row_keys_)
         if self.floor_rows > 0 and chosen.size:
             level_of = codes[chosen]
             for code in np.unique(level_of):
-                stratum = self.strata.setdefault(levels[int(code)], Reservoir(self.floor_rows))
-                stratum.offer(logs, chosen[level_of == code], priority, keys)
-        self.report.offer(logs, np.flatnonzero(~choose), priority, keys)
+                stratum = self.strata.setdefault(levels[int(code)],
+                                                 Reservoir(self.floor_rows, self.group_column is not None))
+                stratum.offer(logs, chosen[level_of == code], priority, row_keys_)
+        self.report.offer(logs, np.flatnonzero(~choose), priority, row_keys_)
+        if self.group_column is not None:
+            group_hash = value_hashes(keys)
+            self.choose_groups.add(group_hash[choose])
+            for code in np.unique(codes[~choose]):
+                mask = ~choose & (codes == code)
+                self.certify_groups.setdefault(levels[int(code)], KeySet()).add(group_hash[mask])
 
     def merge(self, other: SamplePass) -> None:
         assert self.sample is not None and self.report is not None
@@ -197,7 +212,10 @@ class SamplePass:
         self.sample.merge(other.sample)
         self.report.merge(other.report)
         for level, res in other.strata.items():
-            self.strata.setdefault(level, Reservoir(self.floor_rows)).merge(res)
+            self.strata.setdefault(level, Reservoir(self.floor_rows, self.group_column is not None)).merge(res)
+        self.choose_groups.merge(other.choose_groups)
+        for level, keyset in other.certify_groups.items():
+            self.certify_groups.setdefault(level, KeySet()).merge(keyset)
 
     @property
     def n_choose(self) -> int:
@@ -206,6 +224,16 @@ class SamplePass:
     @property
     def n_certify(self) -> int:
         return sum(self.certify_counts.values())
+
+    def certify_group_counts(self) -> dict[str, int]:
+        """Distinct certify groups per stratum (a group whose rows span strata counts in each)."""
+        return {level: len(keys) for level, keys in self.certify_groups.items()}
+
+    def n_certify_groups(self) -> int:
+        whole = KeySet()
+        for keys in self.certify_groups.values():
+            whole.merge(keys)
+        return len(whole)
 
     def choose_sample(self) -> Rows | None:
         """The stratified choose sample: the global bottom-k plus each stratum's floor rows beyond it."""
@@ -217,8 +245,7 @@ class SamplePass:
             part = self.strata[level].rows()
             if part is None or bound is None:
                 continue  # no bound: the global sample holds every choose row already
-            p0, h0 = bound
-            beyond = (part.priority > p0) | ((part.priority == p0) & (part.row_hash > h0))
+            beyond = self.sample.beyond(part.priority, part.row_hash)
             if beyond.any():
                 extra.append(part.take(np.flatnonzero(beyond)))
         parts = ([rows] if rows is not None else []) + extra
@@ -285,7 +312,7 @@ class TemperaturePass:
     def step(self, k: int) -> tuple[float, float]:
         """(mean gradient, mean curvature) of exit k's NLL in beta."""
         n = max(self.rows, 1)
-        return self.grad[k] / _FIXED / n, self.curv[k] / _FIXED / n
+        return self.grad[k] / FIXED / n, self.curv[k] / FIXED / n
 
 
 N_ROWS, N_DIS, N_IND, N_RIGHT, N_EXITS = 0, 1, 2, 3, 4  # layout of a count vector; exits from N_EXITS on
@@ -306,9 +333,17 @@ class CertifyPass:
     calibrators: tuple[Mapping[str, Any], ...]
     score: str
     strata_keys: tuple[str, ...]
+    group_column: str | None = None  # also add up losses and compute per group (:class:`GroupTable`)
+    labelled: bool = False
     rows: int = 0
     counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     full_right: dict[str, dict[str, int]] = field(default_factory=dict)
+    groups: GroupTable | None = None
+    stratum_levels: dict[int, str] = field(default_factory=dict)  # stratum hash -> value
+
+    def __post_init__(self) -> None:
+        if self.group_column is not None and self.groups is None:
+            self.groups = GroupTable(len(self.policies), self.labelled)
 
     @property
     def strata_column(self) -> str:
@@ -343,6 +378,8 @@ class CertifyPass:
             for name, (codes, levels) in cols.items():
                 _add_counts(self.full_right.setdefault(name, {}), np.asarray(levels, dtype=object),
                             np.bincount(codes[right_final], minlength=len(levels)))
+        if self.groups is not None:
+            self._add_groups(logs, exit_at, flags, scored.costs)
         cand = np.arange(n_pol)[None, :]
         for name, (codes, levels) in cols.items():
             m = len(levels)
@@ -359,8 +396,22 @@ class CertifyPass:
                     have = table.get(level)
                     table[level] = block if have is None else have + block
 
+    def _add_groups(self, logs: Any, exit_at: np.ndarray, flags: Mapping[int, np.ndarray], costs: np.ndarray) -> None:
+        assert self.groups is not None
+        n = logs.n
+        codes, levels = composite_segments(logs.segments, self.strata_keys, n)
+        level_hash = value_hashes(np.asarray(levels, dtype=object))
+        for h, level in zip(level_hash, levels, strict=True):
+            self.stratum_levels[int(h)] = level
+        cost_fp = np.rint(np.asarray(costs, dtype=np.float64) / float(costs[-1]) * FIXED)
+        self.groups.add(value_hashes(row_keys(logs, self.group_column)), level_hash[codes], flags[N_DIS],
+                        flags.get(N_IND), cost_fp[exit_at])
+
     def merge(self, other: CertifyPass) -> None:
         self.rows += other.rows
+        if self.groups is not None and other.groups is not None:
+            self.groups.merge(other.groups)
+        self.stratum_levels.update(other.stratum_levels)
         for name, table in other.counts.items():
             into = self.counts.setdefault(name, {})
             for level, block in table.items():

@@ -83,6 +83,7 @@ class Reservoir:
     """The rows with the ``k`` smallest keys seen so far (and any tied with the k-th)."""
 
     k: int
+    whole_groups: bool = False  # rows of one group share a priority: keep or drop them together
     parts: list[Rows] = field(default_factory=list)
     held: int = 0
     bound: tuple[int, int] | None = None  # the k-th smallest key once k rows were seen
@@ -99,7 +100,15 @@ class Reservoir:
     def _below(self, priority: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
         assert self.bound is not None
         p0, h0 = self.bound
+        if self.whole_groups:
+            return priority <= p0
         return (priority < p0) | ((priority == p0) & (row_hash <= h0))
+
+    def beyond(self, priority: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
+        """Rows past this reservoir's bound (all False before it has one)."""
+        if self.bound is None:
+            return np.zeros(priority.shape, dtype=bool)
+        return ~self._below(priority, row_hash)
 
     def add(self, rows: Rows) -> None:
         if rows.n == 0 or self.k <= 0:
@@ -126,10 +135,8 @@ class Reservoir:
         if rows.n > self.k:
             order = np.lexsort((rows.row_hash, rows.priority))
             kth = order[self.k - 1]
-            p0, h0 = int(rows.priority[kth]), int(rows.row_hash[kth])
-            keep = (rows.priority < p0) | ((rows.priority == p0) & (rows.row_hash <= h0))
-            rows = rows.take(np.flatnonzero(keep))
-            self.bound = (p0, h0)
+            self.bound = (int(rows.priority[kth]), int(rows.row_hash[kth]))
+            rows = rows.take(np.flatnonzero(self._below(rows.priority, rows.row_hash)))
         self.parts = [rows]
         self.held = rows.n
 

@@ -75,7 +75,7 @@ def test_a_bad_row_in_the_dataset_fails_with_one_line_and_writes_nothing(cli: An
     (["--where", "day = '1'"], "--where filters the partitions"),
     (["--engine", "stream", "--where", "region = 'a'"], "'region' is not a partition column"),
     (["--engine", "stream", "--where", "day >"], "ends too early"),
-    (["--engine", "stream", "--group-column", "region"], "risks over groups"),
+    (["--engine", "stream", "--risk", "sequence_disagreement"], "give --group-column"),
     (["--engine", "warp"], "--engine 'warp'"),
     (["--engine", "stream", "--master", "local[2]"], "--master is Spark's"),
 ])

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exitwise.calibration.calibrators import TemperatureScaler
-from exitwise.calibration.certify import upper_bound
+from exitwise.calibration.certify import Constraint, check_constraints, upper_bound
 from exitwise.calibration.evaluate import evaluate
 from exitwise.calibration.exceptions import InputError
-from exitwise.calibration.logs import ExitLogs
+from exitwise.calibration.groups import GroupIndex, group_losses
+from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.pipeline import SolveSpec
 from exitwise.calibration.rule import CompiledPolicy, first_exit, first_exits
 from exitwise.calibration.scale.dataset import ArraySource, ParquetDataset
@@ -116,8 +117,10 @@ def test_an_interrupted_run_leaves_no_spill_behind(logs: ExitLogs, tmp_path: Pat
 
 
 def test_what_the_engine_does_not_certify_is_refused(logs: ExitLogs) -> None:
-    with pytest.raises(InputError, match="risks over groups"):
-        solve_at_scale(ArraySource(logs), SolveSpec(group_column="region"))
+    with pytest.raises(InputError, match="defined per group: give --group-column"):
+        solve_at_scale(ArraySource(logs), SolveSpec(risk="sequence_disagreement"))
+    with pytest.raises(InputError, match="'nope' is not a segment column"):
+        solve_at_scale(ArraySource(logs), SolveSpec(group_column="nope"))
     with pytest.raises(InputError, match=r"sample-rows must be in"):
         solve_at_scale(ArraySource(logs), SolveSpec(), ScaleSettings(sample_rows=10))
 
@@ -152,3 +155,49 @@ def test_first_exits_is_first_exit_for_every_candidate(case: tuple) -> None:
     got = first_exits(pols, scores, preds, seg)
     for j, pol in enumerate(pols):
         assert np.array_equal(got[:, j], first_exit(pol, scores, preds, seg).exit)
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExitLogs, Path]:
+    """Logs whose rows come in groups of 1..8 (a user), the group a segment column; rows of a group
+    scattered over files and days."""
+    base = synthetic_logs(24_000, 4, 6, segments={"region": 2}, seed=12)
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 9, size=6_000)
+    group = np.repeat(np.arange(sizes.size), sizes)[:base.n]
+    region = np.asarray([f"region_{g % 2}" for g in group], dtype=object)  # one region per group
+    logs = replace(base, segments={"region": SegmentColumn.from_values(region),
+                                   "user": SegmentColumn.from_values(np.asarray([f"u{g}" for g in group]))},
+                   card=replace(base.card, segment_columns=("region", "user")))
+    root = tmp_path_factory.mktemp("scale-groups")
+    write_dataset(logs, root, files_per_day=2, seed=9)
+    return logs, root
+
+
+@pytest.mark.parametrize("risk", ["disagreement", "sequence_disagreement"])
+def test_groups_are_split_and_certified_whole_in_memory_and_streamed(risk: str, grouped: tuple[ExitLogs, Path]
+                                                                     ) -> None:
+    logs, root = grouped
+    spec = SolveSpec(risk=risk, eps=0.05 if risk == "disagreement" else 0.2, group_column="user",
+                     segment_keys=("region",), segment_budgets=(("*", 0.1 if risk == "disagreement" else 0.3),),
+                     split=SplitSpec(choose=0.3), seed=2)
+    mem = solve_policy_at_scale(ArraySource(logs, batch_rows=5_000, label=root.name), spec, settings=SMALL)
+    streamed = solve_policy_at_scale(ParquetDataset(root, logs.card, batch_rows=999), spec, settings=SMALL)
+    assert streamed.document["content_hash"] == mem.document["content_hash"]
+    doc = mem.document
+    g = doc["guarantee"]
+    assert g["unit"] == "group" and g["group_column"] == "user" and g["split"]["key_column"] == "user"
+    users = logs.segments["user"].values()
+    certify = SplitSelector(spec.seed, g["split"]["choose_fraction"], False, key="user").mask(users)
+    assert not set(users[certify]) & set(users[~certify])  # no group on both sides
+    assert g["groups"]["certify"] == len(set(users[certify])) == g["segments"]["__all__"]["n"]
+    # the certificate, recomputed in memory over the certify groups with the pipeline's own test
+    sub = logs.take(np.flatnonzero(certify))
+    ev = evaluate(doc, sub)
+    index = GroupIndex.from_values(sub.segments["user"].values())
+    per_group = group_losses(index, ev.loss, risk)  # the rows' disagreements, per group: mean or any
+    step = check_constraints(per_group, [Constraint("__all__", spec.eps, np.arange(index.n_groups))], spec.delta)
+    assert step.results[0].upper_bound == pytest.approx(g["segments"]["__all__"]["upper_bound"], rel=1e-12)
+    figures = mem.result.expected.groups
+    assert figures is not None and figures["n"] == index.n_groups
+    assert figures["sequence_disagreement"] == pytest.approx(float(index.any(ev.loss).mean()), abs=1e-12)
