@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--jobs must be a positive integer or -1 (all CPUs), got {jobs}")
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a directory")
-        check_engine_options(engine, where=where, test=None, bucket_options=False, spark_only=master is not None)
+        check_engine_options(engine, where=where, test=None, spark_only=master is not None)
         _check_file(card, "model card")
         if engine == "memory":
             _check_file(logs, "exit logs")

@@ -149,8 +149,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Solve least-compute thresholds under a certified risk budget and write the policy document."""
         t0 = time.perf_counter()
-        check_engine_options(engine, where=where, test=test, bucket_options=bool(bucket_share or bucket_map),
-                             spark_only=master is not None)
+        check_engine_options(engine, where=where, test=test, spark_only=master is not None)
         check_budget(eps, "--eps")
         check_budget(delta, "--delta")
         if not 0.0 <= shadow_rate <= 1.0:

@@ -20,8 +20,7 @@ __all__ = ["ENGINES", "check_engine_options", "open_dataset", "scale_runner", "s
 ENGINES = ("memory", "stream", "spark")
 
 
-def check_engine_options(engine: str, *, where: str | None, test: Path | None, bucket_options: bool,
-                         spark_only: bool) -> None:
+def check_engine_options(engine: str, *, where: str | None, test: Path | None, spark_only: bool) -> None:
     """The options that only one engine takes (InputError naming the option)."""
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -34,9 +33,6 @@ def check_engine_options(engine: str, *, where: str | None, test: Path | None, b
     if test is not None:
         raise InputError(f"--test is not available with --engine {engine}: evaluate the policy on the test logs "
                          "with 'exitwise evaluate'")
-    if bucket_options:
-        raise InputError(f"--bucket-share and --bucket-map are for token-level logs, which --engine {engine} "
-                         "does not read yet")
     if spark_only and engine != "spark":
         raise InputError("--master is Spark's: give --engine spark")
 

@@ -50,6 +50,9 @@ def calibrate_at_scale(
     gives) and the passes that were run (rows, seconds).
     """
     settings = (settings or ScaleSettings()).check()
+    if source.card.token_level:
+        raise InputError("calibrate --engine reads classifier logs; token-level logs are calibrated in memory "
+                         "(or by solve --engine, on the sample)")
     if method not in METHODS:
         raise InputError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     if not 0.0 < fit_fraction < 1.0:

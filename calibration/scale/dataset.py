@@ -27,10 +27,13 @@ import pyarrow.parquet as pq
 
 from exitwise.calibration.exceptions import InputError, LogFormatError
 from exitwise.calibration.logfiles.columns import Where, decode_ids, decode_segment
-from exitwise.calibration.logfiles.forms import EXIT_RE, TS_COLUMN
+from exitwise.calibration.logfiles.forms import EXIT_RE, TS_COLUMN, token_column
 from exitwise.calibration.logfiles.tables import read_wide_table
+from exitwise.calibration.logfiles.token_columns import decode_groups
+from exitwise.calibration.logfiles.tokens import read_token_parquet
 from exitwise.calibration.logs import ExitLogs, ModelCard
 from exitwise.calibration.scale.where import PartitionFilter
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["ArraySource", "Chunk", "LogFile", "ParquetDataset", "RowSelector", "Source", "row_keys"]
 
@@ -49,8 +52,12 @@ class RowSelector(Protocol):
     def __call__(self, keys: np.ndarray) -> np.ndarray: ...
 
 
-def row_keys(logs: ExitLogs, column: str | None) -> np.ndarray:
+def row_keys(logs: ExitLogs | TokenLogs, column: str | None) -> np.ndarray:
     """What a row is split by: its request id (``column`` None) or the value of its group column."""
+    if isinstance(logs, TokenLogs) and column is not None and column == logs.card.group_column:
+        if logs.groups is None or logs.group_levels is None:
+            raise InputError(f"{logs.source}: token logs without their group column {column!r}")
+        return logs.group_levels[logs.groups]
     if column is None:
         if logs.request_ids is None:
             raise InputError(f"{logs.source}: no request ids: the scale engine splits by a hash of the request id")
@@ -69,10 +76,25 @@ class Chunk:
     selected row): what progress counts.
     """
 
-    logs: ExitLogs
+    logs: ExitLogs | TokenLogs
     file: str
     first_row: int
     read: int
+
+
+class TableColumns:
+    """An Arrow table read like a Parquet file column by column (what the token reader takes)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+        self.column_names = table.column_names
+        self.num_rows = table.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self._table.column(name)
+
+    def blocks(self, names: list[str]) -> Iterator[tuple[int, list[str], list[pa.ChunkedArray]]]:
+        yield 0, names, [self._table.column(n) for n in names]
 
 
 class Source(Protocol):
@@ -141,9 +163,6 @@ class ParquetDataset:
 
     def __init__(self, path: str | os.PathLike[str], card: ModelCard, *, where: PartitionFilter | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
-        if card.token_level:
-            raise InputError("the scale engine reads classifier logs (a card with 'classes'); token-level logs "
-                             "(a card with 'vocab_size') are solved in memory for now: drop --engine")
         if not 1 <= int(batch_rows) <= 1 << 22:
             raise InputError(f"--batch-rows must be in 1..{1 << 22}, got {batch_rows}")
         root = Path(path)
@@ -196,7 +215,12 @@ class ParquetDataset:
 
     def _needed(self, schema: pa.Schema) -> list[str]:
         card = self.card
-        names = [f"exit_{k}" for k in range(card.n_exits)] + [card.id_column]
+        if card.token_level:  # per exit the top-k values, their ids and the lse; the group splits
+            names = [token_column(k, part) for k in range(card.n_exits) for part in ("values", "indices", "lse")]
+            names += [c for c in (card.group_column, card.position_column, card.id_column)
+                      if c is not None and (c == card.group_column or c in schema.names)]
+        else:
+            names = [f"exit_{k}" for k in range(card.n_exits)] + [card.id_column]
         names += [c for c in (card.label_column, TS_COLUMN) if c in schema.names]
         names += [c for c in card.segment_columns if c not in self.partition_keys]
         return names
@@ -212,7 +236,10 @@ class ParquetDataset:
         if extra:
             raise LogFormatError(f"{first.path}: column 'exit_{extra[0]}' has no exit in the model card "
                                  f"({card.n_exits} exits)")
-        if card.id_column not in ref.names:
+        if card.token_level and card.group_column is None:
+            raise LogFormatError(f"{first.path}: the card names no group_column: token logs are split by a hash of "
+                                 "their sequence, so every row needs one")
+        if not card.token_level and card.id_column not in ref.names:
             raise LogFormatError(f"{first.path}: missing id column {card.id_column!r}: the scale engine splits by a "
                                  f"hash of the request id, so every row needs one (the card's id_column)")
         clash = [k for k in self.partition_keys if k in ref.names]
@@ -252,7 +279,11 @@ class ParquetDataset:
         for key, value in partition:
             if key in self.card.segment_columns:
                 table = table.append_column(key, pa.array([value] * table.num_rows, type=pa.string()))
-        logs = read_wide_table(table, self.card, file, first_row=first_row)
+        logs: ExitLogs | TokenLogs
+        if self.card.token_level:  # token errors name rows by group and position
+            logs = read_token_parquet(TableColumns(table), self.card, file)  # type: ignore[arg-type]
+        else:
+            logs = read_wide_table(table, self.card, file, first_row=first_row)
         return Chunk(logs=logs, file=file, first_row=0 if first_row is None else first_row, read=read)
 
     @property
@@ -299,10 +330,13 @@ class ParquetDataset:
             return np.full(batch.num_rows, partition[name], dtype=object)
         arr = batch.column(name)
         where = Where(arr, name, first_row=first_row)
-        if column is None:
-            return decode_ids(arr, name, str(f.path), where)
         if pa.types.is_dictionary(arr.type):
             arr = arr.dictionary_decode()
+        if column is None:
+            return decode_ids(arr, name, str(f.path), where)
+        if self.card.token_level and column == self.card.group_column:
+            codes, levels = decode_groups(arr, name, str(f.path), where)
+            return levels[codes]
         return decode_segment(arr, name, str(f.path), where).values()
 
     def check_unchanged(self) -> None:
@@ -321,12 +355,12 @@ class ParquetDataset:
 class ArraySource:
     """Logs in memory, streamed in batches like a dataset (the engine's in-memory path)."""
 
-    logs: ExitLogs
+    logs: ExitLogs | TokenLogs
     batch_rows: int = DEFAULT_BATCH_ROWS
     label: str = field(default="")
 
     def __post_init__(self) -> None:
-        if self.logs.request_ids is None:
+        if self.logs.request_ids is None and not self.logs.card.token_level:
             raise InputError(f"{self.logs.source}: no request ids: the scale engine splits by a hash of the "
                              f"request id (the card's id_column {self.logs.card.id_column!r})")
 

@@ -139,9 +139,8 @@ class ScaleSolve:
 def _check_spec(spec: SolveSpec, card: ModelCard) -> None:
     check_budget(spec.eps, "eps")
     check_budget(spec.delta, "delta")
-    if card.token_level:
-        raise InputError("the scale engine reads classifier logs (a card with 'classes'); token-level logs "
-                         "(a card with 'vocab_size') are solved in memory for now: drop --engine")
+    if card.token_level and spec.group_column is None:
+        raise InputError("token-level logs are split and certified by sequence: the card needs a group_column")
     if spec.risk in SEQUENCE_RISKS and spec.group_column is None:
         raise InputError(f"risk {spec.risk!r} is defined per group: give --group-column (the sequence id column)")
 
@@ -336,9 +335,13 @@ def solve_at_scale(source: Source, spec: SolveSpec, settings: ScaleSettings | No
                    where: str | None = None) -> ScaleSolve:
     """Solve and certify ``spec`` on ``source`` in three passes (see the module docstring)."""
     settings = (settings or ScaleSettings()).check()
-    _check_spec(spec, source.card)
+    card = source.card
+    if card.token_level and spec.group_column is None:  # token logs are grouped by their sequence, as in memory
+        spec = replace(spec, group_column=card.group_column)
+    _check_spec(spec, card)
     frac = _choose_fraction(spec, source.rows)
-    spill = make_spill(source, runner, settings, _splitter(spec, frac, True), spec.calibrator == "temperature")
+    spill = make_spill(source, runner, settings, _splitter(spec, frac, True),
+                       spec.calibrator == "temperature" and not card.token_level)
     try:
         return _solve(source, spec, settings, runner, progress, where, frac, spill)
     finally:
@@ -369,7 +372,7 @@ def _solve(source: Source, spec: SolveSpec, settings: ScaleSettings, runner: Run
     if progress is not None:
         progress("fitting pilot calibrators on the sample", 0.35)
     prepared = prepare(base, spec, splits=splits)
-    if sample is not None and spec.calibrator == "temperature" and p1.n_choose > base.n:
+    if sample is not None and spec.calibrator == "temperature" and p1.n_choose > base.n and not card.token_level:
         cals = refine_temperatures(source, runner, prepared.calibrator_objects, spec.calibration_target, settings,
                                    progress, choose_split, passes,
                                    None if spill is None else spill.source(source_batch(source)))

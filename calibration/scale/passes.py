@@ -38,6 +38,7 @@ from exitwise.calibration.scale.hashing import (
     value_hashes,
 )
 from exitwise.calibration.scale.sample import Reservoir, Rows
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["ALL_COLUMN", "FIXED", "N_DIS", "N_EXITS", "N_IND", "N_RIGHT", "N_ROWS", "CertifyPass", "SamplePass",
            "SplitSelector", "TemperaturePass", "fixed_sum"]
@@ -78,10 +79,18 @@ def fixed_sum(values: np.ndarray) -> int:
 def _row_keys(chunk: Chunk) -> np.ndarray:
     """A 64-bit hash of every column of each row: what the fingerprint adds up and ties break on."""
     logs = chunk.logs
-    h = row_hashes(logs.logits)
-    assert logs.request_ids is not None
     with np.errstate(over="ignore"):
-        h = mix(h ^ value_hashes(logs.request_ids))
+        if isinstance(logs, TokenLogs):
+            h = row_hashes(logs.values) ^ (row_hashes(logs.indices.view(np.float32)) * np.uint64(7))
+            h = mix(h ^ row_hashes(logs.lse[:, :, None]) * np.uint64(11))
+            if logs.groups is not None and logs.group_levels is not None:
+                h = mix(h ^ value_hashes(logs.group_levels[logs.groups]) * np.uint64(13))
+            if logs.positions is not None:
+                h = mix(h ^ value_hashes(logs.positions) * np.uint64(17))
+        else:
+            h = row_hashes(logs.logits)
+        if logs.request_ids is not None:
+            h = mix(h ^ value_hashes(logs.request_ids))
         if logs.labels is not None:
             h = mix(h ^ value_hashes(logs.labels) * np.uint64(3))
         for i, name in enumerate(sorted(logs.segments)):
@@ -120,7 +129,7 @@ class SamplePass:
     segment_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     fingerprint: int = 0  # sum of row keys mod 2**64
     ts_range: tuple[int, int] | None = None  # microseconds since the epoch
-    shape: tuple[int, int] | None = None  # (K, C)
+    shape: tuple[int, int, int] | None = None  # (K, C, top-k width: C for a classifier)
     labelled: bool | None = None
     shape_source: str = ""
     sample: Reservoir | None = None
@@ -137,7 +146,7 @@ class SamplePass:
 
     def _check_shape(self, chunk: Chunk) -> None:
         logs = chunk.logs
-        shape = (logs.n_exits, logs.n_classes)
+        shape = (logs.n_exits, logs.n_classes, logs.top_k if isinstance(logs, TokenLogs) else logs.n_classes)
         if self.shape is None:
             self.shape, self.labelled, self.shape_source = shape, logs.labels is not None, chunk.file
             return
@@ -152,7 +161,7 @@ class SamplePass:
     def update(self, chunk: Chunk) -> None:
         self._check_shape(chunk)
         logs = chunk.logs
-        assert logs.request_ids is not None and self.sample is not None and self.report is not None
+        assert self.sample is not None and self.report is not None
         n = logs.n
         self.rows += n
         keys = row_keys(logs, self.group_column)

@@ -16,66 +16,73 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exitwise.calibration.logs import ExitLogs, ModelCard, SegmentColumn
+from exitwise.calibration.tokens import TokenLogs
 
 __all__ = ["Reservoir", "Rows"]
 
 
+_SEG = "segment:"  # prefix of a segment column's values among the arrays of Rows
+
+
 @dataclass(frozen=True, eq=False)
 class Rows:
-    """Rows held in memory with their keys: the decoded columns of :class:`ExitLogs`, segments as values."""
+    """Rows held in memory with their keys: every per-row array of their logs (classifier or
+    token-level), segment columns and token groups as values, so rows of different batches concatenate."""
 
     priority: np.ndarray  # uint64
     row_hash: np.ndarray  # uint64
-    logits: np.ndarray  # (m, K, C) float32
-    labels: np.ndarray | None
-    ids: np.ndarray
-    segments: dict[str, np.ndarray]  # column -> values (object, str)
-    ts: np.ndarray | None
+    arrays: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, logs: ExitLogs, index: np.ndarray, priority: np.ndarray, row_hash: np.ndarray) -> Rows:
-        assert logs.request_ids is not None
-        return cls(priority=priority[index], row_hash=row_hash[index], logits=logs.logits[index],
-                   labels=None if logs.labels is None else logs.labels[index], ids=logs.request_ids[index],
-                   segments={k: v.values()[index] for k, v in logs.segments.items()},
-                   ts=None if logs.ts is None else logs.ts[index])
+    def of(cls, logs: ExitLogs | TokenLogs, index: np.ndarray, priority: np.ndarray, row_hash: np.ndarray) -> Rows:
+        arrays: dict[str, np.ndarray | None]
+        if isinstance(logs, TokenLogs):
+            groups = None if logs.groups is None or logs.group_levels is None else logs.group_levels[logs.groups]
+            arrays = {"values": logs.values, "indices": logs.indices, "lse": logs.lse, "groups": groups,
+                      "positions": logs.positions}
+        else:
+            arrays = {"logits": logs.logits}
+        arrays.update({"labels": logs.labels, "ids": logs.request_ids, "ts": logs.ts})
+        arrays.update({_SEG + k: v.values() for k, v in logs.segments.items()})
+        return cls(priority=priority[index], row_hash=row_hash[index],
+                   arrays={k: v[index] for k, v in arrays.items() if v is not None})
 
     @property
     def n(self) -> int:
         return int(self.priority.size)
 
     def take(self, index: np.ndarray) -> Rows:
-        return Rows(priority=self.priority[index], row_hash=self.row_hash[index], logits=self.logits[index],
-                    labels=None if self.labels is None else self.labels[index], ids=self.ids[index],
-                    segments={k: v[index] for k, v in self.segments.items()},
-                    ts=None if self.ts is None else self.ts[index])
+        return Rows(priority=self.priority[index], row_hash=self.row_hash[index],
+                    arrays={k: v[index] for k, v in self.arrays.items()})
 
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
-        first = parts[0]
         if len(parts) == 1:
-            return first
-        ids = np.concatenate([p.ids for p in parts])
-        return Rows(
-            priority=np.concatenate([p.priority for p in parts]),
-            row_hash=np.concatenate([p.row_hash for p in parts]),
-            logits=np.concatenate([p.logits for p in parts]),
-            labels=None if first.labels is None else np.concatenate([p.labels for p in parts]),  # type: ignore[misc]
-            ids=ids,
-            segments={k: np.concatenate([p.segments[k] for p in parts]) for k in first.segments},
-            ts=None if first.ts is None else np.concatenate([p.ts for p in parts]),  # type: ignore[misc]
-        )
+            return parts[0]
+        return Rows(priority=np.concatenate([p.priority for p in parts]),
+                    row_hash=np.concatenate([p.row_hash for p in parts]),
+                    arrays={k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays})
 
     def order(self) -> np.ndarray:
         """Indices sorting the rows by key (priority, then row hash, then id)."""
-        return np.lexsort((self.ids.astype(str), self.row_hash, self.priority))
+        ids = self.arrays.get("ids")
+        keys = (self.row_hash, self.priority) if ids is None else (ids.astype(str), self.row_hash, self.priority)
+        return np.lexsort(keys)
 
-    def to_logs(self, card: ModelCard, source: str) -> ExitLogs:
-        """These rows, sorted by key, as ExitLogs."""
-        rows = self.take(self.order())
-        return ExitLogs(logits=rows.logits, card=card, labels=rows.labels,
-                        segments={k: SegmentColumn.from_values(v.astype(str)) for k, v in rows.segments.items()},
-                        request_ids=rows.ids, ts=rows.ts, source=source)
+    def to_logs(self, card: ModelCard, source: str) -> ExitLogs | TokenLogs:
+        """These rows, sorted by key, as the logs of ``card`` (ExitLogs, or TokenLogs for a vocabulary)."""
+        a = self.take(self.order()).arrays
+        segments = {k[len(_SEG):]: SegmentColumn.from_values(v.astype(str)) for k, v in a.items() if k.startswith(_SEG)}
+        if card.token_level:
+            groups = levels = None
+            if "groups" in a:
+                levels, groups = np.unique(a["groups"], return_inverse=True)
+            return TokenLogs(values=a["values"], indices=a["indices"], lse=a["lse"], card=card,
+                             groups=None if groups is None else groups.astype(np.int64).ravel(), group_levels=levels,
+                             positions=a.get("positions"), labels=a.get("labels"), segments=segments,
+                             request_ids=a.get("ids"), ts=a.get("ts"), source=source)
+        return ExitLogs(logits=a["logits"], card=card, labels=a.get("labels"), segments=segments,
+                        request_ids=a.get("ids"), ts=a.get("ts"), source=source)
 
 
 @dataclass(eq=False)
@@ -88,7 +95,8 @@ class Reservoir:
     held: int = 0
     bound: tuple[int, int] | None = None  # the k-th smallest key once k rows were seen
 
-    def offer(self, logs: ExitLogs, index: np.ndarray, priority: np.ndarray, row_hash: np.ndarray) -> None:
+    def offer(self, logs: ExitLogs | TokenLogs, index: np.ndarray, priority: np.ndarray, row_hash: np.ndarray
+              ) -> None:
         """Add rows ``index`` of ``logs`` that can still be among the k smallest (the rest are never copied)."""
         if index.size == 0 or self.k <= 0:
             return

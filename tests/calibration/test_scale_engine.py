@@ -16,6 +16,7 @@ from exitwise.calibration.certify import Constraint, check_constraints, upper_bo
 from exitwise.calibration.evaluate import evaluate
 from exitwise.calibration.exceptions import InputError
 from exitwise.calibration.groups import GroupIndex, group_losses
+from exitwise.calibration.logfiles.writers import write_logs
 from exitwise.calibration.logs import ExitLogs, SegmentColumn
 from exitwise.calibration.pipeline import SolveSpec
 from exitwise.calibration.rule import CompiledPolicy, first_exit, first_exits
@@ -24,6 +25,7 @@ from exitwise.calibration.scale.engine import ScaleSettings, solve_at_scale
 from exitwise.calibration.scale.passes import SplitSelector
 from exitwise.calibration.splits import SplitSpec
 from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.calibration.synthetic_tokens import synthetic_token_logs
 from exitwise.policies.authoring import solve_policy_at_scale
 from tests.calibration.test_scale_dataset import write_dataset
 
@@ -201,3 +203,21 @@ def test_groups_are_split_and_certified_whole_in_memory_and_streamed(risk: str, 
     figures = mem.result.expected.groups
     assert figures is not None and figures["n"] == index.n_groups
     assert figures["sequence_disagreement"] == pytest.approx(float(index.any(ev.loss).mean()), abs=1e-12)
+
+
+def test_token_logs_stream_to_the_same_vocabulary_policy(tmp_path: Path) -> None:
+    logs = synthetic_token_logs(800, 25, n_exits=4, vocab_size=400, top_k=8, seed=3)
+    perm = np.random.default_rng(2).permutation(logs.n)  # a sequence's tokens scattered over files
+    for i, rows in enumerate(np.array_split(perm, 4)):
+        (tmp_path / f"shard={i % 2}").mkdir(exist_ok=True)
+        write_logs(logs.take(np.sort(rows)), tmp_path / f"shard={i % 2}" / f"part-{i}.parquet")
+    spec = SolveSpec(eps=0.05, split=SplitSpec(choose=0.3), seed=5)
+    small = replace(SMALL, sample_rows=3_000, report_rows=2_000)
+    mem = solve_policy_at_scale(ArraySource(logs, batch_rows=4_000, label=tmp_path.name), spec, settings=small)
+    streamed = solve_policy_at_scale(ParquetDataset(tmp_path, logs.card, batch_rows=1_500), spec, settings=small)
+    _same_counts(mem.result.counts, streamed.result.counts)
+    assert streamed.document["content_hash"] == mem.document["content_hash"]
+    doc = mem.document
+    assert doc["vocabulary"]["size"] == 400 and doc["guarantee"]["unit"] == "group"
+    assert doc["guarantee"]["groups"]["total"] == 800
+    assert doc["guarantee"]["split"]["key_column"] == logs.card.group_column
