@@ -140,7 +140,7 @@ class Reservoir:
         if not self.parts:
             return
         rows = Rows.concat(self.parts)
-        if rows.n > self.k:
+        if rows.n >= self.k:  # the bound is always the k-th smallest key held: the union's, whatever the merges
             order = np.lexsort((rows.row_hash, rows.priority))
             kth = order[self.k - 1]
             self.bound = (int(rows.priority[kth]), int(rows.row_hash[kth]))
