@@ -77,6 +77,7 @@ __all__ = [
     "parse_budgets",
     "plan_path",
     "prepare",
+    "segment_budgets",
     "solve",
     "solve_prepared",
 ]
@@ -369,31 +370,45 @@ class Solution:
         return bool(self.certification.certified)
 
 
-def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str, tuple[float, int]], np.ndarray,
-                                                      dict[int, float]]:
+BudgetPlan = tuple[list[tuple[int, float, int]], dict[str, tuple[float, int]], np.ndarray, dict[int, float]]
+
+
+def segment_budgets(prepared: Prepared, size_of: Callable[[int], int]) -> BudgetPlan:
+    """The per-segment budgets and what the certify units (``size_of(segment code)``) allow.
+
+    Returns (segment, eps, units) of each budget that can be certified, {segment value: (eps,
+    units)} of those too small to (they run at full depth), the forced segments (user-forbidden
+    or uncertifiable) and the path's aim per certifiable segment. Units are rows, or groups.
+    """
     spec = prepared.spec
-    cert_codes = prepared.seg_codes[prepared.splits.certify]
-    fewest = min_rows
-    if prepared.cert_groups is not None:  # one unit per certify group (its first row's segment)
-        gi = prepared.cert_groups
-        cert_codes = gi.first(cert_codes)  # budgets need one segment per group (checked)
-        fewest = min_rows if spec.risk in SEQUENCE_RISKS else min_groups
-    n_cert = int(cert_codes.size)
-    constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(n_cert))]
+    fewest = min_rows if prepared.groups is None or spec.risk in SEQUENCE_RISKS else min_groups
+    kept: list[tuple[int, float, int]] = []
     uncertified: dict[str, tuple[float, int]] = {}
     forced = prepared.forced_segments.copy()
     aims: dict[int, float] = {}
     for s, eps in sorted(prepared.budgets.items()):
         if forced[s]:
             continue
-        idx = np.flatnonzero(cert_codes == s)
-        name = prepared.seg_levels[s]
-        if idx.size < fewest(eps, spec.delta):
-            uncertified[name] = (eps, int(idx.size))
+        n_s = int(size_of(s))
+        if n_s < fewest(eps, spec.delta):
+            uncertified[prepared.seg_levels[s]] = (eps, n_s)
             forced[s] = True
             continue
-        constraints.append(Constraint(name=name, eps=eps, index=idx))
-        aims[s] = aim(int(idx.size), eps, spec.delta, prepared.spec.settings.floor_power)
+        kept.append((s, eps, n_s))
+        aims[s] = aim(n_s, eps, spec.delta, spec.settings.floor_power)
+    return kept, uncertified, forced, aims
+
+
+def _certify_constraints(prepared: Prepared) -> tuple[list[Constraint], dict[str, tuple[float, int]], np.ndarray,
+                                                      dict[int, float]]:
+    spec = prepared.spec
+    cert_codes = prepared.seg_codes[prepared.splits.certify]
+    if prepared.cert_groups is not None:  # one unit per certify group (its first row's segment)
+        cert_codes = prepared.cert_groups.first(cert_codes)  # budgets need one segment per group (checked)
+    kept, uncertified, forced, aims = segment_budgets(prepared, lambda s: int(np.count_nonzero(cert_codes == s)))
+    constraints = [Constraint(name=ALL, eps=spec.eps, index=np.arange(cert_codes.size))]
+    constraints += [Constraint(name=prepared.seg_levels[s], eps=eps, index=np.flatnonzero(cert_codes == s))
+                    for s, eps, _ in kept]
     return constraints, uncertified, forced, aims
 
 

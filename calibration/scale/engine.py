@@ -36,7 +36,6 @@ from exitwise.calibration.certify import (
     Certification,
     Constraint,
     CountedConstraint,
-    aim,
     fixed_sequence,
     fixed_sequence_counts,
     min_groups,
@@ -56,6 +55,7 @@ from exitwise.calibration.pipeline import (
     finish_solution,
     plan_path,
     prepare,
+    segment_budgets,
 )
 from exitwise.calibration.scale.dataset import DEFAULT_BATCH_ROWS, Source
 from exitwise.calibration.scale.passes import (
@@ -213,25 +213,14 @@ def _constraints(prepared: Prepared, certify_counts: Mapping[str, int], n_cert: 
     test, uncertified, forced, aims).
 
     A ``*=EPS`` budget also covers values that have certify units but no choose row: they are
-    tested (at the policy's default thresholds) but give the path no target.
+    tested (they run at full depth: a segment value the policy has no row for does) but give the path
+    no target.
     """
     spec = prepared.spec
-    min_rows = min_rows_ if prepared.groups is None or spec.risk in SEQUENCE_RISKS else min_groups
+    kept, uncertified, forced, aims = segment_budgets(prepared, lambda s: certify_counts.get(prepared.seg_levels[s], 0))
     path_cons = [CountedConstraint(ALL, spec.eps, n_cert)]
-    uncertified: dict[str, tuple[float, int]] = {}
-    forced = prepared.forced_segments.copy()
-    aims: dict[int, float] = {}
-    for s, eps in sorted(prepared.budgets.items()):
-        if forced[s]:
-            continue
-        name = prepared.seg_levels[s]
-        n_s = int(certify_counts.get(name, 0))
-        if n_s < min_rows(eps, spec.delta):
-            uncertified[name] = (eps, n_s)
-            forced[s] = True
-            continue
-        path_cons.append(CountedConstraint(name, eps, n_s))
-        aims[s] = aim(n_s, eps, spec.delta, spec.settings.floor_power)
+    path_cons += [CountedConstraint(prepared.seg_levels[s], eps, n_s) for s, eps, n_s in kept]
+    min_rows = min_rows_ if prepared.groups is None or spec.risk in SEQUENCE_RISKS else min_groups
     star = dict(spec.segment_budgets).get("*")
     test_cons = list(path_cons)
     if star is not None:
