@@ -55,7 +55,7 @@ _FILE = "__exitwise_file__"
 _CHUNK = 8 << 20  # bytes of a pickled reducer per row: the JVM never holds a whole reducer as one value
 _STATE = pa.schema([pa.field("src", pa.int64()), pa.field("seq", pa.int64()), pa.field("chunk", pa.binary())])
 _STATE_DDL = "src long, seq long, chunk binary"
-_FETCH_PARTITIONS = 16
+_FETCH_PARTITIONS = 4  # the last reducer comes to the driver in this many jobs (a quarter each)
 _ERROR = re.compile(r"exitwise-error:([A-Za-z0-9+/=]+):end")
 # the launcher always adds --add-modules=jdk.incubator.vector; the JVM then says so on stderr
 _JVM_NOISE = ("WARNING: Using incubator modules",)
