@@ -140,8 +140,12 @@ def _new_session(master: str | None) -> SparkSession:
     conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     conf.set("spark.sql.shuffle.partitions", "8")
     conf.set("spark.executorEnv.PYTHONWARNINGS", f"ignore:{_PANDAS_WARNING}:FutureWarning")
-    if submitted:
-        return SparkSession.builder.config(conf=conf).getOrCreate()
+    if submitted:  # the JVM runs already, with spark-submit's settings: quiet logs unless they say otherwise
+        with _quiet_pandas():
+            SparkContext._ensure_initialized()
+            if not SparkConf().contains("spark.log.level"):
+                conf.set("spark.log.level", "WARN")
+            return SparkSession.builder.config(conf=conf).getOrCreate()
     resolved = conf.get("spark.master") or "local[2]"
     if _is_local(resolved):  # everything on this machine: bind to the loopback, run workers with this Python
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
