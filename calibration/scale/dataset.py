@@ -322,7 +322,7 @@ class ParquetDataset:
                 raise LogFormatError(f"{f.path}: cannot read rows from row {first_row} on (corrupt Parquet "
                                      f"file): {exc}") from None
 
-    def _keys(self, batch: pa.RecordBatch, f: LogFile, column: str | None, first_row: int) -> np.ndarray:
+    def _keys(self, batch: pa.RecordBatch, f: LogFile, column: str | None, first_row: int | None) -> np.ndarray:
         """The split keys of a batch's rows, decoded as :func:`row_keys` gives them from decoded logs."""
         name = self.card.id_column if column is None else column
         partition = dict(f.partition)

@@ -149,8 +149,6 @@ class Reservoir:
         self.held = rows.n
 
     def merge(self, other: Reservoir) -> None:
-        if other.bound is not None and (self.bound is None or other.bound < self.bound):
-            self.bound = other.bound  # the union saw k rows at or below it, even if it now holds only k
         for part in other.parts:
             self.add(part)
         self.compact()

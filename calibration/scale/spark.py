@@ -43,8 +43,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from exitwise.calibration.exceptions import ExitwiseError, InputError, LogFormatError
-from exitwise.calibration.logfiles.columns import Where, decode_ids
-from exitwise.calibration.scale.dataset import ParquetDataset, RowSelector
+from exitwise.calibration.scale.dataset import LogFile, ParquetDataset, RowSelector
 from exitwise.calibration.scale.runner import Meter, Runner
 from exitwise.calibration.scale.sample import Reservoir
 
@@ -184,15 +183,17 @@ def _file_key(uri: str) -> str:
     return os.path.normpath(path)
 
 
-def _group_by_file(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.Table]]:
+def _group_by_file(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.RecordBatch]]:
     """The rows of a batch per input file (a partition may span files), the file column dropped."""
     files = batch.column(_FILE)
-    table = pa.Table.from_batches([batch]).drop_columns([_FILE])
+    keep = [i for i, name in enumerate(batch.schema.names) if name != _FILE]
+    rows = pa.RecordBatch.from_arrays([batch.column(i) for i in keep], schema=pa.schema([batch.schema.field(i)
+                                                                                         for i in keep]))
     if pc.count_distinct(files).as_py() == 1:
-        yield files[0].as_py(), table
+        yield files[0].as_py(), rows
         return
     for name in pc.unique(files).to_pylist():
-        yield name, table.filter(pc.equal(files, name))
+        yield name, rows.filter(pc.equal(files, name))
 
 
 def _shrink(reducer: Any) -> None:
@@ -256,27 +257,27 @@ class _Fold:
     source: Any  # broadcast ParquetDataset
     reducer: Any  # broadcast pickled reducer (a fresh copy per partition: Python workers are reused)
     select: RowSelector | None
-    files: Any  # broadcast {absolute path: the dataset's name of the file}
+    files: Any  # broadcast {absolute path: the dataset's LogFile}
     rows: Any  # accumulator of rows read (progress)
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         source: ParquetDataset = self.source.value
-        names: dict[str, str] = self.files.value
+        files: dict[str, LogFile] = self.files.value
         reducer = pickle.loads(self.reducer.value)
-        card = source.card
         folded = 0
         try:
             for batch in batches:
-                for uri, table in _group_by_file(batch):
-                    n = table.num_rows
-                    file = names.get(_file_key(uri), uri)
-                    if self.select is not None and n:
-                        arr = table.column(card.id_column).combine_chunks()
-                        keep = np.asarray(self.select(decode_ids(arr, card.id_column, file,
-                                                                 Where(arr, card.id_column, first_row=None))))
-                        table = table.filter(pa.array(keep, pa.bool_())) if keep.any() else table.slice(0, 0)
-                    if table.num_rows:
-                        reducer.update(source.decode(table, file, source.partition_of(file), None, n))
+                for uri, rows in _group_by_file(batch):
+                    n = rows.num_rows
+                    f = files.get(_file_key(uri))
+                    if f is None:
+                        raise RuntimeError(f"Spark read {uri}, which is not a file of the dataset {source.root}")
+                    if self.select is not None and n:  # keys as the dataset's own chunks() decode them
+                        keep = np.asarray(self.select(source._keys(rows, f, self.select.key, None)), dtype=bool)
+                        rows = rows.filter(pa.array(keep)) if keep.any() else rows.slice(0, 0)
+                    if rows.num_rows:
+                        reducer.update(source.decode(pa.Table.from_batches([rows]), str(f.path), f.partition,
+                                                     None, n))
                         folded += 1
                     self.rows.add(n)
         except ExitwiseError as exc:
@@ -323,8 +324,8 @@ class SparkRunner:
         """
         sc = self.session.sparkContext
         paths = [str(f.path) for f in source.files]
-        names = {os.path.normpath(os.path.abspath(p)): p for p in paths}
-        names.update({os.path.normpath(os.path.realpath(p)): p for p in paths})
+        names = {os.path.normpath(os.path.abspath(f.path)): f for f in source.files}
+        names.update({os.path.normpath(os.path.realpath(f.path)): f for f in source.files})
         rows = sc.accumulator(0)
         shared = [sc.broadcast(source), sc.broadcast(pickle.dumps(reducer, protocol=5)), sc.broadcast(names)]
         fold = _Fold(source=shared[0], reducer=shared[1], select=select, files=shared[2], rows=rows)
@@ -365,6 +366,7 @@ class SparkRunner:
                 raise exc
             raise _failure(exc) from exc
         meter.advance(max(0, int(rows.value) - meter.done))
+        meter.finish()
         return out["merged"]
 
     def _states(self, source: ParquetDataset, paths: list[str], fold: _Fold) -> tuple[DataFrame, int]:

@@ -32,7 +32,6 @@ from exitwise.calibration.scale.dataset import ArraySource, ParquetDataset
 from exitwise.calibration.scale.engine import ScaleSettings
 from exitwise.calibration.scale.passes import CertifyPass, SamplePass
 from exitwise.calibration.scale.runner import Meter, run_local
-from exitwise.calibration.scale.sample import Reservoir, Rows
 from exitwise.calibration.scale.where import parse_where
 from exitwise.calibration.splits import SplitSpec
 from exitwise.calibration.synthetic import synthetic_logs
@@ -102,19 +101,19 @@ def _sample_state(p: SamplePass) -> dict[str, Any]:
     assert sample is not None and report is not None
     return {"rows": p.rows, "choose": p.choose_counts, "certify": p.certify_counts, "segments": p.segment_counts,
             "fingerprint": p.fingerprint, "shape": p.shape, "labelled": p.labelled,
-            "sample": sample.ids[sample.order()].tolist(), "report": report.ids[report.order()].tolist(),
+            "sample": sample.arrays["ids"][sample.order()].tolist(),
+            "report": report.arrays["ids"][report.order()].tolist(),
             "bound": p.sample.bound if p.sample is not None else None}
 
 
 def _same_counts(a: CertifyPass, b: CertifyPass) -> None:
-    assert a.rows == b.rows and a.full_right == b.full_right
-    assert len(a.counts) == len(b.counts)
-    for ta, tb in zip(a.counts, b.counts, strict=True):
-        assert ta.keys() == tb.keys()
-        for column in ta:
-            assert ta[column].keys() == tb[column].keys()
-            for level in ta[column]:
-                np.testing.assert_array_equal(ta[column][level], tb[column][level])
+    """Every count array of every candidate, column and value, and the full-depth right answers."""
+    assert a.rows == b.rows and a.full_right == b.full_right and a.stratum_levels == b.stratum_levels
+    assert a.counts.keys() == b.counts.keys() and a.counts
+    for column in a.counts:
+        assert a.counts[column].keys() == b.counts[column].keys()
+        for level, block in a.counts[column].items():
+            np.testing.assert_array_equal(block, b.counts[column][level])
 
 
 def test_the_files_outnumber_the_merge_fan_in(spark: SparkRunner, dataset: Path) -> None:
@@ -243,17 +242,3 @@ def test_ctrl_c_cancels_the_pass_and_the_session_still_works(spark: SparkRunner,
     again = spark(source, _sample_pass(), None, Meter("spark", source.rows))
     assert again.rows == N_ROWS
 
-
-def test_a_merged_reservoir_keeps_the_bound_of_a_full_one() -> None:
-    """Merging a compacted reservoir (exactly k rows) into an empty one: the union saw more than k
-    rows, so the bound stays (the stratified sample's floor rows beyond it depend on it)."""
-    n = 50
-    rows = Rows(priority=np.arange(n, dtype=np.uint64)[::-1].copy(), row_hash=np.arange(n, dtype=np.uint64),
-                logits=np.zeros((n, 2, 3), dtype=np.float32), labels=None, ids=np.arange(n), segments={}, ts=None)
-    full = Reservoir(10)
-    full.add(rows)
-    full.compact()
-    assert full.bound is not None and full.held == 10
-    empty = Reservoir(10)
-    empty.merge(full)
-    assert empty.bound == full.bound and empty.held == 10
