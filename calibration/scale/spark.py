@@ -2,17 +2,13 @@
 
 :func:`spark_runner` returns a :class:`~exitwise.calibration.scale.runner.Runner` that reads
 exactly the files of a :class:`~exitwise.calibration.scale.dataset.ParquetDataset` (those
-``--where`` kept) with Spark. Each partition folds its Arrow batches into a fresh copy of the
-reducer on the executors (``mapInArrow``: the Parquet reader's columnar batches go to Python
-as Arrow, with no Python object per row as ``rdd.mapPartitions`` over rows would build), each
-file's rows decoded and checked by the dataset's own ``decode``. The partial reducers are
-merged on the executors, ``FAN_IN`` at a time, so the driver receives one reducer, never one
-per partition. Every reducer's state is exact and order-free, so the result is the one of
-:func:`~exitwise.calibration.scale.runner.run_local` bit for bit.
-
-An :class:`~exitwise.calibration.exceptions.ExitwiseError` raised on an executor (a bad row,
-naming its file and request id) reaches the caller as itself, not as Spark's traceback; Ctrl-C
-cancels the pass's Spark jobs and re-raises.
+``--where`` kept). Each partition folds its Arrow batches into a fresh copy of the reducer on
+the executors (``mapInArrow``: the Parquet reader's batches reach Python as Arrow, with no
+Python object per row as ``rdd.mapPartitions`` would build), decoded by the dataset's own
+``decode``. The partial reducers merge on the executors, ``FAN_IN`` at a time, in pieces of
+``_CHUNK`` bytes, so the driver receives one. All state is exact and order-free: the result is
+:func:`~exitwise.calibration.scale.runner.run_local`'s bit for bit. An ExitwiseError raised on
+an executor (a bad row) reaches the caller as itself; Ctrl-C cancels the pass's jobs.
 """
 
 from __future__ import annotations
@@ -58,25 +54,17 @@ _FETCH_PARTITIONS = 4  # the last reducer comes to the driver in this many jobs 
 _ERROR = re.compile(r"exitwise-error:([A-Za-z0-9+/=]+):end")
 # the launcher always adds --add-modules=jdk.incubator.vector; the JVM then says so on stderr
 _JVM_NOISE = ("WARNING: Using incubator modules",)
+_DAEMON_PIPE = ("BrokenPipeError", "ConnectionResetError")
 _PANDAS_WARNING = "PySpark does not yet fully support pandas"  # pandas 3; mapInArrow uses no pandas
-_LOG4J = """\
-rootLogger.level = warn
-rootLogger.appenderRef.stderr.ref = console
-appender.console.type = Console
-appender.console.name = console
-appender.console.target = SYSTEM_ERR
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = spark %p %c{1}: %m%n
-logger.repl.name = org.apache.spark.repl.Main
-logger.repl.level = warn
-logger.hadoop.name = org.apache.hadoop.util.NativeCodeLoader
-logger.hadoop.level = error
-# a failed task is reported once, by the driver (an exitwise error unwrapped, or the job's failure)
-logger.executor.name = org.apache.spark.executor.Executor
-logger.executor.level = off
-logger.tasks.name = org.apache.spark.scheduler.TaskSetManager
-logger.tasks.level = off
-"""
+_LOGGERS = {"org.apache.spark.repl.Main": "warn", "org.apache.hadoop.util.NativeCodeLoader": "error",
+            # a failed task is reported once, by the driver (an exitwise error unwrapped, or the job's failure)
+            "org.apache.spark.executor.Executor": "off", "org.apache.spark.scheduler.TaskSetManager": "off"}
+_LOG4J = "\n".join([
+    "rootLogger.level = warn", "rootLogger.appenderRef.stderr.ref = console", "appender.console.type = Console",
+    "appender.console.name = console", "appender.console.target = SYSTEM_ERR",
+    "appender.console.layout.type = PatternLayout", "appender.console.layout.pattern = spark %p %c{1}: %m%n",
+    *(f"logger.l{i}.name = {name}\nlogger.l{i}.level = {level}" for i, (name, level) in enumerate(_LOGGERS.items())),
+]) + "\n"
 
 
 def _wrap(exc: ExitwiseError) -> RuntimeError:
@@ -106,13 +94,31 @@ def _failure(exc: Exception) -> Exception:
     return RuntimeError(f"the Spark job failed: {first}")
 
 
+def _is_worker_noise(block: list[str]) -> bool:
+    """A traceback of PySpark's worker daemon writing to a task the JVM already killed (a job cancelled)."""
+    return any("pyspark/daemon.py" in ln for ln in block) and block[-1].startswith(_DAEMON_PIPE)
+
+
 def _forward(stream: Any, out: TextIO) -> None:
-    """Copy the JVM's stderr to ours, without the lines that only say how the JVM was started."""
+    """Copy the JVM's stderr to ours, without what only says how the JVM was started or that a killed
+    task's worker lost its pipe (the job's failure is reported once, by the driver)."""
+    block: list[str] = []
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace")
-        if not line.startswith(_JVM_NOISE):
+        if line.startswith(_JVM_NOISE):
+            continue
+        if block or line.startswith("Traceback (most recent call last):"):
+            block.append(line)
+            if line[:1].isspace() or line.startswith("Traceback"):
+                continue  # the traceback goes on
+            if not _is_worker_noise(block):
+                out.write("".join(block))
+            block = []
+        else:
             out.write(line)
-            out.flush()
+        out.flush()
+    if block:
+        out.write("".join(block))
 
 
 @contextmanager

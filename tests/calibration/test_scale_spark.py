@@ -35,6 +35,7 @@ from exitwise.calibration.scale.runner import Meter, run_local
 from exitwise.calibration.scale.where import parse_where
 from exitwise.calibration.splits import SplitSpec
 from exitwise.calibration.synthetic import synthetic_logs
+from exitwise.calibration.synthetic_tokens import synthetic_token_logs
 from exitwise.policies.authoring import solve_policy_at_scale
 from exitwise.policies.canonical import content_hash
 
@@ -242,3 +243,31 @@ def test_ctrl_c_cancels_the_pass_and_the_session_still_works(spark: SparkRunner,
     again = spark(source, _sample_pass(), None, Meter("spark", source.rows))
     assert again.rows == N_ROWS
 
+
+
+def test_token_logs_give_the_same_vocabulary_policy_on_spark(spark: SparkRunner, tmp_path: Path) -> None:
+    """Token-level logs (top-k columns, split by sequence): a sequence's tokens scattered over files."""
+    logs = synthetic_token_logs(400, 20, n_exits=3, vocab_size=300, top_k=6, seed=3)
+    perm = np.random.default_rng(2).permutation(logs.n)
+    for i, rows in enumerate(np.array_split(perm, 4)):
+        (tmp_path / f"shard={i % 2}").mkdir(exist_ok=True)
+        write_logs(logs.take(np.sort(rows)), tmp_path / f"shard={i % 2}" / f"part-{i}.parquet")
+    spec = SolveSpec(eps=0.05, split=SplitSpec(choose=0.3), seed=5)
+    settings = ScaleSettings(sample_rows=1_500, floor_rows=100, report_rows=1_000)
+    source = ParquetDataset(tmp_path, logs.card, batch_rows=1_500)
+    streamed = solve_policy_at_scale(source, spec, settings=settings)
+    on_spark = solve_policy_at_scale(source, spec, settings=settings, runner=spark)
+    _same_counts(on_spark.result.counts, streamed.result.counts)
+    assert content_hash(on_spark.document) == content_hash(streamed.document)
+    assert on_spark.document["guarantee"]["unit"] == "group"
+
+
+def test_groups_split_whole_give_the_same_policy_on_spark(spark: SparkRunner, dataset: Path, logs: ExitLogs) -> None:
+    """--group-column: rows split and certified by a hash of their group (a segment column) on Spark too."""
+    spec = SolveSpec(eps=0.05, group_column="region", segment_keys=(), split=SplitSpec(choose=0.5), seed=2)
+    settings = ScaleSettings(sample_rows=5_000, floor_rows=100, report_rows=1_000)
+    source = _source(dataset, logs)
+    streamed = solve_policy_at_scale(source, spec, settings=settings)
+    on_spark = solve_policy_at_scale(source, spec, settings=settings, runner=spark)
+    _same_counts(on_spark.result.counts, streamed.result.counts)
+    assert content_hash(on_spark.document) == content_hash(streamed.document)
