@@ -218,22 +218,25 @@ def test_ctrl_c_cancels_the_pass_and_the_session_still_works(spark: SparkRunner,
     source = _source(dataset, logs)
     tracker = spark.session.sparkContext.statusTracker()
 
-    def slow(ids: np.ndarray) -> np.ndarray:  # pickled by value to the executors
-        time.sleep(2.0)
-        return np.ones(len(ids), dtype=bool)
+    class Slow:  # a RowSelector by request id, pickled by value to the executors
+        key = None
+
+        def __call__(self, ids: np.ndarray) -> np.ndarray:
+            time.sleep(2.0)
+            return np.ones(len(ids), dtype=bool)
 
     def interrupt() -> None:
         deadline = time.monotonic() + 60
         while not tracker.getActiveJobsIds() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(1.5)  # past reading the files' schema: the fold's tasks are in the selector
         os.kill(os.getpid(), signal.SIGINT)
 
     killer = threading.Thread(target=interrupt, daemon=True)
     killer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        spark(source, _sample_pass(), slow, Meter("spark", source.rows))
+        spark(source, _sample_pass(), Slow(), Meter("spark", source.rows))
     killer.join()
     assert time.monotonic() - t0 < 10  # the whole pass would take 18 s: a batch a file, 2 s each, 2 cores
     deadline = time.monotonic() + 20
